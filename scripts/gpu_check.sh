@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# GPU check: the kernel tests on the GPU, then the attention benchmark; a short table last.
+# Usage (device machine, repo root):  bash scripts/gpu_check.sh [quick|full|long|train-free args...]
+#   quick: tests + layer-8b at 16k,128k,1m     full: layer-8b sweep + budgets + long sweep
+# Results land in $OUT (or ./gpu_out) and benchmarks/results/ of the copy.
+set -uo pipefail
+MODE=${1:-quick}
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+} 2>&1 | tee "$OUT/env.txt"
+
+if [ "$MODE" != "bench-only" ]; then
+  python3 -m pytest -q tests/ops tests/models/test_decode.py > "$OUT/tests.txt" 2>&1; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.txt"
+fi
+
+bench() { python3 benchmarks/attention.py --out "$OUT" "$@" 2>&1 | tee -a "$OUT/bench.log"; }
+case "$MODE" in
+  quick|bench-only)
+    bench --shape layer-8b --lengths 16k,128k,1m --time-budget 300 --tag attention-layer-8b-quick ;;
+  full)
+    bench --shape layer-8b --top-k 16 --time-budget 330 --tag attention-layer-8b
+    bench --shape layer-8b --lengths 128k,1m --top-k 64,240 --backward-max-len 128k --time-budget 120 --tag attention-layer-8b-budgets ;;
+  long)
+    bench --shape long --index tree --dense-max-len 1m --backward-max-len 0 --time-budget 420 --tag attention-long ;;
+  *)
+    bench "$@" ;;
+esac
+echo "==== summary"
+for f in "$OUT"/*.md; do [ -f "$f" ] && cut -d'|' -f1-10 "$f"; done

@@ -1,0 +1,73 @@
+"""The ``subquad`` command line: ``bench`` (attention benchmark) and ``eval`` (long-context suites)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="time SSA against dense attention (CPU: small lengths; GPU: full sweep)")
+    p.add_argument("--shape", default="layer-8b", choices=["layer-8b", "long"], help="attention layer shape")
+    p.add_argument("--lengths", default=None, help="comma-separated lengths, e.g. 16k,128k,1m (default per device)")
+    p.add_argument("--top-k", default="16", help="comma-separated routed-block budgets, e.g. 16,64,240")
+    p.add_argument("--index", default="flat", choices=["flat", "tree"], help="router")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--dense-max-len", default="128k", help="longest length at which dense attention is run")
+    p.add_argument("--flex-max-len", default="16k", help="longest length at which FlexAttention is run")
+    p.add_argument("--backward-max-len", default="128k", help="longest length timed forward+backward")
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions (median reported)")
+    p.add_argument("--time-budget", type=float, default=240.0, help="seconds after which lengths are skipped")
+    p.add_argument("--out", default="benchmarks/results", help="directory for JSON, markdown and PNG")
+    p.add_argument("--tag", default=None, help="file name stem for the results")
+    p.add_argument("--routing", action="store_true", help="compare the flat router and the tree index instead")
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from subquad.benchmark import markdown_table, parse_length, run_benchmark, run_routing_benchmark
+
+    lengths = [parse_length(x) for x in args.lengths.split(",")] if args.lengths else None
+    if args.routing:
+        run_routing_benchmark(lengths, shape=args.shape, top_k=int(args.top_k.split(",")[0]),
+                              device=args.device, reps=args.reps, out_dir=args.out, tag=args.tag)
+        return 0
+    try:
+        top_ks = tuple(int(x) for x in args.top_k.split(","))
+    except ValueError:
+        raise SystemExit(f"--top-k {args.top_k!r}: expected comma-separated integers") from None
+    result = run_benchmark(
+        shape=args.shape,
+        lengths=lengths,
+        top_ks=top_ks,
+        index=args.index,
+        device=args.device,
+        dense_max_len=parse_length(args.dense_max_len),
+        flex_max_len=parse_length(args.flex_max_len),
+        backward_max_len=parse_length(args.backward_max_len),
+        reps=args.reps,
+        time_budget_s=args.time_budget,
+        out_dir=args.out,
+        tag=args.tag,
+    )
+    print(markdown_table(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="subquad", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_bench(sub)
+    try:
+        from subquad.eval.cli import add_eval_arguments, run_eval
+    except ImportError:  # the evaluation suite is optional at import time
+        add_eval_arguments = run_eval = None
+    if add_eval_arguments is not None:
+        add_eval_arguments(sub.add_parser("eval", help="run RULER-, MRCR- or needle-style evaluations"))
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        return _run_bench(args)
+    return run_eval(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""Run an eval suite on a causal LM and write resumable results plus a summary.
+
+Output directory layout (``out_dir``)::
+
+    results.jsonl    one line per finished sample (appended as it finishes; a rerun skips them)
+    summary.json     scores in percent per task and length, averages, run settings
+    summary.md       the same as a markdown table
+    niah_heatmap.png the depth x length heatmap (niah suite only)
+
+Prompts are regenerated from (suite, task, length, seed, index) with the model's tokenizer, so a
+resumed run sees exactly the prompts the interrupted one saw. Decoding is greedy.
+
+Example::
+
+    from subquad.eval import runner
+    summary = runner.evaluate(model, tokenizer, suite="ruler", lengths="4k,16k", num_samples=5, out_dir="out")
+    summary = runner.evaluate_path("path/to/model", suite="niah", lengths="4k,32k", out_dir="out")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import mrcr, niah, ruler
+from ._core import Sample, check_int, encode, format_length, parse_lengths, postprocess_prediction
+
+__all__ = ["SUITES", "evaluate", "evaluate_path", "load_model", "parse_lengths", "suite_tasks"]
+
+SUITES: tuple[str, ...] = ("ruler", "mrcr", "niah")
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def suite_tasks(suite: str, tasks: str | Sequence[str] | None = None) -> list[str]:
+    """The tasks of ``suite`` to run: all of them, or the given subset (comma string or list).
+
+    For the niah suite a task is a depth, ``depth_50`` or just ``50``.
+    """
+    if suite not in SUITES:
+        raise ValueError(f"suite {suite!r} is not known; expected one of {', '.join(SUITES)}")
+    known = {"ruler": ruler.TASKS, "mrcr": mrcr.TASKS, "niah": niah.TASKS}[suite]
+    if tasks is None:
+        return list(known)
+    items = (
+        [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t).strip() for t in tasks]
+    )
+    items = [t for t in items if t]
+    if not items:
+        raise ValueError(f"tasks {tasks!r} names no task; expected some of {', '.join(known)}")
+    chosen = []
+    for item in items:
+        if suite == "niah":
+            name = f"depth_{niah.depth_of(item if item.startswith('depth_') else f'depth_{item}')}"
+        elif item in known:
+            name = item
+        else:
+            raise ValueError(f"task {item!r} is not in suite {suite!r}; expected some of {', '.join(known)}")
+        if name not in chosen:
+            chosen.append(name)
+    return chosen
+
+
+def _generate_samples(
+    suite: str, task: str, length: int, tokenizer: Any, num: int, seed: int
+) -> list[Sample]:
+    if suite == "ruler":
+        return ruler.generate(task, length, tokenizer, num, seed)
+    if suite == "mrcr":
+        return mrcr.generate(task, length, tokenizer, num, seed)
+    return niah.generate(length, niah.depth_of(task), tokenizer, num, seed)
+
+
+def _score(suite: str, sample: Sample, prediction: str) -> float:
+    if suite == "ruler":
+        return ruler.score(sample.task, prediction, sample.answers)
+    if suite == "mrcr":
+        return mrcr.grade(prediction, sample.answers[0], sample.meta["hash"])
+    return niah.score(prediction, sample.answers)
+
+
+def sample_id(suite: str, task: str, length: int, seed: int, index: int) -> str:
+    return f"{suite}/{task}/{length}/{seed}/{index}"
+
+
+def _read_results(path: Path) -> dict[str, dict]:
+    """Finished samples by id. A line cut off by an interruption is dropped from the file."""
+    if not path.exists():
+        return {}
+    raw = path.read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        # The process died mid-write: drop the partial last line so appends start on a clean line.
+        raw = raw[: raw.rfind(b"\n") + 1]
+        path.write_bytes(raw)
+    done = {}
+    for line in raw.decode("utf-8").splitlines():
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[record["id"]] = record
+    return done
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def _greedy_generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+    """Greedy continuations of left-padded prompts (token ids counted exactly as when sizing them)."""
+    import torch
+
+    if not callable(getattr(model, "generate", None)):
+        raise TypeError(f"model must have a transformers-style generate() method, got {type(model).__name__}")
+    device = next(model.parameters()).device
+    pad = _pad_id(tokenizer)
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids) :] = 1
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": False,
+        "pad_token_id": pad,
+    }
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None:
+        kwargs["eos_token_id"] = eos
+    with torch.inference_mode():
+        output = model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs
+        )
+    new_tokens = output[:, width:].tolist()
+    texts = []
+    for ids in new_tokens:
+        if eos is not None and eos in ids:
+            ids = ids[: ids.index(eos)]
+        texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+    return texts
+
+
+def _batches(items: list[Sample], size: int) -> Iterable[list[Sample]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    *,
+    suite: str,
+    lengths: str | Sequence[int | str],
+    num_samples: int,
+    out_dir: str | os.PathLike,
+    tasks: str | Sequence[str] | None = None,
+    seed: int = 0,
+    batch_size: int = 1,
+    max_batch_tokens: int = 65536,
+    max_new_tokens: int | None = None,
+    model_name: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate an already-built causal LM (with ``generate``) and its tokenizer on a suite.
+
+    Samples already in ``out_dir/results.jsonl`` (same suite, task, length, seed, index) are skipped,
+    so an interrupted run picks up where it stopped. A batch holds up to ``batch_size`` prompts of one
+    task and length, and at most ``max_batch_tokens`` tokens (so long prompts run one at a time).
+    ``max_new_tokens`` caps each task's own generation length. Returns the summary (also written).
+    """
+    tasks_to_run = suite_tasks(suite, tasks)
+    length_list = parse_lengths(lengths)
+    check_int("num_samples", num_samples, 1)
+    check_int("seed", seed, -(2**63))
+    check_int("batch_size", batch_size, 1)
+    check_int("max_batch_tokens", max_batch_tokens, 1)
+    if max_new_tokens is not None:
+        check_int("max_new_tokens", max_new_tokens, 1)
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.jsonl"
+    done = _read_results(results_path)
+    plan = [
+        (task, length, index)
+        for length in length_list
+        for task in tasks_to_run
+        for index in range(num_samples)
+    ]
+    todo = [p for p in plan if sample_id(suite, p[0], p[1], seed, p[2]) not in done]
+    bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc=f"eval {suite}", disable=not progress)
+    with results_path.open("a", encoding="utf-8") as sink:
+        for length in length_list:
+            for task in tasks_to_run:
+                missing = {i for t, n, i in todo if t == task and n == length}
+                if not missing:
+                    continue
+                bar.set_postfix_str(f"{task} @ {format_length(length)}: building prompts")
+                # Prompts are deterministic per index, so regenerating up to the last missing one is exact.
+                samples = _generate_samples(suite, task, length, tokenizer, max(missing) + 1, seed)
+                samples = [s for s in samples if s.index in missing]
+                per_batch = max(1, min(batch_size, max_batch_tokens // length))
+                bar.set_postfix_str(f"{task} @ {format_length(length)}")
+                for batch in _batches(samples, per_batch):
+                    new_tokens = max(s.max_new_tokens for s in batch)
+                    if max_new_tokens is not None:
+                        new_tokens = min(new_tokens, max_new_tokens)
+                    start = time.perf_counter()
+                    outputs = _greedy_generate(
+                        model, tokenizer, [encode(tokenizer, s.input) for s in batch], new_tokens
+                    )
+                    seconds = (time.perf_counter() - start) / len(batch)
+                    for sample, output in zip(batch, outputs):
+                        prediction = output.strip() if suite == "mrcr" else postprocess_prediction(output)
+                        record = {
+                            "id": sample_id(suite, task, length, seed, sample.index),
+                            "suite": suite,
+                            "task": task,
+                            "length": length,
+                            "seed": seed,
+                            "index": sample.index,
+                            "score": _score(suite, sample, prediction),
+                            "prediction": prediction,
+                            "answers": sample.answers,
+                            "prompt_tokens": sample.prompt_tokens,
+                            "seconds": round(seconds, 4),
+                            "meta": sample.meta,
+                        }
+                        sink.write(json.dumps(record) + "\n")
+                        sink.flush()
+                        done[record["id"]] = record
+                    bar.update(len(batch))
+    bar.close()
+    records = [done[sample_id(suite, t, n, seed, i)] for t, n, i in plan]
+    settings = {
+        "suite": suite,
+        "model": model_name or type(model).__name__,
+        "lengths": length_list,
+        "tasks": tasks_to_run,
+        "num_samples": num_samples,
+        "seed": seed,
+        "max_new_tokens": max_new_tokens,
+    }
+    return write_summary(records, settings, out)
+
+
+def write_summary(
+    records: list[dict], settings: dict[str, Any], out_dir: str | os.PathLike
+) -> dict[str, Any]:
+    """Aggregate per-sample records into ``summary.json`` / ``summary.md`` (and the niah heatmap)."""
+    out = Path(out_dir)
+    suite = settings["suite"]
+    grouped: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        grouped[record["task"]][record["length"]].append(record["score"])
+    lengths = settings["lengths"]
+    tasks = settings["tasks"]
+    scores = {
+        task: {str(n): round(100 * sum(v) / len(v), 2) for n, v in grouped[task].items() if v}
+        for task in tasks
+    }
+    # RULER's headline number: the mean over tasks at each length (likewise for the other suites).
+    average = {}
+    for n in lengths:
+        per_task = [scores[t][str(n)] for t in tasks if str(n) in scores[t]]
+        if per_task:
+            average[str(n)] = round(sum(per_task) / len(per_task), 2)
+    summary: dict[str, Any] = {
+        **settings,
+        "scores": scores,
+        "average": average,
+        "overall": round(sum(average.values()) / len(average), 2) if average else None,
+        "num_results": len(records),
+    }
+    if suite == "niah":
+        cells = {
+            (niah.depth_of(t), n): scores[t][str(n)] / 100
+            for t in tasks
+            for n in lengths
+            if str(n) in scores[t]
+        }
+        if cells:
+            summary["heatmap"] = niah.save_heatmap(
+                cells, out / "niah_heatmap.png", title=f"Needle in a haystack: {settings['model']}"
+            )
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (out / "summary.md").write_text(summary_markdown(summary), encoding="utf-8")
+    return summary
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """A markdown table: one row per task, one column per length, the average last."""
+    lengths = summary["lengths"]
+    label = {"ruler": "task", "mrcr": "needles", "niah": "depth"}[summary["suite"]]
+    head = f"| {label} | " + " | ".join(format_length(n) for n in lengths) + " |"
+    rule = "|---|" + "---:|" * len(lengths)
+    rows = [head, rule]
+    for task, by_length in summary["scores"].items():
+        cells = [f"{by_length[str(n)]:.1f}" if str(n) in by_length else "" for n in lengths]
+        rows.append(f"| {task} | " + " | ".join(cells) + " |")
+    name = "RULER average" if summary["suite"] == "ruler" else "average"
+    avg = [f"{summary['average'][str(n)]:.1f}" if str(n) in summary["average"] else "" for n in lengths]
+    rows.append(f"| **{name}** | " + " | ".join(f"**{a}**" if a else "" for a in avg) + " |")
+    title = (
+        f"# {summary['suite']} eval: {summary['model']}\n\n"
+        f"Scores in percent; {summary['num_samples']} samples per cell, seed {summary['seed']}.\n\n"
+    )
+    return title + "\n".join(rows) + "\n"
+
+
+def load_model(path: str | os.PathLike, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer with the transformers Auto classes (no remote code)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import subquad  # noqa: F401  - registers the Subquad model types with the Auto classes
+
+    if not Path(path).exists():
+        raise ValueError(f"model path {os.fspath(path)!r} does not exist; expected a saved model directory")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; expected one of {', '.join(_DTYPES)}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from error
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False)
+    model.to(torch_device)
+    model.eval()
+    return model, tokenizer
+
+
+def evaluate_path(
+    model_path: str | os.PathLike, *, device: str = "auto", dtype: str = "auto", **kwargs: Any
+) -> dict[str, Any]:
+    """Load the model at ``model_path`` (see ``load_model``) and run ``evaluate`` on it."""
+    model, tokenizer = load_model(model_path, device=device, dtype=dtype)
+    kwargs.setdefault("model_name", Path(model_path).name or os.fspath(model_path))
+    return evaluate(model, tokenizer, **kwargs)

@@ -1,0 +1,107 @@
+"""Sparse attention over a block selection with the extras models need, in plain PyTorch.
+
+``subquad.ssa_attention`` covers plain SSA (and runs the Triton kernels on CUDA). Two model
+features change the scores themselves, so they run here, on the torch path:
+
+* ``local_rotary``: the ``local_rope`` position scheme. Keys in the query's local window are scored
+  with rotated queries and keys, sink and routed keys with the unrotated ones, all in one softmax.
+* ``sliding_window``: transformers models trained with a sliding window (Mistral, Qwen2) keep it:
+  a key more than ``window - 1`` positions back is masked even when its block is selected.
+
+Same chunking as ``ops/ssa/naive.py``: a chunk of queries gathers its selected keys, no ``[T, S]``
+tensor is formed, and under autograd the gathered keys are recomputed in backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+_CHUNK_ELEMENTS = 1 << 26
+
+# rotate(x, positions) -> x rotated: x [..., N, D], positions broadcastable to [..., N].
+Rotate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def sparse_attention_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_idx: torch.Tensor,
+    block_size: int,
+    scale: float,
+    causal: bool = True,
+    sliding_window: int | None = None,
+    local_rotary: tuple[Rotate, int, int] | None = None,
+) -> torch.Tensor:
+    """Exact softmax attention over each token's selected blocks.
+
+    q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]``; v: ``[B, S, Hkv, Dv]``; block_idx ``[B, Hkv, T, K]``
+    (``SSASelection.block_idx``). Query ``i`` sits at position ``S - T + i``; key ``j`` at ``j``.
+    ``sliding_window``: also mask keys at ``pos <= query_pos - window``.
+    ``local_rotary``: ``(rotate, first_slot, num_slots)``: selection slots ``[first_slot, first_slot +
+    num_slots)`` (the local window, see ``SSASelection``) are scored as ``rotate(q) . rotate(k)`` at
+    their positions; the other slots as ``q . k`` (q, k unrotated).
+    Returns ``[B, T, Hq, Dv]`` in ``q.dtype``.
+    """
+    batch, seq_len_q, _, dim = q.shape
+    keys_per_token = block_idx.shape[-1] * block_size
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * k.shape[2] * keys_per_token * max(dim, v.shape[-1])))
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    out = []
+    for start in range(0, seq_len_q, chunk):
+        stop = min(seq_len_q, start + chunk)
+        first_pos = k.shape[1] - seq_len_q + start
+        args = (
+            q[:, start:stop],
+            k,
+            v,
+            block_idx[:, :, start:stop],
+            block_size,
+            scale,
+            causal,
+            first_pos,
+            sliding_window,
+            local_rotary,
+        )
+        if needs_grad:
+            out.append(checkpoint(_chunk, *args, use_reentrant=False))
+        else:
+            out.append(_chunk(*args))
+    return torch.cat(out, dim=1)
+
+
+def _chunk(q, k, v, block_idx, block_size, scale, causal, first_pos, sliding_window, local_rotary):
+    batch, chunk, heads_q, dim = q.shape
+    seq_len_k, heads_kv = k.shape[1], k.shape[2]
+    group = heads_q // heads_kv
+    idx = block_idx.long()
+    key_pos = (idx[..., None] * block_size + torch.arange(block_size, device=q.device)).flatten(-2)
+    valid = (idx >= 0).repeat_interleave(block_size, dim=-1) & (key_pos < seq_len_k)
+    query_pos = torch.arange(first_pos, first_pos + chunk, device=q.device)
+    if causal:
+        valid &= key_pos <= query_pos[:, None]
+    if sliding_window is not None:
+        valid &= key_pos > query_pos[:, None] - sliding_window
+    gather_pos = key_pos.clamp(0, seq_len_k - 1)  # [B, Hkv, Tc, K * bs]
+    kg = k.transpose(1, 2).gather(2, gather_pos.flatten(2)[..., None].expand(-1, -1, -1, dim)).float()
+    kg = kg.view(batch, heads_kv, chunk, -1, dim)
+    vh = v.transpose(1, 2)
+    vg = vh.gather(2, gather_pos.flatten(2)[..., None].expand(-1, -1, -1, vh.shape[-1])).float()
+    vg = vg.view(batch, heads_kv, chunk, -1, vh.shape[-1])
+    qh = q.float().view(batch, chunk, heads_kv, group, dim).permute(0, 2, 1, 3, 4)  # [B, Hkv, Tc, G, D]
+    scores = torch.matmul(qh, kg.transpose(-1, -2))  # [B, Hkv, Tc, G, K * bs]
+    if local_rotary is not None:
+        rotate, first_slot, local_slots = local_rotary
+        lo, hi = first_slot * block_size, (first_slot + local_slots) * block_size
+        # Only the local slots are rotated: [B, Hkv, Tc, L * bs, D] keys at their own positions.
+        k_local = rotate(kg[:, :, :, lo:hi], key_pos[:, :, :, lo:hi])
+        q_rot = rotate(qh, query_pos.view(1, 1, chunk, 1).expand(batch, heads_kv, chunk, group))
+        local_scores = torch.matmul(q_rot, k_local.transpose(-1, -2))
+        scores = torch.cat([scores[..., :lo], local_scores, scores[..., hi:]], dim=-1)
+    scores = (scores * scale).masked_fill(~valid[:, :, :, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    out = torch.matmul(probs, vg)  # [B, Hkv, Tc, G, Dv]
+    return out.permute(0, 2, 1, 3, 4).reshape(batch, chunk, heads_q, -1).to(q.dtype)

@@ -1,0 +1,168 @@
+"""SubquadConfig: a Llama-style decoder with selective sparse attention (SSA) in every layer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig
+
+from subquad.ops.ssa.config import SSAConfig
+
+ATTENTIONS = ("ssa", "dense")
+POSITION_SCHEMES = ("rope", "local_rope")
+
+# name -> architecture. debug: CPU tests; nano: ~10M parameters (small enough to ship in the repo);
+# small: ~120M, the benchmark model. KV heads are few so a 12M-token cache of `small` fits an H200.
+FLAVORS: dict[str, dict[str, Any]] = {
+    "debug": dict(
+        vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+        ssa=dict(block_size=16, top_k=2, sink_blocks=1, local_blocks=2),
+    ),
+    "nano": dict(
+        vocab_size=8192, hidden_size=320, intermediate_size=864, num_hidden_layers=8,
+        num_attention_heads=5, num_key_value_heads=1,
+        ssa=dict(block_size=64, top_k=16, sink_blocks=1, local_blocks=2),
+    ),
+    "small": dict(
+        vocab_size=32000, hidden_size=768, intermediate_size=2816, num_hidden_layers=12,
+        num_attention_heads=12, num_key_value_heads=2,
+        ssa=dict(block_size=64, top_k=16, sink_blocks=1, local_blocks=2),
+    ),
+}  # fmt: skip
+
+
+class SubquadConfig(PretrainedConfig):
+    """Configuration of a Subquad model (``model_type="subquad"``).
+
+    Args:
+        vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
+        num_key_value_heads, head_dim (default ``hidden_size // num_attention_heads``), rms_norm_eps,
+        initializer_range, tie_word_embeddings: the usual Llama fields.
+        attention: ``"ssa"`` (selective sparse attention) or ``"dense"`` (exact causal attention: the
+            dense twin, same architecture and weights layout).
+        position_scheme: ``"rope"`` (rotary on every score) or ``"local_rope"`` (rotary only for keys in
+            the query's local window; sink and routed blocks are scored without position; routing uses
+            pre-rotary queries and keys). ``attention="dense"`` needs ``"rope"``.
+        rope_theta: rotary base.
+        ssa: dict of :class:`subquad.SSAConfig` fields (block size, budget, index).
+        prefill_chunk_tokens: prompts longer than this are prefilled chunk by chunk through the cache.
+    """
+
+    model_type = "subquad"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 256,
+        hidden_size: int = 64,
+        intermediate_size: int = 160,
+        num_hidden_layers: int = 2,
+        num_attention_heads: int = 4,
+        num_key_value_heads: int | None = None,
+        head_dim: int | None = None,
+        rms_norm_eps: float = 1e-6,
+        initializer_range: float = 0.02,
+        tie_word_embeddings: bool = True,
+        attention: str = "ssa",
+        position_scheme: str = "local_rope",
+        rope_theta: float = 10000.0,
+        ssa: dict[str, Any] | SSAConfig | None = None,
+        prefill_chunk_tokens: int = 32768,
+        max_position_embeddings: int = 1 << 24,
+        use_cache: bool = True,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        self.head_dim = head_dim
+        self.rms_norm_eps = rms_norm_eps
+        self.initializer_range = initializer_range
+        self.attention = attention
+        self.position_scheme = position_scheme
+        self.rope_theta = rope_theta
+        self.ssa = (ssa if isinstance(ssa, SSAConfig) else SSAConfig.from_dict(ssa)).to_dict()
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.max_position_embeddings = max_position_embeddings
+        self.use_cache = use_cache
+        self._validate()
+        if self.head_dim is None:
+            self.head_dim = hidden_size // num_attention_heads
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+
+    def _validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "prefill_chunk_tokens"):  # fmt: skip
+            _check_positive_int(name, getattr(self, name))
+        if self.head_dim is not None:
+            _check_positive_int("head_dim", self.head_dim)
+            if self.head_dim % 2:
+                raise ValueError(f"head_dim={self.head_dim}: expected an even int (rotary pairs dimensions)")
+        elif (
+            self.hidden_size % self.num_attention_heads or (self.hidden_size // self.num_attention_heads) % 2
+        ):
+            raise ValueError(
+                f"hidden_size={self.hidden_size}: expected a multiple of num_attention_heads="
+                f"{self.num_attention_heads} with an even quotient, or set head_dim"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_key_value_heads={self.num_key_value_heads}: expected a divisor of "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention={self.attention!r}: expected one of {ATTENTIONS}")
+        if self.position_scheme not in POSITION_SCHEMES:
+            raise ValueError(f"position_scheme={self.position_scheme!r}: expected one of {POSITION_SCHEMES}")
+        if self.attention == "dense" and self.position_scheme != "rope":
+            raise ValueError(
+                f"position_scheme={self.position_scheme!r} with attention='dense': expected 'rope' (the "
+                "local "
+                "window that 'local_rope' refers to exists only under SSA)"
+            )
+        if (
+            isinstance(self.rope_theta, bool)
+            or not isinstance(self.rope_theta, (int, float))
+            or self.rope_theta <= 1
+        ):
+            raise ValueError(f"rope_theta={self.rope_theta!r}: expected a number > 1")
+        if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
+            raise ValueError(f"rms_norm_eps={self.rms_norm_eps!r}: expected a positive float")
+
+    @property
+    def ssa_config(self) -> SSAConfig:
+        """The :class:`SSAConfig` built from ``self.ssa``."""
+        return SSAConfig.from_dict(self.ssa)
+
+    @classmethod
+    def from_flavor(cls, name: str, **overrides: Any) -> SubquadConfig:
+        """A named size (``debug``, ``nano``, ``small``) with any field overridden.
+
+        ``ssa`` overrides merge into the flavor's SSA settings: ``from_flavor("small", ssa={"top_k": 8})``.
+        """
+        if name not in FLAVORS:
+            raise ValueError(f"flavor={name!r}: expected one of {tuple(FLAVORS)}")
+        values = {**FLAVORS[name], **overrides}
+        if isinstance(overrides.get("ssa"), dict):
+            values["ssa"] = {**FLAVORS[name]["ssa"], **overrides["ssa"]}
+        return cls(**values)
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}={value!r}: expected a positive int")
+    if value < 1:
+        raise ValueError(f"{name}={value!r}: expected a positive int")

@@ -1,0 +1,439 @@
+"""Subquad models: a Llama-style decoder (RMSNorm, SwiGLU, GQA) with SSA in every layer.
+
+One file, top to bottom: rotary, norm, MLP, attention, decoder layer, ``SubquadModel``,
+``SubquadForCausalLM``. Attention paths:
+
+* ``attention="ssa", position_scheme="rope"``: ``subquad.ssa_attention`` (Triton on CUDA); a decode
+  step goes through ``ssa_decode`` (Triton split-K kernel on CUDA) against the cache's summaries.
+* ``attention="ssa", position_scheme="local_rope"``: routing on pre-rotary q/k
+  (``select_blocks``), then ``sparse_attention_torch`` scores the local window with rotated q/k and
+  sink/routed blocks without rotation in one softmax. This runs on the **torch path** on every device
+  (the fused kernels take one score per key; a kernel variant is future work).
+* ``attention="dense"``: torch SDPA (flash on CUDA), the dense twin.
+
+The cache (:class:`subquad.SSACache`) stores each row's real tokens only, so positions are simply
+indices in the row: a left-padded batch behaves exactly like its prompts run one at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from subquad.cache import SSACache, SSACacheLayer
+from subquad.models.sparse_torch import sparse_attention_torch
+from subquad.models.subquad.configuration import SubquadConfig
+from subquad.ops.ssa.interface import ssa_attention
+from subquad.ops.ssa.select import select_blocks
+from subquad.ops.ssa.triton_decode import ssa_decode
+
+# SDPA with an explicit bottom-right mask: queries per call so the mask stays under 2^28 elements.
+_DENSE_MASK_ELEMENTS = 1 << 28
+
+
+class SubquadRotary:
+    """Rotary position embedding computed on the fly (no buffers: nothing to save or re-init)."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        self.head_dim = head_dim
+        self.theta = theta
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x [..., D]`` by ``positions`` (broadcastable to ``x.shape[:-1]``), in float32."""
+        half = self.head_dim // 2
+        inv_freq = self.theta ** (-torch.arange(0, half, device=x.device, dtype=torch.float32) / half)
+        freqs = positions.to(torch.float32)[..., None] * inv_freq  # [..., D/2]
+        cos, sin = freqs.cos(), freqs.sin()
+        xf = x.float()
+        x1, x2 = xf[..., :half], xf[..., half:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class SubquadRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class SubquadMLP(nn.Module):
+    def __init__(self, config: SubquadConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SubquadAttention(nn.Module):
+    def __init__(self, config: SubquadConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.rotary = SubquadRotary(self.head_dim, config.rope_theta)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        cache_layer: SSACacheLayer | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """hidden_states ``[B, T, C]``; positions ``[B, T]``; valid ``[B, T]`` bool (None: all real)."""
+        batch, steps, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(batch, steps, self.num_heads, self.head_dim)
+        k = self.k_proj(hidden_states).view(batch, steps, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(hidden_states).view(batch, steps, self.num_kv_heads, self.head_dim)
+        if self.config.position_scheme == "rope":
+            q = self.rotary(q, positions[:, :, None])
+            k = self.rotary(k, positions[:, :, None])
+        if cache_layer is None:
+            out = self._attend(q, k, v, None)
+        else:
+            cache_layer.append(k, v, valid)
+            lengths = cache_layer.lengths
+            k_all, v_all, summaries = (
+                cache_layer.keys_bshd(),
+                cache_layer.values_bshd(),
+                cache_layer.summaries(),
+            )
+            if valid is None and len(set(lengths)) == 1:
+                out = self._attend(q, k_all, v_all, summaries)
+            elif valid is None and steps == 1 and self._uses_decode_kernel():
+                out = ssa_decode(
+                    q,
+                    k_all,
+                    v_all,
+                    self.config.ssa_config,
+                    seqlens=cache_layer.seqlens,
+                    summaries=summaries,
+                    scale=self.scale,
+                )
+            else:
+                out = self._attend_rows(q, k_all, v_all, summaries, lengths, valid)
+        return self.o_proj(out.reshape(batch, steps, -1))
+
+    def _uses_decode_kernel(self) -> bool:
+        return self.config.attention == "ssa" and self.config.position_scheme == "rope"
+
+    def _attend_rows(self, q, k_all, v_all, summaries, lengths, valid) -> torch.Tensor:
+        """Rows of different lengths: each row attends over its own tokens (padded queries give 0)."""
+        out = q.new_zeros(*q.shape[:3], v_all.shape[-1])
+        bs = self.config.ssa_config.block_size
+        for row, length in enumerate(lengths):
+            q_row = q[row : row + 1] if valid is None else q[row : row + 1, valid[row]]
+            if q_row.shape[1] == 0:
+                continue
+            summ = summaries[row : row + 1, : -(-length // bs)]
+            o_row = self._attend(q_row, k_all[row : row + 1, :length], v_all[row : row + 1, :length], summ)
+            if valid is None:
+                out[row] = o_row[0]
+            else:
+                out[row, valid[row]] = o_row[0]
+        return out
+
+    def _attend(self, q, k, v, summaries) -> torch.Tensor:
+        """Causal attention, bottom-right aligned, all rows of the same length: ``[B, T, Hq, Dv]``."""
+        config = self.config
+        if config.attention == "dense":
+            return _dense_sdpa(q, k, v, self.scale)
+        ssa = config.ssa_config
+        if config.position_scheme == "rope":
+            if q.shape[1] == 1 and summaries is not None:
+                return ssa_decode(q, k, v, ssa, summaries=summaries, scale=self.scale)
+            return ssa_attention(q, k, v, config=ssa, scale=self.scale, summaries=summaries)
+        # local_rope: q and k arrive unrotated; routing uses them as they are (pre-rotary).
+        with torch.no_grad():
+            selection = select_blocks(q.detach(), k.detach(), ssa, causal=True, summaries=summaries)
+        return sparse_attention_torch(
+            q,
+            k,
+            v,
+            selection.block_idx,
+            ssa.block_size,
+            self.scale,
+            local_rotary=(self.rotary, ssa.sink_blocks, ssa.local_blocks),
+        )
+
+
+def _dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Exact causal attention via torch SDPA (bottom-right aligned), ``[B, T, Hq, D]`` in and out."""
+    steps, seq_len = q.shape[1], k.shape[1]
+    gqa = q.shape[2] != k.shape[2]
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if steps == seq_len or steps == 1:
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=steps > 1, scale=scale, enable_gqa=gqa)
+        return out.transpose(1, 2)
+    chunk = max(1, _DENSE_MASK_ELEMENTS // seq_len)
+    key_pos = torch.arange(seq_len, device=q.device)
+    outs = []
+    for start in range(0, steps, chunk):
+        stop = min(steps, start + chunk)
+        mask = (
+            key_pos <= torch.arange(seq_len - steps + start, seq_len - steps + stop, device=q.device)[:, None]
+        )
+        outs.append(
+            F.scaled_dot_product_attention(
+                qt[:, :, start:stop], kt, vt, attn_mask=mask, scale=scale, enable_gqa=gqa
+            )
+        )
+    return torch.cat(outs, dim=2).transpose(1, 2)
+
+
+class SubquadDecoderLayer(nn.Module):
+    def __init__(self, config: SubquadConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = SubquadAttention(config, layer_idx)
+        self.mlp = SubquadMLP(config)
+        self.input_layernorm = SubquadRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = SubquadRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden_states, positions, cache_layer=None, valid=None) -> torch.Tensor:
+        hidden_states = hidden_states + self.self_attn(
+            self.input_layernorm(hidden_states), positions, cache_layer, valid
+        )
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class SubquadPreTrainedModel(PreTrainedModel):
+    config_class = SubquadConfig
+    config: SubquadConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SubquadDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # generate() must not build a DynamicCache: the forward creates an SSACache on first use.
+        return False
+
+
+class SubquadModel(SubquadPreTrainedModel):
+    def __init__(self, config: SubquadConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList([SubquadDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = SubquadRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast:
+        """Decoder stack. ``attention_mask`` (``[B, past + T]`` or ``[B, T]``, 1 = real token) marks
+        padding; padded tokens never enter the cache and their outputs are meaningless. Positions are
+        each token's index among its row's real tokens (``position_ids`` is accepted for API
+        compatibility and ignored: it cannot disagree with the cache)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("input_ids / inputs_embeds: expected exactly one of them")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch, steps = inputs_embeds.shape[:2]
+        valid = _valid_mask(attention_mask, batch, steps)
+        if use_cache is None:
+            use_cache = self.config.use_cache
+        cache = (
+            _ssa_cache_for(past_key_values, self.config)
+            if (use_cache or past_key_values is not None)
+            else None
+        )
+        # Without a cache, padding still needs per-row storage: a throwaway cache gives it.
+        work_cache = cache if cache is not None else (SSACache(self.config) if valid is not None else None)
+
+        offsets = None
+        if work_cache is not None and work_cache.seqlens(0) is not None:
+            offsets = work_cache.seqlens(0).long()
+        if valid is None:
+            positions = torch.arange(steps, device=inputs_embeds.device).expand(batch, -1)
+        else:
+            positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+        if offsets is not None:
+            positions = positions + offsets[:, None]
+
+        hidden_states = inputs_embeds
+        all_hidden = [] if output_hidden_states else None
+        for i, layer in enumerate(self.layers):
+            if all_hidden is not None:
+                all_hidden.append(hidden_states)
+            layer_cache = work_cache.layer(i) if work_cache is not None else None
+            if self.gradient_checkpointing and self.training and layer_cache is None:
+                hidden_states = torch.utils.checkpoint.checkpoint(
+                    layer, hidden_states, positions, None, valid, use_reentrant=False
+                )
+            else:
+                hidden_states = layer(hidden_states, positions, layer_cache, valid)
+        hidden_states = self.norm(hidden_states)
+        if all_hidden is not None:
+            all_hidden.append(hidden_states)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=cache,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+        )
+
+
+def _valid_mask(attention_mask: torch.Tensor | None, batch: int, steps: int) -> torch.Tensor | None:
+    """``[B, T]`` bool of the new tokens' real positions, or None when nothing is padded."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        got = (
+            tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask)
+        )
+        raise ValueError(f"attention_mask: got {got}, expected a 2D [batch, length] padding mask (1 = token)")
+    if attention_mask.shape[0] != batch or attention_mask.shape[1] < steps:
+        raise ValueError(
+            f"attention_mask: shape {tuple(attention_mask.shape)}, expected [{batch}, >= {steps}] "
+            "(past + new tokens)"
+        )
+    valid = attention_mask[:, -steps:].bool()
+    return None if bool(valid.all()) else valid
+
+
+def _ssa_cache_for(past_key_values: Cache | None, config: SubquadConfig) -> SSACache:
+    if past_key_values is None:
+        return SSACache(config)
+    if isinstance(past_key_values, SSACache):
+        if past_key_values.ssa_config.block_size != config.ssa_config.block_size:
+            raise ValueError(
+                f"past_key_values: SSACache block_size={past_key_values.ssa_config.block_size}, expected "
+                f"{config.ssa_config.block_size} (the model's ssa.block_size)"
+            )
+        return past_key_values
+    if isinstance(past_key_values, Cache) and past_key_values.get_seq_length() == 0:
+        # An empty cache of another kind (e.g. generate()'s default DynamicCache): replace it.
+        return SSACache(config)
+    raise TypeError(
+        f"past_key_values: got {type(past_key_values).__name__}, expected a subquad.SSACache (or None); "
+        "Subquad models keep block summaries in their cache"
+    )
+
+
+class SubquadForCausalLM(SubquadPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: SubquadConfig) -> None:
+        super().__init__(config)
+        self.model = SubquadModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """Logits (``logits_to_keep``: 0 = every position, n = the last n, or a tensor of indices) and,
+        with ``labels`` (``-100`` ignored), the next-token cross-entropy loss.
+
+        A prompt longer than ``config.prefill_chunk_tokens`` going into a cache is prefilled chunk by
+        chunk (see :func:`subquad.models.prefill`): memory stays linear in its length.
+        """
+        if use_cache is None:
+            use_cache = self.config.use_cache and labels is None
+        steps = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        if (
+            labels is None
+            and (use_cache or past_key_values is not None)
+            and steps > self.config.prefill_chunk_tokens
+            and not output_hidden_states
+        ):
+            from subquad.models.prefill import prefill
+
+            return prefill(
+                self,
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                cache=past_key_values,
+                chunk_size=self.config.prefill_chunk_tokens,
+                logits_to_keep=logits_to_keep,
+            )
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            if logits_to_keep < 0:
+                raise ValueError(
+                    f"logits_to_keep={logits_to_keep}: expected an int >= 0 (0 = all) or a tensor"
+                )
+            if logits_to_keep:
+                hidden_states = hidden_states[:, -logits_to_keep:]
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            if logits.shape[1] != labels.shape[1]:
+                raise ValueError(
+                    f"labels: length {labels.shape[1]}, but logits cover {logits.shape[1]} positions "
+                    "(use logits_to_keep=0 when training)"
+                )
+            loss = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                labels[:, 1:].reshape(-1).to(logits.device),
+                ignore_index=-100,
+            )
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+        )

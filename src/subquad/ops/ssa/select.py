@@ -1,0 +1,297 @@
+"""Routing: block summaries and the per-token choice of key blocks.
+
+Every query token gets its own selection (``DESIGN.md``, "SSA semantics"): the sink blocks, the
+``local_blocks`` blocks ending with its own block, and the ``top_k`` highest-scoring *earlier* blocks.
+Routed candidates are only complete blocks strictly before the local window, so a summary never mixes
+in a key later than the token: routing is causal by construction.
+
+Two routers produce the routed part:
+
+* ``flat``: scores the token's routing query against every candidate block summary, exact top-k.
+  ``O(N / block_size)`` dot products per query: quadratic over a whole sequence.
+* ``tree``: blocks are grouped ``G`` at a time; a group keeps the elementwise max and min of its
+  block summaries, which bound ``q . s`` for every block in it from above (``sum_d max(q_d mx_d,
+  q_d mn_d)``). A token scores the bound of every *complete, fully earlier* group, expands the
+  ``P`` best groups plus its own partially-filled group block by block, and takes the top-k of those.
+  ``N/(G b) + (P + 1) G`` dot products per query, ``O(sqrt(N))`` with ``G ~ sqrt(N / (b P))``.
+  A group that holds blocks at or after the token's window is never summarised for it (no leak).
+
+Scores are computed for the *routing query* of a KV head: the sum of its group's query heads, so the
+GQA heads of one KV head share a selection (``(sum_h q_h) . s == sum_h (q_h . s)``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from subquad.ops.ssa.config import SSAConfig, _check_int
+
+# Elements of the largest temporary a chunk may allocate (fp32: 1 GiB); bounds memory at any length.
+_CHUNK_ELEMENTS = 1 << 28
+
+
+@dataclass
+class SSASelection:
+    """Per-token block selection.
+
+    block_idx: ``[B, Hkv, T, K]`` int32 key-block indices, ``-1`` for unused slots; each valid entry
+        of a row is distinct. Slots hold, in order, the sink blocks, the local blocks, the routed blocks.
+    block_size: tokens per key block.
+    """
+
+    block_idx: torch.Tensor
+    block_size: int
+
+    def num_selected_keys(self, seq_len_k: int) -> torch.Tensor:
+        """Keys in the selected blocks per (batch, kv head, token), before the causal mask."""
+        idx = self.block_idx.long()
+        sizes = (seq_len_k - idx * self.block_size).clamp(max=self.block_size)
+        return torch.where(idx >= 0, sizes, torch.zeros_like(sizes)).sum(-1)
+
+
+def block_summaries(k: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Mean key of each block.
+
+    k: ``[B, S, Hkv, D]`` -> ``[B, ceil(S / block_size), Hkv, D]`` float32; the last block may be
+    partial and is averaged over the keys it holds.
+    """
+    if not isinstance(k, torch.Tensor) or k.dim() != 4:
+        got = tuple(k.shape) if isinstance(k, torch.Tensor) else type(k).__name__
+        raise ValueError(f"k: expected 4 dims [batch, seq, heads, head_dim], got {got}")
+    _check_int("block_size", block_size, minimum=1)
+    batch, seq_len, heads, dim = k.shape
+    num_blocks = -(-seq_len // block_size)
+    pad = num_blocks * block_size - seq_len
+    kf = k.float()
+    if pad:
+        kf = torch.nn.functional.pad(kf, (0, 0, 0, 0, 0, pad))
+    sums = kf.view(batch, num_blocks, block_size, heads, dim).sum(2)
+    counts = torch.full((num_blocks,), float(block_size), device=k.device)
+    counts[-1] = block_size - pad
+    return sums / counts.view(1, -1, 1, 1)
+
+
+def routing_queries(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Sum of each KV head's query heads: ``[B, T, Hq, D]`` -> ``[B, T, Hkv, D]`` float32."""
+    batch, seq_len, heads, dim = q.shape
+    return q.float().view(batch, seq_len, num_kv_heads, heads // num_kv_heads, dim).sum(3)
+
+
+def query_blocks(seq_len_q: int, seq_len_k: int, block_size: int, device: torch.device) -> torch.Tensor:
+    """Key block holding each query token under bottom-right alignment: ``[T]`` int64."""
+    positions = torch.arange(seq_len_k - seq_len_q, seq_len_k, device=device)
+    return positions // block_size
+
+
+def select_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    config: SSAConfig,
+    causal: bool = True,
+    summaries: torch.Tensor | None = None,
+) -> SSASelection:
+    """Choose the key blocks of every query token.
+
+    q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]``; ``summaries`` (optional, ``[B, NB, Hkv, D]``) are
+    precomputed block summaries, e.g. kept up to date by a KV cache. Returns an :class:`SSASelection`
+    with ``K = config.blocks_per_query`` slots.
+    """
+    from subquad.ops.ssa.interface import _check_config, _check_summaries, validate_qkv
+
+    validate_qkv(q, k, k, causal=causal)
+    config = _check_config(config)
+    batch, seq_len_q, _, _ = q.shape
+    seq_len_k, num_kv_heads = k.shape[1], k.shape[2]
+    block_size = config.block_size
+    num_blocks = -(-seq_len_k // block_size)
+    if summaries is None:
+        summaries = block_summaries(k, block_size)
+    else:
+        _check_summaries(summaries, k, block_size)
+    device = q.device
+    qblock = query_blocks(seq_len_q, seq_len_k, block_size, device)
+
+    # [T, sink + local]: sinks first (dropped where the local window already holds them), then local.
+    sink = torch.arange(config.sink_blocks, device=device).expand(seq_len_q, -1)
+    local = qblock[:, None] - torch.arange(config.local_blocks - 1, -1, -1, device=device)
+    local = torch.where(local >= 0, local, -1)
+    in_window = (sink >= qblock[:, None] - config.local_blocks + 1) & (sink <= qblock[:, None])
+    valid_sink = (sink < num_blocks) & ~in_window
+    if causal:
+        valid_sink &= sink <= qblock[:, None]
+    sink = torch.where(valid_sink, sink, -1)
+    fixed = torch.cat([sink, local], dim=1).to(torch.int32)
+    fixed = fixed.view(1, 1, seq_len_q, -1).expand(batch, num_kv_heads, -1, -1)
+
+    if config.top_k == 0:
+        return SSASelection(fixed.contiguous(), block_size)
+    rq = routing_queries(q, num_kv_heads)  # [B, T, Hkv, D]
+    if q.is_cuda and _triton_available():
+        from subquad.ops.ssa import triton_select
+
+        router = triton_select.route_flat_triton if config.index == "flat" else triton_select.route_tree_triton
+        routed = router(rq.bfloat16(), summaries.bfloat16().contiguous(), seq_len_k, config, causal)
+    else:
+        router = _route_flat if config.index == "flat" else _route_tree
+        routed = router(rq, summaries.float(), seq_len_k, config, causal)
+    return SSASelection(torch.cat([fixed, routed], dim=-1).contiguous(), block_size)
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def is_candidate(
+    blocks: torch.Tensor, qblock: torch.Tensor, config: SSAConfig, causal: bool, num_blocks: int
+) -> torch.Tensor:
+    """Which ``blocks`` (``[..., Tc, M]``) tokens in key blocks ``qblock`` (``[Tc]``) may route to.
+
+    Candidates follow the sinks and lie outside the token's local window; with ``causal`` they also
+    precede it, so they are complete blocks of keys strictly earlier than the token.
+    """
+    q_b = qblock[:, None]
+    ok = (blocks >= config.sink_blocks) & (blocks < num_blocks)
+    if causal:
+        return ok & (blocks <= q_b - config.local_blocks)
+    return ok & ((blocks > q_b) | (blocks <= q_b - config.local_blocks))
+
+
+def _topk_blocks(scores: torch.Tensor, blocks: torch.Tensor | None, top_k: int) -> torch.Tensor:
+    """Top-k of ``scores`` (masked entries are -inf) as int32 block ids, -1 where fewer exist."""
+    width = scores.shape[-1]
+    k_eff = min(top_k, width)
+    values, order = scores.topk(k_eff, dim=-1)
+    picked = order if blocks is None else blocks.gather(-1, order)
+    picked = torch.where(torch.isfinite(values), picked, -1).to(torch.int32)
+    if k_eff < top_k:
+        picked = torch.nn.functional.pad(picked, (0, top_k - k_eff), value=-1)
+    return picked
+
+
+def _query_chunks(seq_len_q: int, seq_len_k: int, per_token: int):
+    """(start, stop, position of the first token) for chunks holding ``_CHUNK_ELEMENTS`` elements."""
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, per_token))
+    for start in range(0, seq_len_q, chunk):
+        yield start, min(seq_len_q, start + chunk), seq_len_k - seq_len_q + start
+
+
+def _route_flat(rq, summaries, seq_len_k, config, causal):
+    """Reference flat router: every candidate block scored, exact top-k. ``rq``: ``[B, T, Hkv, D]``."""
+    batch, seq_len_q, heads, _ = rq.shape
+    num_blocks = summaries.shape[1]
+    summ_t = summaries.permute(0, 2, 3, 1)  # [B, Hkv, D, NB]
+    all_blocks = torch.arange(num_blocks, device=rq.device)
+    out = []
+    for start, stop, first_pos in _query_chunks(seq_len_q, seq_len_k, batch * heads * num_blocks):
+        scores = torch.matmul(rq[:, start:stop].transpose(1, 2), summ_t)  # [B, Hkv, Tc, NB]
+        qblock = torch.arange(first_pos, first_pos + stop - start, device=rq.device) // config.block_size
+        ok = is_candidate(all_blocks.expand(stop - start, -1), qblock, config, causal, num_blocks)
+        scores.masked_fill_(~ok, float("-inf"))
+        out.append(_topk_blocks(scores, None, config.top_k))
+    return torch.cat(out, dim=2)
+
+
+def tree_shape(num_blocks: int, config: SSAConfig) -> tuple[int, int]:
+    """(blocks per group, groups probed) used by ``index="tree"`` for ``num_blocks`` key blocks."""
+    # top_k == 0 routes nothing; probe one group so the shape (and cost) stay defined.
+    probe = config.tree_probe or max(1, config.top_k)
+    if config.tree_group is not None:
+        return config.tree_group, probe
+    group = 2 ** round(math.log2(max(2.0, math.sqrt(num_blocks / probe))))
+    return max(2, group), probe
+
+
+def tree_cost_per_query(num_blocks: int, config: SSAConfig) -> int:
+    """Summary dot products one query pays with ``index="tree"`` (bounds count twice: max and min)."""
+    group, probe = tree_shape(num_blocks, config)
+    num_groups = -(-num_blocks // group)
+    return 2 * num_groups + (min(probe, num_groups) + _own_group_slots(config, group)) * group
+
+
+def _own_group_slots(config: SSAConfig, group: int) -> int:
+    """Groups per token expanded block by block: the ones its local window (or its edge) touches."""
+    return (config.local_blocks - 1) // group + 2
+
+
+def tree_bounds(summaries: torch.Tensor, config: SSAConfig, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Elementwise max and min over each group's non-sink block summaries: ``[B, Hkv, NG, D]`` each.
+
+    Groups holding only sink blocks get zeros (their bound is masked out by the caller).
+    """
+    summ = summaries.float().transpose(1, 2)  # [B, Hkv, NB, D]
+    batch, heads, num_blocks, dim = summ.shape
+    num_groups = -(-num_blocks // group)
+    pad = num_groups * group - num_blocks
+    block = torch.arange(num_groups * group, device=summ.device)
+    excluded = ((block < config.sink_blocks) | (block >= num_blocks)).view(1, 1, num_groups, group, 1)
+    padded = torch.nn.functional.pad(summ, (0, 0, 0, pad)).view(batch, heads, num_groups, group, dim)
+    hi = padded.masked_fill(excluded, float("-inf")).amax(3)
+    lo = padded.masked_fill(excluded, float("inf")).amin(3)
+    empty = excluded.all(3)
+    return hi.masked_fill(empty, 0.0), lo.masked_fill(empty, 0.0)
+
+
+def tree_probe_groups(rq, bounds, num_blocks, first_pos, config, causal):
+    """Groups a chunk of tokens expands: ``[B, Hkv, Tc, P + W]`` int32 (-1 = none).
+
+    The ``P`` best complete groups by upper bound, then the ``W`` groups touching the token's local
+    window, which are expanded block by block: for a causal token their bound would mix in keys it
+    may not see. rq: ``[B, Tc, Hkv, D]`` for tokens at positions ``first_pos + i``.
+    """
+    hi, lo = bounds
+    num_groups = hi.shape[2]
+    group, probe = tree_shape(num_blocks, config)
+    probe = min(probe, num_groups)
+    q = rq.transpose(1, 2).to(hi.dtype)  # [B, Hkv, Tc, D]
+    bound = torch.matmul(q.clamp(min=0), hi.transpose(-1, -2)) + torch.matmul(q.clamp(max=0), lo.transpose(-1, -2))
+    bound = bound.float()
+    seq = rq.shape[1]
+    qblock = torch.arange(first_pos, first_pos + seq, device=rq.device) // config.block_size
+    window_first = (qblock - config.local_blocks + 1).clamp(min=0) // group  # first group touching window
+    window_last = qblock // group
+    group_ids = torch.arange(num_groups, device=rq.device)
+    blocked = (group_ids + 1) * group <= config.sink_blocks  # sink-only groups
+    if causal:
+        blocked = blocked | (group_ids >= window_first[:, None])
+    else:
+        blocked = blocked | ((group_ids >= window_first[:, None]) & (group_ids <= window_last[:, None]))
+    bound.masked_fill_(blocked, float("-inf"))
+    values, chosen = bound.topk(probe, dim=-1)
+    chosen = torch.where(torch.isfinite(values), chosen, -1)
+    own = window_first[:, None] + torch.arange(_own_group_slots(config, group), device=rq.device)
+    own = torch.where(own <= window_last[:, None], own, -1)
+    own = own.view(1, 1, seq, -1).expand(rq.shape[0], hi.shape[1], -1, -1)
+    return torch.cat([chosen, own], dim=-1).to(torch.int32)
+
+
+def _route_tree(rq, summaries, seq_len_k, config, causal):
+    """Reference tree router: probe groups by bound, then score their blocks (gathered) exactly."""
+    batch, seq_len_q, heads, dim = rq.shape
+    num_blocks = summaries.shape[1]
+    group, probe = tree_shape(num_blocks, config)
+    bounds = tree_bounds(summaries, config, group)
+    summ = summaries.transpose(1, 2)  # [B, Hkv, NB, D]
+    offsets = torch.arange(group, device=rq.device)
+    width = (min(probe, bounds[0].shape[2]) + _own_group_slots(config, group)) * group
+    per_token = batch * heads * (width * dim + 2 * bounds[0].shape[2])
+    out = []
+    for start, stop, first_pos in _query_chunks(seq_len_q, seq_len_k, per_token):
+        groups = tree_probe_groups(rq[:, start:stop], bounds, num_blocks, first_pos, config, causal).long()
+        blocks = (groups[..., None] * group + offsets).flatten(-2)  # [B, Hkv, Tc, M]
+        qblock = torch.arange(first_pos, first_pos + stop - start, device=rq.device) // config.block_size
+        ok = (groups >= 0).repeat_interleave(group, dim=-1) & is_candidate(
+            blocks, qblock, config, causal, num_blocks
+        )
+        gather_idx = blocks.clamp(0, num_blocks - 1).flatten(2)[..., None].expand(-1, -1, -1, dim)
+        gathered = summ.gather(2, gather_idx).view(batch, heads, stop - start, -1, dim)
+        scores = torch.einsum("bhtd,bhtmd->bhtm", rq[:, start:stop].transpose(1, 2), gathered)
+        scores.masked_fill_(~ok, float("-inf"))
+        out.append(_topk_blocks(scores, blocks, config.top_k))
+    return torch.cat(out, dim=2)

@@ -1,0 +1,131 @@
+"""Work lists for the Triton kernels, built from a per-token selection with plain tensor ops.
+
+Selection is per token, but the matrix units want tiles of rows. A *query tile* is ``tokens_per_tile``
+consecutive tokens of one KV head (times its ``Hq // Hkv`` query heads, one row each). The kernels
+visit the **union** of the tile's selected blocks, and a per-block bitmask (bit ``t`` set when token
+``t`` of the tile chose the block) masks each row to its own selection, so the result is exactly
+per-token attention. ``union size / mean selection size`` is the work overhead (see
+:func:`tile_overhead`).
+
+The key-major backward (dK, dV) walks the same pairs from the other side: for each key block, the
+query tiles whose union holds it (:func:`invert_tiles`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class QueryTiles:
+    """Per query tile (``bh`` = batch * Hkv + kv head): the sorted union of selected blocks.
+
+    blocks: ``[BH, NT, U]`` int32 block ids, ascending, ``-1`` after ``count``.
+    masks: ``[BH, NT, U]`` int64, bit ``t`` = token ``t`` of the tile selected that block.
+    count: ``[BH, NT]`` int32 union sizes.
+    """
+
+    blocks: torch.Tensor
+    masks: torch.Tensor
+    count: torch.Tensor
+    tokens_per_tile: int
+
+
+@dataclass
+class KeyBlockWork:
+    """Segments of (key block, query tiles) work for the dK/dV kernel.
+
+    seg_block: ``[NS]`` int32 ``bh * NB + block``; seg_start / seg_end: ``[NS]`` int32 ranges into
+    ``tiles`` / ``masks`` (``[P]`` int32 tile ids and int64 bitmasks, grouped by key block).
+    """
+
+    seg_block: torch.Tensor
+    seg_start: torch.Tensor
+    seg_end: torch.Tensor
+    tiles: torch.Tensor
+    masks: torch.Tensor
+
+
+def build_query_tiles(block_idx: torch.Tensor, tokens_per_tile: int) -> QueryTiles:
+    """Union of each query tile's selections with per-token bitmasks.
+
+    block_idx: ``[B, Hkv, T, K]`` int32 (``-1`` = unused); ``tokens_per_tile`` <= 64 (one int64 bit each).
+    """
+    if not 1 <= tokens_per_tile <= 64:
+        raise ValueError(f"tokens_per_tile={tokens_per_tile}: expected 1..64 (one int64 bit per token)")
+    batch, heads, seq_len_q, slots = block_idx.shape
+    num_tiles = -(-seq_len_q // tokens_per_tile)
+    pad = num_tiles * tokens_per_tile - seq_len_q
+    idx = block_idx.long()
+    if pad:
+        idx = torch.nn.functional.pad(idx, (0, 0, 0, pad), value=-1)
+    idx = idx.view(batch * heads, num_tiles, tokens_per_tile * slots)
+    token = torch.arange(tokens_per_tile, device=idx.device).repeat_interleave(slots)
+    valid = idx >= 0
+    # Sorting (block, token) keys groups each block's tokens together, blocks ascending.
+    sentinel = torch.iinfo(torch.int64).max
+    key = torch.where(valid, idx * tokens_per_tile + token, sentinel)
+    key, _ = key.sort(dim=-1)
+    valid = key != sentinel
+    blocks = torch.where(valid, key // tokens_per_tile, -1)
+    bits = torch.where(valid, torch.ones_like(key) << (key % tokens_per_tile), 0)
+    first = valid.clone()
+    first[..., 1:] &= blocks[..., 1:] != blocks[..., :-1]
+    segment = first.long().cumsum(-1) - 1
+    count = first.sum(-1)
+    width = max(1, int(count.max()))
+    segment = segment.clamp(min=0, max=width - 1)
+    # A block's bits are distinct powers of two, so their sum is their OR.
+    masks = torch.zeros(*key.shape[:-1], width, dtype=torch.int64, device=key.device)
+    masks.scatter_add_(-1, segment, bits)
+    union = _scatter_first(torch.full_like(masks, -1), segment, blocks, first)
+    return QueryTiles(union.to(torch.int32), masks, count.to(torch.int32), tokens_per_tile)
+
+
+def _scatter_first(out: torch.Tensor, segment: torch.Tensor, values: torch.Tensor, first: torch.Tensor):
+    """``out[..., segment[i]] = values[i]`` for the first entry of each segment."""
+    rows = first.nonzero(as_tuple=True)
+    out[rows[:-1] + (segment[rows],)] = values[rows]
+    return out
+
+
+def invert_tiles(tiles: QueryTiles, num_blocks: int, max_tiles_per_segment: int = 256) -> KeyBlockWork:
+    """Group the (query tile, key block) pairs by key block, cut into segments of bounded length.
+
+    Long lists (sink blocks are in every tile's union) are split so that no program walks all tiles
+    alone; the dK/dV kernel adds the segments of one block together.
+    """
+    bh_count, num_tiles, width = tiles.blocks.shape
+    valid = tiles.blocks >= 0
+    bh = torch.arange(bh_count, device=valid.device).view(-1, 1, 1).expand_as(tiles.blocks)
+    tile = torch.arange(num_tiles, device=valid.device).view(1, -1, 1).expand_as(tiles.blocks)
+    owner = (bh * num_blocks + tiles.blocks.long())[valid]  # [P] flat key block id
+    order = (owner * num_tiles + tile[valid]).argsort()
+    owner = owner[order]
+    pair_tiles = tile[valid][order].to(torch.int32)
+    pair_masks = tiles.masks[valid][order]
+    counts = torch.bincount(owner, minlength=bh_count * num_blocks)
+    starts = torch.cumsum(counts, 0) - counts
+    segs = -(-counts // max_tiles_per_segment)
+    seg_block = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), segs)
+    seg_rank = torch.arange(seg_block.numel(), device=counts.device) - torch.repeat_interleave(
+        torch.cumsum(segs, 0) - segs, segs
+    )
+    seg_start = starts[seg_block] + seg_rank * max_tiles_per_segment
+    seg_end = torch.minimum(seg_start + max_tiles_per_segment, starts[seg_block] + counts[seg_block])
+    return KeyBlockWork(
+        seg_block.to(torch.int32),
+        seg_start.to(torch.int32),
+        seg_end.to(torch.int32),
+        pair_tiles,
+        pair_masks,
+    )
+
+
+def tile_overhead(block_idx: torch.Tensor, tokens_per_tile: int) -> float:
+    """Work done / work selected: blocks visited for all tokens of each tile over blocks they chose."""
+    tiles = build_query_tiles(block_idx, tokens_per_tile)
+    done = tiles.count.double().sum() * tokens_per_tile
+    return float(done / (block_idx >= 0).sum().double())

@@ -1,0 +1,329 @@
+"""SSA decoding: one new token per sequence against a KV cache, rows of different lengths.
+
+Routing (``decode_select``) gives each row's token the same selection ``select_blocks`` gives the
+last token of that row in a full forward: sink blocks, the local window, and the ``top_k`` best
+complete earlier blocks scored against the cached block summaries. Attention then reads only those
+blocks. Two attention paths with one signature:
+
+* ``sparse_decode_naive``: plain PyTorch gather + softmax (any device; the reference).
+* ``sparse_decode_triton``: a split-K Triton kernel. Program ``(b * Hkv + h, split)`` takes a few
+  selection slots of one KV head, scores all of that head's query heads against each selected
+  block (one ``tl.dot`` per block) with an online softmax, and writes a partial (max, sum, acc);
+  a second kernel merges the splits. The work per token is ``K * block_size`` keys whatever the
+  context length, so latency stays flat from 32K to 12M tokens.
+
+Rows may hold different numbers of tokens (``seqlens``); keys at or after a row's length are never
+read, so a cache stored right-padded serves a batch of prompts of different lengths.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from subquad.ops.ssa.config import SSAConfig
+from subquad.ops.ssa.select import routing_queries
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is optional on CPU machines
+    triton = None
+    tl = None
+
+
+def decode_select(
+    q: torch.Tensor,
+    summaries: torch.Tensor,
+    seqlens: torch.Tensor,
+    config: SSAConfig,
+) -> torch.Tensor:
+    """Selection of each row's newest token: ``[B, Hkv, K]`` int32 block ids, ``-1`` for empty slots.
+
+    q: ``[B, Hq, D]`` (the token at position ``seqlens[b] - 1`` of row ``b``); summaries:
+    ``[B, NB, Hkv, D]`` block summaries (blocks past a row's length are ignored); seqlens: ``[B]``
+    tokens per row including the new one. Same selection as ``select_blocks`` for that token.
+    """
+    batch, _, dim = q.shape
+    num_kv_heads = summaries.shape[2]
+    num_blocks = summaries.shape[1]
+    bs = config.block_size
+    device = q.device
+    qblock = (seqlens.to(device=device, dtype=torch.long) - 1) // bs  # [B]
+
+    sink = torch.arange(config.sink_blocks, device=device).expand(batch, -1)
+    local = qblock[:, None] - torch.arange(config.local_blocks - 1, -1, -1, device=device)
+    local = torch.where(local >= 0, local, -1)
+    in_window = sink >= qblock[:, None] - config.local_blocks + 1
+    sink = torch.where((sink <= qblock[:, None]) & ~in_window, sink, -1)
+    fixed = torch.cat([sink, local], dim=1).to(torch.int32)[:, None].expand(-1, num_kv_heads, -1)
+    if config.top_k == 0 or num_blocks == 0:
+        return fixed.contiguous()
+
+    rq = routing_queries(q[:, None], num_kv_heads)[:, 0]  # [B, Hkv, D] fp32
+    summ = summaries.transpose(1, 2)  # [B, Hkv, NB, D]
+    scores = torch.matmul(summ, rq.to(summ.dtype)[..., None])[..., 0].float()  # [B, Hkv, NB]
+    blocks = torch.arange(num_blocks, device=device)
+    ok = (blocks >= config.sink_blocks) & (blocks[None, :] <= (qblock - config.local_blocks)[:, None])
+    scores.masked_fill_(~ok[:, None, :], float("-inf"))
+    k_eff = min(config.top_k, num_blocks)
+    values, order = scores.topk(k_eff, dim=-1)
+    routed = torch.where(torch.isfinite(values), order, -1).to(torch.int32)
+    if k_eff < config.top_k:
+        routed = torch.nn.functional.pad(routed, (0, config.top_k - k_eff), value=-1)
+    return torch.cat([fixed, routed], dim=-1).contiguous()
+
+
+def sparse_decode_naive(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_idx: torch.Tensor,
+    seqlens: torch.Tensor,
+    block_size: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of one token per row over its selected blocks, in plain PyTorch.
+
+    q: ``[B, Hq, D]``; k: ``[B, S, Hkv, D]``; v: ``[B, S, Hkv, Dv]``; block_idx: ``[B, Hkv, K]`` int32
+    (``-1`` unused); seqlens: ``[B]`` valid keys per row (the query sits at ``seqlens[b] - 1``).
+    Returns ``[B, Hq, Dv]`` in ``q.dtype``, accumulated in float32.
+    """
+    batch, heads_q, dim = q.shape
+    seq_len_k, heads_kv = k.shape[1], k.shape[2]
+    group = heads_q // heads_kv
+    scale = dim**-0.5 if scale is None else scale
+    idx = block_idx.long()
+    key_pos = (idx[..., None] * block_size + torch.arange(block_size, device=q.device)).flatten(-2)
+    lens = seqlens.to(device=q.device, dtype=torch.long).view(batch, 1, 1)
+    valid = (idx >= 0).repeat_interleave(block_size, dim=-1) & (key_pos < lens) & (key_pos < seq_len_k)
+    gather_pos = key_pos.clamp(0, seq_len_k - 1)  # [B, Hkv, K * bs]
+    kh = k.transpose(1, 2)  # [B, Hkv, S, D] (a view: only the gathered rows are read)
+    vh = v.transpose(1, 2)
+    kg = kh.gather(2, gather_pos[..., None].expand(-1, -1, -1, dim)).float()
+    vg = vh.gather(2, gather_pos[..., None].expand(-1, -1, -1, vh.shape[-1])).float()
+    qh = q.float().view(batch, heads_kv, group, dim)
+    scores = torch.matmul(qh, kg.transpose(-1, -2)) * scale  # [B, Hkv, G, K * bs]
+    scores = scores.masked_fill(~valid[:, :, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    out = torch.matmul(probs, vg)  # [B, Hkv, G, Dv]
+    return out.reshape(batch, heads_q, -1).to(q.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _sparse_decode_split_kernel(
+        Q, K, V, IDX, LENS, M_OUT, L_OUT, ACC_OUT,
+        stride_qb, stride_qh, stride_qd,
+        stride_kb, stride_ks, stride_kh, stride_kd,
+        stride_vb, stride_vs, stride_vh, stride_vd,
+        stride_ib, stride_ih, stride_ik,
+        num_kv_heads, num_slots, num_splits, seq_len_k, scale,
+        GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+        SLOTS_PER_SPLIT: tl.constexpr,
+    ):  # fmt: skip
+        pid_bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = (pid_bh // num_kv_heads).to(tl.int64)
+        h = (pid_bh % num_kv_heads).to(tl.int64)
+        seqlen = tl.minimum(tl.load(LENS + b).to(tl.int64), seq_len_k)
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        offs_n = tl.arange(0, BLOCK_SIZE)
+        g_mask = offs_g < GROUP
+        heads = h * GROUP + offs_g
+        q_ptrs = Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd
+        q = tl.load(q_ptrs, mask=g_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)  # [BG, BD]
+
+        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_DV], dtype=tl.float32)
+        for s in range(SLOTS_PER_SPLIT):
+            slot = split * SLOTS_PER_SPLIT + s
+            blk = tl.load(
+                IDX + b * stride_ib + h * stride_ih + slot * stride_ik, mask=slot < num_slots, other=-1
+            )
+            if blk >= 0:
+                pos = blk.to(tl.int64) * BLOCK_SIZE + offs_n  # [BN]
+                k_mask = pos < seqlen
+                k_ptrs = (
+                    K + b * stride_kb + pos[:, None] * stride_ks + h * stride_kh + offs_d[None, :] * stride_kd
+                )
+                k = tl.load(
+                    k_ptrs, mask=k_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0
+                )  # [BN, BD]
+                scores = tl.dot(q, tl.trans(k)) * scale  # [BG, BN] fp32
+                scores = tl.where(k_mask[None, :], scores, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(scores, 1))
+                # A block with no visible key keeps m at -inf: shift by 0 so exp() stays finite.
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp(m_i - m_safe)
+                p = tl.exp(scores - m_safe[:, None])
+                v_ptrs = (
+                    V
+                    + b * stride_vb
+                    + pos[:, None] * stride_vs
+                    + h * stride_vh
+                    + offs_dv[None, :] * stride_vd
+                )
+                v = tl.load(v_ptrs, mask=k_mask[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m_i = m_new
+
+        row = (pid_bh.to(tl.int64) * num_splits + split) * BLOCK_G
+        tl.store(M_OUT + row + offs_g, m_i)
+        tl.store(L_OUT + row + offs_g, l_i)
+        tl.store(ACC_OUT + (row + offs_g[:, None]) * BLOCK_DV + offs_dv[None, :], acc)
+
+    @triton.jit
+    def _sparse_decode_merge_kernel(
+        M_IN, L_IN, ACC_IN, OUT,
+        stride_ob, stride_oh, stride_od,
+        num_kv_heads,
+        NUM_SPLITS: tl.constexpr,
+        GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ):  # fmt: skip
+        pid_bh = tl.program_id(0)
+        b = (pid_bh // num_kv_heads).to(tl.int64)
+        h = (pid_bh % num_kv_heads).to(tl.int64)
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        base = pid_bh.to(tl.int64) * NUM_SPLITS * BLOCK_G
+        m_max = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+        for s in range(NUM_SPLITS):
+            m_max = tl.maximum(m_max, tl.load(M_IN + base + s * BLOCK_G + offs_g))
+        m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+        l_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_DV], dtype=tl.float32)
+        for s in range(NUM_SPLITS):
+            row = base + s * BLOCK_G
+            w = tl.exp(tl.load(M_IN + row + offs_g) - m_safe)
+            l_sum += w * tl.load(L_IN + row + offs_g)
+            acc += w[:, None] * tl.load(ACC_IN + (row + offs_g[:, None]) * BLOCK_DV + offs_dv[None, :])
+        # A row that saw no key (cannot happen for a valid selection) writes zeros, as the reference does.
+        out = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
+        heads = h * GROUP + offs_g
+        o_ptrs = OUT + b * stride_ob + heads[:, None] * stride_oh + offs_dv[None, :] * stride_od
+        tl.store(
+            o_ptrs,
+            out.to(OUT.dtype.element_ty),
+            mask=(offs_g[:, None] < GROUP) & (offs_dv[None, :] < HEAD_DIM_V),
+        )
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def sparse_decode_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_idx: torch.Tensor,
+    seqlens: torch.Tensor,
+    block_size: int,
+    scale: float | None = None,
+    slots_per_split: int | None = None,
+) -> torch.Tensor:
+    """Split-K Triton version of :func:`sparse_decode_naive` (same arguments; fp16/bf16).
+
+    ``slots_per_split`` selection slots per program (default: enough programs to fill the GPU).
+    ``k``/``v`` may be strided views (e.g. a cache buffer longer than the used length).
+    """
+    if triton is None:
+        raise ValueError("sparse_decode_triton: triton is not installed (pip install 'subquad[triton]')")
+    batch, heads_q, dim = q.shape
+    heads_kv, dim_v = k.shape[2], v.shape[-1]
+    group = heads_q // heads_kv
+    num_slots = block_idx.shape[-1]
+    scale = dim**-0.5 if scale is None else scale
+    if slots_per_split is None:
+        # About 256 programs: enough to cover the SMs of an H200 at batch 1 without tiny splits.
+        slots_per_split = max(1, min(num_slots, -(-num_slots * batch * heads_kv // 256)))
+    num_splits = max(1, -(-num_slots // slots_per_split))
+    block_g = max(16, _next_pow2(group))
+    block_d, block_dv = max(16, _next_pow2(dim)), max(16, _next_pow2(dim_v))
+    seqlens = seqlens.to(device=q.device, dtype=torch.int32).contiguous()
+    block_idx = block_idx.to(torch.int32)
+    m_part = torch.empty(batch * heads_kv * num_splits * block_g, device=q.device, dtype=torch.float32)
+    l_part = torch.empty_like(m_part)
+    acc_part = torch.empty(m_part.numel() * block_dv, device=q.device, dtype=torch.float32)
+    out = torch.empty(batch, heads_q, dim_v, device=q.device, dtype=q.dtype)
+    _sparse_decode_split_kernel[(batch * heads_kv, num_splits)](
+        q, k, v, block_idx, seqlens, m_part, l_part, acc_part,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2), k.stride(3),
+        v.stride(0), v.stride(1), v.stride(2), v.stride(3),
+        block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
+        heads_kv, num_slots, num_splits, k.shape[1], scale,
+        GROUP=group, BLOCK_G=block_g, BLOCK_SIZE=block_size, HEAD_DIM=dim, BLOCK_D=block_d,
+        HEAD_DIM_V=dim_v, BLOCK_DV=block_dv, SLOTS_PER_SPLIT=slots_per_split,
+    )  # fmt: skip
+    _sparse_decode_merge_kernel[(batch * heads_kv,)](
+        m_part, l_part, acc_part, out,
+        out.stride(0), out.stride(1), out.stride(2),
+        heads_kv,
+        NUM_SPLITS=num_splits, GROUP=group, BLOCK_G=block_g, HEAD_DIM_V=dim_v, BLOCK_DV=block_dv,
+    )  # fmt: skip
+    return out
+
+
+def ssa_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    config: SSAConfig | None = None,
+    seqlens: torch.Tensor | None = None,
+    summaries: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+    return_selection: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Decode one token per row with selective sparse attention.
+
+    q: ``[B, 1, Hq, D]``; k: ``[B, S, Hkv, D]``; v: ``[B, S, Hkv, Dv]`` (e.g. a KV cache, the new
+    token's key and value already appended). Row ``b`` holds ``seqlens[b]`` valid tokens (default
+    ``S`` for every row) and its query sits at position ``seqlens[b] - 1``. ``summaries``:
+    ``[B, >= ceil(max(seqlens) / block_size), Hkv, D]`` block summaries (a cache's); computed from
+    ``k`` when omitted. ``backend``: ``"torch"``, ``"triton"`` (CUDA fp16/bf16) or ``"auto"``.
+
+    Returns ``[B, 1, Hq, Dv]``; with ``return_selection`` also the ``[B, Hkv, K]`` block ids. With
+    ``seqlens`` all equal to ``S`` this equals ``ssa_attention(q, k, v, config)``.
+    """
+    from subquad.ops.ssa.interface import _check_config, _check_scale, resolve_backend, validate_qkv
+    from subquad.ops.ssa.select import block_summaries
+
+    validate_qkv(q, k, v, causal=True)
+    if q.shape[1] != 1:
+        raise ValueError(f"q: shape {tuple(q.shape)}, expected one token per row [B, 1, Hq, D]")
+    config = _check_config(config)
+    scale = _check_scale(scale, q.shape[-1])
+    batch, seq_len_k = k.shape[0], k.shape[1]
+    if seqlens is None:
+        seqlens = torch.full((batch,), seq_len_k, device=q.device, dtype=torch.int32)
+    elif not isinstance(seqlens, torch.Tensor) or seqlens.shape != (batch,):
+        got = tuple(seqlens.shape) if isinstance(seqlens, torch.Tensor) else type(seqlens).__name__
+        raise ValueError(f"seqlens: got {got}, expected a tensor of shape ({batch},)")
+    if summaries is None:
+        summaries = block_summaries(k, config.block_size)
+    else:
+        need = -(-seq_len_k // config.block_size)
+        if summaries.dim() != 4 or summaries.shape[0] != batch or summaries.shape[2:] != k.shape[2:]:
+            raise ValueError(
+                f"summaries: shape {tuple(summaries.shape)}, expected [{batch}, NB, {k.shape[2]}, "
+                f"{k.shape[3]}]"
+            )
+        summaries = summaries[:, :need]
+    backend = resolve_backend(backend, q, v)
+    q1 = q[:, 0]
+    with torch.no_grad():
+        block_idx = decode_select(q1, summaries, seqlens, config)
+    if backend == "triton":
+        out = sparse_decode_triton(q1, k, v, block_idx, seqlens, config.block_size, scale)
+    else:
+        out = sparse_decode_naive(q1, k, v, block_idx, seqlens, config.block_size, scale)
+    out = out[:, None]
+    return (out, block_idx) if return_selection else out

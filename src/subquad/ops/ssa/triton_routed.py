@@ -1,0 +1,271 @@
+"""Sparse attention forward with the routed blocks processed key-major (Triton).
+
+Same result as ``triton_attention.sparse_attention_fwd`` (output and log2-domain LSE ``[B, T, Hq]``),
+computed in three steps:
+
+A. **Fixed part** (sink + local slots, ``block_idx[..., :num_fixed_slots]``): the query-major kernel of
+   ``triton_attention``. Neighbouring tokens share these blocks, so a query tile's union is about
+   ``sink + local + 1`` blocks and the K/V of a tile is read once for all its rows.
+B. **Routed part, key-major**: on random picks neighbouring tokens route to different blocks, and a
+   query tile's union grows to ~``tokens_per_tile * top_k`` blocks (``tiles.tile_overhead`` ~13 at 1M
+   tokens), each loaded for the whole tile. Here the ``(token, slot)`` pairs are grouped by the
+   ``(batch * kv head, block)`` they picked (a stable sort of int32 keys: token order within a block)
+   and cut into segments of at most ``segment_tokens`` tokens. One program per segment loads the
+   block's K and V once and walks the segment ``TOKENS`` tokens at a time (rows = token x the
+   ``Hq // Hkv`` query heads of the KV head, as in ``triton_attention``), gathering their q rows. It
+   writes, per (token, q head, slot), the softmax over that block alone: the normalised partial
+   output (``q.dtype``) and its log2-domain LSE (fp32) into ``[B, Tc, Hq, top_k, Dv]`` and
+   ``[B, Tc, Hq, top_k]`` buffers (LSE ``-inf`` = slot unused).
+C. **Merge** (a small Triton kernel): per (token, q head) the fixed part and the ``top_k`` partials
+   combine as ``out = sum_i 2^(lse_i - m) o_i / sum_i 2^(lse_i - m)``,
+   ``lse = m + log2(sum_i 2^(lse_i - m))``, written in place over the fixed part. Empty parts (LSE
+   ``-inf``; the fixed kernel's empty rows carry ``+inf``) get weight 0 and are never read.
+
+Queries go through B and C in chunks of ``Tc`` tokens so the partial buffers stay bounded
+(``_PARTIAL_BYTES``); memory is linear in the sequence length.
+
+Bytes per routed (token, kv head, slot) pair, G = Hq // Hkv, e = 2 bytes (bf16): q gather
+``G * D * e``, partial write ``G * Dv * e`` and read back in the merge ``G * Dv * e``, LSE ``3 * G * 4``
+(fill, write, read); plus K/V ``block_size * (D + Dv) * e`` once per segment (about once per touched
+block per chunk). At B=1, T=S=1M, Hq=32, Hkv=8, D=Dv=128, block 64, top_k 16: 134M pairs x 3 KB
+= 412 GB, LSE 6 GB, K/V ~40 GB (~1.2M segments over 16 chunks of 64K tokens), fixed part ~22 GB
+(q, out, K/V once; its tile unions hit L2) and the merge's fixed read + final write 17 GB: ~0.5 TB,
+against ~4 TB of K/V for the query-major walk of the routed union. FLOPs: ~21 TFLOP routed (134M
+pairs x 4 rows x 64 keys x 128 x 4, plus ~20% partly-filled steps) and ~4 TFLOP fixed.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from subquad.ops.ssa.triton_attention import _LOG2E, _launch_shape, sparse_attention_fwd, tokens_per_tile
+
+# Partial-output buffer per chunk of queries (bytes); 8 GiB = 64K tokens at Hq=32, top_k=16, Dv=128.
+_PARTIAL_BYTES = 8 << 30
+# Tokens per routed program: K/V of a block is loaded once per segment.
+_SEGMENT_TOKENS = 256
+# Matrix rows (token x q head) per step of a routed program, and its launch knobs (tuning only).
+_ROUTED_ROWS = 64
+_ROUTED_NUM_WARPS = 4
+# (token, q head) rows per merge program.
+_MERGE_ROWS = 16
+
+
+@triton.jit
+def _routed_partial_kernel(
+    Q, K, V, O_PART, LSE_PART,
+    seg_block, seg_start, seg_end, pair_entry,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    T, S, HKV, group, num_blocks, chunk_start, chunk_len, num_slots, scale_log2,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOKENS: tl.constexpr, CAUSAL: tl.constexpr,
+):
+    seg = tl.program_id(0)
+    flat_block = tl.load(seg_block + seg)
+    start = tl.load(seg_start + seg)
+    end = tl.load(seg_end + seg)
+    bh = flat_block // num_blocks
+    block = flat_block % num_blocks
+    b = bh // HKV
+    h = bh % HKV
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    key_pos = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_ok = key_pos < S
+    k_ptrs = (K + b.to(tl.int64) * stride_kb + h * stride_kh + key_pos.to(tl.int64)[None, :] * stride_ks
+              + offs_d[:, None])
+    v_ptrs = (V + b.to(tl.int64) * stride_vb + h * stride_vh + key_pos.to(tl.int64)[:, None] * stride_vs
+              + offs_dv[None, :])
+    k = tl.load(k_ptrs, mask=key_ok[None, :] & (offs_d[:, None] < D), other=0.0)  # [BLOCK_D, BLOCK_N]
+    v = tl.load(v_ptrs, mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)  # [BLOCK_N, BLOCK_DV]
+    rows = tl.arange(0, BLOCK_M)
+    token_in_tile = rows // group
+    head = rows % group
+    q_head = h * group + head
+    heads_q = HKV * group
+    for first in range(start, end, TOKENS):
+        pair = first + token_in_tile
+        row_ok = (token_in_tile < TOKENS) & (pair < end)
+        # entry = token within the chunk * num_slots + routed slot.
+        entry = tl.load(pair_entry + pair, mask=row_ok, other=0)
+        token_c = entry // num_slots
+        slot = entry % num_slots
+        token = chunk_start + token_c
+        q_ptrs = (Q + b.to(tl.int64) * stride_qb + token.to(tl.int64)[:, None] * stride_qt
+                  + q_head[:, None] * stride_qh + offs_d[None, :])
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        s = tl.dot(q, k) * scale_log2  # [BLOCK_M, BLOCK_N]
+        visible = row_ok[:, None] & key_ok[None, :]
+        if CAUSAL:
+            # Routed blocks precede the token's window; the mask only guards hand-made selections.
+            visible = visible & (key_pos[None, :] <= (token + (S - T))[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m = tl.max(s, 1)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        p = tl.math.exp2(s - m_safe[:, None])
+        l_sum = tl.sum(p, 1)
+        l_safe = tl.where(l_sum == 0.0, 1.0, l_sum)
+        out = tl.dot(p.to(v.dtype), v) / l_safe[:, None]  # [BLOCK_M, BLOCK_DV]
+        lse = tl.where(l_sum == 0.0, float("-inf"), m_safe + tl.math.log2(l_safe))
+        # Partial buffers: [B, Tc, Hq, num_slots] (+ [Dv]).
+        part = ((b.to(tl.int64) * chunk_len + token_c) * heads_q + q_head) * num_slots + slot
+        tl.store(O_PART + part[:, None] * DV + offs_dv[None, :], out.to(O_PART.dtype.element_ty),
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+        tl.store(LSE_PART + part, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_partials_kernel(
+    OUT, LSE, O_PART, LSE_PART,
+    T, chunk_start, chunk_len, heads_q, num_rows,
+    NUM_SLOTS: tl.constexpr, BLOCK_SLOTS: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+):
+    # A row is one (batch, token of the chunk, q head); OUT / LSE are the contiguous [B, T, Hq(, Dv)].
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_ok = rows < num_rows
+    per_batch = chunk_len * heads_q
+    full_row = (rows // per_batch * T + chunk_start) * heads_q + rows % per_batch
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv[None, :] < DV
+    slots = tl.arange(0, BLOCK_SLOTS)
+    lse_fixed = tl.load(LSE + full_row, mask=row_ok, other=float("inf"))
+    # The query-major kernel marks an empty row with +inf (so its backward gives p = 0): weight 0 here.
+    lse_fixed = tl.where(lse_fixed == float("inf"), float("-inf"), lse_fixed)
+    lse_parts = tl.load(LSE_PART + rows[:, None] * NUM_SLOTS + slots[None, :],
+                        mask=row_ok[:, None] & (slots[None, :] < NUM_SLOTS), other=float("-inf"))
+    m = tl.maximum(lse_fixed, tl.max(lse_parts, 1))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    weight = tl.math.exp2(lse_fixed - m_safe)
+    total = weight
+    o_fixed = tl.load(OUT + full_row[:, None] * DV + offs_dv[None, :],
+                      mask=(row_ok & (lse_fixed > float("-inf")))[:, None] & dv_ok, other=0.0)
+    acc = weight[:, None] * o_fixed.to(tl.float32)
+    for slot in range(NUM_SLOTS):
+        lse_slot = tl.load(LSE_PART + rows * NUM_SLOTS + slot, mask=row_ok, other=float("-inf"))
+        weight = tl.math.exp2(lse_slot - m_safe)
+        # Unused slots are never written: mask their loads rather than multiply garbage by 0.
+        o_slot = tl.load(O_PART + (rows * NUM_SLOTS + slot)[:, None] * DV + offs_dv[None, :],
+                         mask=(row_ok & (lse_slot > float("-inf")))[:, None] & dv_ok, other=0.0)
+        acc += weight[:, None] * o_slot.to(tl.float32)
+        total += weight
+    total_safe = tl.where(total == 0.0, 1.0, total)
+    out = acc / total_safe[:, None]
+    lse = tl.where(total == 0.0, float("inf"), m_safe + tl.math.log2(total_safe))
+    tl.store(OUT + full_row[:, None] * DV + offs_dv[None, :], out.to(OUT.dtype.element_ty),
+             mask=row_ok[:, None] & dv_ok)
+    tl.store(LSE + full_row, lse, mask=row_ok)
+
+
+def routed_work(routed_idx: torch.Tensor, num_blocks: int, segment_tokens: int):
+    """Group a chunk's routed ``(token, slot)`` pairs by the key block they picked.
+
+    routed_idx: ``[B, Hkv, Tc, R]`` int32 (``-1`` unused). Returns ``(seg_block, seg_start, seg_end,
+    pair_entry)``: per segment the flat block ``bh * NB + block`` and a ``[start, end)`` range of at
+    most ``segment_tokens`` pairs into ``pair_entry`` (int32 ``token * R + slot``), tokens ascending
+    within a block.
+    """
+    batch, heads, chunk_len, slots = routed_idx.shape
+    bh_count = batch * heads
+    owners = bh_count * num_blocks
+    if owners >= 2**31 or chunk_len * slots >= 2**31:
+        raise ValueError(f"routed work list too large for int32 keys: {bh_count} x {num_blocks} blocks")
+    device = routed_idx.device
+    bh = torch.arange(bh_count, device=device, dtype=torch.int32).view(batch, heads, 1, 1)
+    # Unused slots sort after every block (key ``owners``) and are dropped by the counts.
+    key = torch.where(routed_idx >= 0, bh * num_blocks + routed_idx, owners).flatten()
+    # Stable: a block's pairs keep their (token, slot) order.
+    _, order = torch.sort(key, stable=True)
+    pair_entry = (order % (chunk_len * slots)).to(torch.int32)
+    counts = torch.bincount(key, minlength=owners + 1)[:owners]
+    starts = torch.cumsum(counts, 0) - counts
+    segs = -(-counts // segment_tokens)
+    seg_block = torch.repeat_interleave(torch.arange(owners, device=device), segs)
+    seg_rank = torch.arange(seg_block.numel(), device=device) - torch.repeat_interleave(
+        torch.cumsum(segs, 0) - segs, segs
+    )
+    seg_start = starts[seg_block] + seg_rank * segment_tokens
+    seg_end = torch.minimum(seg_start + segment_tokens, starts[seg_block] + counts[seg_block])
+    return seg_block.to(torch.int32), seg_start.to(torch.int32), seg_end.to(torch.int32), pair_entry
+
+
+def sparse_attention_fwd_routed(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_idx: torch.Tensor,
+    block_size: int,
+    causal: bool,
+    scale: float,
+    num_fixed_slots: int,
+    chunk_tokens: int | None = None,
+    segment_tokens: int = _SEGMENT_TOKENS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward with fixed slots query-major and routed slots key-major.
+
+    q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]``; v: ``[B, S, Hkv, Dv]`` (fp16/bf16, contiguous);
+    block_idx: ``[B, Hkv, T, K]`` int32, ``-1`` unused; slots ``[:num_fixed_slots]`` are the sink and
+    local blocks, the rest routed. Returns (out ``[B, T, Hq, Dv]`` in ``q.dtype``, lse ``[B, T, Hq]``
+    fp32 in log2 units, ``+inf`` for a row that sees no key), as ``sparse_attention_fwd``.
+    ``chunk_tokens`` (default: partial buffers of ``_PARTIAL_BYTES``) and ``segment_tokens`` only
+    change the schedule, never the result.
+    """
+    batch, seq_len_q, heads_q, _ = q.shape
+    seq_len_k, heads_kv = k.shape[1], k.shape[2]
+    dim_v = v.shape[-1]
+    num_slots = block_idx.shape[-1]
+    if not 0 <= num_fixed_slots <= num_slots:
+        raise ValueError(f"num_fixed_slots={num_fixed_slots}: expected 0..{num_slots} (slots in block_idx)")
+    if segment_tokens < 1:
+        raise ValueError(f"segment_tokens={segment_tokens}: expected >= 1")
+    num_routed = num_slots - num_fixed_slots
+    if num_fixed_slots:
+        fixed_idx = block_idx[..., :num_fixed_slots].contiguous()
+        out, lse, _ = sparse_attention_fwd(q, k, v, fixed_idx, block_size, causal, scale)
+    else:
+        out = torch.empty(batch, seq_len_q, heads_q, dim_v, device=q.device, dtype=q.dtype)
+        lse = torch.full((batch, seq_len_q, heads_q), float("inf"), device=q.device, dtype=torch.float32)
+    if num_routed == 0:
+        return out, lse
+
+    shape = _launch_shape(q, v, heads_kv, block_size)
+    shape["TOKENS"] = tokens_per_tile(heads_q // heads_kv, _ROUTED_ROWS)
+    shape["BLOCK_M"] = max(16, triton.next_power_of_2(shape["TOKENS"] * (heads_q // heads_kv)))
+    num_blocks = -(-seq_len_k // block_size)
+    per_token = batch * heads_q * num_routed * dim_v * q.element_size()
+    if chunk_tokens is None:
+        chunk_tokens = max(1, _PARTIAL_BYTES // per_token)
+    chunk_tokens = min(chunk_tokens, seq_len_q)
+    o_part = torch.empty(batch * chunk_tokens * heads_q * num_routed * dim_v, device=q.device, dtype=q.dtype)
+    lse_part = torch.empty(batch * chunk_tokens * heads_q * num_routed, device=q.device, dtype=torch.float32)
+    routed_idx = block_idx[..., num_fixed_slots:]
+    for chunk_start in range(0, seq_len_q, chunk_tokens):
+        chunk_len = min(chunk_tokens, seq_len_q - chunk_start)
+        num_rows = batch * chunk_len * heads_q
+        chunk_lse = lse_part[: num_rows * num_routed]
+        chunk_lse.fill_(float("-inf"))
+        seg_block, seg_start, seg_end, pair_entry = routed_work(
+            routed_idx[:, :, chunk_start : chunk_start + chunk_len], num_blocks, segment_tokens
+        )
+        if seg_block.numel():
+            _routed_partial_kernel[(seg_block.numel(),)](
+                q, k, v, o_part, chunk_lse,
+                seg_block, seg_start, seg_end, pair_entry,
+                q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                seq_len_q, seq_len_k, heads_kv, heads_q // heads_kv, num_blocks, chunk_start, chunk_len,
+                num_routed, scale * _LOG2E,
+                CAUSAL=causal, num_warps=_ROUTED_NUM_WARPS, num_stages=1, **shape,
+            )
+        _merge_partials_kernel[(triton.cdiv(num_rows, _MERGE_ROWS),)](
+            out, lse, o_part, chunk_lse,
+            seq_len_q, chunk_start, chunk_len, heads_q, num_rows,
+            NUM_SLOTS=num_routed, BLOCK_SLOTS=max(2, triton.next_power_of_2(num_routed)),
+            DV=dim_v, BLOCK_DV=shape["BLOCK_DV"], BLOCK_ROWS=_MERGE_ROWS, num_warps=4,
+        )
+    return out, lse

@@ -1,0 +1,214 @@
+"""Triton routing: exact top-k blocks per query token without materialising the score matrix.
+
+Both routers run in the same three steps (``select.py`` holds the plain-PyTorch references):
+
+1. **Group scores** ``[B, Hkv, T, NG]``: blocks are grouped ``G`` at a time.
+   ``flat``: the exact maximum of the token's scores over the candidate blocks of each group, computed
+   on the tensor cores a tile of tokens at a time (:func:`group_max_scores`); only ``1/G`` of the
+   score matrix is written. ``tree``: an upper bound per complete group (``select._route_tree``).
+2. **Probe** the ``P`` best groups per token (``torch.topk`` over ``NG``).
+   For ``flat`` with ``P = top_k`` this is exact: a block in the top-k has a score at least the k-th
+   largest, and at most k groups hold such a block, so all of them are among the k best group maxima.
+3. **Rescore** the blocks of the probed groups (plus, for ``tree``, the token's own partial group)
+   and keep the top-k (:func:`rescore_topk`): a running top-k merged with ``tl.topk`` on packed
+   (score, block) keys.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from subquad.ops.ssa import triton_attention  # noqa: F401  (interpreter fix for CPU checks)
+
+
+@triton.jit
+def _is_candidate(block, query_block, SINK: tl.constexpr, LOCAL: tl.constexpr, num_blocks,
+                  CAUSAL: tl.constexpr):
+    """Routed candidates: after the sinks, outside (causal: before) the token's local window."""
+    ok = (block >= SINK) & (block < num_blocks)
+    if CAUSAL:
+        ok = ok & (block <= query_block - LOCAL)
+    else:
+        ok = ok & ((block > query_block) | (block <= query_block - LOCAL))
+    return ok
+
+
+@triton.jit
+def _group_max_kernel(
+    RQ, SUMM, OUT,
+    stride_rb, stride_rt, stride_rh,
+    stride_sb, stride_sn, stride_sh,
+    T, pos_offset, HKV, num_blocks, num_groups, block_size,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < T
+    query_block = (rows + pos_offset) // block_size
+    offs_d = tl.arange(0, BLOCK_D)
+    rq = tl.load(RQ + b.to(tl.int64) * stride_rb + rows.to(tl.int64)[:, None] * stride_rt + h * stride_rh
+                 + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    if CAUSAL:
+        last_row = tl.minimum(tile * BLOCK_M + BLOCK_M - 1, T - 1)
+        stop = (last_row + pos_offset) // block_size - LOCAL + 1
+    else:
+        stop = num_blocks
+    out_base = OUT + (bh.to(tl.int64) * T + rows.to(tl.int64)[:, None]) * num_groups
+    groups_per_chunk: tl.constexpr = BLOCK_N // GROUP
+    for start in range(0, stop, BLOCK_N):
+        blocks = start + tl.arange(0, BLOCK_N)
+        summ = tl.load(SUMM + b.to(tl.int64) * stride_sb + blocks.to(tl.int64)[None, :] * stride_sn
+                       + h * stride_sh + offs_d[:, None],
+                       mask=(blocks[None, :] < num_blocks) & (offs_d[:, None] < D), other=0.0)
+        s = tl.dot(rq, summ)  # [BLOCK_M, BLOCK_N]
+        ok = _is_candidate(blocks[None, :], query_block[:, None], SINK, LOCAL, num_blocks, CAUSAL)
+        s = tl.where(ok, s, float("-inf"))
+        gmax = tl.max(tl.reshape(s, [BLOCK_M, groups_per_chunk, GROUP]), axis=2)
+        groups = start // GROUP + tl.arange(0, groups_per_chunk)
+        tl.store(out_base + groups[None, :], gmax, mask=row_ok[:, None] & (groups[None, :] < num_groups))
+
+
+def group_max_scores(rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int, config, group: int,
+                     causal: bool) -> torch.Tensor:
+    """Max routing score per group of ``group`` candidate blocks: ``[B, Hkv, T, NG]`` fp32, -inf if none.
+
+    rq: ``[B, T, Hkv, D]`` routing queries of tokens at positions ``pos_offset + i``;
+    summaries: ``[B, NB, Hkv, D]`` (same dtype).
+    """
+    batch, seq_len_q, heads, dim = rq.shape
+    num_blocks = summaries.shape[1]
+    num_groups = -(-num_blocks // group)
+    out = torch.full((batch, heads, seq_len_q, num_groups), float("-inf"), device=rq.device)
+    block_m, block_n = 64, max(64, group)
+    grid = (triton.cdiv(seq_len_q, block_m), batch * heads)
+    _group_max_kernel[grid](
+        rq, summaries, out,
+        rq.stride(0), rq.stride(1), rq.stride(2),
+        summaries.stride(0), summaries.stride(1), summaries.stride(2),
+        seq_len_q, pos_offset, heads, num_blocks, num_groups, config.block_size,
+        D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=block_m, BLOCK_N=block_n, GROUP=group,
+        SINK=config.sink_blocks, LOCAL=config.local_blocks, CAUSAL=causal, num_warps=4, num_stages=2,
+    )
+    return out
+
+
+@triton.jit
+def _rescore_topk_kernel(
+    RQ, SUMM, GROUPS, OUT,
+    stride_rb, stride_rt, stride_rh,
+    stride_sb, stride_sn, stride_sh,
+    T, pos_offset, HKV, num_blocks, num_slots, block_size, top_k,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, K_PAD: tl.constexpr,
+    GROUP: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < T
+    query_block = (rows + pos_offset) // block_size
+    cols = tl.arange(0, K_PAD)
+    groups_base = GROUPS + (bh.to(tl.int64) * T + rows.to(tl.int64)[:, None]) * num_slots
+    rq_base = RQ + b.to(tl.int64) * stride_rb + rows.to(tl.int64)[:, None, None] * stride_rt + h * stride_rh
+    summ_base = SUMM + b.to(tl.int64) * stride_sb + h * stride_sh
+    # Running top-k as packed int64 keys: (order-preserving score bits >> 1) << 32 | block; -1 = empty.
+    best = tl.full([BLOCK_M, K_PAD], -1, tl.int64)
+    width = num_slots * GROUP
+    for start in range(0, width, K_PAD):
+        col = start + cols  # [K_PAD] position in the row's virtual list of probed blocks
+        slot_ok = col < width
+        group_id = tl.load(groups_base + (col // GROUP)[None, :], mask=row_ok[:, None] & slot_ok[None, :],
+                           other=-1)
+        block = group_id * GROUP + (col % GROUP)[None, :]  # [BLOCK_M, K_PAD]
+        ok = (group_id >= 0) & _is_candidate(block, query_block[:, None], SINK, LOCAL, num_blocks, CAUSAL)
+        score = tl.zeros([BLOCK_M, K_PAD], tl.float32)
+        for d0 in range(0, BLOCK_D, 32):
+            d = d0 + tl.arange(0, 32)[None, None, :]
+            q = tl.load(rq_base + d, mask=row_ok[:, None, None] & (d < D), other=0.0).to(tl.float32)
+            s = tl.load(summ_base + block.to(tl.int64)[:, :, None] * stride_sn + d,
+                        mask=ok[:, :, None] & (d < D), other=0.0).to(tl.float32)
+            score += tl.sum(q * s, axis=2)
+        bits = score.to(tl.int32, bitcast=True)
+        # Flip negative floats so that integer order is float order, then drop the lowest bit to
+        # keep the key non-negative in 63 bits.
+        ordered = tl.where(bits < 0, ~bits, bits | (-2147483648)).to(tl.uint32)
+        key = ((ordered >> 1).to(tl.int64) << 32) | block.to(tl.int64)
+        key = tl.where(ok, key, -1)
+        merged = tl.reshape(tl.join(best, key), [BLOCK_M, 2 * K_PAD])
+        best = tl.topk(merged, K_PAD)
+    best = tl.sort(best, descending=True)
+    picked = tl.where(best >= 0, (best & 0xFFFFFFFF).to(tl.int32), -1)
+    out_ptrs = OUT + (bh.to(tl.int64) * T + rows.to(tl.int64)[:, None]) * top_k + cols[None, :]
+    tl.store(out_ptrs, picked, mask=row_ok[:, None] & (cols[None, :] < top_k))
+
+
+def rescore_topk(rq: torch.Tensor, summaries: torch.Tensor, groups: torch.Tensor, pos_offset: int, config,
+                 group: int, causal: bool) -> torch.Tensor:
+    """Top-k candidate blocks among the probed groups: ``[B, Hkv, T, top_k]`` int32, -1 padded.
+
+    groups: ``[B, Hkv, T, P]`` int32 group ids (-1 = none); a block of a group is scored only if it is
+    a routing candidate of the token.
+    """
+    batch, seq_len_q, heads, dim = rq.shape
+    num_blocks = summaries.shape[1]
+    top_k = config.top_k
+    k_pad = max(16, triton.next_power_of_2(top_k))
+    block_m = 16 if k_pad >= 128 else 32
+    groups = groups.contiguous()
+    out = torch.empty(batch, heads, seq_len_q, top_k, device=rq.device, dtype=torch.int32)
+    grid = (triton.cdiv(seq_len_q, block_m), batch * heads)
+    _rescore_topk_kernel[grid](
+        rq, summaries, groups, out,
+        rq.stride(0), rq.stride(1), rq.stride(2),
+        summaries.stride(0), summaries.stride(1), summaries.stride(2),
+        seq_len_q, pos_offset, heads, num_blocks, groups.shape[-1], config.block_size, top_k,
+        D=dim, BLOCK_D=max(32, triton.next_power_of_2(dim)), BLOCK_M=block_m, K_PAD=k_pad, GROUP=group,
+        SINK=config.sink_blocks, LOCAL=config.local_blocks, CAUSAL=causal, num_warps=4,
+    )
+    return out
+
+
+FLAT_GROUP = 16
+# Group-score elements held at once (fp32): bounds memory at any length.
+_CHUNK_ELEMENTS = 1 << 28
+
+
+def route_flat_triton(rq, summaries, seq_len_k, config, causal):
+    """Exact flat top-k (module docstring): rq ``[B, T, Hkv, D]``, summaries ``[B, NB, Hkv, D]``."""
+    batch, seq_len_q, heads, _ = rq.shape
+    num_groups = -(-summaries.shape[1] // FLAT_GROUP)
+    chunk = max(64, _CHUNK_ELEMENTS // max(1, batch * heads * num_groups))
+    out = []
+    for start in range(0, seq_len_q, chunk):
+        rq_c = rq[:, start : start + chunk]
+        offset = seq_len_k - seq_len_q + start
+        gmax = group_max_scores(rq_c, summaries, offset, config, FLAT_GROUP, causal)
+        values, groups = gmax.topk(min(config.top_k, num_groups), dim=-1)
+        groups = torch.where(torch.isfinite(values), groups, -1).to(torch.int32)
+        out.append(rescore_topk(rq_c, summaries, groups, offset, config, FLAT_GROUP, causal))
+    return torch.cat(out, dim=2)
+
+
+def route_tree_triton(rq, summaries, seq_len_k, config, causal):
+    """Tree routing: group bounds in PyTorch (``NB / G`` per token), rescoring in Triton."""
+    from subquad.ops.ssa.select import tree_bounds, tree_probe_groups, tree_shape
+
+    batch, seq_len_q, heads, _ = rq.shape
+    num_blocks = summaries.shape[1]
+    group, _ = tree_shape(num_blocks, config)
+    bounds = tuple(t.to(rq.dtype) for t in tree_bounds(summaries, config, group))
+    chunk = max(64, _CHUNK_ELEMENTS // max(1, batch * heads * bounds[0].shape[2]))
+    out = []
+    for start in range(0, seq_len_q, chunk):
+        rq_c = rq[:, start : start + chunk]
+        offset = seq_len_k - seq_len_q + start
+        groups = tree_probe_groups(rq_c, bounds, num_blocks, offset, config, causal)
+        out.append(rescore_topk(rq_c, summaries, groups, offset, config, group, causal))
+    return torch.cat(out, dim=2)

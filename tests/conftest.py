@@ -1,0 +1,94 @@
+"""Shared test setup: a fixed seed per test, NaN-poisoned allocations, full-matrix attention references."""
+
+from __future__ import annotations
+
+import os
+import zlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+# Without a GPU the Triton kernels run in Triton's CPU interpreter; it must be chosen before Triton
+# is first imported (kernels are bound to it at decoration time).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _fixed_seed(request):
+    # Each test draws its own fixed inputs, independent of which other tests ran before it.
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    yield
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Make ``torch.empty``/``torch.empty_like``/``Tensor.new_empty`` return NaN-filled float tensors.
+
+    A kernel (or reference) that allocates its output with ``empty`` and leaves a block unwritten
+    then fails the comparison instead of passing on whatever the allocator happened to hand back.
+    """
+    real_empty, real_empty_like, real_new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+
+    def poison(t):
+        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()):
+            with torch.no_grad():
+                t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(real_empty_like(*a, **kw)))
+    monkeypatch.setattr(
+        torch.Tensor, "new_empty", lambda self, *a, **kw: poison(real_new_empty(self, *a, **kw))
+    )
+    yield
+
+
+def attention_reference(q, k, v, causal=True, scale=None, mask=None, upcast=True):
+    """Attention from the full ``[B, Hq, T, S]`` score matrix, the textbook way.
+
+    ``mask`` (bool, broadcastable to ``[B, Hq, T, S]``) keeps only the True keys; rows left empty give 0
+    (the sparse operator's convention). ``upcast=False`` computes in the input dtype (the low-precision
+    baseline of the flash-attn tolerance rule); otherwise in float32. Returns ``q.dtype`` when not
+    upcast, float32 otherwise.
+    """
+    dtype = q.dtype
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+    seq_len_q, heads_q, dim = q.shape[1], q.shape[2], q.shape[3]
+    seq_len_k, heads_kv = k.shape[1], k.shape[2]
+    scale = dim**-0.5 if scale is None else scale
+    group = heads_q // heads_kv
+    keys = k.repeat_interleave(group, dim=2)
+    values = v.repeat_interleave(group, dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q * scale, keys)
+    visible = torch.ones(seq_len_q, seq_len_k, dtype=torch.bool, device=q.device)
+    if causal:
+        query_pos = torch.arange(seq_len_q, device=q.device) + (seq_len_k - seq_len_q)
+        visible = torch.arange(seq_len_k, device=q.device)[None, :] <= query_pos[:, None]
+    if mask is not None:
+        visible = visible & mask
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(values.dtype)
+    out = torch.einsum("bhts,bshd->bthd", probs, values)
+    return out if upcast else out.to(dtype)
+
+
+def selection_mask(block_idx, block_size, seq_len_k, heads_q):
+    """Key mask ``[B, Hq, T, S]`` (bool) holding exactly the keys of each token's selected blocks."""
+    batch, heads_kv, seq_len_q, _ = block_idx.shape
+    num_blocks = -(-seq_len_k // block_size)
+    idx = block_idx.long()
+    # Unused slots (-1) scatter into a spare column that is dropped afterwards.
+    idx = torch.where(idx >= 0, idx, num_blocks)
+    blocks = torch.zeros(batch, heads_kv, seq_len_q, num_blocks + 1, dtype=torch.bool, device=idx.device)
+    blocks.scatter_(-1, idx, True)
+    keys = blocks[..., :num_blocks].repeat_interleave(block_size, dim=-1)[..., :seq_len_k]
+    return keys.repeat_interleave(heads_q // heads_kv, dim=1)
+
+
+@pytest.fixture
+def reference():
+    """``reference.attention(...)`` and ``reference.selection_mask(...)`` (see their docstrings)."""
+    return SimpleNamespace(attention=attention_reference, selection_mask=selection_mask)

@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from subquad.eval import parse_lengths, runner
+from subquad.eval.cli import add_eval_arguments, main, run_eval
+
+
+def test_parse_lengths():
+    assert parse_lengths("4k,32k,128k,1m") == [4096, 32768, 131072, 1048576]
+    assert parse_lengths("1000, 2K ,2k") == [1000, 2048]
+    assert parse_lengths([4096, "8k"]) == [4096, 8192]
+    assert parse_lengths("1.5k") == [1536]
+    for bad in ("4q", "", "k", "0", "-4k", "0.3"):
+        with pytest.raises(ValueError, match="length"):
+            parse_lengths(bad)
+    with pytest.raises(TypeError):
+        parse_lengths([4.5])
+
+
+def test_suite_tasks():
+    assert len(runner.suite_tasks("ruler")) == 13
+    assert runner.suite_tasks("ruler", "vt, cwe") == ["vt", "cwe"]
+    assert runner.suite_tasks("niah", "0,50,depth_100") == ["depth_0", "depth_50", "depth_100"]
+    assert runner.suite_tasks("mrcr", ["2needle"]) == ["2needle"]
+    with pytest.raises(ValueError, match="suite 'babi' is not known"):
+        runner.suite_tasks("babi")
+    with pytest.raises(ValueError, match="task 'vtx' is not in suite 'ruler'"):
+        runner.suite_tasks("ruler", "vt,vtx")
+    with pytest.raises(ValueError, match="percent in 0..100"):
+        runner.suite_tasks("niah", "150")
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_cli_ruler_end_to_end_and_resume(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "ruler"
+    argv = ["--model", str(tiny_model_dir), "--suite", "ruler", "--lengths", "1k", "--samples", "1"]
+    argv += ["--out", str(out), "--device", "cpu", "--max-new-tokens", "3", "--batch-size", "2"]
+    argv += ["--no-progress"]
+    assert run_eval(_parse(argv)) == 0
+    records = _lines(out / "results.jsonl")
+    assert sorted(r["task"] for r in records) == sorted(runner.suite_tasks("ruler"))
+    assert all(0.0 <= r["score"] <= 1.0 and r["prompt_tokens"] <= 1024 for r in records)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["scores"]) == set(runner.suite_tasks("ruler")) and "1024" in summary["average"]
+    table = (out / "summary.md").read_text()
+    assert "| niah_single_1 |" in table and "RULER average" in table
+    assert "RULER average" in capsys.readouterr().out
+
+    # Interrupted mid-write: a cut-off last line, and samples still to do (more samples asked for).
+    raw = (out / "results.jsonl").read_text()
+    (out / "results.jsonl").write_text(raw + '{"id": "ruler/vt/1024/0/1", "sco')
+    argv[argv.index("--samples") + 1] = "2"
+    assert main(argv + ["--tasks", "vt,fwe"]) == 0
+    records = _lines(out / "results.jsonl")
+    ids = [r["id"] for r in records]
+    assert len(ids) == len(set(ids)) == 13 + 2
+    assert {"ruler/vt/1024/0/1", "ruler/fwe/1024/0/1"} <= set(ids)
+    assert json.loads((out / "summary.json").read_text())["num_results"] == 4
+
+
+class InterruptingModel:
+    """Wraps a model; raises KeyboardInterrupt on the n-th generate() call and counts calls."""
+
+    def __init__(self, model, fail_at=None):
+        self.model, self.fail_at, self.calls = model, fail_at, 0
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def generate(self, **kwargs):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise KeyboardInterrupt
+        return self.model.generate(**kwargs)
+
+
+def test_resume_after_interruption(tiny_model_dir, tmp_path):
+    model, tokenizer = runner.load_model(tiny_model_dir, device="cpu", dtype="float32")
+    kwargs = dict(suite="niah", lengths="1k,2k", num_samples=2, out_dir=tmp_path, tasks="0,100",
+                  max_new_tokens=2, progress=False)  # fmt: skip
+    flaky = InterruptingModel(model, fail_at=4)
+    with pytest.raises(KeyboardInterrupt):
+        runner.evaluate(flaky, tokenizer, **kwargs)
+    assert len(_lines(tmp_path / "results.jsonl")) == 3
+    steady = InterruptingModel(model)
+    summary = runner.evaluate(steady, tokenizer, **kwargs)
+    assert steady.calls == 8 - 3  # only the samples that had not finished
+    assert summary["num_results"] == 8 and set(summary["average"]) == {"1024", "2048"}
+    assert (tmp_path / "niah_heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    # A finished run does nothing more.
+    again = InterruptingModel(model)
+    runner.evaluate(again, tokenizer, **kwargs)
+    assert again.calls == 0
+
+
+def test_batched_equals_unbatched(tiny_model_dir, tmp_path):
+    model, tokenizer = runner.load_model(tiny_model_dir, device="cpu", dtype="float32")
+    common = dict(
+        suite="mrcr", lengths="1k", num_samples=3, tasks="2needle", max_new_tokens=4, progress=False
+    )
+    one = runner.evaluate(model, tokenizer, out_dir=tmp_path / "a", batch_size=1, **common)
+    three = runner.evaluate(model, tokenizer, out_dir=tmp_path / "b", batch_size=3, **common)
+    first = [r["prediction"] for r in _lines(tmp_path / "a" / "results.jsonl")]
+    batched = [r["prediction"] for r in _lines(tmp_path / "b" / "results.jsonl")]
+    assert first == batched and one["scores"] == three["scores"]
+
+
+def test_cli_errors(tiny_model_dir, tmp_path, capsys):
+    base = ["--model", str(tiny_model_dir), "--suite", "ruler", "--out", str(tmp_path), "--device", "cpu"]
+    assert main(base + ["--lengths", "4q"]) == 2
+    assert "length '4q'" in capsys.readouterr().err
+    assert main(base + ["--tasks", "nope"]) == 2
+    assert "task 'nope' is not in suite 'ruler'" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path / "missing"), "--suite", "niah", "--out", str(tmp_path)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(base + ["--samples", "0"]) == 2
+    assert "num_samples must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _parse(["--model", "x", "--suite", "babi", "--out", "y"])

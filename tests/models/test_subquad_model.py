@@ -1,0 +1,180 @@
+"""Subquad models: config validation, save/load, incremental decoding, generate, chunked prefill."""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import subquad
+from subquad.models import SubquadConfig, SubquadForCausalLM, prefill
+
+SCHEMES = [("ssa", "rope"), ("ssa", "local_rope"), ("dense", "rope")]
+
+
+def make_model(attention="ssa", position_scheme="rope", **over):
+    cfg = SubquadConfig.from_flavor("debug", attention=attention, position_scheme=position_scheme, **over)
+    return SubquadForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        (dict(attention="flash"), "attention='flash'"),
+        (dict(position_scheme="alibi"), "position_scheme='alibi'"),
+        (dict(attention="dense", position_scheme="local_rope"), "position_scheme='local_rope'"),
+        (dict(num_attention_heads=4, num_key_value_heads=3), "num_key_value_heads=3"),
+        (dict(hidden_size=66), "hidden_size=66"),
+        (dict(vocab_size=0), "vocab_size=0"),
+        (dict(ssa={"top_kk": 2}), "unknown field"),
+        (dict(ssa={"block_size": 24}), "block_size=24"),
+        (dict(rope_theta=0.5), "rope_theta=0.5"),
+    ],
+)
+def test_config_validation(over, match):
+    with pytest.raises(ValueError, match=match):
+        SubquadConfig.from_flavor("debug", **over)
+
+
+def test_config_type_and_flavor_errors():
+    with pytest.raises(TypeError, match="num_hidden_layers=2.5"):
+        SubquadConfig(num_hidden_layers=2.5)
+    with pytest.raises(ValueError, match="flavor='huge'"):
+        SubquadConfig.from_flavor("huge")
+
+
+@pytest.mark.parametrize(
+    "flavor, low, high", [("debug", 1e4, 1e6), ("nano", 7e6, 13e6), ("small", 100e6, 140e6)]
+)
+def test_flavor_sizes(flavor, low, high):
+    cfg = SubquadConfig.from_flavor(flavor)
+    with torch.device("meta"):
+        model = SubquadForCausalLM(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    assert low <= n <= high, n
+    assert cfg.ssa_config.block_size == cfg.ssa["block_size"]
+
+
+def test_save_load_round_trip(tmp_path):
+    model = make_model(position_scheme="local_rope")
+    ids = torch.randint(0, 256, (1, 40))
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), SubquadConfig)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, SubquadForCausalLM)
+    assert loaded.config.ssa == model.config.ssa and loaded.config.position_scheme == "local_rope"
+    # Tied embeddings stay tied after loading.
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("attention, scheme", SCHEMES)
+def test_incremental_decoding_equals_full_forward(attention, scheme):
+    # block 16, top_k 2, 150 tokens: ~9 blocks, so routing actually chooses among earlier blocks.
+    model = make_model(attention, scheme)
+    ids = torch.randint(0, 256, (2, 150))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out = model(ids[:, :97], use_cache=True)
+        cache, logits = out.past_key_values, [out.logits]
+        for i in range(97, 150):
+            logits.append(model(ids[:, i : i + 1], past_key_values=cache).logits)
+    assert isinstance(cache, subquad.SSACache) and cache.get_seq_length() == 150
+    torch.testing.assert_close(torch.cat(logits, 1), full, atol=2e-5, rtol=1e-4)
+
+
+def test_sparse_budget_differs_from_dense_twin():
+    # Guards the equality tests above: at this budget SSA really drops keys.
+    sparse = make_model("ssa", "rope")
+    dense = make_model("dense", "rope")
+    dense.load_state_dict(sparse.state_dict())
+    ids = torch.randint(0, 256, (1, 150))
+    with torch.no_grad():
+        gap = (sparse(ids).logits - dense(ids).logits).abs().max()
+        assert gap > 1e-3
+        full_budget = make_model("ssa", "rope", ssa={"top_k": 64})
+        full_budget.load_state_dict(sparse.state_dict())
+        torch.testing.assert_close(full_budget(ids).logits, dense(ids).logits, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scheme", ["rope", "local_rope"])
+def test_generate_with_and_without_cache_agree(scheme):
+    model = make_model("ssa", scheme)
+    ids = torch.randint(0, 256, (2, 60))
+    kw = dict(max_new_tokens=40, do_sample=False, pad_token_id=0)
+    with_cache = model.generate(ids, **kw)
+    without = model.generate(ids, use_cache=False, **kw)
+    assert with_cache.shape == (2, 100)
+    assert torch.equal(with_cache, without)
+
+
+@pytest.mark.parametrize("scheme", ["rope", "local_rope"])
+def test_chunked_prefill_equals_unchunked(scheme):
+    model = make_model("ssa", scheme)
+    ids = torch.randint(0, 256, (2, 131))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out = prefill(model, ids, chunk_size=37, logits_to_keep=0, progress=False)
+        torch.testing.assert_close(out.logits, full, atol=2e-5, rtol=1e-4)
+        last = prefill(model, ids, chunk_size=20, progress=True)
+        assert last.logits.shape == (2, 1, 256)
+        torch.testing.assert_close(last.logits, full[:, -1:], atol=2e-5, rtol=1e-4)
+        # The filled cache continues decoding exactly like a full forward.
+        nxt = torch.randint(0, 256, (2, 1))
+        step = model(nxt, past_key_values=last.past_key_values).logits
+        ref = model(torch.cat([ids, nxt], 1), use_cache=False).logits[:, -1:]
+        torch.testing.assert_close(step, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_forward_prefills_long_prompts_in_chunks():
+    model = make_model("ssa", "rope", prefill_chunk_tokens=32)
+    ids = torch.randint(0, 256, (1, 100))
+    with torch.no_grad():
+        out = model(ids, use_cache=True, logits_to_keep=1)
+        ref = model(ids, use_cache=False).logits[:, -1:]
+    assert out.past_key_values.get_seq_length() == 100
+    torch.testing.assert_close(out.logits, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scheme", ["rope", "local_rope"])
+def test_left_padded_batch_equals_rows_alone(scheme):
+    model = make_model("ssa", scheme)
+    lengths = [90, 61]
+    rows = [torch.randint(1, 256, (1, n)) for n in lengths]
+    ids = torch.zeros(2, 90, dtype=torch.long)
+    mask = torch.zeros(2, 90, dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, 90 - row.shape[1] :] = row
+        mask[r, 90 - row.shape[1] :] = 1
+    batched = model.generate(ids, attention_mask=mask, max_new_tokens=25, do_sample=False, pad_token_id=0)
+    for r, row in enumerate(rows):
+        alone = model.generate(row, max_new_tokens=25, do_sample=False, pad_token_id=0)
+        assert torch.equal(batched[r, 90:], alone[0, row.shape[1] :])
+
+
+def test_loss_and_backward():
+    model = make_model("ssa", "local_rope").train()
+    ids = torch.randint(0, 256, (2, 70))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    out = model(ids, labels=labels)
+    ref = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 256), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, ref)
+    assert out.past_key_values is None
+    out.loss.backward()
+    grad = model.model.layers[0].self_attn.q_proj.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_bad_inputs():
+    model = make_model()
+    ids = torch.randint(0, 256, (1, 10))
+    with pytest.raises(ValueError, match="logits_to_keep=-1"):
+        model(ids, logits_to_keep=-1)
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(ids, attention_mask=torch.ones(2, 10))
+    with pytest.raises(ValueError, match="chunk_size=0"):
+        prefill(model, ids, chunk_size=0)
+    other = subquad.SSACache({"block_size": 32})
+    with pytest.raises(ValueError, match="block_size=32"):
+        model(ids, past_key_values=other)

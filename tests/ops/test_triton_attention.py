@@ -1,0 +1,164 @@
+"""Triton sparse-attention kernels against the PyTorch reference.
+
+On machines without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set in
+tests/conftest.py before Triton is imported) on tiny shapes; fp16 there, since the interpreter
+mishandles bf16 storage. On a GPU the same tests run bf16 and fp16 natively. ``poison_empty`` (tests/conftest.py) NaN-fills
+every ``torch.empty`` so a block the kernel never writes fails.
+"""
+
+import pytest
+import torch
+
+import subquad
+from subquad.ops.ssa.naive import sparse_attention_naive
+from subquad.ops.ssa.tiles import build_query_tiles, invert_tiles, tile_overhead
+
+triton_attention = pytest.importorskip("subquad.ops.ssa.triton_attention")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float16]
+
+# (B, T, S, Hq, Hkv, D, block_size, top_k, causal)
+CASES = [
+    (1, 63, 63, 4, 1, 64, 16, 1, True),
+    (2, 45, 77, 8, 2, 32, 16, 2, True),
+    (1, 40, 40, 8, 1, 128, 16, 1, True),
+    (1, 33, 33, 3, 1, 40, 16, 1, True),
+    (1, 50, 50, 2, 2, 16, 16, 1, False),
+    (1, 1, 90, 4, 2, 32, 16, 1, True),
+]
+
+
+def _case_id(case):
+    b, t, s, hq, hkv, d, bs, top_k, causal = case
+    return f"B{b}-T{t}-S{s}-Hq{hq}-Hkv{hkv}-D{d}-bs{bs}-k{top_k}-{'causal' if causal else 'full'}"
+
+
+def _inputs(case, dtype):
+    b, t, s, hq, hkv, d, _, _, _ = case
+    q = torch.randn(b, t, hq, d, device=DEVICE, dtype=dtype)
+    k = torch.randn(b, s, hkv, d, device=DEVICE, dtype=dtype)
+    v = torch.randn(b, s, hkv, d, device=DEVICE, dtype=dtype)
+    return q, k, v
+
+
+def _masked_attention_lowp(q, k, v, block_idx, block_size, causal, scale):
+    """The same attention done by PyTorch in the inputs' low precision (the tolerance yardstick)."""
+    b, t, hq, d = q.shape
+    s, hkv = k.shape[1], k.shape[2]
+    mask = torch.zeros(b, hkv, t, -(-s // block_size) * block_size, dtype=torch.bool, device=q.device)
+    idx = block_idx.long()
+    for slot in range(idx.shape[-1]):
+        pos = idx[..., slot, None] * block_size + torch.arange(block_size, device=q.device)
+        ok = (idx[..., slot, None] >= 0).expand_as(pos)
+        mask.scatter_(-1, pos.clamp(min=0), ok | mask.gather(-1, pos.clamp(min=0)))
+    mask = mask[..., :s]
+    if causal:
+        qpos = torch.arange(s - t, s, device=q.device)
+        mask &= torch.arange(s, device=q.device) <= qpos[:, None]
+    mask = mask.repeat_interleave(hq // hkv, dim=1)
+    kh = k.transpose(1, 2).repeat_interleave(hq // hkv, dim=1)
+    vh = v.transpose(1, 2).repeat_interleave(hq // hkv, dim=1)
+    scores = (q.transpose(1, 2) @ kh.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (torch.softmax(scores.float(), -1).to(q.dtype) @ vh).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_triton_matches_reference(case, dtype, poison_empty):
+    torch.manual_seed(hash(_case_id(case)) % 2**31)
+    q, k, v = _inputs(case, dtype)
+    *_, block_size, top_k, causal = case
+    config = subquad.SSAConfig(block_size=block_size, top_k=top_k)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    out, sel = subquad.ssa_attention(q, k, v, config=config, causal=causal, backend="triton", return_selection=True)
+    scale = q.shape[-1] ** -0.5
+    ref_inputs = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
+    ref = sparse_attention_naive(*ref_inputs, sel.block_idx, block_size, causal, scale)
+    with torch.no_grad():
+        lowp = _masked_attention_lowp(q, k, v, sel.block_idx, block_size, causal, scale)
+    assert not out.isnan().any()
+    err = (out.float() - ref).abs().max().item()
+    lowp_err = (lowp.float() - ref).abs().max().item()
+    assert err <= 2 * lowp_err + 1e-3, (err, lowp_err)
+
+    grad_out = torch.randn_like(ref)
+    (out.float() * grad_out).sum().backward()
+    (ref * grad_out).sum().backward()
+    for name, got, want in zip("qkv", (q.grad, k.grad, v.grad), (t.grad for t in ref_inputs)):
+        assert not got.isnan().any(), name
+        # fp16 gradients: 3x flash-attn's rule, measured against the output's own low-precision error.
+        tol = 3 * max(lowp_err, 1e-3) * max(1.0, want.abs().max().item())
+        assert (got.float() - want).abs().max().item() <= tol, name
+
+
+def test_full_budget_triton_equals_dense(poison_empty):
+    torch.manual_seed(0)
+    q, k, v = _inputs((1, 70, 70, 4, 2, 32, 16, 8, True), torch.float16)
+    out = subquad.ssa_attention(q, k, v, config=subquad.SSAConfig(block_size=16, top_k=8), backend="triton")
+    ref = subquad.dense_attention(q.float(), k.float(), v.float())
+    assert (out.float() - ref).abs().max().item() < 5e-3
+
+
+def test_query_tiles_are_exact_unions():
+    torch.manual_seed(1)
+    q = torch.randn(2, 90, 4, 16)
+    k = torch.randn(2, 90, 2, 16)
+    sel = subquad.select_blocks(q, k, subquad.SSAConfig(block_size=16, top_k=2))
+    tiles = build_query_tiles(sel.block_idx, tokens_per_tile=8)
+    idx = sel.block_idx.reshape(4, 90, -1)
+    for bh in range(4):
+        for tile in range(tiles.count.shape[1]):
+            want = {}
+            for t in range(8):
+                if tile * 8 + t < 90:
+                    for blk in idx[bh, tile * 8 + t].tolist():
+                        if blk >= 0:
+                            want[blk] = want.get(blk, 0) | (1 << t)
+            n = int(tiles.count[bh, tile])
+            got = dict(zip(tiles.blocks[bh, tile, :n].tolist(), tiles.masks[bh, tile, :n].tolist()))
+            assert got == want
+            assert tiles.blocks[bh, tile, :n].tolist() == sorted(want)
+    # Key-major work lists hold each (tile, block) pair exactly once, in short segments.
+    work = invert_tiles(tiles, num_blocks=6, max_tiles_per_segment=3)
+    pairs = []
+    for blk, start, end in zip(work.seg_block.tolist(), work.seg_start.tolist(), work.seg_end.tolist()):
+        assert 0 < end - start <= 3
+        pairs += [(blk // 6, blk % 6, int(work.tiles[p]), int(work.masks[p])) for p in range(start, end)]
+    want_pairs = [
+        (bh, int(tiles.blocks[bh, t, u]), t, int(tiles.masks[bh, t, u]))
+        for bh in range(4) for t in range(tiles.count.shape[1]) for u in range(int(tiles.count[bh, t]))
+    ]
+    assert sorted(pairs) == sorted(want_pairs)
+
+
+def test_tile_overhead_bounds():
+    torch.manual_seed(2)
+    q = torch.randn(1, 256, 1, 16)
+    k = torch.randn(1, 256, 1, 16)
+    sel = subquad.select_blocks(q, k, subquad.SSAConfig(block_size=16, top_k=3))
+    assert tile_overhead(sel.block_idx, 1) == pytest.approx(1.0)
+    # A tile of 16 random queries visits more blocks than any one token chose, at most 16x as many.
+    assert 1.0 < tile_overhead(sel.block_idx, 16) <= 16.0
+
+
+@pytest.mark.parametrize(
+    "index,causal,extra",
+    [("flat", True, {}), ("flat", False, {}), ("tree", True, {"tree_group": 2}), ("tree", False, {"tree_group": 4})],
+    ids=["flat-causal", "flat-full", "tree-causal", "tree-full"],
+)
+def test_triton_routing_matches_reference(index, causal, extra):
+    from subquad.ops.ssa import select, triton_select
+
+    torch.manual_seed(3)
+    config = subquad.SSAConfig(block_size=16, top_k=3, index=index, **extra)
+    seq_len_q, seq_len_k = 40, 150
+    rq = torch.randn(1, seq_len_q, 2, 16, device=DEVICE)
+    summaries = select.block_summaries(torch.randn(1, seq_len_k, 2, 16, device=DEVICE), 16)
+    reference = select._route_flat if index == "flat" else select._route_tree
+    router = triton_select.route_flat_triton if index == "flat" else triton_select.route_tree_triton
+    want = reference(rq, summaries, seq_len_k, config, causal)
+    got = router(rq, summaries, seq_len_k, config, causal)
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)

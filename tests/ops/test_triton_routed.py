@@ -1,0 +1,143 @@
+"""Key-major routed forward (``triton_routed``) against the query-major kernel and the reference.
+
+Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set in tests/conftest.py
+before Triton is imported) on tiny shapes, fp16 only (the interpreter mishandles bf16). Small
+``chunk_tokens`` / ``segment_tokens`` make tiny shapes cross chunk and segment edges.
+``poison_empty`` NaN-fills every ``torch.empty``, so an unwritten or wrongly read partial fails.
+"""
+
+import math
+
+import pytest
+import torch
+
+import subquad
+from subquad.ops.ssa.naive import sparse_attention_naive
+
+triton_attention = pytest.importorskip("subquad.ops.ssa.triton_attention")
+triton_routed = pytest.importorskip("subquad.ops.ssa.triton_routed")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float16]
+
+# (B, T, S, Hq, Hkv, D, block_size, top_k, causal, chunk_tokens, segment_tokens)
+CASES = [
+    (1, 63, 63, 4, 1, 64, 16, 1, True, 20, 3),
+    (2, 45, 77, 8, 1, 32, 16, 3, True, 16, 4),
+    (1, 70, 70, 2, 2, 128, 16, 2, True, None, 256),
+    (1, 50, 50, 3, 1, 40, 16, 2, False, 17, 5),
+    (1, 150, 150, 8, 2, 32, 16, 3, True, 64, 7),
+]
+
+
+def _case_id(case):
+    b, t, s, hq, hkv, d, bs, top_k, causal, chunk, seg = case
+    mode = "causal" if causal else "full"
+    return f"B{b}-T{t}-S{s}-Hq{hq}-Hkv{hkv}-D{d}-bs{bs}-k{top_k}-{mode}-chunk{chunk}-seg{seg}"
+
+
+def _setup(case, dtype, holes):
+    b, t, s, hq, hkv, d, bs, top_k, causal, _, _ = case
+    q, k, v = (torch.randn(b, n, h, d, device=DEVICE, dtype=dtype) for n, h in ((t, hq), (s, hkv), (s, hkv)))
+    config = subquad.SSAConfig(block_size=bs, top_k=top_k)
+    idx = subquad.select_blocks(q, k, config, causal=causal).block_idx.clone()
+    fixed = config.sink_blocks + config.local_blocks
+    if holes:
+        # Drop routed picks at random (middle slots included): rows with -1 between valid slots.
+        routed = idx[..., fixed:]
+        routed[torch.rand(routed.shape, device=DEVICE) < 0.4] = -1
+    return q, k, v, idx, fixed
+
+
+def _reference_lse2(q, k, block_idx, block_size, causal, scale, mask_fn):
+    """Log2-domain LSE from the full fp32 score matrix restricted to the selection: ``[B, T, Hq]``."""
+    t, s, hq = q.shape[1], k.shape[1], q.shape[2]
+    keys = k.float().repeat_interleave(hq // k.shape[2], dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q.float() * scale, keys)
+    visible = mask_fn(block_idx, block_size, s, hq)
+    if causal:
+        query_pos = torch.arange(s - t, s, device=q.device)
+        visible = visible & (torch.arange(s, device=q.device) <= query_pos[:, None])
+    lse = scores.masked_fill(~visible, float("-inf")).logsumexp(-1) / math.log(2)
+    # Empty rows: +inf, the kernels' convention (backward then gives p = 0).
+    return torch.where(visible.any(-1), lse, float("inf")).transpose(1, 2)
+
+
+@pytest.mark.parametrize("holes", [False, True], ids=["select", "holes"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_routed_matches_query_major_and_reference(case, dtype, holes, poison_empty, reference):
+    q, k, v, idx, fixed = _setup(case, dtype, holes)
+    *_, block_size, _, causal, chunk, seg = case
+    scale = q.shape[-1] ** -0.5
+    out, lse = triton_routed.sparse_attention_fwd_routed(
+        q, k, v, idx, block_size, causal, scale, fixed, chunk_tokens=chunk, segment_tokens=seg
+    )
+    want_out, want_lse, _ = triton_attention.sparse_attention_fwd(q, k, v, idx, block_size, causal, scale)
+    assert out.dtype == q.dtype and out.shape == want_out.shape and lse.shape == want_lse.shape
+    assert not out.isnan().any() and not lse.isnan().any()
+
+    ref = sparse_attention_naive(q.float(), k.float(), v.float(), idx, block_size, causal, scale)
+    mask = reference.selection_mask(idx, block_size, k.shape[1], q.shape[2])
+    lowp = reference.attention(q, k, v, causal=causal, scale=scale, mask=mask, upcast=False)
+    lowp_err = (lowp.float() - ref).abs().max().item()
+    err = (out.float() - ref).abs().max().item()
+    assert err <= 2 * lowp_err + 1e-3, (err, lowp_err)
+    assert (out.float() - want_out.float()).abs().max().item() <= 2 * lowp_err + 1e-3
+
+    ref_lse = _reference_lse2(q, k, idx, block_size, causal, scale, reference.selection_mask)
+    for got in (lse, want_lse):
+        assert torch.equal(torch.isinf(got), torch.isinf(ref_lse))
+        finite = torch.isfinite(ref_lse)
+        assert (got[finite] - ref_lse[finite]).abs().max().item() < 1e-3
+    assert (lse[finite] - want_lse[finite]).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("num_fixed", [0, 5], ids=["all-routed", "none-routed"])
+def test_routed_fixed_split_edges(num_fixed, poison_empty):
+    # 0: every slot (local ones too) goes key-major, so the kernel's causal mask matters; 5 = all fixed.
+    case = (1, 40, 56, 4, 2, 32, 16, 2, True, 16, 4)
+    q, k, v, idx, _ = _setup(case, torch.float16, holes=False)
+    scale = q.shape[-1] ** -0.5
+    out, lse = triton_routed.sparse_attention_fwd_routed(
+        q, k, v, idx, 16, True, scale, num_fixed, chunk_tokens=16, segment_tokens=4
+    )
+    want_out, want_lse, _ = triton_attention.sparse_attention_fwd(q, k, v, idx, 16, True, scale)
+    assert (out.float() - want_out.float()).abs().max().item() < 2e-3
+    assert torch.allclose(lse, want_lse, atol=1e-4, rtol=0)
+
+
+def test_routed_work_groups_pairs_by_block():
+    torch.manual_seed(4)
+    num_blocks, seg = 6, 3
+    routed = torch.randint(-1, num_blocks, (2, 3, 20, 4), dtype=torch.int32)
+    seg_block, seg_start, seg_end, entry = triton_routed.routed_work(routed, num_blocks, seg)
+    got = []
+    for blk, start, end in zip(seg_block.tolist(), seg_start.tolist(), seg_end.tolist()):
+        assert 0 < end - start <= seg
+        got += [(blk, int(e)) for e in entry[start:end]]
+    flat = routed.view(6, 20 * 4)
+    want = [(bh * num_blocks + int(flat[bh, e]), e) for bh in range(6) for e in range(80) if flat[bh, e] >= 0]
+    # Same pairs, each block's pairs in (token, slot) order.
+    assert got == sorted(want)
+
+
+def test_autograd_routed_forward_matches_query_major(monkeypatch):
+    case = (1, 50, 60, 8, 2, 32, 16, 2, True, None, 256)
+    q, k, v, _, _ = _setup(case, torch.float16, holes=False)
+    config = subquad.SSAConfig(block_size=16, top_k=2)
+    calls = []
+    real = triton_routed.sparse_attention_fwd_routed
+    monkeypatch.setattr(triton_routed, "sparse_attention_fwd_routed", lambda *a: calls.append(a) or real(*a))
+    results = []
+    for min_tokens in (10**9, 1):
+        monkeypatch.setattr(triton_attention, "ROUTED_MIN_TOKENS", min_tokens)
+        inputs = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        out = subquad.ssa_attention(*inputs, config=config, backend="triton")
+        out.float().backward(torch.ones_like(out, dtype=torch.float32))
+        results.append((out.detach(), *(t.grad for t in inputs)))
+    assert len(calls) == 1 and calls[0][-1] == config.sink_blocks + config.local_blocks
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
+        assert not b.isnan().any(), name
+        tol = 4e-3 * max(1.0, a.float().abs().max().item())
+        assert (a.float() - b.float()).abs().max().item() <= tol, name

@@ -1,0 +1,111 @@
+"""attn_implementation="ssa" on transformers architectures (tiny random configs, nothing downloaded)."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+import subquad
+import subquad.hf
+
+COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+FULL_BUDGET = dict(block_size=16, top_k=64, sink_blocks=1, local_blocks=2)
+SPARSE = dict(block_size=16, top_k=2, sink_blocks=1, local_blocks=2)
+
+
+def configs():
+    return {
+        "llama": LlamaConfig(**COMMON),
+        # Windows shorter than the prompt: the sliding-window path is exercised.
+        "mistral": MistralConfig(**COMMON, sliding_window=40),
+        "qwen2": Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=40, max_window_layers=1),
+        "qwen3": Qwen3Config(**COMMON, head_dim=16),
+    }
+
+
+def pair(cfg, ssa):
+    subquad.hf.register()
+    cfg = copy.deepcopy(cfg)
+    cfg.ssa = ssa
+    torch.manual_seed(0)
+    # Separate config copies: from_config writes the attention implementation into the config.
+    eager = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
+    sparse = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="ssa").eval()
+    sparse.load_state_dict(eager.state_dict())
+    assert sparse.config._attn_implementation == "ssa"
+    return eager, sparse
+
+
+def left_padded(batch=2, length=70, pad=9):
+    ids = torch.randint(0, 128, (batch, length))
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_ssa_equals_eager_at_full_budget(arch):
+    eager, sparse = pair(configs()[arch], FULL_BUDGET)
+    ids, mask = left_padded()
+    with torch.no_grad():
+        want = eager(ids, attention_mask=mask).logits
+        got = sparse(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], atol=2e-5, rtol=1e-4)
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    expected = eager.generate(ids, **kw)
+    assert torch.equal(sparse.generate(ids, **kw), expected)
+    assert torch.equal(sparse.generate(ids, past_key_values=subquad.SSACache(sparse.config), **kw), expected)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_sparse_incremental_decoding_equals_full_forward(arch):
+    eager, sparse = pair(configs()[arch], SPARSE)
+    ids = torch.randint(0, 128, (2, 150))
+    with torch.no_grad():
+        full = sparse(ids).logits
+        assert (full - eager(ids).logits).abs().max() > 1e-4  # the budget really is sparse
+        cache = subquad.SSACache(sparse.config)
+        steps = [sparse(ids[:, :100], past_key_values=cache, use_cache=True).logits]
+        for i in range(100, 150):
+            steps.append(sparse(ids[:, i : i + 1], past_key_values=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-5, rtol=1e-4)
+
+
+def test_chunked_prefill_on_transformers_model():
+    _, sparse = pair(configs()["llama"], SPARSE)
+    ids = torch.randint(0, 128, (1, 130))
+    with torch.no_grad():
+        full = sparse(ids).logits
+        out = subquad.models.prefill(sparse, ids, chunk_size=48, logits_to_keep=3, progress=False)
+    torch.testing.assert_close(out.logits, full[:, -3:], atol=2e-5, rtol=1e-4)
+
+
+def test_register_is_idempotent_and_default_is_used():
+    subquad.hf.register()
+    subquad.hf.register(default={"block_size": 32, "top_k": 1})
+    try:
+        assert subquad.hf.ssa_config_for(LlamaConfig(**COMMON)).block_size == 32
+        cfg = LlamaConfig(**COMMON)
+        cfg.ssa = {"block_size": 16}
+        assert subquad.hf.ssa_config_for(cfg).block_size == 16
+    finally:
+        subquad.hf.register(default=subquad.SSAConfig())
+
+
+def test_padding_with_holes_is_rejected():
+    _, sparse = pair(configs()["llama"], FULL_BUDGET)
+    ids = torch.randint(0, 128, (1, 20))
+    mask = torch.ones_like(ids)
+    mask[0, 5] = 0
+    with pytest.raises(ValueError, match="padding between real tokens"):
+        sparse(ids, attention_mask=mask)
