@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check: the kernel tests on the GPU, then the attention benchmark; a short table last.
 # Usage (device machine, repo root):  bash scripts/gpu_check.sh [quick|full|long|train-free args...]
-#   quick: tests + layer-8b at 16k,128k,1m     full: layer-8b sweep + budgets + long sweep
+#   quick: tests + layer-8b at 16k,128k,1m; full: layer-8b sweep + budgets; long: long shape,
+#   routing (flat vs tree) and decode; paths: forward-path and routing-stage timings at 1M
 # Results land in $OUT (or ./gpu_out) and benchmarks/results/ of the copy.
 set -uo pipefail
 MODE=${1:-quick}
@@ -13,7 +14,7 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
 
-if [ "$MODE" != "bench-only" ]; then
+if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
   python3 -m pytest -q tests/ops tests/models/test_decode.py > "$OUT/tests.txt" 2>&1; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.txt"
 fi
 
@@ -21,11 +22,16 @@ bench() { python3 benchmarks/attention.py --out "$OUT" "$@" 2>&1 | tee -a "$OUT/
 case "$MODE" in
   quick|bench-only)
     bench --shape layer-8b --lengths 16k,128k,1m --time-budget 300 --tag attention-layer-8b-quick ;;
+  paths)
+    python3 scripts/compare_forward_paths.py --length 1m 2>&1 | tee -a "$OUT/bench.log"
+    python3 scripts/profile_select.py --length 1m --groups 8,16,32 2>&1 | tee -a "$OUT/bench.log" ;;
   full)
-    bench --shape layer-8b --top-k 16 --time-budget 330 --tag attention-layer-8b
-    bench --shape layer-8b --lengths 128k,1m --top-k 64,240 --backward-max-len 128k --time-budget 120 --tag attention-layer-8b-budgets ;;
+    bench --shape layer-8b --top-k 16 --time-budget 300 --tag attention-layer-8b
+    bench --shape layer-8b --lengths 64k,128k --top-k 64,240 --time-budget 120 --tag attention-layer-8b-budgets ;;
   long)
-    bench --shape long --index tree --dense-max-len 1m --backward-max-len 0 --time-budget 420 --tag attention-long ;;
+    bench --shape long --lengths 1m,2m,4m --dense-max-len 128k --backward-max-len 0 --time-budget 240 --tag attention-long
+    python3 benchmarks/attention.py --routing --lengths 64k,256k,1m --out "$OUT" --tag routing-layer-8b 2>&1 | tee -a "$OUT/bench.log"
+    python3 benchmarks/decode.py --device cuda --only decode --out "$OUT" 2>&1 | tail -20 | tee -a "$OUT/bench.log" ;;
   *)
     bench "$@" ;;
 esac

@@ -48,6 +48,7 @@ class Row:
     sparse_tflops: float | None = None
     executed_tflops: float | None = None
     tile_overhead: float | None = None
+    forward_path: str | None = None
     keys_per_query: float | None = None
     peak_gib: float | None = None
     flash_ms: float | None = None
@@ -226,7 +227,9 @@ def _measure(row, dev, dtype, heads_q, heads_kv, head_dim, timed, dense_rate, de
         torch.cuda.reset_peak_memory_stats(dev)
     selection = select_blocks(q, k, config)
     row.select_ms = timed(lambda: select_blocks(q, k, config))
-    row.attention_ms = timed(lambda: ssa_attention(q, k, v, config=config, selection=selection, backend=backend))
+    row.attention_ms = timed(
+        lambda sel=selection: ssa_attention(q, k, v, config=config, selection=sel, backend=backend)
+    )
     row.total_ms = row.select_ms + row.attention_ms
     if dev.type == "cuda":
         row.peak_gib = torch.cuda.max_memory_allocated(dev) / 2**30
@@ -235,10 +238,14 @@ def _measure(row, dev, dtype, heads_q, heads_kv, head_dim, timed, dense_rate, de
     flops = 4.0 * pairs * head_dim
     row.sparse_tflops = flops / (row.attention_ms * 1e9)
     if backend == "triton":
-        from subquad.ops.ssa.triton_attention import tokens_per_tile
+        from subquad.ops.ssa.triton_attention import tokens_per_tile, use_routed_forward
 
+        # Work a query-major tile does over the work its tokens chose (a property of the selection).
         row.tile_overhead = tile_overhead(selection.block_idx, tokens_per_tile(heads_q // heads_kv))
-        row.executed_tflops = row.sparse_tflops * row.tile_overhead
+        routed = use_routed_forward(seq_len, selection.block_idx.shape[-1], selection.num_fixed_slots)
+        row.forward_path = "routed key-major" if routed else "query-major"
+        if not routed:
+            row.executed_tflops = row.sparse_tflops * row.tile_overhead
     del selection
 
     full = dense_flops(seq_len, seq_len, heads_q, head_dim, causal=True)

@@ -146,14 +146,20 @@ def test_tile_overhead_bounds():
 
 @pytest.mark.parametrize(
     "index,causal,extra",
-    [("flat", True, {}), ("flat", False, {}), ("tree", True, {"tree_group": 2}), ("tree", False, {"tree_group": 4})],
-    ids=["flat-causal", "flat-full", "tree-causal", "tree-full"],
+    [
+        ("flat", True, {}),
+        ("flat", False, {}),
+        ("flat", True, {"top_k": 20}),  # beyond the fused group top-k: group maxima + torch.topk
+        ("tree", True, {"tree_group": 2}),
+        ("tree", False, {"tree_group": 4}),
+    ],
+    ids=["flat-causal", "flat-full", "flat-causal-k20", "tree-causal", "tree-full"],
 )
 def test_triton_routing_matches_reference(index, causal, extra):
     from subquad.ops.ssa import select, triton_select
 
     torch.manual_seed(3)
-    config = subquad.SSAConfig(block_size=16, top_k=3, index=index, **extra)
+    config = subquad.SSAConfig(block_size=16, index=index, **{"top_k": 3, **extra})
     seq_len_q, seq_len_k = 40, 150
     rq = torch.randn(1, seq_len_q, 2, 16, device=DEVICE)
     summaries = select.block_summaries(torch.randn(1, seq_len_k, 2, 16, device=DEVICE), 16)

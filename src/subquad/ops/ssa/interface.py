@@ -50,7 +50,6 @@ def ssa_attention(
     config = _check_config(config)
     scale = _check_scale(scale, q.shape[-1])
     backend = resolve_backend(backend, q, v)
-    routed_here = selection is None
     if selection is None:
         if summaries is not None:
             _check_summaries(summaries, k, config.block_size)
@@ -63,10 +62,8 @@ def ssa_attention(
     else:
         from subquad.ops.ssa.triton_attention import sparse_attention_triton
 
-        # Slots [:sink + local] are fixed only for a selection routed here with this config.
-        num_fixed = config.sink_blocks + config.local_blocks if routed_here else None
         out = sparse_attention_triton(
-            q, k, v, selection.block_idx, selection.block_size, causal, scale, num_fixed_slots=num_fixed
+            q, k, v, selection.block_idx, selection.block_size, causal, scale, selection.num_fixed_slots
         )
     return (out, selection) if return_selection else out
 
@@ -168,6 +165,12 @@ def _check_selection(selection: SSASelection, q: torch.Tensor, k: torch.Tensor) 
         raise ValueError(f"selection.block_idx: shape {tuple(idx.shape)}, expected {want + ('K',)}")
     if idx.dtype != torch.int32:
         raise TypeError(f"selection.block_idx: dtype {idx.dtype}, expected torch.int32")
+    if selection.num_fixed_slots is not None:
+        _check_int("selection.num_fixed_slots", selection.num_fixed_slots, minimum=0)
+        if selection.num_fixed_slots > idx.shape[-1]:
+            raise ValueError(
+                f"selection.num_fixed_slots={selection.num_fixed_slots}: expected at most K={idx.shape[-1]}"
+            )
     if idx.device != q.device:
         raise ValueError(f"selection.block_idx: on {idx.device}, expected {q.device}")
     num_blocks = -(-k.shape[1] // selection.block_size)

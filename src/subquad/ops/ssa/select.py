@@ -40,10 +40,14 @@ class SSASelection:
     block_idx: ``[B, Hkv, T, K]`` int32 key-block indices, ``-1`` for unused slots; each valid entry
         of a row is distinct. Slots hold, in order, the sink blocks, the local blocks, the routed blocks.
     block_size: tokens per key block.
+    num_fixed_slots: how many leading slots hold sink and local blocks (``None`` when unknown, e.g.
+        a hand-made selection); the kernels treat the rest as routed blocks, which lets them process
+        those key-major.
     """
 
     block_idx: torch.Tensor
     block_size: int
+    num_fixed_slots: int | None = None
 
     def num_selected_keys(self, seq_len_k: int) -> torch.Tensor:
         """Keys in the selected blocks per (batch, kv head, token), before the causal mask."""
@@ -127,7 +131,7 @@ def select_blocks(
     fixed = fixed.view(1, 1, seq_len_q, -1).expand(batch, num_kv_heads, -1, -1)
 
     if config.top_k == 0:
-        return SSASelection(fixed.contiguous(), block_size)
+        return SSASelection(fixed.contiguous(), block_size, fixed.shape[-1])
     rq = routing_queries(q, num_kv_heads)  # [B, T, Hkv, D]
     if q.is_cuda and _triton_available():
         from subquad.ops.ssa import triton_select
@@ -137,7 +141,7 @@ def select_blocks(
     else:
         router = _route_flat if config.index == "flat" else _route_tree
         routed = router(rq, summaries.float(), seq_len_k, config, causal)
-    return SSASelection(torch.cat([fixed, routed], dim=-1).contiguous(), block_size)
+    return SSASelection(torch.cat([fixed, routed], dim=-1).contiguous(), block_size, fixed.shape[-1])
 
 
 def _triton_available() -> bool:

@@ -36,6 +36,25 @@ def _is_candidate(block, query_block, SINK: tl.constexpr, LOCAL: tl.constexpr, n
 
 
 @triton.jit
+def _pack_keys(score, ids, valid):
+    """Top-k keys as int64: (order-preserving score bits >> 1) << 32 | id; -1 where not ``valid``.
+
+    Flipping negative floats makes integer order float order; dropping the lowest bit keeps the key
+    non-negative in 63 bits, so -1 sorts below every real key.
+    """
+    bits = score.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits < 0, ~bits, bits | (-2147483648)).to(tl.uint32)
+    key = ((ordered >> 1).to(tl.int64) << 32) | ids.to(tl.int64)
+    return tl.where(valid, key, -1)
+
+
+@triton.jit
+def _merge_top(best, key, BLOCK_M: tl.constexpr, K_PAD: tl.constexpr):
+    """Top ``K_PAD`` of a running top-k and ``K_PAD`` new keys per row."""
+    return tl.topk(tl.reshape(tl.join(best, key), [BLOCK_M, 2 * K_PAD]), K_PAD)
+
+
+@triton.jit
 def _group_max_kernel(
     RQ, SUMM, OUT,
     stride_rb, stride_rt, stride_rh,
@@ -99,6 +118,72 @@ def group_max_scores(rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int,
 
 
 @triton.jit
+def _top_groups_kernel(
+    RQ, SUMM, OUT,
+    stride_rb, stride_rt, stride_rh,
+    stride_sb, stride_sn, stride_sh,
+    T, pos_offset, HKV, num_blocks, block_size, num_out,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, GROUP: tl.constexpr,
+    K_PAD: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
+):
+    """As ``_group_max_kernel``, but keeps each row's best ``K_PAD`` groups in registers instead of
+    writing every group maximum: a chunk of ``GROUP * K_PAD`` blocks yields ``K_PAD`` group maxima,
+    merged into the running top-k."""
+    BLOCK_N: tl.constexpr = GROUP * K_PAD
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < T
+    query_block = (rows + pos_offset) // block_size
+    offs_d = tl.arange(0, BLOCK_D)
+    rq = tl.load(RQ + b.to(tl.int64) * stride_rb + rows.to(tl.int64)[:, None] * stride_rt + h * stride_rh
+                 + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    if CAUSAL:
+        last_row = tl.minimum(tile * BLOCK_M + BLOCK_M - 1, T - 1)
+        stop = (last_row + pos_offset) // block_size - LOCAL + 1
+    else:
+        stop = num_blocks
+    best = tl.full([BLOCK_M, K_PAD], -1, tl.int64)
+    for start in range(0, stop, BLOCK_N):
+        blocks = start + tl.arange(0, BLOCK_N)
+        summ = tl.load(SUMM + b.to(tl.int64) * stride_sb + blocks.to(tl.int64)[None, :] * stride_sn
+                       + h * stride_sh + offs_d[:, None],
+                       mask=(blocks[None, :] < num_blocks) & (offs_d[:, None] < D), other=0.0)
+        s = tl.dot(rq, summ)  # [BLOCK_M, BLOCK_N]
+        ok = _is_candidate(blocks[None, :], query_block[:, None], SINK, LOCAL, num_blocks, CAUSAL)
+        s = tl.where(ok, s, float("-inf"))
+        gmax = tl.max(tl.reshape(s, [BLOCK_M, K_PAD, GROUP]), axis=2)
+        groups = start // GROUP + tl.arange(0, K_PAD)
+        best = _merge_top(best, _pack_keys(gmax, groups[None, :], gmax > float("-inf")), BLOCK_M, K_PAD)
+    best = tl.sort(best, descending=True)
+    cols = tl.arange(0, K_PAD)
+    picked = tl.where(best >= 0, (best & 0xFFFFFFFF).to(tl.int32), -1)
+    out_ptrs = OUT + (bh.to(tl.int64) * T + rows.to(tl.int64)[:, None]) * num_out + cols[None, :]
+    tl.store(out_ptrs, picked, mask=row_ok[:, None] & (cols[None, :] < num_out))
+
+
+def top_groups(rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int, config, group: int,
+               causal: bool) -> torch.Tensor:
+    """The ``top_k`` groups with the highest candidate-block maximum: ``[B, Hkv, T, top_k]`` int32."""
+    batch, seq_len_q, heads, dim = rq.shape
+    k_pad = max(16, triton.next_power_of_2(config.top_k))
+    out = torch.empty(batch, heads, seq_len_q, config.top_k, device=rq.device, dtype=torch.int32)
+    block_m = 64
+    grid = (triton.cdiv(seq_len_q, block_m), batch * heads)
+    _top_groups_kernel[grid](
+        rq, summaries, out,
+        rq.stride(0), rq.stride(1), rq.stride(2),
+        summaries.stride(0), summaries.stride(1), summaries.stride(2),
+        seq_len_q, pos_offset, heads, summaries.shape[1], config.block_size, config.top_k,
+        D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=block_m, GROUP=group, K_PAD=k_pad,
+        SINK=config.sink_blocks, LOCAL=config.local_blocks, CAUSAL=causal, num_warps=8, num_stages=2,
+    )
+    return out
+
+
+@triton.jit
 def _rescore_topk_kernel(
     RQ, SUMM, GROUPS, OUT,
     stride_rb, stride_rt, stride_rh,
@@ -118,7 +203,7 @@ def _rescore_topk_kernel(
     groups_base = GROUPS + (bh.to(tl.int64) * T + rows.to(tl.int64)[:, None]) * num_slots
     rq_base = RQ + b.to(tl.int64) * stride_rb + rows.to(tl.int64)[:, None, None] * stride_rt + h * stride_rh
     summ_base = SUMM + b.to(tl.int64) * stride_sb + h * stride_sh
-    # Running top-k as packed int64 keys: (order-preserving score bits >> 1) << 32 | block; -1 = empty.
+    # Running top-k as packed keys (_pack_keys); -1 = empty.
     best = tl.full([BLOCK_M, K_PAD], -1, tl.int64)
     width = num_slots * GROUP
     for start in range(0, width, K_PAD):
@@ -135,14 +220,7 @@ def _rescore_topk_kernel(
             s = tl.load(summ_base + block.to(tl.int64)[:, :, None] * stride_sn + d,
                         mask=ok[:, :, None] & (d < D), other=0.0).to(tl.float32)
             score += tl.sum(q * s, axis=2)
-        bits = score.to(tl.int32, bitcast=True)
-        # Flip negative floats so that integer order is float order, then drop the lowest bit to
-        # keep the key non-negative in 63 bits.
-        ordered = tl.where(bits < 0, ~bits, bits | (-2147483648)).to(tl.uint32)
-        key = ((ordered >> 1).to(tl.int64) << 32) | block.to(tl.int64)
-        key = tl.where(ok, key, -1)
-        merged = tl.reshape(tl.join(best, key), [BLOCK_M, 2 * K_PAD])
-        best = tl.topk(merged, K_PAD)
+        best = _merge_top(best, _pack_keys(score, block, ok), BLOCK_M, K_PAD)
     best = tl.sort(best, descending=True)
     picked = tl.where(best >= 0, (best & 0xFFFFFFFF).to(tl.int32), -1)
     out_ptrs = OUT + (bh.to(tl.int64) * T + rows.to(tl.int64)[:, None]) * top_k + cols[None, :]
@@ -176,23 +254,30 @@ def rescore_topk(rq: torch.Tensor, summaries: torch.Tensor, groups: torch.Tensor
 
 
 FLAT_GROUP = 16
+# Blocks scored per step of the fused group top-k (its score tile is [64, GROUP * K_PAD] fp32).
+_FUSED_MAX_BLOCKS = 256
 # Group-score elements held at once (fp32): bounds memory at any length.
 _CHUNK_ELEMENTS = 1 << 28
 
 
-def route_flat_triton(rq, summaries, seq_len_k, config, causal):
+def route_flat_triton(rq, summaries, seq_len_k, config, causal, group: int = FLAT_GROUP):
     """Exact flat top-k (module docstring): rq ``[B, T, Hkv, D]``, summaries ``[B, NB, Hkv, D]``."""
     batch, seq_len_q, heads, _ = rq.shape
-    num_groups = -(-summaries.shape[1] // FLAT_GROUP)
+    num_groups = -(-summaries.shape[1] // group)
     chunk = max(64, _CHUNK_ELEMENTS // max(1, batch * heads * num_groups))
     out = []
+    # Small budgets keep the group top-k in registers (no group-score matrix at all).
+    fused = group * max(16, triton.next_power_of_2(config.top_k)) <= _FUSED_MAX_BLOCKS
     for start in range(0, seq_len_q, chunk):
         rq_c = rq[:, start : start + chunk]
         offset = seq_len_k - seq_len_q + start
-        gmax = group_max_scores(rq_c, summaries, offset, config, FLAT_GROUP, causal)
-        values, groups = gmax.topk(min(config.top_k, num_groups), dim=-1)
-        groups = torch.where(torch.isfinite(values), groups, -1).to(torch.int32)
-        out.append(rescore_topk(rq_c, summaries, groups, offset, config, FLAT_GROUP, causal))
+        if fused:
+            groups = top_groups(rq_c, summaries, offset, config, group, causal)
+        else:
+            gmax = group_max_scores(rq_c, summaries, offset, config, group, causal)
+            values, groups = gmax.topk(min(config.top_k, num_groups), dim=-1)
+            groups = torch.where(torch.isfinite(values), groups, -1).to(torch.int32)
+        out.append(rescore_topk(rq_c, summaries, groups, offset, config, group, causal))
     return torch.cat(out, dim=2)
 
 
