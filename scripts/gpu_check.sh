@@ -24,14 +24,19 @@ case "$MODE" in
     bench --shape layer-8b --lengths 16k,128k,1m --time-budget 300 --tag attention-layer-8b-quick ;;
   paths)
     python3 scripts/compare_forward_paths.py --length 1m 2>&1 | tee -a "$OUT/bench.log"
-    python3 scripts/profile_select.py --length 1m --groups 8,16,32 2>&1 | tee -a "$OUT/bench.log" ;;
+    python3 scripts/profile_select.py --length 1m 2>&1 | tee -a "$OUT/bench.log" ;;
   full)
     bench --shape layer-8b --top-k 16 --time-budget 300 --tag attention-layer-8b
     bench --shape layer-8b --lengths 64k,128k --top-k 64,240 --time-budget 120 --tag attention-layer-8b-budgets ;;
   long)
-    bench --shape long --lengths 1m,2m,4m --dense-max-len 128k --backward-max-len 0 --time-budget 240 --tag attention-long
-    python3 benchmarks/attention.py --routing --lengths 64k,256k,1m --out "$OUT" --tag routing-layer-8b 2>&1 | tee -a "$OUT/bench.log"
-    python3 benchmarks/decode.py --device cuda --only decode --out "$OUT" 2>&1 | tail -20 | tee -a "$OUT/bench.log" ;;
+    bench --shape long --lengths 128k,1m,4m,12m --reps 2 --backward-max-len 0 --flex-max-len 0 \
+      --time-budget 330 --tag attention-long
+    python3 benchmarks/attention.py --routing --lengths 64k,256k,1m --out "$OUT" --tag routing-layer-8b 2>&1 \
+      | tee -a "$OUT/bench.log" ;;
+  models)
+    python3 scripts/profile_select.py --length 1m 2>&1 | tee -a "$OUT/bench.log"
+    python3 benchmarks/decode.py --device cuda --only decode --out "$OUT" 2>&1 | tail -20 | tee -a "$OUT/bench.log"
+    bench --shape layer-8b --lengths 64k,128k --top-k 64,240 --time-budget 150 --tag attention-layer-8b-budgets ;;
   *)
     bench "$@" ;;
 esac

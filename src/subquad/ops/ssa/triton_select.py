@@ -266,8 +266,10 @@ def route_flat_triton(rq, summaries, seq_len_k, config, causal, group: int = FLA
     num_groups = -(-summaries.shape[1] // group)
     chunk = max(64, _CHUNK_ELEMENTS // max(1, batch * heads * num_groups))
     out = []
-    # Small budgets keep the group top-k in registers (no group-score matrix at all).
+    # Small budgets keep the group top-k in registers: no group-score matrix, so no need to chunk.
     fused = group * max(16, triton.next_power_of_2(config.top_k)) <= _FUSED_MAX_BLOCKS
+    if fused:
+        chunk = seq_len_q
     for start in range(0, seq_len_q, chunk):
         rq_c = rq[:, start : start + chunk]
         offset = seq_len_k - seq_len_q + start
