@@ -30,7 +30,8 @@ case "$MODE" in
     bench --shape layer-8b --lengths 64k,128k --top-k 64,240 --time-budget 120 --tag attention-layer-8b-budgets ;;
   long)
     bench --shape long --lengths 128k,1m,4m,12m --reps 2 --backward-max-len 0 --flex-max-len 0 \
-      --time-budget 330 --tag attention-long
+      --time-budget 330 --tag attention-long ;;
+  routing)
     python3 benchmarks/attention.py --routing --lengths 64k,256k,1m --out "$OUT" --tag routing-layer-8b 2>&1 \
       | tee -a "$OUT/bench.log" ;;
   models)

@@ -13,9 +13,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", default="16", help="comma-separated routed-block budgets, e.g. 16,64,240")
     p.add_argument("--index", default="flat", choices=["flat", "tree"], help="router")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--dense-max-len", default="128k", help="longest length at which dense attention is run")
-    p.add_argument("--flex-max-len", default="16k", help="longest length at which FlexAttention is run")
-    p.add_argument("--backward-max-len", default="128k", help="longest length timed forward+backward")
+    p.add_argument("--dense-max-len", default="128k", help="longest length at which dense runs (0: never)")
+    p.add_argument("--flex-max-len", default="16k", help="longest length at which FlexAttention runs (0: never)")
+    p.add_argument("--backward-max-len", default="128k", help="longest length timed forward+backward (0: never)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (median reported)")
     p.add_argument("--time-budget", type=float, default=240.0, help="seconds after which lengths are skipped")
     p.add_argument("--out", default="benchmarks/results", help="directory for JSON, markdown and PNG")
@@ -41,9 +41,9 @@ def _run_bench(args: argparse.Namespace) -> int:
         top_ks=top_ks,
         index=args.index,
         device=args.device,
-        dense_max_len=parse_length(args.dense_max_len),
-        flex_max_len=parse_length(args.flex_max_len),
-        backward_max_len=parse_length(args.backward_max_len),
+        dense_max_len=_max_len(args.dense_max_len),
+        flex_max_len=_max_len(args.flex_max_len),
+        backward_max_len=_max_len(args.backward_max_len),
         reps=args.reps,
         time_budget_s=args.time_budget,
         out_dir=args.out,
@@ -51,6 +51,13 @@ def _run_bench(args: argparse.Namespace) -> int:
     )
     print(markdown_table(result))
     return 0
+
+
+def _max_len(text: str) -> int:
+    """A length limit; ``0`` turns the measurement off."""
+    from subquad.benchmark import parse_length
+
+    return 0 if text.strip() == "0" else parse_length(text)
 
 
 def main(argv: list[str] | None = None) -> int:
