@@ -39,17 +39,26 @@ def main() -> None:
     with torch.no_grad():
         o1, l1, _ = triton_attention.sparse_attention_fwd(q, k, v, idx, 64, True, scale)
         o2, l2 = triton_routed.sparse_attention_fwd_routed(q, k, v, idx, 64, True, scale, fixed)
-        print(f"N={n} max |out diff| {(o1.float() - o2.float()).abs().max().item():.2e}, "
-              f"max |lse diff| {(l1 - l2).abs().max().item():.2e}")
+        print(
+            f"N={n} max |out diff| {(o1.float() - o2.float()).abs().max().item():.2e}, "
+            f"max |lse diff| {(l1 - l2).abs().max().item():.2e}"
+        )
         del o1, o2, l1, l2
         torch.cuda.reset_peak_memory_stats()
-        routed = _median_ms(lambda: triton_routed.sparse_attention_fwd_routed(q, k, v, idx, 64, True, scale, fixed))
+        routed = _median_ms(
+            lambda: triton_routed.sparse_attention_fwd_routed(q, k, v, idx, 64, True, scale, fixed)
+        )
         peak = torch.cuda.max_memory_allocated() / 2**30
         fixed_only = _median_ms(
-            lambda: triton_attention.sparse_attention_fwd(q, k, v, idx[..., :fixed].contiguous(), 64, True, scale))
+            lambda: triton_attention.sparse_attention_fwd(
+                q, k, v, idx[..., :fixed].contiguous(), 64, True, scale
+            )
+        )
         query_major = _median_ms(lambda: triton_attention.sparse_attention_fwd(q, k, v, idx, 64, True, scale))
-    print(f"N={n} routed {routed:.1f} ms (peak {peak:.1f} GiB), fixed part alone {fixed_only:.1f} ms, "
-          f"query-major {query_major:.1f} ms")
+    print(
+        f"N={n} routed {routed:.1f} ms (peak {peak:.1f} GiB), fixed part alone {fixed_only:.1f} ms, "
+        f"query-major {query_major:.1f} ms"
+    )
 
 
 if __name__ == "__main__":

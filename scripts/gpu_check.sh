@@ -38,6 +38,15 @@ case "$MODE" in
     python3 scripts/profile_select.py --length 1m 2>&1 | tee -a "$OUT/bench.log"
     python3 benchmarks/decode.py --device cuda --only decode --out "$OUT" 2>&1 | tail -20 | tee -a "$OUT/bench.log"
     bench --shape layer-8b --lengths 64k,128k --top-k 64,240 --time-budget 150 --tag attention-layer-8b-budgets ;;
+  prefill)
+    timeout 330 python3 benchmarks/decode.py --device cuda --only prefill --index flat \
+      --prefill-lengths 131072 1048576 --out "$OUT" 2>&1 | tail -12 | tee -a "$OUT/bench.log"
+    bench --shape layer-8b --lengths 16k,64k --top-k 64,240 --time-budget 150 --tag attention-layer-8b-budgets ;;
+  prefill-12m)
+    bench --shape layer-8b --lengths 16k,64k --top-k 64,240 --flex-max-len 0 --backward-max-len 0 \
+      --time-budget 100 --tag attention-layer-8b-budgets
+    timeout 420 python3 benchmarks/decode.py --device cuda --only prefill --index flat --skip-dense \
+      --prefill-lengths 12582912 --out "$OUT" 2>&1 | tail -12 | tee -a "$OUT/bench.log" ;;
   *)
     bench "$@" ;;
 esac

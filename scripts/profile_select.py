@@ -35,8 +35,10 @@ def main() -> None:
     t_groups = bench(lambda: triton_select.top_groups(rq, summ, 0, cfg, group, True))
     t_rescore = bench(lambda: triton_select.rescore_topk(rq, summ, groups, 0, cfg, group, True))
     t_all = bench(lambda: select_blocks(q, k, cfg))
-    print(f"N={n}: routing queries {t_rq:.1f} ms, summaries {t_summ:.1f} ms, top groups {t_groups:.1f} ms, "
-          f"rescore {t_rescore:.1f} ms; select_blocks {t_all:.1f} ms")
+    print(
+        f"N={n}: routing queries {t_rq:.1f} ms, summaries {t_summ:.1f} ms, top groups {t_groups:.1f} ms, "
+        f"rescore {t_rescore:.1f} ms; select_blocks {t_all:.1f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -62,7 +62,9 @@ class Row:
     notes: list[str] = field(default_factory=list)
 
 
-def dense_flops(seq_len_q: int, seq_len_k: int, heads: int, head_dim: int, causal: bool, mode: str = "fwd") -> float:
+def dense_flops(
+    seq_len_q: int, seq_len_k: int, heads: int, head_dim: int, causal: bool, mode: str = "fwd"
+) -> float:
     """FLOPs of dense attention (two matmuls, 2 FLOPs per multiply-add; causal halves the square)."""
     pairs = seq_len_q * seq_len_k
     if causal:
@@ -110,7 +112,11 @@ def _timer(device: torch.device, warmup: int, reps: int) -> Callable[[Callable[[
 def _sdpa(backend_name: str):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    backend = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
     chosen = backend[backend_name]
 
     def call(q, k, v):
@@ -202,8 +208,19 @@ def run_benchmark(
             row = Row(shape, seq_len, top_k, index)
             rows.append(row)
             try:
-                _measure(row, dev, dtype, heads_q, heads_kv, head_dim, timed, dense_rate, dense_max_len,
-                         flex_max_len, backward_max_len)
+                _measure(
+                    row,
+                    dev,
+                    dtype,
+                    heads_q,
+                    heads_kv,
+                    head_dim,
+                    timed,
+                    dense_rate,
+                    dense_max_len,
+                    flex_max_len,
+                    backward_max_len,
+                )
             except torch.OutOfMemoryError as exc:  # report the ceiling instead of losing the sweep
                 row.notes.append(f"out of memory: {str(exc).splitlines()[0]}")
                 torch.cuda.empty_cache()
@@ -215,8 +232,19 @@ def run_benchmark(
     return result
 
 
-def _measure(row, dev, dtype, heads_q, heads_kv, head_dim, timed, dense_rate, dense_max_len,
-             flex_max_len, backward_max_len):
+def _measure(
+    row,
+    dev,
+    dtype,
+    heads_q,
+    heads_kv,
+    head_dim,
+    timed,
+    dense_rate,
+    dense_max_len,
+    flex_max_len,
+    backward_max_len,
+):
     seq_len, config = row.seq_len, SSAConfig(top_k=row.top_k, index=row.index)
     gen = torch.Generator(device=dev).manual_seed(seq_len + row.top_k)
     q = torch.randn(1, seq_len, heads_q, head_dim, device=dev, dtype=dtype, generator=gen)
@@ -325,10 +353,10 @@ def markdown_table(result: dict) -> str:
         f"{where}; torch {env['torch']}; triton {env['triton']}; {env['date']}",
         f"Command: `{env['command']}`",
         "",
-        "| N | top_k | select ms | attention ms | total ms | SDPA flash ms | SDPA cuDNN ms | x flash | x cuDNN "
-        "| sparse TFLOP/s | executed TFLOP/s | tile overhead | keys/query | peak GiB | fwd+bwd ms "
-        "| flash fwd+bwd ms | flex ms |",
-        "|" + "---|" * 17,
+        "| N | top_k | select ms | attention ms | total ms | SDPA flash ms | SDPA cuDNN ms | x flash "
+        "| x cuDNN | sparse TFLOP/s | executed TFLOP/s | tile overhead | keys/query | peak GiB "
+        "| fwd+bwd ms | flash fwd+bwd ms | flex ms | forward path |",
+        "|" + "---|" * 18,
     ]
     for r in result["rows"]:
         star = "*" if r["dense_extrapolated"] else ""
@@ -338,10 +366,17 @@ def markdown_table(result: dict) -> str:
             f"| {_fmt(r['speedup_vs_flash'])} | {_fmt(r['speedup_vs_cudnn'])} | {_fmt(r['sparse_tflops'])} "
             f"| {_fmt(r['executed_tflops'])} | {_fmt(r['tile_overhead'], '.2f')} "
             f"| {_fmt(r['keys_per_query'], '.0f')} | {_fmt(r['peak_gib'], '.1f')} | {_fmt(r['fwd_bwd_ms'])} "
-            f"| {_fmt(r['flash_fwd_bwd_ms'])} | {_fmt(r['flex_ms'])} |"
+            f"| {_fmt(r['flash_fwd_bwd_ms'])} | {_fmt(r['flex_ms'])} | {r.get('forward_path') or '-'} |"
         )
-    lines += ["", "`*` dense time extrapolated from the dense TFLOP/s measured at the longest length that ran."]
-    notes = [f"- N={r['seq_len']} top_k={r['top_k']}: {'; '.join(r['notes'])}" for r in result["rows"] if r["notes"]]
+    lines += [
+        "",
+        "`*` dense time extrapolated from the dense TFLOP/s measured at the longest length that ran.",
+    ]
+    notes = [
+        f"- N={r['seq_len']} top_k={r['top_k']}: {'; '.join(r['notes'])}"
+        for r in result["rows"]
+        if r["notes"]
+    ]
     if notes:
         lines += ["", "Notes:", *notes]
     return "\n".join(lines) + "\n"
@@ -364,7 +399,9 @@ def _plot(result: dict, path: Path) -> None:
     for top_k in sorted({r["top_k"] for r in result["rows"]}):
         rows = [r for r in result["rows"] if r["top_k"] == top_k and r["total_ms"]]
         if rows:
-            ax.plot([r["seq_len"] for r in rows], [r["total_ms"] for r in rows], "o-", label=f"SSA top_k={top_k}")
+            ax.plot(
+                [r["seq_len"] for r in rows], [r["total_ms"] for r in rows], "o-", label=f"SSA top_k={top_k}"
+            )
     base = [r for r in result["rows"] if r["top_k"] == min(r["top_k"] for r in result["rows"])]
     for key, label in (("flash_ms", "SDPA flash (FA2)"), ("cudnn_ms", "SDPA cuDNN")):
         measured = [(r["seq_len"], r[key]) for r in base if r[key] and not r["dense_extrapolated"]]
@@ -372,7 +409,9 @@ def _plot(result: dict, path: Path) -> None:
         if measured:
             line = ax.plot(*zip(*measured), "s-", label=label)[0]
             if extrap:
-                ax.plot(*zip(*(measured[-1:] + extrap)), "--", color=line.get_color(), label=f"{label} (extrap.)")
+                ax.plot(
+                    *zip(*(measured[-1:] + extrap)), "--", color=line.get_color(), label=f"{label} (extrap.)"
+                )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequence length (tokens)")
@@ -400,8 +439,9 @@ def parse_length(text: str) -> int:
     return int(result)
 
 
-def _routing_inputs(kind: str, seq_len: int, heads_q: int, heads_kv: int, dim: int, block_size: int,
-                    device, dtype, gen):
+def _routing_inputs(
+    kind: str, seq_len: int, heads_q: int, heads_kv: int, dim: int, block_size: int, device, dtype, gen
+):
     """``random``: i.i.d. normal q, k. ``clustered``: each key block drawn around its own topic
     vector (as neighbouring tokens of text share a topic), each query near a random earlier topic."""
     if kind == "random":
@@ -411,11 +451,15 @@ def _routing_inputs(kind: str, seq_len: int, heads_q: int, heads_kv: int, dim: i
     num_blocks = -(-seq_len // block_size)
     topics = torch.randn(num_blocks, heads_kv, dim, device=device, generator=gen)
     k = topics.repeat_interleave(block_size, 0)[:seq_len] + 0.5 * torch.randn(
-        seq_len, heads_kv, dim, device=device, generator=gen)
-    pick = (torch.rand(seq_len, device=device, generator=gen) * (torch.arange(seq_len, device=device)
-            // block_size + 1)).long()
+        seq_len, heads_kv, dim, device=device, generator=gen
+    )
+    pick = (
+        torch.rand(seq_len, device=device, generator=gen)
+        * (torch.arange(seq_len, device=device) // block_size + 1)
+    ).long()
     q = topics[pick].repeat_interleave(heads_q // heads_kv, 1) + torch.randn(
-        seq_len, heads_q, dim, device=device, generator=gen)
+        seq_len, heads_q, dim, device=device, generator=gen
+    )
     return q[None].to(dtype), k[None].to(dtype)
 
 
@@ -438,7 +482,9 @@ def run_routing_benchmark(
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     heads_q, heads_kv, head_dim, _ = SHAPES[shape]
-    lengths = lengths or ([1 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22] if dev.type == "cuda" else [1024, 4096])
+    lengths = lengths or (
+        [1 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22] if dev.type == "cuda" else [1024, 4096]
+    )
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     timed = _timer(dev, 1, reps)
     rows = []
@@ -447,14 +493,22 @@ def run_routing_benchmark(
         flat, tree = SSAConfig(top_k=top_k, index="flat"), SSAConfig(top_k=top_k, index="tree")
         num_blocks = -(-seq_len // flat.block_size)
         group, probe = tree_shape(num_blocks, tree)
-        row = {"seq_len": seq_len, "num_blocks": num_blocks, "tree_group": group, "tree_probe": probe,
-               "flat_dots_per_query": num_blocks, "tree_dots_per_query": tree_cost_per_query(num_blocks, tree)}
+        row = {
+            "seq_len": seq_len,
+            "num_blocks": num_blocks,
+            "tree_group": group,
+            "tree_probe": probe,
+            "flat_dots_per_query": num_blocks,
+            "tree_dots_per_query": tree_cost_per_query(num_blocks, tree),
+        }
         for kind in ("random", "clustered"):
-            q, k = _routing_inputs(kind, seq_len, heads_q, heads_kv, head_dim, flat.block_size, dev, dtype, gen)
-            row[f"tree_ms_{kind}"] = timed(lambda q=q, k=k: select_blocks(q, k, tree))
+            q, k = _routing_inputs(
+                kind, seq_len, heads_q, heads_kv, head_dim, flat.block_size, dev, dtype, gen
+            )
+            row[f"tree_ms_{kind}"] = timed(lambda q=q, k=k, cfg=tree: select_blocks(q, k, cfg))
             if seq_len > flat_max_len:
                 continue
-            row[f"flat_ms_{kind}"] = timed(lambda q=q, k=k: select_blocks(q, k, flat))
+            row[f"flat_ms_{kind}"] = timed(lambda q=q, k=k, cfg=flat: select_blocks(q, k, cfg))
             fixed = flat.sink_blocks + flat.local_blocks
             a = select_blocks(q, k, flat).block_idx[..., fixed:].long()
             b = select_blocks(q, k, tree).block_idx[..., fixed:].long()

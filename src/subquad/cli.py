@@ -9,18 +9,26 @@ import sys
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="time SSA against dense attention (CPU: small lengths; GPU: full sweep)")
     p.add_argument("--shape", default="layer-8b", choices=["layer-8b", "long"], help="attention layer shape")
-    p.add_argument("--lengths", default=None, help="comma-separated lengths, e.g. 16k,128k,1m (default per device)")
+    p.add_argument(
+        "--lengths", default=None, help="comma-separated lengths, e.g. 16k,128k,1m (default per device)"
+    )
     p.add_argument("--top-k", default="16", help="comma-separated routed-block budgets, e.g. 16,64,240")
     p.add_argument("--index", default="flat", choices=["flat", "tree"], help="router")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--dense-max-len", default="128k", help="longest length at which dense runs (0: never)")
-    p.add_argument("--flex-max-len", default="16k", help="longest length at which FlexAttention runs (0: never)")
-    p.add_argument("--backward-max-len", default="128k", help="longest length timed forward+backward (0: never)")
+    p.add_argument(
+        "--flex-max-len", default="16k", help="longest length at which FlexAttention runs (0: never)"
+    )
+    p.add_argument(
+        "--backward-max-len", default="128k", help="longest length timed forward+backward (0: never)"
+    )
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (median reported)")
     p.add_argument("--time-budget", type=float, default=240.0, help="seconds after which lengths are skipped")
     p.add_argument("--out", default="benchmarks/results", help="directory for JSON, markdown and PNG")
     p.add_argument("--tag", default=None, help="file name stem for the results")
-    p.add_argument("--routing", action="store_true", help="compare the flat router and the tree index instead")
+    p.add_argument(
+        "--routing", action="store_true", help="compare the flat router and the tree index instead"
+    )
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -28,8 +36,15 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     lengths = [parse_length(x) for x in args.lengths.split(",")] if args.lengths else None
     if args.routing:
-        run_routing_benchmark(lengths, shape=args.shape, top_k=int(args.top_k.split(",")[0]),
-                              device=args.device, reps=args.reps, out_dir=args.out, tag=args.tag)
+        run_routing_benchmark(
+            lengths,
+            shape=args.shape,
+            top_k=int(args.top_k.split(",")[0]),
+            device=args.device,
+            reps=args.reps,
+            out_dir=args.out,
+            tag=args.tag,
+        )
         return 0
     try:
         top_ks = tuple(int(x) for x in args.top_k.split(","))

@@ -2,8 +2,8 @@
 
 On machines without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set in
 tests/conftest.py before Triton is imported) on tiny shapes; fp16 there, since the interpreter
-mishandles bf16 storage. On a GPU the same tests run bf16 and fp16 natively. ``poison_empty`` (tests/conftest.py) NaN-fills
-every ``torch.empty`` so a block the kernel never writes fails.
+mishandles bf16 storage. On a GPU the same tests run bf16 and fp16 natively. ``poison_empty``
+(tests/conftest.py) NaN-fills every ``torch.empty`` so a block the kernel never writes fails.
 """
 
 import pytest
@@ -73,7 +73,9 @@ def test_triton_matches_reference(case, dtype, poison_empty):
     config = subquad.SSAConfig(block_size=block_size, top_k=top_k)
     for t in (q, k, v):
         t.requires_grad_(True)
-    out, sel = subquad.ssa_attention(q, k, v, config=config, causal=causal, backend="triton", return_selection=True)
+    out, sel = subquad.ssa_attention(
+        q, k, v, config=config, causal=causal, backend="triton", return_selection=True
+    )
     scale = q.shape[-1] ** -0.5
     ref_inputs = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
     ref = sparse_attention_naive(*ref_inputs, sel.block_idx, block_size, causal, scale)
@@ -129,7 +131,9 @@ def test_query_tiles_are_exact_unions():
         pairs += [(blk // 6, blk % 6, int(work.tiles[p]), int(work.masks[p])) for p in range(start, end)]
     want_pairs = [
         (bh, int(tiles.blocks[bh, t, u]), t, int(tiles.masks[bh, t, u]))
-        for bh in range(4) for t in range(tiles.count.shape[1]) for u in range(int(tiles.count[bh, t]))
+        for bh in range(4)
+        for t in range(tiles.count.shape[1])
+        for u in range(int(tiles.count[bh, t]))
     ]
     assert sorted(pairs) == sorted(want_pairs)
 

@@ -32,7 +32,9 @@ def sparse_attention_naive(
     """
     batch, seq_len_q, heads_q, dim = q.shape
     num_slots = block_idx.shape[-1]
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * k.shape[2] * num_slots * block_size * max(dim, v.shape[-1])))
+    chunk = max(
+        1, _CHUNK_ELEMENTS // max(1, batch * k.shape[2] * num_slots * block_size * max(dim, v.shape[-1]))
+    )
     scale = dim**-0.5 if scale is None else scale
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     # Keys and values as [B * Hkv * NB, block_size, D] rows, converted once for all chunks.
@@ -42,8 +44,17 @@ def sparse_attention_naive(
         stop = min(seq_len_q, start + chunk)
         # Absolute position of the chunk's first query under bottom-right alignment.
         first_pos = k.shape[1] - seq_len_q + start
-        args = (q[:, start:stop], k_blocks, v_blocks, block_idx[:, :, start:stop], block_size, k.shape[1],
-                causal, scale, first_pos)
+        args = (
+            q[:, start:stop],
+            k_blocks,
+            v_blocks,
+            block_idx[:, :, start:stop],
+            block_size,
+            k.shape[1],
+            causal,
+            scale,
+            first_pos,
+        )
         if needs_grad:
             # Recompute the gathered keys in backward instead of keeping them for every chunk.
             out.append(checkpoint(_sparse_attention_chunk, *args, use_reentrant=False))
@@ -57,10 +68,14 @@ def _as_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     batch, seq_len, heads, dim = x.shape
     num_blocks = -(-seq_len // block_size)
     x = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, num_blocks * block_size - seq_len))
-    return x.view(batch, num_blocks, block_size, heads, dim).permute(0, 3, 1, 2, 4).reshape(-1, block_size, dim)
+    return (
+        x.view(batch, num_blocks, block_size, heads, dim).permute(0, 3, 1, 2, 4).reshape(-1, block_size, dim)
+    )
 
 
-def _sparse_attention_chunk(q, k_blocks, v_blocks, block_idx, block_size, seq_len_k, causal, scale, first_pos):
+def _sparse_attention_chunk(
+    q, k_blocks, v_blocks, block_idx, block_size, seq_len_k, causal, scale, first_pos
+):
     batch, chunk, heads_q, dim = q.shape
     heads_kv, num_slots = block_idx.shape[1], block_idx.shape[-1]
     num_blocks = k_blocks.shape[0] // (batch * heads_kv)

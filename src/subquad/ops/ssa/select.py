@@ -136,7 +136,9 @@ def select_blocks(
     if q.is_cuda and _triton_available():
         from subquad.ops.ssa import triton_select
 
-        router = triton_select.route_flat_triton if config.index == "flat" else triton_select.route_tree_triton
+        router = (
+            triton_select.route_flat_triton if config.index == "flat" else triton_select.route_tree_triton
+        )
         routed = router(rq.bfloat16(), summaries.bfloat16().contiguous(), seq_len_k, config, causal)
     else:
         router = _route_flat if config.index == "flat" else _route_tree
@@ -254,7 +256,9 @@ def tree_probe_groups(rq, bounds, num_blocks, first_pos, config, causal):
     group, probe = tree_shape(num_blocks, config)
     probe = min(probe, num_groups)
     q = rq.transpose(1, 2).to(hi.dtype)  # [B, Hkv, Tc, D]
-    bound = torch.matmul(q.clamp(min=0), hi.transpose(-1, -2)) + torch.matmul(q.clamp(max=0), lo.transpose(-1, -2))
+    bound = torch.matmul(q.clamp(min=0), hi.transpose(-1, -2)) + torch.matmul(
+        q.clamp(max=0), lo.transpose(-1, -2)
+    )
     bound = bound.float()
     seq = rq.shape[1]
     qblock = torch.arange(first_pos, first_pos + seq, device=rq.device) // config.block_size
