@@ -55,6 +55,24 @@ def _merge_top(best, key, BLOCK_M: tl.constexpr, K_PAD: tl.constexpr):
 
 
 @triton.jit
+def _routing_rows(RQ, stride_rb, stride_rt, stride_rh, b, h, tile, T, pos_offset, num_blocks, block_size,
+                  offs_d, D: tl.constexpr, BLOCK_M: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr):
+    """A tile's token rows, their key blocks, routing queries ``[BLOCK_M, BLOCK_D]`` and the first
+    block no row of the tile may route to (causal: the start of the last row's local window)."""
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < T
+    query_block = (rows + pos_offset) // block_size
+    rq = tl.load(RQ + b.to(tl.int64) * stride_rb + rows.to(tl.int64)[:, None] * stride_rt + h * stride_rh
+                 + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    if CAUSAL:
+        last_row = tl.minimum(tile * BLOCK_M + BLOCK_M - 1, T - 1)
+        stop = (last_row + pos_offset) // block_size - LOCAL + 1
+    else:
+        stop = num_blocks
+    return rows, row_ok, query_block, rq, stop
+
+
+@triton.jit
 def _group_max_kernel(
     RQ, SUMM, OUT,
     stride_rb, stride_rt, stride_rh,
@@ -67,17 +85,11 @@ def _group_max_kernel(
     bh = tl.program_id(1)
     b = bh // HKV
     h = bh % HKV
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < T
-    query_block = (rows + pos_offset) // block_size
     offs_d = tl.arange(0, BLOCK_D)
-    rq = tl.load(RQ + b.to(tl.int64) * stride_rb + rows.to(tl.int64)[:, None] * stride_rt + h * stride_rh
-                 + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    if CAUSAL:
-        last_row = tl.minimum(tile * BLOCK_M + BLOCK_M - 1, T - 1)
-        stop = (last_row + pos_offset) // block_size - LOCAL + 1
-    else:
-        stop = num_blocks
+    rows, row_ok, query_block, rq, stop = _routing_rows(
+        RQ, stride_rb, stride_rt, stride_rh, b, h, tile, T, pos_offset, num_blocks, block_size, offs_d,
+        D, BLOCK_M, LOCAL, CAUSAL,
+    )
     out_base = OUT + (bh.to(tl.int64) * T + rows.to(tl.int64)[:, None]) * num_groups
     groups_per_chunk: tl.constexpr = BLOCK_N // GROUP
     for start in range(0, stop, BLOCK_N):
@@ -134,17 +146,11 @@ def _top_groups_kernel(
     bh = tl.program_id(1)
     b = bh // HKV
     h = bh % HKV
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < T
-    query_block = (rows + pos_offset) // block_size
     offs_d = tl.arange(0, BLOCK_D)
-    rq = tl.load(RQ + b.to(tl.int64) * stride_rb + rows.to(tl.int64)[:, None] * stride_rt + h * stride_rh
-                 + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    if CAUSAL:
-        last_row = tl.minimum(tile * BLOCK_M + BLOCK_M - 1, T - 1)
-        stop = (last_row + pos_offset) // block_size - LOCAL + 1
-    else:
-        stop = num_blocks
+    rows, row_ok, query_block, rq, stop = _routing_rows(
+        RQ, stride_rb, stride_rt, stride_rh, b, h, tile, T, pos_offset, num_blocks, block_size, offs_d,
+        D, BLOCK_M, LOCAL, CAUSAL,
+    )
     best = tl.full([BLOCK_M, K_PAD], -1, tl.int64)
     for start in range(0, stop, BLOCK_N):
         blocks = start + tl.arange(0, BLOCK_N)
