@@ -194,6 +194,8 @@ def run_benchmark(
     for n in lengths:
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"lengths: {n!r} is not a positive int")
+    if reps < 1:
+        raise ValueError(f"reps={reps!r}: expected at least 1 timed repetition")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     # The CPU runs the PyTorch reference: one untimed warm-up is not worth its minutes there.
     timed = _timer(dev, warmup if dev.type == "cuda" else 0, reps)

@@ -34,31 +34,37 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _run_bench(args: argparse.Namespace) -> int:
     from subquad.benchmark import markdown_table, parse_length, run_benchmark, run_routing_benchmark
 
-    lengths = [parse_length(x) for x in args.lengths.split(",")] if args.lengths else None
+    try:
+        lengths = [parse_length(x) for x in args.lengths.split(",")] if args.lengths else None
+        top_ks = tuple(int(x) for x in args.top_k.split(","))
+        limits = {
+            name: _max_len(getattr(args, name))
+            for name in ("dense_max_len", "flex_max_len", "backward_max_len")
+        }
+    except ValueError as exc:
+        raise SystemExit(
+            f"subquad bench: bad argument: {exc} (e.g. --lengths 16k,1m --top-k 16,64)"
+        ) from None
+    if any(k < 0 for k in top_ks):
+        raise SystemExit(f"subquad bench: --top-k {args.top_k!r}: expected non-negative integers")
     if args.routing:
         run_routing_benchmark(
             lengths,
             shape=args.shape,
-            top_k=int(args.top_k.split(",")[0]),
+            top_k=top_ks[0],
             device=args.device,
             reps=args.reps,
             out_dir=args.out,
             tag=args.tag,
         )
         return 0
-    try:
-        top_ks = tuple(int(x) for x in args.top_k.split(","))
-    except ValueError:
-        raise SystemExit(f"--top-k {args.top_k!r}: expected comma-separated integers") from None
     result = run_benchmark(
         shape=args.shape,
         lengths=lengths,
         top_ks=top_ks,
         index=args.index,
         device=args.device,
-        dense_max_len=_max_len(args.dense_max_len),
-        flex_max_len=_max_len(args.flex_max_len),
-        backward_max_len=_max_len(args.backward_max_len),
+        **limits,
         reps=args.reps,
         time_budget_s=args.time_budget,
         out_dir=args.out,
