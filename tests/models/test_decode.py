@@ -85,3 +85,23 @@ def test_triton_decode_kernel_interpreted():
         [sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("index", ["flat", "tree"])
+def test_decode_select_matches_full_routing_per_row(index):
+    # Each row's newest token must get the selection a full forward over that row gives it, for
+    # both routers (the tree's grouping depends on the row's own length).
+    config = subquad.SSAConfig(block_size=16, top_k=3, index=index, tree_group=2)
+    lengths = [400, 257, 130]
+    q = torch.randn(len(lengths), 400, 4, 16)
+    k = torch.randn(len(lengths), 400, 2, 16)
+    num_blocks = -(-400 // 16)
+    summaries = torch.zeros(len(lengths), num_blocks, 2, 16)
+    for b, n in enumerate(lengths):
+        own = subquad.block_summaries(k[b : b + 1, :n], 16)[0]
+        summaries[b, : own.shape[0]] = own
+    newest = torch.stack([q[b, n - 1] for b, n in enumerate(lengths)])
+    got = decode_select(newest, summaries, torch.tensor(lengths), config)
+    for b, n in enumerate(lengths):
+        want = subquad.select_blocks(q[b : b + 1, n - 1 : n], k[b : b + 1, :n], config).block_idx[0, :, 0]
+        assert torch.equal(got[b].sort(-1).values, want.sort(-1).values)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from subquad.ops.ssa.config import SSAConfig
-from subquad.ops.ssa.select import routing_queries
+from subquad.ops.ssa.select import _route_tree, routing_queries
 
 try:
     import triton
@@ -60,6 +60,16 @@ def decode_select(
         return fixed.contiguous()
 
     rq = routing_queries(q[:, None], num_kv_heads)[:, 0]  # [B, Hkv, D] fp32
+    if config.index == "tree":
+        # The tree's grouping depends on each row's own block count: route row by row, exactly as a
+        # full forward over that row would.
+        routed = [
+            _route_tree(
+                rq[b, None, None], summaries[b : b + 1, : -(-int(n) // bs)].float(), int(n), config, True
+            )
+            for b, n in enumerate(seqlens.tolist())
+        ]
+        return torch.cat([fixed, torch.cat(routed, dim=0)[:, :, 0]], dim=-1).contiguous()
     summ = summaries.transpose(1, 2)  # [B, Hkv, NB, D]
     scores = torch.matmul(summ, rq.to(summ.dtype)[..., None])[..., 0].float()  # [B, Hkv, NB]
     blocks = torch.arange(num_blocks, device=device)
