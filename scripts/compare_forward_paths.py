@@ -8,22 +8,8 @@ import argparse
 import torch
 
 import subquad
-from subquad.benchmark import parse_length
+from subquad.benchmark import median_timer, parse_length
 from subquad.ops.ssa import triton_attention, triton_routed
-
-
-def _median_ms(fn, reps: int = 3) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[reps // 2]
 
 
 def main() -> None:
@@ -31,6 +17,7 @@ def main() -> None:
     parser.add_argument("--length", default="1m")
     args = parser.parse_args()
     n = parse_length(args.length)
+    timed = median_timer(torch.device("cuda"), warmup=1, reps=3)
     q = torch.randn(1, n, 32, 128, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, n, 8, 128, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
@@ -45,16 +32,16 @@ def main() -> None:
         )
         del o1, o2, l1, l2
         torch.cuda.reset_peak_memory_stats()
-        routed = _median_ms(
+        routed = timed(
             lambda: triton_routed.sparse_attention_fwd_routed(q, k, v, idx, 64, True, scale, fixed)
         )
         peak = torch.cuda.max_memory_allocated() / 2**30
-        fixed_only = _median_ms(
+        fixed_only = timed(
             lambda: triton_attention.sparse_attention_fwd(
                 q, k, v, idx[..., :fixed].contiguous(), 64, True, scale
             )
         )
-        query_major = _median_ms(lambda: triton_attention.sparse_attention_fwd(q, k, v, idx, 64, True, scale))
+        query_major = timed(lambda: triton_attention.sparse_attention_fwd(q, k, v, idx, 64, True, scale))
     print(
         f"N={n} routed {routed:.1f} ms (peak {peak:.1f} GiB), fixed part alone {fixed_only:.1f} ms, "
         f"query-major {query_major:.1f} ms"

@@ -87,7 +87,10 @@ def selected_pairs(selection: SSASelection, seq_len_k: int, causal: bool = True)
     return keys.double().sum((2, 3))
 
 
-def _timer(device: torch.device, warmup: int, reps: int) -> Callable[[Callable[[], object]], float]:
+def median_timer(device: torch.device, warmup: int, reps: int) -> Callable[[Callable[[], object]], float]:
+    """A function that runs ``fn`` ``warmup`` times, then times ``reps`` runs (CUDA events on a GPU,
+    wall clock on a CPU) and returns the median in milliseconds."""
+
     def run(fn: Callable[[], object]) -> float:
         for _ in range(warmup):
             fn()
@@ -198,7 +201,7 @@ def run_benchmark(
         raise ValueError(f"reps={reps!r}: expected at least 1 timed repetition")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     # The CPU runs the PyTorch reference: one untimed warm-up is not worth its minutes there.
-    timed = _timer(dev, warmup if dev.type == "cuda" else 0, reps)
+    timed = median_timer(dev, warmup if dev.type == "cuda" else 0, reps)
     rows: list[Row] = []
     dense_rate: dict[str, float] = {}
     started = time.perf_counter()
@@ -488,7 +491,7 @@ def run_routing_benchmark(
         [1 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22] if dev.type == "cuda" else [1024, 4096]
     )
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    timed = _timer(dev, 1, reps)
+    timed = median_timer(dev, 1, reps)
     rows = []
     for seq_len in lengths:
         gen = torch.Generator(device=dev).manual_seed(seq_len)
