@@ -73,20 +73,6 @@ def dense_flops(
     return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd_bwd": 3.5 * fwd}[mode]
 
 
-def selected_pairs(selection: SSASelection, seq_len_k: int, causal: bool = True) -> torch.Tensor:
-    """Causally visible (query, key) pairs inside the selection, per KV head: ``[B, Hkv]`` float64."""
-    idx = selection.block_idx.long()
-    bs = selection.block_size
-    seq_len_q = idx.shape[2]
-    qpos = torch.arange(seq_len_k - seq_len_q, seq_len_k, device=idx.device).view(1, 1, -1, 1)
-    start = idx * bs
-    stop = torch.clamp(start + bs, max=seq_len_k)
-    if causal:
-        stop = torch.minimum(stop, qpos + 1)
-    keys = torch.where(idx >= 0, (stop - start).clamp(min=0), 0)
-    return keys.double().sum((2, 3))
-
-
 def median_timer(device: torch.device, warmup: int, reps: int) -> Callable[[Callable[[], object]], float]:
     """A function that runs ``fn`` ``warmup`` times, then times ``reps`` runs (CUDA events on a GPU,
     wall clock on a CPU) and returns the median in milliseconds."""
@@ -266,7 +252,7 @@ def _measure(
     row.total_ms = row.select_ms + row.attention_ms
     if dev.type == "cuda":
         row.peak_gib = torch.cuda.max_memory_allocated(dev) / 2**30
-    pairs = float(selected_pairs(selection, seq_len).sum()) * (heads_q // heads_kv)
+    pairs = float(selection.num_selected_keys(seq_len, causal=True).double().sum()) * (heads_q // heads_kv)
     row.keys_per_query = pairs / (seq_len * heads_q)
     flops = 4.0 * pairs * head_dim
     row.sparse_tflops = flops / (row.attention_ms * 1e9)

@@ -49,11 +49,19 @@ class SSASelection:
     block_size: int
     num_fixed_slots: int | None = None
 
-    def num_selected_keys(self, seq_len_k: int) -> torch.Tensor:
-        """Keys in the selected blocks per (batch, kv head, token), before the causal mask."""
+    def num_selected_keys(self, seq_len_k: int, causal: bool = False) -> torch.Tensor:
+        """Keys in the selected blocks per (batch, kv head, token): ``[B, Hkv, T]`` int64.
+
+        With ``causal``, only the keys at or before the token's position ``S - T + i`` count.
+        """
         idx = self.block_idx.long()
-        sizes = (seq_len_k - idx * self.block_size).clamp(max=self.block_size)
-        return torch.where(idx >= 0, sizes, torch.zeros_like(sizes)).sum(-1)
+        start = idx * self.block_size
+        stop = (start + self.block_size).clamp(max=seq_len_k)
+        if causal:
+            seq_len_q = idx.shape[2]
+            query_pos = torch.arange(seq_len_k - seq_len_q, seq_len_k, device=idx.device).view(1, 1, -1, 1)
+            stop = torch.minimum(stop, query_pos + 1)
+        return torch.where(idx >= 0, (stop - start).clamp(min=0), 0).sum(-1)
 
 
 def block_summaries(k: torch.Tensor, block_size: int) -> torch.Tensor:
