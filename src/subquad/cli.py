@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from subquad.eval.cli import add_eval_arguments, run_eval
+
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="time SSA against dense attention (CPU: small lengths; GPU: full sweep)")
@@ -85,12 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="subquad", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_bench(sub)
-    try:
-        from subquad.eval.cli import add_eval_arguments, run_eval
-    except ImportError:  # the evaluation suite is optional at import time
-        add_eval_arguments = run_eval = None
-    if add_eval_arguments is not None:
-        add_eval_arguments(sub.add_parser("eval", help="run RULER-, MRCR- or needle-style evaluations"))
+    add_eval_arguments(sub.add_parser("eval", help="run RULER-, MRCR- or needle-style evaluations"))
     args = parser.parse_args(argv)
     if args.command == "bench":
         return _run_bench(args)
