@@ -1,4 +1,5 @@
-"""The ``subquad`` command line: ``bench`` (attention benchmark) and ``eval`` (long-context suites)."""
+"""The ``subquad`` command line: ``bench`` (attention benchmark), ``eval`` (long-context suites) and
+``train`` (training and dense-to-SSA conversion)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import sys
 
 from subquad.eval.cli import add_eval_arguments, run_eval
+from subquad.train.cli import add_train_arguments, run_train
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -88,9 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_bench(sub)
     add_eval_arguments(sub.add_parser("eval", help="run RULER-, MRCR- or needle-style evaluations"))
+    add_train_arguments(sub.add_parser("train", help="train a Subquad model, or convert a dense twin"))
     args = parser.parse_args(argv)
     if args.command == "bench":
         return _run_bench(args)
+    if args.command == "train":
+        return run_train(args)
     return run_eval(args)
 
 

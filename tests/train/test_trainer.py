@@ -1,0 +1,275 @@
+"""Training loop on the CPU: a tiny synthetic corpus, the `debug` flavor, a few steps per test."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+import subquad  # noqa: F401  (registers the Subquad auto classes)
+from subquad.models.subquad import SubquadConfig, SubquadForCausalLM
+from subquad.train.cli import main as cli_main
+from subquad.train.trainer import (
+    TrainConfig,
+    convert_dense_to_ssa,
+    evaluate_heldout,
+    flops_per_token,
+    lr_at,
+    parse_seq_len_schedule,
+    sample_batch,
+    train,
+)
+
+EOS, BOS, PAD = 254, 253, 255
+
+
+def _write_corpus(root: Path) -> Path:
+    """Documents that repeat one fixed 17-token pattern (learnable from bigrams), eos-separated;
+    skills.bin uses tokens 200..252 only, so a batch's source is visible in its ids."""
+    rng = np.random.default_rng(0)
+    pattern = rng.choice(200, size=17, replace=False)
+
+    def stream(n_tokens: int, vocab: np.ndarray) -> np.ndarray:
+        out: list[np.ndarray] = []
+        while sum(len(x) for x in out) < n_tokens:
+            length = int(rng.integers(100, 400))
+            offset = int(rng.integers(0, len(vocab)))
+            out.append(np.append(np.resize(np.roll(vocab, -offset), length), EOS))
+        return np.concatenate(out)[:n_tokens].astype(np.uint16)
+
+    root.mkdir(parents=True, exist_ok=True)
+    stream(20000, pattern).tofile(root / "train.bin")
+    stream(4000, pattern).tofile(root / "heldout.bin")
+    stream(4000, np.arange(200, 253)).tofile(root / "skills.bin")
+    special = {"<|bos|>": BOS, "<|eos|>": EOS, "<|pad|>": PAD}
+    (root / "meta.json").write_text(
+        json.dumps({"vocab_size": 256, "dtype": "uint16", "special_tokens": special})
+    )
+    vocab = {f"t{i}": i for i in range(253)} | special
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>"
+    )
+    fast.save_pretrained(root / "tokenizer")
+    return root
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return _write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def _config(corpus: Path, out: Path, **overrides) -> TrainConfig:
+    """Dense unless a test asks for SSA: the loop is the same, and dense debug runs ~10x faster on CPU."""
+    values = dict(
+        flavor="debug", attention="dense", steps=6, tokens_per_step=256, seq_len_schedule="0:32", lr=1e-2,
+        warmup_steps=2, eval_interval=0, eval_tokens=256, checkpoint_interval=1000, log_interval=1,
+        progress=False, device="cpu",
+    )  # fmt: skip
+    return TrainConfig(corpus=corpus, out_dir=out, **{**values, **overrides})
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def ssa_run(corpus, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("ssa_run")
+    summary = train(
+        _config(
+            corpus, out, attention="ssa", steps=20, seq_len_schedule="0:64", warmup_steps=3, eval_interval=10
+        )
+    )
+    return out, summary
+
+
+def test_loss_decreases_and_lr_follows_schedule(ssa_run):
+    out, summary = ssa_run
+    steps = [m for m in _metrics(out) if "loss" in m]
+    assert [m["step"] for m in steps] == list(range(1, 21))
+    assert steps[0]["loss"] > math.log(256) - 0.5
+    assert summary["train_loss"] < steps[0]["loss"] - 2.0
+    assert summary["heldout_loss"] < steps[0]["loss"] - 2.0
+    # The optimizer used exactly the scheduled lr at every step.
+    for m in steps:
+        assert m["lr"] == pytest.approx(lr_at(m["step"] - 1, 1e-2, 3, 20, 0.1), rel=1e-9)
+    evals = [m for m in _metrics(out) if "heldout_loss" in m]
+    assert [m["step"] for m in evals] == [10, 20]
+    assert summary["steps"] == 20 and summary["tokens"] == 20 * 256 and summary["completed"]
+    assert summary["flops"] > 6 * 20 * 256 * summary["num_params"] * 0.5
+
+
+def test_final_dir_loads_with_auto_classes(ssa_run, corpus):
+    out, summary = ssa_run
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    assert isinstance(model, SubquadForCausalLM) and model.config.attention == "ssa"
+    assert tokenizer.eos_token_id == EOS == model.config.eos_token_id
+    ids = tokenizer("t1 t2 t3 t4", return_tensors="pt").input_ids
+    assert ids.tolist() == [[1, 2, 3, 4]]
+    loss = evaluate_heldout(model, corpus, 64, 256, "cpu")
+    assert loss == pytest.approx(summary["heldout_loss"], rel=1e-5)
+    assert evaluate_heldout(model, corpus, 64, 256, "cpu") == loss
+
+
+def test_lr_schedule_values():
+    lr, warmup, total, floor = 1.0, 10, 110, 0.1
+    assert lr_at(0, lr, warmup, total, floor) == pytest.approx(0.1)
+    assert lr_at(4, lr, warmup, total, floor) == pytest.approx(0.5)
+    assert lr_at(9, lr, warmup, total, floor) == pytest.approx(1.0)
+    assert lr_at(10, lr, warmup, total, floor) == pytest.approx(1.0)
+    # Cosine midpoint and floor reached at the last step (and held after it).
+    mid = 10 + (total - 1 - 10) / 2
+    assert lr_at(int(mid), lr, warmup, total, floor) == pytest.approx(0.55, abs=0.02)
+    assert lr_at(total - 1, lr, warmup, total, floor) == pytest.approx(0.1)
+    assert lr_at(total + 5, lr, warmup, total, floor) == pytest.approx(0.1)
+    decay = [lr_at(s, lr, warmup, total, floor) for s in range(warmup, total)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    assert lr_at(0, 3e-3, 0, 10, 0.0) == pytest.approx(3e-3)
+
+
+def test_curriculum_switches_seq_len(corpus, tmp_path):
+    summary = train(_config(corpus, tmp_path, steps=5, seq_len_schedule="0:32,3:64"))
+    steps = [m for m in _metrics(tmp_path) if "loss" in m]
+    assert [m["seq_len"] for m in steps] == [32, 32, 32, 64, 64]
+    assert summary["tokens"] == 5 * 256 and summary["heldout_seq_len"] == 64
+    assert parse_seq_len_schedule("0:512, 2000:2048") == [(0, 512), (2000, 2048)]
+
+
+def test_checkpoint_resume_matches_uninterrupted_run(corpus, tmp_path):
+    full = train(_config(corpus, tmp_path / "full", steps=6, skills_fraction=0.3))
+    # A budget far below one step: exactly one step runs, then a clean stop with a checkpoint.
+    partial = train(_config(corpus, tmp_path / "split", steps=6, skills_fraction=0.3, max_minutes=1e-5))
+    assert partial["stopped_early"] and partial["steps"] == 1 and not partial["completed"]
+    assert (tmp_path / "split/checkpoint/model.safetensors").is_file()
+    assert (tmp_path / "split/checkpoint/trainer_state.pt").is_file()
+    assert not (tmp_path / "split/final").exists()
+    resumed = train(_config(corpus, tmp_path / "split", steps=6, skills_fraction=0.3))
+    assert resumed["completed"] and resumed["steps"] == 6 and resumed["tokens"] == full["tokens"]
+    assert resumed["flops"] == pytest.approx(full["flops"])
+    losses_full = [m["loss"] for m in _metrics(tmp_path / "full") if "loss" in m]
+    losses_split = [m["loss"] for m in _metrics(tmp_path / "split") if "loss" in m]
+    assert losses_split == pytest.approx(losses_full, rel=1e-6, abs=1e-7)
+    a = load_file(tmp_path / "full/final/model.safetensors")
+    b = load_file(tmp_path / "split/final/model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
+    # Rerunning a finished run trains nothing more.
+    again = train(_config(corpus, tmp_path / "split", steps=6, skills_fraction=0.3))
+    assert again["steps"] == 6 and len([m for m in _metrics(tmp_path / "split") if "loss" in m]) == 6
+
+
+def test_resume_without_optimizer_state_warns_and_uses_weights(corpus, tmp_path):
+    train(_config(corpus, tmp_path, steps=4, max_minutes=1e-5))
+    (tmp_path / "checkpoint/trainer_state.pt").unlink()
+    with pytest.warns(UserWarning, match="weights only"):
+        summary = train(_config(corpus, tmp_path, steps=2))
+    assert summary["completed"]
+
+
+def test_max_minutes_stop_writes_checkpoint(corpus, tmp_path):
+    summary = train(_config(corpus, tmp_path, steps=50, max_minutes=1e-5))
+    assert summary["stopped_early"] and summary["steps"] >= 1
+    state = torch.load(tmp_path / "checkpoint/trainer_state.pt", weights_only=False)
+    assert state["step"] == summary["steps"] and state["data_position"]["next_step"] == summary["steps"]
+    assert json.loads((tmp_path / "summary.json").read_text())["stopped_early"]
+
+
+def test_sample_batch_is_deterministic_and_mixes_skills(corpus):
+    train_ids = np.memmap(corpus / "train.bin", dtype="uint16", mode="r")
+    skills = np.memmap(corpus / "skills.bin", dtype="uint16", mode="r")
+    a = sample_batch(train_ids, skills, 0, 7, 32, 8, 0.5)
+    assert torch.equal(a, sample_batch(train_ids, skills, 0, 7, 32, 8, 0.5))
+    assert not torch.equal(a, sample_batch(train_ids, skills, 0, 8, 32, 8, 0.5))
+    only_skills = sample_batch(train_ids, skills, 0, 7, 32, 8, 1.0)
+    assert bool(((only_skills >= 200) & (only_skills != PAD)).all())
+    no_skills = sample_batch(train_ids, skills, 0, 7, 32, 8, 0.0)
+    assert bool(((no_skills < 200) | (no_skills == EOS)).all())
+
+
+def test_dense_twin_trains_and_converts_to_ssa(corpus, tmp_path):
+    summary = train(_config(corpus, tmp_path / "dense", steps=12, attention="dense", seq_len_schedule="0:64"))
+    first = next(m["loss"] for m in _metrics(tmp_path / "dense") if "loss" in m)
+    assert summary["attention"] == "dense" and summary["train_loss"] < first - 1.0
+    dense_dir = tmp_path / "dense/final"
+    assert SubquadConfig.from_pretrained(dense_dir).position_scheme == "rope"
+
+    converted = convert_dense_to_ssa(dense_dir, tmp_path / "converted", ssa={"top_k": 1})
+    config = SubquadConfig.from_pretrained(converted)
+    assert config.attention == "ssa" and config.position_scheme == "rope" and config.ssa["top_k"] == 1
+    assert config.ssa["block_size"] == 16
+    dense_weights = load_file(dense_dir / "model.safetensors")
+    ssa_weights = load_file(converted / "model.safetensors")
+    assert dense_weights.keys() == ssa_weights.keys()
+    assert all(torch.equal(dense_weights[k], ssa_weights[k]) for k in dense_weights)
+    assert AutoTokenizer.from_pretrained(converted).eos_token_id == EOS
+
+    # Fine-tuning is train() initialised from the converted directory.
+    tuned = train(
+        _config(
+            corpus, tmp_path / "tuned", steps=2, attention=None, init_from=converted, seq_len_schedule="0:64"
+        )
+    )
+    tuned_config = SubquadConfig.from_pretrained(tmp_path / "tuned/final")
+    assert tuned["attention"] == "ssa" and tuned_config.ssa["top_k"] == 1
+    assert tuned_config.position_scheme == "rope"
+
+
+def test_flops_per_token_counts_attention():
+    dense = SubquadConfig.from_flavor("debug", attention="dense", position_scheme="rope")
+    ssa = SubquadConfig.from_flavor("debug")
+    # Short windows: SSA attends to every earlier key, so only routing separates it from dense.
+    assert flops_per_token(ssa, 64, 1000) > flops_per_token(dense, 64, 1000)
+    assert flops_per_token(dense, 1, 1000) == 6000 + 12 * 2 * 4 * 16
+    # Long windows: dense grows with length, SSA stays bounded by its key budget.
+    assert flops_per_token(dense, 32768, 1000) > 50 * flops_per_token(ssa, 32768, 1000) - 6000 * 50
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("lr", 0.0), ("min_lr_ratio", 1.5), ("steps", 0), ("tokens_per_step", 16), ("warmup_steps", -1),
+        ("seq_len_schedule", "5:32"), ("seq_len_schedule", "0:32,0:64"), ("seq_len_schedule", "0:40000"),
+        ("seq_len_schedule", "0:x"), ("betas", (0.9, 1.5)), ("dtype", "fp16"), ("skills_fraction", 2.0),
+        ("max_minutes", 0), ("flavor", "huge"), ("attention", "flash"), ("grad_clip", -1.0),
+    ],
+)  # fmt: skip
+def test_validation_errors_name_the_field(corpus, tmp_path, field, value):
+    name = "tokens_per_step" if field == "tokens_per_step" else field
+    with pytest.raises(ValueError, match=name):
+        _config(corpus, tmp_path, **{field: value})
+
+
+def test_corpus_errors(tmp_path, corpus):
+    with pytest.raises(ValueError, match="corpus"):
+        train(_config(tmp_path / "missing", tmp_path / "out"))
+    with pytest.raises(ValueError, match="seq_len_schedule"):
+        train(_config(corpus, tmp_path / "out", seq_len_schedule="0:32768", tokens_per_step=32768))
+
+
+def test_cli_trains_converts_and_rejects_bad_arguments(corpus, tmp_path, capsys):
+    common = ["--flavor", "debug", "--tokens-per-step", "256", "--seq-len-schedule", "0:32",
+              "--device", "cpu", "--no-progress", "--eval-interval", "0", "--eval-tokens", "128"]  # fmt: skip
+    dense = tmp_path / "dense"
+    argv = ["--corpus", str(corpus), "--out", str(dense), "--attention", "dense", "--steps", "2", *common]
+    assert cli_main(argv) == 0
+    assert (dense / "final/model.safetensors").is_file()
+    assert (
+        cli_main(
+            ["--convert-from", str(dense / "final"), "--out", str(tmp_path / "conv"), "--ssa", "top_k=1"]
+        )
+        == 0
+    )
+    assert SubquadConfig.from_pretrained(tmp_path / "conv/converted").ssa["top_k"] == 1
+    assert cli_main(["--corpus", str(corpus), "--out", str(tmp_path / "bad"), "--lr", "-1", *common]) == 2
+    assert "lr=" in capsys.readouterr().err
