@@ -29,3 +29,47 @@ def test_bench_rejects_bad_arguments(args, tmp_path):
     with pytest.raises((SystemExit, ValueError)) as info:
         main(["bench", *args, "--out", str(tmp_path)])
     assert any(a in str(info.value) for a in args)
+
+
+def test_corpus_then_train_end_to_end(tmp_path):
+    # `subquad corpus` over a folder of this package's own kernels, then a few `subquad train` steps.
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import subquad
+
+    sources = Path(subquad.__file__).parent / "ops"
+    corpus, run = tmp_path / "corpus", tmp_path / "run"
+    args = ["corpus", "--source", str(sources), "--out", str(corpus), "--vocab-size", "300"]
+    assert main([*args, "--heldout-fraction", "0.2", "--skills-tokens", "5000"]) == 0
+    assert (corpus / "skills.bin").stat().st_size > 0
+    train = ["train", "--corpus", str(corpus), "--out", str(run), "--flavor", "debug", "--attention", "dense"]
+    assert (
+        main(
+            [
+                *train,
+                "--steps",
+                "2",
+                "--tokens-per-step",
+                "1024",
+                "--seq-len-schedule",
+                "0:256",
+                "--eval-interval",
+                "2",
+                "--eval-tokens",
+                "512",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    model = AutoModelForCausalLM.from_pretrained(run / "final")
+    tokenizer = AutoTokenizer.from_pretrained(run / "final")
+    assert model.config.vocab_size >= len(tokenizer)
+
+
+def test_corpus_rejects_missing_source(tmp_path, capsys):
+    assert main(["corpus", "--source", str(tmp_path / "nope"), "--out", str(tmp_path / "c")]) == 2
+    assert "nope" in capsys.readouterr().err

@@ -1,5 +1,5 @@
-"""The ``subquad`` command line: ``bench`` (attention benchmark), ``eval`` (long-context suites) and
-``train`` (training and dense-to-SSA conversion)."""
+"""The ``subquad`` command line: ``bench`` (attention benchmark), ``eval`` (long-context suites),
+``corpus`` (training data) and ``train`` (training and dense-to-SSA conversion)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from subquad.eval.cli import add_eval_arguments, run_eval
-from subquad.train.cli import add_train_arguments, run_train
+from subquad.train.cli import add_corpus_arguments, add_train_arguments, run_corpus, run_train
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -90,12 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_bench(sub)
     add_eval_arguments(sub.add_parser("eval", help="run RULER-, MRCR- or needle-style evaluations"))
+    add_corpus_arguments(sub.add_parser("corpus", help="build a tokenized training corpus from local files"))
     add_train_arguments(sub.add_parser("train", help="train a Subquad model, or convert a dense twin"))
     args = parser.parse_args(argv)
     if args.command == "bench":
         return _run_bench(args)
     if args.command == "train":
         return run_train(args)
+    if args.command == "corpus":
+        return run_corpus(args)
     return run_eval(args)
 
 

@@ -127,6 +127,48 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
+    """``subquad corpus``: build a tokenized corpus (and optionally skill data) for ``subquad train``."""
+    parser.add_argument("--source", action="append", required=True, help="a directory to read (repeatable)")
+    parser.add_argument("--out", required=True, help="corpus directory to write")
+    parser.add_argument("--tokenizer", default="bpe", choices=["bpe", "bytes"])
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--heldout-fraction", type=float, default=0.01)
+    parser.add_argument("--max-mb", type=float, default=None, help="cap on source text, in MB (sampled)")
+    parser.add_argument(
+        "--skills-tokens",
+        type=int,
+        default=0,
+        help="also write skills.bin with this many tokens of skill documents (the trainer mixes them in)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run_corpus(args: argparse.Namespace) -> int:
+    from subquad.train.data import build_corpus
+    from subquad.train.skills import write_skill_mixture
+
+    try:
+        max_bytes = None if args.max_mb is None else int(args.max_mb * 1e6)
+        meta = build_corpus(
+            args.source,
+            args.out,
+            tokenizer=args.tokenizer,
+            vocab_size=args.vocab_size,
+            heldout_fraction=args.heldout_fraction,
+            max_bytes=max_bytes,
+            seed=args.seed,
+        )
+        if args.skills_tokens:
+            # The trainer draws its own share of batches from skills.bin: keep the file all skills.
+            write_skill_mixture(args.out, args.skills_tokens, skill_fraction=1.0, seed=args.seed)
+    except (ValueError, TypeError) as exc:
+        print(f"subquad corpus: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: meta[k] for k in ("vocab_size", "tokens", "bytes_per_token")}, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="subquad train", description="train a Subquad model")
     add_train_arguments(parser)
