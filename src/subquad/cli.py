@@ -1,5 +1,6 @@
-"""The ``subquad`` command line: ``bench`` (attention benchmark), ``eval`` (long-context suites),
-``corpus`` (training data) and ``train`` (training and dense-to-SSA conversion)."""
+"""The ``subquad`` command line: ``demo`` (needles in long haystacks with a trained model), ``bench``
+(attention benchmark), ``eval`` (long-context suites), ``corpus`` (training data) and ``train``
+(training and dense-to-SSA conversion)."""
 
 from __future__ import annotations
 
@@ -78,6 +79,115 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="find needles in 4K-64K token haystacks with the shipped model (GPU: up to 12M tokens)",
+        description="Hide a needle in haystacks of several lengths and depths, let a trained Subquad "
+        "model answer, and print accuracy, seconds per sample and the share of keys SSA attends per "
+        "length. Writes a heatmap and demo.json to --out.",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="PATH",
+        help="transformers model directory with its tokenizer (default: the shipped subquad-nano)",
+    )
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default: cpu)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--lengths", default=None, help="comma-separated context lengths in tokens, e.g. 4k,16k,1m"
+    )
+    group.add_argument(
+        "--max-length",
+        default="64k",
+        help="longest length of the ladder 4k,16k,64k,256k,1m,2m,4m,12m to run (default: 64k)",
+    )
+    p.add_argument(
+        "--depths", default=None, help="needle depths in percent, e.g. 10,50,90 (default: 10,50,90)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="prompt seed (default: 0)")
+    p.add_argument("--out", default="runs/demo", metavar="DIR", help="output directory (default: runs/demo)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from subquad import demo
+    from subquad.eval._core import format_length, parse_length, parse_lengths
+
+    def fail(message: str) -> int:
+        print(f"subquad demo: error: {message}", file=sys.stderr)
+        return 2
+
+    try:
+        lengths = parse_lengths(args.lengths) if args.lengths is not None else None
+    except ValueError as exc:
+        return fail(f"--lengths {args.lengths!r}: {exc}")
+    if lengths is None:
+        try:
+            lengths = demo.demo_lengths(parse_length(args.max_length))
+        except ValueError as exc:
+            return fail(f"--max-length {args.max_length!r}: {exc}")
+    try:
+        depths = demo.parse_depths(args.depths) if args.depths is not None else list(demo.DEFAULT_DEPTHS)
+    except ValueError as exc:
+        return fail(f"--depths {args.depths!r}: {exc} (e.g. --depths 10,50,90)")
+    import torch
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        return fail(f"--device {args.device!r}: not a torch device (e.g. cpu, cuda, cuda:1)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return fail(f"--device {args.device!r}: CUDA is not available here")
+    path = Path(args.model) if args.model is not None else demo.default_model_path()
+    if not (path / "config.json").is_file():
+        if args.model is None:
+            return fail(
+                f"no model at {path} (the shipped subquad-nano checkpoint is not installed); "
+                "--model PATH can point to another model directory"
+            )
+        return fail(f"--model {args.model!r}: not a model directory (no config.json there)")
+    try:
+        model, tokenizer = demo.load(path, device=args.device)
+    except (OSError, ValueError) as exc:
+        return fail(f"could not load the model at {path}: {exc}")
+    ssa = demo.ssa_config_of(model.config)
+    attention = (
+        f"SSA (block {ssa.block_size}, {ssa.sink_blocks} sink + {ssa.local_blocks} local + {ssa.top_k} "
+        f"routed blocks)"
+        if ssa is not None
+        else "dense attention"
+    )
+    params = sum(p.numel() for p in model.parameters())
+    print(
+        f"subquad demo: {path.name} ({params / 1e6:.1f}M parameters, {attention}) on {args.device}; "
+        f"{len(depths)} needle depth{'s' * (len(depths) > 1)} x "
+        f"{len(lengths)} length{'s' * (len(lengths) > 1)} "
+        f"({', '.join(format_length(n) for n in lengths)})",
+        flush=True,
+    )
+    try:
+        result = demo.run(
+            model,
+            tokenizer,
+            lengths=lengths,
+            depths=depths,
+            out_dir=args.out,
+            seed=args.seed,
+            max_new_tokens=demo.MAX_NEW_TOKENS,
+            progress=not args.no_progress,
+            model_name=path.name,
+        )
+    except (ValueError, TypeError) as exc:
+        return fail(str(exc))
+    print(demo.format_table(result))
+    print(f"total {result['total_seconds']:.0f} s; heatmap: {result['heatmap']}, results: {result['json']}")
+    return 0
+
+
 def _max_len(text: str) -> int:
     """A length limit; ``0`` turns the measurement off."""
     from subquad.benchmark import parse_length
@@ -88,11 +198,14 @@ def _max_len(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="subquad", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_demo(sub)
     _add_bench(sub)
     add_eval_arguments(sub.add_parser("eval", help="run RULER-, MRCR- or needle-style evaluations"))
     add_corpus_arguments(sub.add_parser("corpus", help="build a tokenized training corpus from local files"))
     add_train_arguments(sub.add_parser("train", help="train a Subquad model, or convert a dense twin"))
     args = parser.parse_args(argv)
+    if args.command == "demo":
+        return _run_demo(args)
     if args.command == "bench":
         return _run_bench(args)
     if args.command == "train":

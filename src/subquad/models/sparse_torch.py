@@ -19,7 +19,10 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-_CHUNK_ELEMENTS = 1 << 26
+from subquad.ops.ssa.naive import gather_blocks, key_blocks
+
+# Per-chunk gathers of ~32 MB: larger ones cost more in page faults than they save in calls.
+_CHUNK_ELEMENTS = 1 << 23
 
 # rotate(x, positions) -> x rotated: x [..., N, D], positions broadcastable to [..., N].
 Rotate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -50,14 +53,17 @@ def sparse_attention_torch(
     keys_per_token = block_idx.shape[-1] * block_size
     chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * k.shape[2] * keys_per_token * max(dim, v.shape[-1])))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    # Whole blocks are copied per selected slot (rows of block_size x D), not single elements.
+    k_blocks, v_blocks = key_blocks(k, block_size), key_blocks(v, block_size)
     out = []
     for start in range(0, seq_len_q, chunk):
         stop = min(seq_len_q, start + chunk)
         first_pos = k.shape[1] - seq_len_q + start
         args = (
             q[:, start:stop],
-            k,
-            v,
+            k_blocks,
+            v_blocks,
+            k.shape[1],
             block_idx[:, :, start:stop],
             block_size,
             scale,
@@ -73,9 +79,21 @@ def sparse_attention_torch(
     return torch.cat(out, dim=1)
 
 
-def _chunk(q, k, v, block_idx, block_size, scale, causal, first_pos, sliding_window, local_rotary):
+def _chunk(
+    q,
+    k_blocks,
+    v_blocks,
+    seq_len_k,
+    block_idx,
+    block_size,
+    scale,
+    causal,
+    first_pos,
+    sliding_window,
+    local_rotary,
+):
     batch, chunk, heads_q, dim = q.shape
-    seq_len_k, heads_kv = k.shape[1], k.shape[2]
+    heads_kv = block_idx.shape[1]
     group = heads_q // heads_kv
     idx = block_idx.long()
     key_pos = (idx[..., None] * block_size + torch.arange(block_size, device=q.device)).flatten(-2)
@@ -85,12 +103,7 @@ def _chunk(q, k, v, block_idx, block_size, scale, causal, first_pos, sliding_win
         valid &= key_pos <= query_pos[:, None]
     if sliding_window is not None:
         valid &= key_pos > query_pos[:, None] - sliding_window
-    gather_pos = key_pos.clamp(0, seq_len_k - 1)  # [B, Hkv, Tc, K * bs]
-    kg = k.transpose(1, 2).gather(2, gather_pos.flatten(2)[..., None].expand(-1, -1, -1, dim)).float()
-    kg = kg.view(batch, heads_kv, chunk, -1, dim)
-    vh = v.transpose(1, 2)
-    vg = vh.gather(2, gather_pos.flatten(2)[..., None].expand(-1, -1, -1, vh.shape[-1])).float()
-    vg = vg.view(batch, heads_kv, chunk, -1, vh.shape[-1])
+    kg, vg = gather_blocks(k_blocks, v_blocks, idx)
     qh = q.float().view(batch, chunk, heads_kv, group, dim).permute(0, 2, 1, 3, 4)  # [B, Hkv, Tc, G, D]
     scores = torch.matmul(qh, kg.transpose(-1, -2))  # [B, Hkv, Tc, G, K * bs]
     if local_rotary is not None:

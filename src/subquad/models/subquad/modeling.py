@@ -28,8 +28,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from subquad.cache import SSACache, SSACacheLayer
 from subquad.models.sparse_torch import sparse_attention_torch
+from subquad.models.sparse_triton import sparse_attention_local_rotary_triton
 from subquad.models.subquad.configuration import SubquadConfig
-from subquad.ops.ssa.interface import ssa_attention
+from subquad.ops.ssa.interface import resolve_backend, ssa_attention
 from subquad.ops.ssa.select import select_blocks
 from subquad.ops.ssa.triton_decode import ssa_decode
 
@@ -155,9 +156,15 @@ class SubquadAttention(nn.Module):
 
     def _attend(self, q, k, v, summaries) -> torch.Tensor:
         """Causal attention, bottom-right aligned, all rows of the same length: ``[B, T, Hq, Dv]``."""
-        config = self.config
-        if config.attention == "dense":
+        if self.config.attention == "dense":
             return _dense_sdpa(q, k, v, self.scale)
+        return self._attend_sparse(q, k, v, summaries)
+
+    # torch.compile traces the rest of the layer; routing and the kernels' work lists are
+    # data-dependent, so the sparse part runs eagerly.
+    @torch.compiler.disable
+    def _attend_sparse(self, q, k, v, summaries) -> torch.Tensor:
+        config = self.config
         ssa = config.ssa_config
         if config.position_scheme == "rope":
             if q.shape[1] == 1 and summaries is not None:
@@ -166,6 +173,11 @@ class SubquadAttention(nn.Module):
         # local_rope: q and k arrive unrotated; routing uses them as they are (pre-rotary).
         with torch.no_grad():
             selection = select_blocks(q.detach(), k.detach(), ssa, causal=True, summaries=summaries)
+        if resolve_backend("auto", q, v) == "triton":
+            return sparse_attention_local_rotary_triton(
+                q, k, v, selection.block_idx, ssa.block_size, self.scale, self.rotary, ssa.sink_blocks,
+                ssa.local_blocks,
+            )  # fmt: skip
         return sparse_attention_torch(
             q,
             k,

@@ -38,7 +38,7 @@ def sparse_attention_naive(
     scale = dim**-0.5 if scale is None else scale
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     # Keys and values as [B * Hkv * NB, block_size, D] rows, converted once for all chunks.
-    k_blocks, v_blocks = _as_blocks(k, block_size), _as_blocks(v, block_size)
+    k_blocks, v_blocks = key_blocks(k, block_size), key_blocks(v, block_size)
     out = []
     for start in range(0, seq_len_q, chunk):
         stop = min(seq_len_q, start + chunk)
@@ -63,7 +63,7 @@ def sparse_attention_naive(
     return torch.cat(out, dim=1)
 
 
-def _as_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+def key_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """``[B, S, H, D]`` -> ``[B * H * NB, block_size, D]`` float32, zero-padded to whole blocks."""
     batch, seq_len, heads, dim = x.shape
     num_blocks = -(-seq_len // block_size)
@@ -73,12 +73,26 @@ def _as_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     )
 
 
+def gather_blocks(
+    k_blocks: torch.Tensor, v_blocks: torch.Tensor, block_idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of every selected block: ``[B, Hkv, Tc, K * bs, D]`` each, from the
+    :func:`key_blocks` tables and ``block_idx [B, Hkv, Tc, K]`` (``-1`` slots read block 0: mask them)."""
+    batch, heads_kv, chunk, num_slots = block_idx.shape
+    num_blocks, block_size = k_blocks.shape[0] // (batch * heads_kv), k_blocks.shape[1]
+    # Row of each selected block in the [B * Hkv * NB] block table.
+    owner = torch.arange(batch * heads_kv, device=block_idx.device).view(batch, heads_kv, 1, 1) * num_blocks
+    rows = (owner + block_idx.clamp(min=0)).flatten()
+    kg = k_blocks.index_select(0, rows).view(batch, heads_kv, chunk, num_slots * block_size, -1)
+    vg = v_blocks.index_select(0, rows).view(batch, heads_kv, chunk, num_slots * block_size, -1)
+    return kg, vg
+
+
 def _sparse_attention_chunk(
     q, k_blocks, v_blocks, block_idx, block_size, seq_len_k, causal, scale, first_pos
 ):
     batch, chunk, heads_q, dim = q.shape
-    heads_kv, num_slots = block_idx.shape[1], block_idx.shape[-1]
-    num_blocks = k_blocks.shape[0] // (batch * heads_kv)
+    heads_kv = block_idx.shape[1]
     group = heads_q // heads_kv
     idx = block_idx.long()
     # [B, Hkv, Tc, K * bs] absolute key positions of every selected slot.
@@ -87,11 +101,7 @@ def _sparse_attention_chunk(
     if causal:
         query_pos = torch.arange(first_pos, first_pos + chunk, device=q.device)
         valid &= key_pos <= query_pos[:, None]
-    # Row of each selected block in the [B * Hkv * NB] block table.
-    owner = torch.arange(batch * heads_kv, device=q.device).view(batch, heads_kv, 1, 1) * num_blocks
-    rows = (owner + idx.clamp(min=0)).flatten()
-    kg = k_blocks.index_select(0, rows).view(batch, heads_kv, chunk, num_slots * block_size, dim)
-    vg = v_blocks.index_select(0, rows).view(batch, heads_kv, chunk, num_slots * block_size, -1)
+    kg, vg = gather_blocks(k_blocks, v_blocks, idx)
     qh = q.float().view(batch, chunk, heads_kv, group, dim).permute(0, 2, 1, 3, 4)  # [B, Hkv, Tc, G, D]
     scores = torch.matmul(qh, kg.transpose(-1, -2)) * scale  # [B, Hkv, Tc, G, K * bs]
     scores = scores.masked_fill(~valid[:, :, :, None, :], float("-inf"))

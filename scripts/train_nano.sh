@@ -1,0 +1,199 @@
+#!/usr/bin/env bash
+# Issue 5 on one GPU: corpus -> SSA nano + dense twin (trained side by side) -> converted twin -> evals.
+#
+#   bash scripts/train_nano.sh launch STAGE   run STAGE detached (setsid), log in $RUNS/logs/STAGE.log
+#   bash scripts/train_nano.sh follow SECONDS print progress until the detached stage ends or SECONDS pass,
+#                                             then copy results (and the bf16 models, split) to $OUT
+#   bash scripts/train_nano.sh STAGE          run STAGE in the foreground
+#
+# Stages: main (corpus, probe, train, convert, short evals), long (needle retrieval up to 12M), tests.
+# Every step skips work that is already done (models saved, eval results resume), so rerunning a
+# stage after a crash or on a fresh machine continues from what exists under $RUNS.
+# Settings come from the environment; defaults are the ones used for the shipped model.
+set -uo pipefail
+export PYTHONPATH=src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
+RUNS=${RUNS:-runs}
+OUT=${OUT:-$RUNS/out}
+SITE=${SITE:-$(python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")}
+CORPUS_MB=${CORPUS_MB:-250}
+SKILLS_TOKENS=${SKILLS_TOKENS:-40000000}
+TRAIN_MINUTES=${TRAIN_MINUTES:-13}      # wall-clock budget for the two trainings running together
+TOKENS_PER_STEP=${TOKENS_PER_STEP:-131072}
+SKILLS_FRACTION=${SKILLS_FRACTION:-0.25}
+LR=${LR:-3e-3}
+LENGTHS=${LENGTHS:-"1024 4096 16384 32768"}  # curriculum: 25% / 30% / 30% / 15% of the steps
+TRAIN_LEN=${LENGTHS##* }                     # the longest training length
+FLAVOR=${FLAVOR:-nano}
+DEVICE=${DEVICE:-cuda}
+COMPILE=${COMPILE:---compile}
+EVAL_SAMPLES=${EVAL_SAMPLES:-10}
+mkdir -p "$RUNS/logs" "$OUT"
+
+log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$RUNS/logs/progress.log"; }
+train() { python3 -m subquad.train.cli --corpus "$RUNS/corpus" --flavor "$FLAVOR" --seed 0 --device "$DEVICE" $COMPILE \
+  --tokens-per-step "$TOKENS_PER_STEP" --micro-batch-tokens 65536 --lr "$LR" --no-progress "$@"; }
+
+corpus() {
+  [ -f "$RUNS/corpus/skills.bin" ] && return 0
+  log "corpus: $CORPUS_MB MB of $SITE + $SKILLS_TOKENS skill tokens"
+  python3 -m subquad.cli corpus --source "$SITE" --out "$RUNS/corpus" --vocab-size 8192 \
+    --max-mb "$CORPUS_MB" --skills-tokens "$SKILLS_TOKENS" > "$RUNS/logs/corpus.log" 2>&1 || return 1
+  tail -5 "$RUNS/logs/corpus.log"
+}
+
+# Steps for the main run: time a few steps of both models at each curriculum length, side by side
+# (as they will train), and fit the SSA model's (the slower) schedule into TRAIN_MINUTES.
+probe() {
+  [ -f "$RUNS/plan.env" ] && return 0
+  log "probe: step times at $LENGTHS, SSA and dense side by side"
+  local sched i=0 n
+  sched=$(for n in $LENGTHS; do printf "%s%d:%d" "${sched:+,}" $((i * 6)) "$n"; sched=1; i=$((i + 1)); done)
+  for attn in ssa dense; do
+    train --attention "$attn" --out "$RUNS/probe-$attn" --steps 24 --seq-len-schedule "$sched" \
+      --warmup-steps 2 --eval-interval 0 --eval-tokens 32768 --checkpoint-interval 1000 --log-interval 1 \
+      > "$RUNS/logs/probe-$attn.log" 2>&1 &
+  done
+  wait
+  python3 - "$RUNS" "$TRAIN_MINUTES" "$TOKENS_PER_STEP" $LENGTHS <<'EOF' || return 1
+import json, sys
+runs, minutes, tokens_per_step = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+lengths = [int(n) for n in sys.argv[4:]]
+def step_times(attn):
+    rows = [json.loads(l) for l in open(f"{runs}/probe-{attn}/metrics.jsonl") if '"loss"' in l]
+    by_len = {}
+    for r in rows:
+        by_len.setdefault(r["seq_len"], []).append(tokens_per_step / r["tokens_per_s"])
+    return {n: sorted(t[-3:])[1] for n, t in by_len.items()}  # median of the last 3 (compiled) steps
+ssa, dense = step_times("ssa"), step_times("dense")
+shares = dict(zip(lengths, (0.25, 0.30, 0.30, 0.15)))
+per_step = sum(shares[n] * max(ssa[n], dense[n]) for n in shares)
+steps = max(50, int(minutes * 60 / per_step / 50) * 50)
+marks = [0, int(0.25 * steps), int(0.55 * steps), int(0.85 * steps)]
+schedule = ",".join(f"{m}:{n}" for m, n in zip(marks, shares))
+print("step seconds ssa", ssa, "dense", dense, "->", steps, "steps", schedule)
+open(f"{runs}/plan.env", "w").write(f"STEPS={steps}\nSCHEDULE={schedule}\n")
+EOF
+  cat "$RUNS/plan.env"
+}
+
+train_pair() {
+  # shellcheck disable=SC1091
+  source "$RUNS/plan.env"
+  log "train: SSA nano and dense twin, $STEPS steps, $SCHEDULE"
+  local common=(--steps "$STEPS" --seq-len-schedule "$SCHEDULE" --warmup-steps $((STEPS / 30))
+    --skills-fraction "$SKILLS_FRACTION" --eval-interval $((STEPS / 4)) --eval-tokens 1048576
+    --checkpoint-interval 100 --log-interval 10)
+  [ -d "$RUNS/nano-ssa/final" ] || train --attention ssa --out "$RUNS/nano-ssa" "${common[@]}" \
+    > "$RUNS/logs/train-ssa.log" 2>&1 &
+  [ -d "$RUNS/nano-dense/final" ] || train --attention dense --out "$RUNS/nano-dense" "${common[@]}" \
+    > "$RUNS/logs/train-dense.log" 2>&1 &
+  wait
+  [ -d "$RUNS/nano-ssa/final" ] && [ -d "$RUNS/nano-dense/final" ] || { log "train: a run did not finish"; return 1; }
+}
+
+convert() {
+  [ -d "$RUNS/nano-converted/final" ] && return 0
+  # shellcheck disable=SC1091
+  source "$RUNS/plan.env"
+  local steps=$((STEPS * 4 / 100))   # 4% of the twin's training tokens (the issue allows 5%)
+  log "convert: dense twin -> SSA, fine-tune $steps steps at $TRAIN_LEN"
+  train --convert-from "$RUNS/nano-dense/final" --out "$RUNS/nano-converted" --steps "$steps" --lr 3e-4 \
+    --warmup-steps $((steps / 10 + 1)) --seq-len-schedule "0:$TRAIN_LEN" --skills-fraction "$SKILLS_FRACTION" \
+    --eval-interval 0 --eval-tokens 1048576 --checkpoint-interval 1000 --log-interval 5 \
+    > "$RUNS/logs/convert.log" 2>&1
+}
+
+MODELS=(ssa:nano-ssa/final dense:nano-dense/final swap:nano-converted/converted converted:nano-converted/final)
+RULER_LENGTHS=${RULER_LENGTHS:-4k,16k,32k}
+MRCR_LENGTHS=${MRCR_LENGTHS:-32k,128k}
+eval_model() {  # $1 name, $2 model dir: every short eval of one model, one after the other
+  local name=$1 dir=$2 res=$RUNS/results/$1 elog=$RUNS/logs/eval-$1.log
+  log "eval $name: held-out loss, RULER $RULER_LENGTHS, niah_single $TRAIN_LEN, MRCR $MRCR_LENGTHS"
+  ev() { python3 -m subquad.cli eval --model "$dir" --device "$DEVICE" --no-progress "$@" >> "$elog" 2>&1; }
+  python3 -m subquad.train.heldout --model "$dir" --corpus "$RUNS/corpus" --seq-len "$TRAIN_LEN" --tokens 1m \
+    --device "$DEVICE" --out "$res/heldout.json" >> "$elog" 2>&1
+  ev --suite ruler --lengths "$RULER_LENGTHS" --samples "$EVAL_SAMPLES" --max-new-tokens 32 --batch-size 16 \
+    --out "$res/ruler"
+  ev --suite ruler --tasks niah_single_1,niah_single_2,niah_single_3 --lengths "$TRAIN_LEN" --samples 50 \
+    --max-new-tokens 32 --batch-size 4 --out "$res/niah-single"
+  ev --suite mrcr --lengths "$MRCR_LENGTHS" --samples "$EVAL_SAMPLES" --max-new-tokens 64 --out "$res/mrcr"
+  log "eval $name: done"
+}
+
+evals_short() {  # the four models side by side: small-batch evals leave most of the GPU idle
+  for entry in "${MODELS[@]}"; do eval_model "${entry%%:*}" "$RUNS/${entry#*:}" & done
+  [ -f "$RUNS/results/recall.json" ] || python3 -m subquad.eval.recall --model "$RUNS/nano-ssa/final" \
+    --corpus "$RUNS/corpus" --length "$TRAIN_LEN" --windows 4 --device "$DEVICE" --out "$RUNS/results/recall.json" \
+    >> "$RUNS/logs/eval-recall.log" 2>&1 &
+  wait
+}
+
+# Needle retrieval far past the training length. Sample counts shrink with length to fit the GPU
+# session (a 12M prompt takes about a minute to prefill); the model card states them.
+NEEDLE_PLAN=${NEEDLE_PLAN:-"128k:50 1m:20 2m:10 6m:4 12m:3"}
+evals_long() {
+  local model=${1:-$RUNS/nano-ssa/final} name=${2:-ssa}
+  for item in $NEEDLE_PLAN; do
+    log "needles $name ${item%%:*} x ${item#*:} per task"
+    python3 -m subquad.cli eval --model "$model" --device "$DEVICE" --no-progress --suite ruler \
+      --tasks niah_single_1,niah_single_2,niah_single_3 --lengths "${item%%:*}" --samples "${item#*:}" \
+      --max-new-tokens 32 --out "$RUNS/results/$name/niah-single" >> "$RUNS/logs/eval-long.log" 2>&1
+  done
+}
+
+bf16_copy() {  # $1 model dir -> $2: bf16 safetensors in shards that fit $OUT's 16 MiB files
+  [ -f "$2/config.json" ] && return 0
+  python3 - "$1" "$2" <<'EOF'
+import shutil, sys, torch
+from pathlib import Path
+from subquad.models import SubquadForCausalLM
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+model = SubquadForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+model.save_pretrained(dst, max_shard_size="12MB")
+for f in src.iterdir():
+    if f.is_file() and not f.name.startswith("model") and not (dst / f.name).exists():
+        shutil.copy2(f, dst / f.name)
+EOF
+}
+
+collect() {  # results, logs, metrics and the bf16 SSA models -> $OUT (<= 8 files of < 16 MiB)
+  mkdir -p "$OUT"
+  [ -d "$RUNS/nano-ssa/final" ] && bf16_copy "$RUNS/nano-ssa/final" "$RUNS/ship/subquad-nano"
+  [ -d "$RUNS/nano-converted/final" ] && bf16_copy "$RUNS/nano-converted/final" "$RUNS/ship/subquad-nano-converted"
+  local small=("$RUNS/logs" "$RUNS/results" "$RUNS/plan.env")
+  for run in nano-ssa nano-dense nano-converted probe-ssa probe-dense; do
+    for f in metrics.jsonl summary.json train_config.json; do [ -f "$RUNS/$run/$f" ] && small+=("$RUNS/$run/$f"); done
+  done
+  tar czf "$OUT/results.tgz" "${small[@]}" "$RUNS/corpus/meta.json" 2>/dev/null
+  [ -d "$RUNS/ship" ] && tar cf - "$RUNS/ship" | split -b 15M - "$OUT/ship.tar.part-"
+  ls -la "$OUT"
+}
+
+stage() {
+  case "$1" in
+    tests) python3 -m pytest -q tests/models/test_sparse_triton.py tests/models/test_subquad_model.py 2>&1 | tail -3 ;;
+    main) corpus && probe && train_pair && convert && evals_short && log "main: done" ;;
+    long) evals_long "$RUNS/nano-ssa/final" ssa; evals_long "$RUNS/nano-converted/final" converted; log "long: done" ;;
+    *) echo "unknown stage $1 (tests, main, long)"; return 2 ;;
+  esac
+}
+
+case "${1:-}" in
+  launch)
+    setsid nohup bash "$0" "$2" > "$RUNS/logs/$2.log" 2>&1 < /dev/null &
+    echo $! > "$RUNS/logs/$2.pid"; log "launched $2 (pid $!)" ;;
+  follow)
+    deadline=$((SECONDS + ${2:-540}))
+    while [ $SECONDS -lt $deadline ]; do
+      running=0
+      for pid in "$RUNS"/logs/*.pid; do [ -f "$pid" ] && kill -0 "$(cat "$pid")" 2>/dev/null && running=1; done
+      [ $running = 0 ] && break
+      sleep 10
+    done
+    tail -n 30 "$RUNS/logs/progress.log"
+    for f in "$RUNS"/logs/train-*.log "$RUNS"/logs/convert.log; do [ -f "$f" ] && { echo "== $f"; tail -c 600 "$f"; echo; }; done
+    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
+    collect ;;
+  "") echo "usage: $0 launch STAGE | follow SECONDS | STAGE"; exit 2 ;;
+  *) stage "$1" ;;
+esac
