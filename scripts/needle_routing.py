@@ -1,0 +1,110 @@
+"""Does the router find the needle? Rank of the needle's block for the prompt's last token, per layer.
+
+Retrieval can fail in two places: the router never selects the block holding the needle, or it
+does and the model cannot read the answer out of it. This prefills one needle prompt per length
+(``subquad.eval.niah``) and, in every layer, scores all earlier blocks with the last token's routing
+query (the first answer token is predicted there). It reports the needle block's rank among the
+routing candidates (1 = best; the router takes the ``top_k`` best) and whether it was selected.
+
+    PYTHONPATH=src python scripts/needle_routing.py --lengths 32k,1m,4m,12m --device cuda --out needle.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from subquad.benchmark import parse_length
+from subquad.demo import default_model_path
+from subquad.eval import niah
+from subquad.eval.runner import load_model
+from subquad.ops.ssa.select import block_summaries, routing_queries, select_blocks
+
+
+def needle_ranks(model, tokenizer, length: int, depth: float, seed: int) -> dict:
+    sample = niah.generate(length, depth, tokenizer, num_samples=1, seed=seed)[0]
+    ids = tokenizer(sample.input, return_tensors="pt").input_ids.to(model.device)
+    # The needle's value is the first place its digits appear; its token index is the length of the
+    # prompt's text before it, tokenized the same way.
+    value_at = sample.input.index(sample.answers[0])
+    needle_token = len(tokenizer(sample.input[:value_at]).input_ids)
+    ssa = model.config.ssa_config
+    needle_block = needle_token // ssa.block_size
+    layers = []
+
+    def capture(attention, original):
+        def wrapped(q, k, v, summaries):
+            if k.shape[1] == ids.shape[1]:  # the chunk holding the prompt's last token
+                q_last = q[:, -1:]
+                summ = block_summaries(k, ssa.block_size) if summaries is None else summaries
+                route = routing_queries(q_last, k.shape[2])[:, 0]
+                scores = torch.einsum("bhd,bnhd->bhn", route, summ.float())
+                # Candidates: complete blocks after the sinks and before the local window.
+                last_block = (k.shape[1] - 1) // ssa.block_size
+                candidates = scores[0, :, ssa.sink_blocks : last_block - ssa.local_blocks + 1]
+                needle_score = candidates[:, needle_block - ssa.sink_blocks]
+                rank = (candidates > needle_score[:, None]).sum(-1) + 1
+                selected = select_blocks(q_last, k, ssa, summaries=summaries).block_idx
+                layers.append(
+                    {
+                        "layer": attention.layer_idx,
+                        "rank": rank.tolist(),
+                        "candidates": candidates.shape[-1],
+                        "selected": bool((selected == needle_block).any()),
+                    }
+                )
+            return original(q, k, v, summaries)
+
+        return wrapped
+
+    attentions = [layer.self_attn for layer in model.model.layers]
+    for attention in attentions:
+        attention._attend_sparse = capture(attention, attention._attend_sparse)
+    try:
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(input_ids=ids, logits_to_keep=1)
+        seconds = time.perf_counter() - start
+    finally:
+        for attention in attentions:
+            del attention._attend_sparse  # back to the class method
+    return {"length": length, "prompt_tokens": ids.shape[1], "needle_token": needle_token,
+            "needle_block": needle_block, "seconds": seconds, "layers": layers}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=str(default_model_path()))
+    parser.add_argument("--lengths", default="4k,16k")
+    parser.add_argument("--depth", type=float, default=50.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    model, tokenizer = load_model(args.model, device=args.device)
+    if model.config.attention != "ssa":
+        raise SystemExit(f"--model {args.model!r}: attention={model.config.attention!r}, needs an SSA model")
+    results = []
+    for text in args.lengths.split(","):
+        result = needle_ranks(model, tokenizer, parse_length(text), args.depth, args.seed)
+        results.append(result)
+        layers = result["layers"]
+        ranks = " ".join(f"{min(x['rank'])}{'*' if x['selected'] else ''}" for x in layers)
+        print(
+            f"{text}: needle block {result['needle_block']} of {layers[0]['candidates']} candidates; "
+            f"rank per layer (* = selected): {ranks}; {result['seconds']:.1f} s",
+            flush=True,
+        )
+    if args.out:
+        with open(args.out, "w") as f:
+            summary = {"model": args.model, "depth": args.depth, "seed": args.seed, "results": results}
+            json.dump(summary, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
