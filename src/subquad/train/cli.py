@@ -72,6 +72,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--betas", default="0.9,0.95")
     p.add_argument("--seq-len-schedule", default="0:512", help="curriculum step:seq_len,..., up to 32768")
     p.add_argument("--skills-fraction", type=float, default=0.0, help="share of windows from skills.bin")
+    p.add_argument("--routing-loss", type=float, default=0.0,
+                   help="router loss weight (SSA: KL, dense block mass vs routing; 0 = off)")  # fmt: skip
+    p.add_argument("--routing-loss-queries", type=int, default=64, help="query rows per sequence for it")
     p.add_argument(
         "--eval-interval", type=int, default=250, help="steps between held-out evals (0: end only)"
     )
@@ -112,6 +115,7 @@ def run_train(args: argparse.Namespace) -> int:
             lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, steps=args.steps,
             weight_decay=args.weight_decay, grad_clip=args.grad_clip, betas=betas,
             seq_len_schedule=args.seq_len_schedule, skills_fraction=args.skills_fraction,
+            routing_loss=args.routing_loss, routing_loss_queries=args.routing_loss_queries,
             eval_interval=args.eval_interval, eval_tokens=args.eval_tokens,
             checkpoint_interval=args.checkpoint_interval, log_interval=args.log_interval,
             max_minutes=args.max_minutes, compile=args.compile, dtype=args.dtype, device=args.device,

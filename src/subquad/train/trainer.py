@@ -67,6 +67,9 @@ class TrainConfig:
     windows have that length (at most 32K). ``skills_fraction``: share of windows drawn from
     ``skills.bin`` when the corpus has one.
 
+    ``routing_loss``: weight of the router loss (:mod:`subquad.models.routing_loss`, SSA models only;
+    0 = off) measured on ``routing_loss_queries`` query rows per sequence and layer.
+
     Budget: ``max_minutes`` stops cleanly (checkpoint written) before that much wall time has passed
     since ``train()`` started, so chained 10-minute jobs resume where the last one stopped.
     """
@@ -91,6 +94,8 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     seq_len_schedule: str | Sequence[tuple[int, int]] = "0:512"
     skills_fraction: float = 0.0
+    routing_loss: float = 0.0
+    routing_loss_queries: int = 64
     eval_interval: int = 250
     eval_tokens: int = 262144
     checkpoint_interval: int = 250
@@ -131,6 +136,9 @@ class TrainConfig:
             raise ValueError(f"betas={self.betas!r}: expected two floats in [0, 1)")
         if not (_is_number(self.skills_fraction) and 0 <= self.skills_fraction <= 1):
             raise ValueError(f"skills_fraction={self.skills_fraction!r}: expected a float in [0, 1]")
+        if not (_is_number(self.routing_loss) and self.routing_loss >= 0):
+            raise ValueError(f"routing_loss={self.routing_loss!r}: expected a float >= 0 (0 = off)")
+        _check_int("routing_loss_queries", self.routing_loss_queries, minimum=1)
         if self.max_minutes is not None and not (_is_number(self.max_minutes) and self.max_minutes > 0):
             raise ValueError(f"max_minutes={self.max_minutes!r}: expected a positive number or None")
         if self.peak_flops is not None and not (_is_number(self.peak_flops) and self.peak_flops > 0):
@@ -509,6 +517,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         model = _build_model(config, meta)
     model.to(device)
     model.train()
+    if config.routing_loss:
+        model.enable_routing_loss(config.routing_loss, config.routing_loss_queries)
     optimizer = _make_optimizer(model, config, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -616,8 +626,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
             loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}", T=seq_len, refresh=False
         )
         if step % config.log_interval == 0 or step == config.steps:
+            # The last micro-batch's router loss; "loss" includes routing_loss x this.
+            routing = None if model.last_routing_loss is None else float(model.last_routing_loss)
             log({"step": step, "loss": train_loss, "lr": lr, "seq_len": seq_len, "tokens": tokens_seen,
-                 "tokens_per_s": tok_s, "mfu": mfu, "flops": total_flops,
+                 "tokens_per_s": tok_s, "mfu": mfu, "flops": total_flops, "routing_loss": routing,
                  "grad_norm": None if grad_norm is None else float(grad_norm)})  # fmt: skip
         if will_eval:
             t_eval = time.monotonic()

@@ -27,6 +27,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from subquad.cache import SSACache, SSACacheLayer
+from subquad.models.routing_loss import routing_distillation_loss
 from subquad.models.sparse_torch import sparse_attention_torch
 from subquad.models.sparse_triton import sparse_attention_local_rotary_triton
 from subquad.models.subquad.configuration import SubquadConfig
@@ -93,6 +94,10 @@ class SubquadAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         self.rotary = SubquadRotary(self.head_dim, config.rope_theta)
+        # Router training (SubquadForCausalLM.enable_routing_loss): query rows per sequence, and the
+        # last training forward's loss, collected by the LM head's forward.
+        self.routing_loss_queries = 0
+        self.routing_loss: torch.Tensor | None = None
 
     def forward(
         self,
@@ -166,6 +171,8 @@ class SubquadAttention(nn.Module):
     def _attend_sparse(self, q, k, v, summaries) -> torch.Tensor:
         config = self.config
         ssa = config.ssa_config
+        if self.training and self.routing_loss_queries and summaries is None:
+            self.routing_loss = routing_distillation_loss(q, k, ssa, self.scale, self.routing_loss_queries)
         if config.position_scheme == "rope":
             if q.shape[1] == 1 and summaries is not None:
                 return ssa_decode(q, k, v, ssa, summaries=summaries, scale=self.scale)
@@ -359,7 +366,35 @@ class SubquadForCausalLM(SubquadPreTrainedModel, GenerationMixin):
         self.model = SubquadModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.routing_loss_weight = 0.0
+        self.last_routing_loss: torch.Tensor | None = None
         self.post_init()
+
+    def enable_routing_loss(self, weight: float, num_queries: int = 64) -> None:
+        """Add ``weight`` x the layers' mean router loss (:mod:`subquad.models.routing_loss`) to the
+        training loss, measured on ``num_queries`` query rows per sequence; ``weight=0`` turns it off.
+        ``last_routing_loss`` holds the last value (detached)."""
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+            raise ValueError(f"weight={weight!r}: expected a number >= 0")
+        if isinstance(num_queries, bool) or not isinstance(num_queries, int) or num_queries < 1:
+            raise ValueError(f"num_queries={num_queries!r}: expected an int >= 1")
+        if weight > 0 and self.config.attention != "ssa":
+            attention = self.config.attention
+            raise ValueError(f"weight={weight}: the router loss needs attention='ssa', not {attention!r}")
+        self.routing_loss_weight = float(weight)
+        for layer in self.model.layers:
+            layer.self_attn.routing_loss_queries = num_queries if weight > 0 else 0
+
+    def _collect_routing_loss(self, like: torch.Tensor) -> torch.Tensor:
+        """Mean of the layers' router losses from this forward (0 when no row had candidates)."""
+        terms = []
+        for layer in self.model.layers:
+            if layer.self_attn.routing_loss is not None:
+                terms.append(layer.self_attn.routing_loss)
+                layer.self_attn.routing_loss = None
+        routing = torch.stack(terms).mean() if terms else like.new_zeros(())
+        self.last_routing_loss = routing.detach()
+        return routing
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -443,6 +478,8 @@ class SubquadForCausalLM(SubquadPreTrainedModel, GenerationMixin):
                 labels[:, 1:].reshape(-1).to(logits.device),
                 ignore_index=-100,
             )
+            if self.training and self.routing_loss_weight > 0:
+                loss = loss + self.routing_loss_weight * self._collect_routing_loss(loss)
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,

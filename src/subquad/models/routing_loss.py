@@ -1,0 +1,65 @@
+"""A training signal for the router: match the dense attention's mass over the routed candidates.
+
+Routing (top-k of ``routing query . block summary``) is not differentiable, so the language-model
+loss only shapes it indirectly, through the keys already selected. This loss gives it a direct
+target: for a few query rows per sequence, the share of each candidate block in the layer's own dense
+softmax over the candidate keys (sinks and the local window excluded: they are always attended),
+and the router's softmax over the same blocks. ``KL(target || router)`` pulls the routing scores of
+the blocks attention would use above the rest; gradients reach q and k (through the summaries), the
+target is detached. Cost per layer: ``rows x S`` scores, small next to the layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from subquad.ops.ssa.config import SSAConfig
+from subquad.ops.ssa.select import block_summaries, routing_queries
+
+
+def routing_distillation_loss(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    config: SSAConfig,
+    scale: float,
+    num_queries: int,
+    summaries: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """``KL(dense block mass || router distribution)`` over the routed candidates, averaged over
+    ``num_queries`` evenly spaced query rows that have candidates, batch and KV heads.
+
+    q ``[B, T, Hq, D]`` and k ``[B, T, Hkv, D]`` (self-attention, ``T == S``) as the layer routes with
+    them. Router logits are ``scale * mean over the group's heads of q . summary``. Returns a scalar,
+    or None when no row has a candidate block (sequences shorter than sinks + local window + 1 block).
+    """
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(f"q, k: expected self-attention (T == S), got T={q.shape[1]}, S={k.shape[1]}")
+    batch, seq_len, heads_q, dim = q.shape
+    heads_kv, block_size = k.shape[2], config.block_size
+    group = heads_q // heads_kv
+    first = (config.sink_blocks + config.local_blocks) * block_size  # first token with a candidate
+    if seq_len <= first or num_queries < 1:
+        return None
+    rows = torch.linspace(first, seq_len - 1, min(num_queries, seq_len - first), device=q.device).long()
+    rows = rows.unique()
+    num_blocks = -(-seq_len // block_size)
+    block = torch.arange(num_blocks, device=q.device)
+    last_candidate = rows // block_size - config.local_blocks  # [R]
+    candidate = (block >= config.sink_blocks) & (block <= last_candidate[:, None])  # [R, NB]
+
+    q_rows = q[:, rows]  # [B, R, Hq, D]
+    with torch.no_grad():
+        keys = torch.nn.functional.pad(k.float(), (0, 0, 0, 0, 0, num_blocks * block_size - seq_len))
+        keys = keys.repeat_interleave(group, dim=2)  # [B, NB * bs, Hq, D]
+        scores = torch.einsum("brhd,bshd->bhrs", q_rows.float() * scale, keys)
+        key_ok = candidate.repeat_interleave(block_size, dim=1)  # [R, NB * bs]
+        scores = scores.masked_fill(~key_ok, float("-inf"))
+        mass = torch.softmax(scores, dim=-1).view(batch, heads_q, len(rows), num_blocks, block_size).sum(-1)
+        target = mass.view(batch, heads_kv, group, len(rows), num_blocks).mean(2)  # [B, Hkv, R, NB]
+
+    summ = block_summaries(k, block_size) if summaries is None else summaries.float()
+    route = routing_queries(q_rows, heads_kv) / group  # [B, R, Hkv, D]
+    logits = torch.einsum("brhd,bnhd->bhrn", route, summ) * scale
+    log_router = torch.log_softmax(logits.masked_fill(~candidate, float("-inf")), dim=-1)
+    kl = torch.xlogy(target, target) - target * log_router.masked_fill(~candidate, 0.0)
+    return kl.sum(-1).mean()
