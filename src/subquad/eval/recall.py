@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from subquad.eval import runner
 from subquad.ops.ssa.interface import _check_scale, _check_selection, attention_recall, validate_qkv
 from subquad.ops.ssa.select import SSASelection, select_blocks
 
@@ -336,33 +337,13 @@ def window_starts(num_tokens: int, length: int, windows: int) -> list[int]:
 
 
 def _load_model(path: str, device: str, dtype: str):
-    from transformers import AutoModelForCausalLM
-
-    import subquad  # noqa: F401  - registers model_type="subquad" with the Auto classes
-
+    """The ``--model`` directory through the eval runner's loader (no tokenizer needed)."""
     if not Path(path).is_dir():
         raise ValueError(f"--model {path!r}: not a directory; expected a model saved with save_pretrained")
-    if dtype not in _DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        torch_device = torch.device(device)
-    except RuntimeError as error:
-        raise ValueError(f"--device {device!r}: not a torch device (e.g. cpu, cuda, cuda:1)") from error
-    if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device!r}: CUDA is not available here")
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False)
+        return runner.load_causal_lm(path, device=device, dtype=dtype)
     except (OSError, KeyError) as error:
         raise ValueError(f"--model {path!r}: cannot load a model from it ({error})") from error
-    model.to(torch_device)
-    model.eval()
-    return model
-
-
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def evaluate_corpus(
@@ -474,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=4, help="evenly spaced windows (default 4)")
     parser.add_argument("--out", required=True, metavar="FILE", help="JSON file to write")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (default auto)")
-    parser.add_argument("--dtype", default="auto", choices=_DTYPES, help="weights dtype (default auto)")
+    parser.add_argument("--dtype", default="auto", choices=runner.DTYPES, help="weights dtype (default auto)")
     parser.add_argument(
         "--max-queries", type=int, default=None, metavar="N",
         help="evaluate N evenly spaced query positions per window (default: all; O(T^2) per layer)",

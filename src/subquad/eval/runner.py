@@ -30,10 +30,13 @@ from typing import Any
 from . import mrcr, niah, ruler
 from ._core import Sample, check_int, encode, format_length, parse_lengths, postprocess_prediction
 
-__all__ = ["SUITES", "evaluate", "evaluate_path", "load_model", "parse_lengths", "suite_tasks"]
+__all__ = [
+    "DTYPES", "SUITES", "evaluate", "evaluate_path", "load_causal_lm", "load_model", "parse_lengths",
+    "suite_tasks",
+]  # fmt: skip
 
 SUITES: tuple[str, ...] = ("ruler", "mrcr", "niah")
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def suite_tasks(suite: str, tasks: str | Sequence[str] | None = None) -> list[str]:
@@ -319,17 +322,17 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     return title + "\n".join(rows) + "\n"
 
 
-def load_model(path: str | os.PathLike, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
-    """Load a causal LM and its tokenizer with the transformers Auto classes (no remote code)."""
+def load_causal_lm(path: str | os.PathLike, device: str = "auto", dtype: str = "auto") -> Any:
+    """Load a causal LM with ``AutoModelForCausalLM`` (no remote code), on ``device``, in eval mode."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     import subquad  # noqa: F401  - registers the Subquad model types with the Auto classes
 
     if not Path(path).exists():
         raise ValueError(f"model path {os.fspath(path)!r} does not exist; expected a saved model directory")
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; expected one of {', '.join(_DTYPES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; expected one of {', '.join(DTYPES)}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -338,12 +341,19 @@ def load_model(path: str | os.PathLike, device: str = "auto", dtype: str = "auto
         raise ValueError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from error
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False)
     model.to(torch_device)
     model.eval()
-    return model, tokenizer
+    return model
+
+
+def load_model(path: str | os.PathLike, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
+    """Load a causal LM (:func:`load_causal_lm`) and its tokenizer with the transformers Auto classes."""
+    from transformers import AutoTokenizer
+
+    model = load_causal_lm(path, device=device, dtype=dtype)
+    return model, AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
 def evaluate_path(
