@@ -31,7 +31,14 @@ from typing import Any
 import torch
 
 from subquad.eval import runner
-from subquad.ops.ssa.interface import _check_scale, _check_selection, attention_recall, validate_qkv
+from subquad.ops.ssa.interface import (
+    _check_scale,
+    _check_selection,
+    attention_recall,
+    check_max_queries,
+    query_rows,
+    validate_qkv,
+)
 from subquad.ops.ssa.select import SSASelection, select_blocks
 
 # Elements of the largest fp32 temporary one chunk of queries may allocate (128 MiB).
@@ -49,23 +56,6 @@ __all__ = [
 ]
 
 Rotate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def query_rows(seq_len_q: int, max_queries: int | None, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Query rows evaluated: all, or ``max_queries`` evenly spaced ones (as ``attention_recall`` picks)."""
-    rows = torch.arange(seq_len_q, device=device)
-    if max_queries is not None:
-        _check_max_queries(max_queries)
-        if max_queries < seq_len_q:
-            rows = torch.linspace(0, seq_len_q - 1, max_queries, device=device).round().long().unique()
-    return rows
-
-
-def _check_max_queries(max_queries: Any) -> None:
-    if max_queries is not None and (
-        isinstance(max_queries, bool) or not isinstance(max_queries, int) or max_queries < 1
-    ):
-        raise ValueError(f"max_queries={max_queries!r}: expected a positive int or None")
 
 
 def local_rope_recall(
@@ -251,7 +241,7 @@ def model_attention_recall(
     """
     modules = _attention_modules(model)
     chosen = _check_layers(layers, len(modules))
-    _check_max_queries(max_queries)
+    check_max_queries(max_queries)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
         got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids: expected a [batch, length] tensor of token ids, got {got}")
@@ -367,7 +357,7 @@ def evaluate_corpus(
     for name, value in (("length", length), ("windows", windows)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r}: expected a positive int")
-    _check_max_queries(max_queries)
+    check_max_queries(max_queries)
     _attention_modules(model)  # a dense or foreign model fails before the corpus is read
     if not Path(corpus).is_dir():
         raise ValueError(f"corpus={str(corpus)!r}: not a directory; build one with build_corpus")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -197,6 +198,23 @@ def _check_summaries(summaries: torch.Tensor, k: torch.Tensor, block_size: int) 
         raise ValueError(f"summaries: on {summaries.device}, expected {k.device} (the device of k)")
 
 
+def check_max_queries(max_queries: Any) -> None:
+    """``max_queries``: a positive int, or None for every query."""
+    if max_queries is not None and (
+        isinstance(max_queries, bool) or not isinstance(max_queries, int) or max_queries < 1
+    ):
+        raise ValueError(f"max_queries={max_queries!r}: expected a positive int or None")
+
+
+def query_rows(seq_len_q: int, max_queries: int | None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Query rows a recall evaluates: all of them, or ``max_queries`` evenly spaced ones."""
+    check_max_queries(max_queries)
+    rows = torch.arange(seq_len_q, device=device)
+    if max_queries is not None and max_queries < seq_len_q:
+        rows = torch.linspace(0, seq_len_q - 1, max_queries, device=device).round().long().unique()
+    return rows
+
+
 def attention_recall(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -223,12 +241,7 @@ def attention_recall(
     scale = _check_scale(scale, dim)
     bs = selection.block_size
     num_blocks = -(-seq_len_k // bs)
-    rows = torch.arange(seq_len_q, device=q.device)
-    if max_queries is not None:
-        if isinstance(max_queries, bool) or not isinstance(max_queries, int) or max_queries < 1:
-            raise ValueError(f"max_queries={max_queries!r}: expected a positive int or None")
-        if max_queries < seq_len_q:
-            rows = torch.linspace(0, seq_len_q - 1, max_queries, device=q.device).round().long().unique()
+    rows = query_rows(seq_len_q, max_queries, q.device)
     positions = rows + (seq_len_k - seq_len_q)
     pad = num_blocks * bs - seq_len_k
     kf = torch.nn.functional.pad(k.float(), (0, 0, 0, 0, 0, pad)).permute(0, 2, 3, 1)  # [B, Hkv, D, S']
