@@ -28,16 +28,18 @@ from subquad.ops.ssa.triton_routed import sparse_attention_fwd_routed
 
 
 def split_local_slots(
-    block_idx: torch.Tensor, block_size: int, sink_slots: int, local_slots: int
+    block_idx: torch.Tensor, block_size: int, sink_slots: int, local_slots: int, seq_len_k: int
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``block_idx [B, Hkv, T, K]`` -> (local ids relative to the tail, far ids, tail's first key).
+    """``block_idx [B, Hkv, T, K]`` (``select_blocks`` layout) -> (local ids relative to the tail, far
+    ids with sinks first, the tail's first key).
 
-    The tail starts at the first block any token's local window holds; far ids keep sinks first.
+    The tail starts at the first query's local window: its block minus ``local_slots - 1``, derived
+    from the shapes (bottom-right alignment), so no device sync is needed.
     """
+    seq_len_q = block_idx.shape[2]
+    first_block = max(0, (seq_len_k - seq_len_q) // block_size - local_slots + 1)
     local = block_idx[..., sink_slots : sink_slots + local_slots]
     far = torch.cat([block_idx[..., :sink_slots], block_idx[..., sink_slots + local_slots :]], dim=-1)
-    used = local[local >= 0]
-    first_block = int(used.min()) if used.numel() else 0
     local = torch.where(local >= 0, local - first_block, local)
     return local.contiguous(), far.contiguous(), first_block * block_size
 
@@ -110,7 +112,9 @@ def sparse_attention_local_rotary_triton(
     (fp16/bf16, CUDA); ``block_idx [B, Hkv, T, K]`` in ``select_blocks`` layout (sinks, local, routed).
     Query ``i`` sits at position ``S - T + i``. Returns ``[B, T, Hq, Dv]``."""
     seq_len_q, seq_len_k = q.shape[1], k.shape[1]
-    local_idx, far_idx, tail_start = split_local_slots(block_idx, block_size, sink_slots, local_slots)
+    local_idx, far_idx, tail_start = split_local_slots(
+        block_idx, block_size, sink_slots, local_slots, seq_len_k
+    )
     q_pos = torch.arange(seq_len_k - seq_len_q, seq_len_k, device=q.device)
     k_pos = torch.arange(tail_start, seq_len_k, device=q.device)
     q_rot = rotate(q, q_pos[None, :, None])
