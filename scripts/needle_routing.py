@@ -21,7 +21,7 @@ from subquad.benchmark import parse_length
 from subquad.demo import default_model_path
 from subquad.eval import niah
 from subquad.eval.runner import load_model
-from subquad.ops.ssa.select import block_summaries, routing_queries, select_blocks
+from subquad.ops.ssa.select import block_summaries, routing_queries
 
 
 def needle_ranks(model, tokenizer, length: int, depth: float, seed: int) -> dict:
@@ -36,18 +36,21 @@ def needle_ranks(model, tokenizer, length: int, depth: float, seed: int) -> dict
     layers = []
 
     def capture(attention, original):
-        def wrapped(q, k, v, summaries):
+        def wrapped(q, k, v, summaries, route=None):
             if k.shape[1] == ids.shape[1]:  # the chunk holding the prompt's last token
                 q_last = q[:, -1:]
-                summ = block_summaries(k, ssa.block_size) if summaries is None else summaries
-                route = routing_queries(q_last, k.shape[2])[:, 0]
-                scores = torch.einsum("bhd,bnhd->bhn", route, summ.float())
+                # What the layer routes with: its own q/k, or its learned router's.
+                route_q, route_k = (q, k) if route is None else route
+                summ = block_summaries(route_k, ssa.block_size) if summaries is None else summaries
+                last = routing_queries(route_q[:, -1:], k.shape[2])[:, 0]
+                scores = torch.einsum("bhd,bnhd->bhn", last.float(), summ.float())
                 # Candidates: complete blocks after the sinks and before the local window.
                 last_block = (k.shape[1] - 1) // ssa.block_size
                 candidates = scores[0, :, ssa.sink_blocks : last_block - ssa.local_blocks + 1]
                 needle_score = candidates[:, needle_block - ssa.sink_blocks]
                 rank = (candidates > needle_score[:, None]).sum(-1) + 1
-                selected = select_blocks(q_last, k, ssa, summaries=summaries).block_idx
+                last_route = None if route is None else (route[0][:, -1:], route[1])
+                selected = attention.select(q_last, k, summaries, last_route).block_idx
                 layers.append(
                     {
                         "layer": attention.layer_idx,
@@ -56,7 +59,7 @@ def needle_ranks(model, tokenizer, length: int, depth: float, seed: int) -> dict
                         "selected": bool((selected == needle_block).any()),
                     }
                 )
-            return original(q, k, v, summaries)
+            return original(q, k, v, summaries, route)
 
         return wrapped
 

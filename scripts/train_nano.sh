@@ -6,7 +6,9 @@
 #                                             then copy results (and the bf16 models, split) to $OUT
 #   bash scripts/train_nano.sh STAGE          run STAGE in the foreground
 #
-# Stages: main (corpus, probe, train, convert, short evals), long (needle retrieval up to 12M), tests.
+# Stages: main (corpus, probe, train, convert, short evals), long (needle retrieval up to 12M), tests,
+# retrieval (BASE_MODEL, by default the shipped nano, + a learned router, fine-tuned on a facts-heavy
+# skill mix, and its evals; FT_NAME names the run; MODEL=retrieval for `long` runs the long needles on it).
 # Every step skips work that is already done (models saved, eval results resume), so rerunning a
 # stage after a crash or on a fresh machine continues from what exists under $RUNS.
 # Settings come from the environment; defaults are the ones used for the shipped model.
@@ -103,6 +105,74 @@ convert() {
     > "$RUNS/logs/convert.log" 2>&1
 }
 
+# Retrieval fine-tune: start from BASE_MODEL (same tokenizer), add a learned router trained by the
+# router loss, shift the skill mix towards English facts documents ending in a quiz, and weigh the
+# answer tokens up (benchmarks/results/retrieval-2026-11-22/ has the runs these defaults come from).
+BASE_MODEL=${BASE_MODEL:-src/subquad/assets/subquad-nano}
+FT_MINUTES=${FT_MINUTES:-9}
+FT_LR=${FT_LR:-1e-3}
+FT_SKILLS_FRACTION=${FT_SKILLS_FRACTION:-0.5}
+FT_SKILLS_KINDS=${FT_SKILLS_KINDS:-facts=4,recall=1,copy=1,lookup=1}
+ROUTING_LOSS=${ROUTING_LOSS:-1.0}
+ANSWER_WEIGHT=${ANSWER_WEIGHT:-20}      # skill answer tokens count 1 + this in the loss
+FT_NAME=${FT_NAME:-nano-retrieval}      # run directory and results name
+FT_CORPUS=${FT_CORPUS:-corpus-ft}
+ROUTING_LENGTHS=${ROUTING_LENGTHS:-$TRAIN_LEN,1m}  # needle_routing.py: router ranks of the needle block
+ft_train() {
+  python3 -m subquad.train.cli --corpus "$RUNS/$FT_CORPUS" --init-from "$BASE_MODEL" --seed 0 --device "$DEVICE" \
+    $COMPILE --model-override router=learned --routing-loss "$ROUTING_LOSS" --routing-loss-queries 64 \
+    --skills-fraction "$FT_SKILLS_FRACTION" --answer-weight "$ANSWER_WEIGHT" --tokens-per-step "$TOKENS_PER_STEP" --micro-batch-tokens 65536 \
+    --lr "$FT_LR" --no-progress "$@"
+}
+retrieval() {
+  if [ ! -f "$RUNS/$FT_CORPUS/skills.bin" ]; then
+    log "$FT_CORPUS: $CORPUS_MB MB of $SITE with $BASE_MODEL's tokenizer + $SKILLS_TOKENS skill tokens ($FT_SKILLS_KINDS)"
+    python3 -m subquad.cli corpus --source "$SITE" --out "$RUNS/$FT_CORPUS" --tokenizer-from "$BASE_MODEL" \
+      --max-mb "$CORPUS_MB" --skills-tokens "$SKILLS_TOKENS" --skills-kinds "$FT_SKILLS_KINDS" \
+      > "$RUNS/logs/$FT_CORPUS.log" 2>&1 || return 1
+  fi
+  if [ ! -f "$RUNS/plan-$FT_NAME.env" ]; then
+    ft_train --out "$RUNS/probe-$FT_NAME" --steps 12 --seq-len-schedule "0:$TRAIN_LEN" --warmup-steps 2 \
+      --eval-interval 0 --eval-tokens 32768 --checkpoint-interval 1000 --log-interval 1 > "$RUNS/logs/probe-$FT_NAME.log" 2>&1
+    python3 - "$RUNS" "$FT_MINUTES" "$TOKENS_PER_STEP" "$TRAIN_LEN" "$FT_NAME" <<'PY' || return 1
+import json, sys
+runs, minutes, tokens_per_step, length, name = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+rows = [json.loads(l) for l in open(f"{runs}/probe-{name}/metrics.jsonl") if '"loss"' in l]
+step = sorted(tokens_per_step / r["tokens_per_s"] for r in rows[-4:])[1]
+steps = max(20, int(minutes * 60 / step / 10) * 10)
+schedule = f"0:{length // 4},{int(0.3 * steps)}:{length}"
+print(f"fine-tune step {step:.3f} s at {length} -> {steps} steps, {schedule}")
+open(f"{runs}/plan-{name}.env", "w").write(f"FT_STEPS={steps}\nFT_SCHEDULE={schedule}\n")
+PY
+  fi
+  # shellcheck disable=SC1091
+  source "$RUNS/plan-$FT_NAME.env"
+  if [ ! -d "$RUNS/$FT_NAME/final" ]; then
+    log "fine-tune $FT_NAME: $BASE_MODEL + learned router, answer weight $ANSWER_WEIGHT, $FT_STEPS steps, $FT_SCHEDULE, skills $FT_SKILLS_FRACTION"
+    ft_train --out "$RUNS/$FT_NAME" --steps "$FT_STEPS" --seq-len-schedule "$FT_SCHEDULE" \
+      --warmup-steps $((FT_STEPS / 20 + 1)) --eval-interval $((FT_STEPS / 2)) --eval-tokens 1048576 \
+      --checkpoint-interval 100 --log-interval 10 > "$RUNS/logs/train-$FT_NAME.log" 2>&1 || return 1
+  fi
+  local model=$RUNS/$FT_NAME/final res=$RUNS/results/$FT_NAME elog=$RUNS/logs/eval-$FT_NAME.log
+  log "eval retrieval: needles at $TRAIN_LEN, router ranks, recall, held-out loss, RULER $RULER_LENGTHS"
+  ev() { python3 -m subquad.cli eval --model "$model" --device "$DEVICE" --no-progress "$@" >> "$elog" 2>&1; }
+  mkdir -p "$res"
+  # Our own skill format first (held-out filler): does the model read back at all?
+  python3 scripts/skill_accuracy.py --model "$model" --corpus "$RUNS/$FT_CORPUS" --kind facts \
+    --lengths "2k,$TRAIN_LEN,128k,1m" --samples 24 --device "$DEVICE" --out "$res/skill-accuracy.json" >> "$elog" 2>&1
+  ev --suite ruler --tasks niah_single_1,niah_single_2,niah_single_3 --lengths "4k,$TRAIN_LEN" --samples 50 \
+    --max-new-tokens 32 --batch-size 4 --out "$res/niah-single"
+  python3 scripts/needle_routing.py --model "$model" --lengths "$ROUTING_LENGTHS" --device "$DEVICE" \
+    --out "$res/needle-routing.json" >> "$elog" 2>&1
+  [ -f "$res/recall.json" ] || python3 -m subquad.eval.recall --model "$model" --corpus "$RUNS/$FT_CORPUS" \
+    --length "$TRAIN_LEN" --windows 4 --device "$DEVICE" --out "$res/recall.json" >> "$elog" 2>&1
+  python3 -m subquad.train.heldout --model "$model" --corpus "$RUNS/$FT_CORPUS" --seq-len "$TRAIN_LEN" --tokens 1m \
+    --device "$DEVICE" --out "$res/heldout.json" >> "$elog" 2>&1
+  ev --suite ruler --lengths "$RULER_LENGTHS" --samples "$EVAL_SAMPLES" --max-new-tokens 32 --batch-size 16 \
+    --out "$res/ruler"
+  log "eval retrieval: done"
+}
+
 MODELS=(ssa:nano-ssa/final dense:nano-dense/final swap:nano-converted/converted converted:nano-converted/final)
 RULER_LENGTHS=${RULER_LENGTHS:-4k,16k,32k}
 MRCR_LENGTHS=${MRCR_LENGTHS:-32k,128k}
@@ -160,11 +230,15 @@ collect() {  # results, logs, metrics and the bf16 SSA models -> $OUT (<= 8 file
   mkdir -p "$OUT"
   [ -d "$RUNS/nano-ssa/final" ] && bf16_copy "$RUNS/nano-ssa/final" "$RUNS/ship/subquad-nano"
   [ -d "$RUNS/nano-converted/final" ] && bf16_copy "$RUNS/nano-converted/final" "$RUNS/ship/subquad-nano-converted"
-  local small=("$RUNS/logs" "$RUNS/results" "$RUNS/plan.env")
-  for run in nano-ssa nano-dense nano-converted probe-ssa probe-dense; do
+  [ -d "$RUNS/$FT_NAME/final" ] && bf16_copy "$RUNS/$FT_NAME/final" "$RUNS/ship/subquad-$FT_NAME"
+  local small=("$RUNS/logs" "$RUNS/results")
+  for f in plan.env "plan-$FT_NAME.env" corpus/meta.json "$FT_CORPUS/meta.json" "$FT_CORPUS/skills.json"; do
+    [ -f "$RUNS/$f" ] && small+=("$RUNS/$f")
+  done
+  for run in nano-ssa nano-dense nano-converted "$FT_NAME" probe-ssa probe-dense "probe-$FT_NAME"; do
     for f in metrics.jsonl summary.json train_config.json; do [ -f "$RUNS/$run/$f" ] && small+=("$RUNS/$run/$f"); done
   done
-  tar czf "$OUT/results.tgz" "${small[@]}" "$RUNS/corpus/meta.json" 2>/dev/null
+  tar czf "$OUT/results.tgz" "${small[@]}" 2>/dev/null
   [ -d "$RUNS/ship" ] && tar cf - "$RUNS/ship" | split -b 15M - "$OUT/ship.tar.part-"
   ls -la "$OUT"
 }
@@ -173,8 +247,12 @@ stage() {
   case "$1" in
     tests) python3 -m pytest -q tests/models/test_sparse_triton.py tests/models/test_subquad_model.py 2>&1 | tail -3 ;;
     main) corpus && probe && train_pair && convert && evals_short && log "main: done" ;;
-    long) evals_long "$RUNS/nano-ssa/final" ssa; evals_long "$RUNS/nano-converted/final" converted; log "long: done" ;;
-    *) echo "unknown stage $1 (tests, main, long)"; return 2 ;;
+    long)
+      if [ "${MODEL:-}" = retrieval ]; then evals_long "$RUNS/$FT_NAME/final" "$FT_NAME"
+      else evals_long "$RUNS/nano-ssa/final" ssa; evals_long "$RUNS/nano-converted/final" converted; fi
+      log "long: done" ;;
+    retrieval) retrieval && log "retrieval: done" ;;
+    *) echo "unknown stage $1 (tests, main, long, retrieval)"; return 2 ;;
   esac
 }
 
@@ -191,7 +269,7 @@ case "${1:-}" in
       sleep 10
     done
     tail -n 30 "$RUNS/logs/progress.log"
-    for f in "$RUNS"/logs/train-*.log "$RUNS"/logs/convert.log; do [ -f "$f" ] && { echo "== $f"; tail -c 600 "$f"; echo; }; done
+    for f in "$RUNS"/logs/train-*.log "$RUNS"/logs/convert.log "$RUNS/logs/$FT_CORPUS.log"; do [ -f "$f" ] && { echo "== $f"; tail -c 600 "$f"; echo; }; done
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
     collect ;;
   "") echo "usage: $0 launch STAGE | follow SECONDS | STAGE"; exit 2 ;;

@@ -6,6 +6,10 @@ mean key of every block (``block_summaries``). Appending ``n`` tokens re-sums on
 touch, from the stored keys: ``O(n + block_size)`` work per append, so a decode step costs the same at
 32K and at 12M tokens, and the summaries equal ``block_summaries(keys)`` at every length.
 
+A model with a learned router (``SubquadConfig.router="learned"``) appends its routing keys too
+(``append(k, v, route_keys=...)``); the layer then stores them beside the keys and summarises those
+instead, since routing scores against them.
+
 Rows may hold different numbers of tokens (``append(..., valid=mask)`` stores only a row's real
 tokens, right-padded): a left-padded batch of prompts becomes rows of different lengths whose
 blocks start at each row's first real token, exactly as if each prompt ran alone.
@@ -55,15 +59,21 @@ class SSACacheLayer(DynamicLayer):
         self.reserve = reserve
         self._key_buf: torch.Tensor | None = None
         self._value_buf: torch.Tensor | None = None
+        self._route_buf: torch.Tensor | None = None  # routing keys, only for a learned router
+        self._route_dim: int | None = None
         self._means: torch.Tensor | None = None
         self._lengths: list[int] = []
         self._lengths_dev: torch.Tensor | None = None
 
     # --- state -----------------------------------------------------------------------------------
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Allocate for ``[B, T, Hkv, D]`` keys and ``[B, T, Hkv, Dv]`` values (BTHD layout)."""
+    def lazy_initialization(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, route_keys: torch.Tensor | None = None
+    ) -> None:
+        """Allocate for ``[B, T, Hkv, D]`` keys and ``[B, T, Hkv, Dv]`` values (BTHD layout), and for
+        routing keys ``[B, T, Hkv, Dr]`` when given."""
         self.dtype, self.device = key_states.dtype, key_states.device
         batch, _, heads, dim = key_states.shape
+        self._route_dim = None if route_keys is None else route_keys.shape[-1]
         self._allocate(batch, heads, dim, value_states.shape[-1], max(self.reserve, self.block_size))
         self._lengths = [0] * batch
         self._lengths_dev = torch.zeros(batch, dtype=torch.int32, device=self.device)
@@ -74,13 +84,23 @@ class SSACacheLayer(DynamicLayer):
         capacity = -(-capacity // bs) * bs
         keys = torch.zeros(batch, capacity, heads, dim, dtype=self.dtype, device=self.device)
         values = torch.zeros(batch, capacity, heads, dim_v, dtype=self.dtype, device=self.device)
-        means = torch.zeros(batch, capacity // bs, heads, dim, dtype=torch.float32, device=self.device)
+        routes = None
+        if self._route_dim is not None:
+            routes = torch.zeros(
+                batch, capacity, heads, self._route_dim, dtype=self.dtype, device=self.device
+            )
+        summary_dim = dim if routes is None else self._route_dim
+        means = torch.zeros(
+            batch, capacity // bs, heads, summary_dim, dtype=torch.float32, device=keys.device
+        )
         if self._key_buf is not None:
             used = self._key_buf.shape[1]
             keys[:, :used] = self._key_buf
             values[:, :used] = self._value_buf
+            if routes is not None:
+                routes[:, :used] = self._route_buf
             means[:, : self._means.shape[1]] = self._means
-        self._key_buf, self._value_buf, self._means = keys, values, means
+        self._key_buf, self._value_buf, self._route_buf, self._means = keys, values, routes, means
         # Base-class hooks (offload, prefetch) look at these names.
         self.keys, self.values = keys, values
 
@@ -111,21 +131,44 @@ class SSACacheLayer(DynamicLayer):
     def values_bshd(self) -> torch.Tensor:
         return self._value_buf[:, : self.max_length]
 
+    def route_keys_bshd(self) -> torch.Tensor:
+        """``[B, max_len, Hkv, Dr]`` view of the stored routing keys (a learned router's layers only)."""
+        if self._route_buf is None:
+            raise ValueError("route_keys_bshd: this cache layer stores no routing keys")
+        return self._route_buf[:, : self.max_length]
+
     def summaries(self) -> torch.Tensor:
-        """``[B, ceil(max_len / block_size), Hkv, D]`` float32 block means (``block_summaries``)."""
+        """``[B, ceil(max_len / block_size), Hkv, D]`` float32 block means (``block_summaries``) of the
+        keys, or of the routing keys when the layer stores them."""
         return self._means[:, : -(-self.max_length // self.block_size)]
+
+    @property
+    def _summarised(self) -> torch.Tensor:
+        """The buffer the summaries average: routing keys when stored, else keys."""
+        return self._key_buf if self._route_buf is None else self._route_buf
 
     # --- appending -------------------------------------------------------------------------------
     def append(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, valid: torch.Tensor | None = None
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        route_keys: torch.Tensor | None = None,
     ) -> None:
-        """Append ``[B, T, Hkv, D]`` keys and ``[B, T, Hkv, Dv]`` values.
+        """Append ``[B, T, Hkv, D]`` keys and ``[B, T, Hkv, Dv]`` values (and ``[B, T, Hkv, Dr]``
+        routing keys: every append of a layer, or none).
 
         ``valid``: optional ``[B, T]`` bool; row ``b`` stores only its valid tokens, in order, after
         the ones it holds (padding never enters the cache).
         """
         if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+            self.lazy_initialization(key_states, value_states, route_keys)
+        if (route_keys is None) != (self._route_buf is None):
+            raise ValueError(
+                f"route_keys: got {'None' if route_keys is None else 'a tensor'}, but this cache layer "
+                f"{'stores' if self._route_buf is not None else 'does not store'} routing keys: pass them "
+                "with every append of a layer or never"
+            )
         batch, steps = key_states.shape[:2]
         if batch != len(self._lengths):
             raise ValueError(f"key_states: batch {batch}, but the cache holds {len(self._lengths)} rows")
@@ -134,12 +177,14 @@ class SSACacheLayer(DynamicLayer):
             self._ensure_capacity(start + steps)
             self._key_buf[:, start : start + steps] = key_states
             self._value_buf[:, start : start + steps] = value_states
+            if route_keys is not None:
+                self._route_buf[:, start : start + steps] = route_keys
             self._lengths = [start + steps] * batch
             self._lengths_dev += steps
             self._refresh_summaries(slice(None), start, start + steps)
             return
         if valid is None and steps == 1:
-            self._append_one_ragged(key_states, value_states)
+            self._append_one_ragged(key_states, value_states, route_keys)
             return
         counts = [steps] * batch if valid is None else valid.sum(1).tolist()
         self._ensure_capacity(max(length + n for length, n in zip(self._lengths, counts)))
@@ -147,18 +192,24 @@ class SSACacheLayer(DynamicLayer):
             start, n = self._lengths[row], int(counts[row])
             if n == 0:
                 continue
-            k_row, v_row = key_states[row], value_states[row]
+            rows = [key_states[row], value_states[row]]
+            if route_keys is not None:
+                rows.append(route_keys[row])
             if valid is not None and n != steps:
-                k_row, v_row = k_row[valid[row]], v_row[valid[row]]
+                rows = [t[valid[row]] for t in rows]
             elif valid is not None:
-                k_row, v_row = k_row[:n], v_row[:n]
-            self._key_buf[row, start : start + n] = k_row
-            self._value_buf[row, start : start + n] = v_row
+                rows = [t[:n] for t in rows]
+            self._key_buf[row, start : start + n] = rows[0]
+            self._value_buf[row, start : start + n] = rows[1]
+            if route_keys is not None:
+                self._route_buf[row, start : start + n] = rows[2]
             self._lengths[row] = start + n
             self._refresh_summaries(slice(row, row + 1), start, start + n)
         self._lengths_dev = torch.tensor(self._lengths, dtype=torch.int32, device=self.device)
 
-    def _append_one_ragged(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+    def _append_one_ragged(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, route_keys: torch.Tensor | None
+    ) -> None:
         """One token per row, rows of different lengths: vectorised (no host sync), as in decoding."""
         batch = key_states.shape[0]
         bs = self.block_size
@@ -167,20 +218,22 @@ class SSACacheLayer(DynamicLayer):
         pos = self._lengths_dev.long()
         self._key_buf[rows, pos] = key_states[:, 0]
         self._value_buf[rows, pos] = value_states[:, 0]
+        if route_keys is not None:
+            self._route_buf[rows, pos] = route_keys[:, 0]
         self._lengths_dev += 1
         self._lengths = [n + 1 for n in self._lengths]
         # Re-sum each row's open block: [B, bs] positions gathered from the buffer.
         block = pos // bs
         idx = block[:, None] * bs + torch.arange(bs, device=self.device)
         inside = idx <= pos[:, None]
-        gathered = self._key_buf[rows[:, None], idx].float() * inside[..., None, None]
+        gathered = self._summarised[rows[:, None], idx].float() * inside[..., None, None]
         self._means[rows, block] = gathered.sum(1) / inside.sum(1).view(batch, 1, 1)
 
     def _refresh_summaries(self, rows: slice, start: int, stop: int) -> None:
         """Recompute the means of blocks holding positions ``[start, stop)`` of ``rows`` from the buffer."""
         bs = self.block_size
         first, last = start // bs, (stop - 1) // bs
-        region = self._key_buf[rows, first * bs : (last + 1) * bs].float()  # zeros past `stop`
+        region = self._summarised[rows, first * bs : (last + 1) * bs].float()  # zeros past `stop`
         if stop < (last + 1) * bs:
             region[:, stop - first * bs :] = 0
         sums = region.view(region.shape[0], last - first + 1, bs, *region.shape[2:]).sum(2)
@@ -217,7 +270,7 @@ class SSACacheLayer(DynamicLayer):
         return -1
 
     def reset(self) -> None:
-        self._key_buf = self._value_buf = self._means = None
+        self._key_buf = self._value_buf = self._route_buf = self._means = None
         self.keys = self.values = None
         self._lengths, self._lengths_dev = [], None
         self.is_initialized = False
@@ -232,6 +285,8 @@ class SSACacheLayer(DynamicLayer):
         for row, (old, length) in enumerate(zip(self._lengths, new)):
             self._key_buf[row, length:old] = 0
             self._value_buf[row, length:old] = 0
+            if self._route_buf is not None:
+                self._route_buf[row, length:old] = 0
             if length:
                 self._refresh_summaries(
                     slice(row, row + 1), (length - 1) // self.block_size * self.block_size, length
@@ -243,6 +298,8 @@ class SSACacheLayer(DynamicLayer):
         index = index.to(self.device)
         self._key_buf = self._key_buf.index_select(0, index)
         self._value_buf = self._value_buf.index_select(0, index)
+        if self._route_buf is not None:
+            self._route_buf = self._route_buf.index_select(0, index)
         self._means = self._means.index_select(0, index)
         self.keys, self.values = self._key_buf, self._value_buf
         self._lengths_dev = self._lengths_dev.index_select(0, index)
@@ -268,17 +325,20 @@ class SSACacheLayer(DynamicLayer):
 
     # --- memory ----------------------------------------------------------------------------------
     def bytes_per_token(self) -> float:
-        """Bytes one token costs in this layer: its key and value, plus its share of a block summary."""
+        """Bytes one token costs in this layer: its key and value (and routing key), plus its share of a
+        block summary."""
         if not self.is_initialized:
             return 0.0
-        kv = (self._key_buf[0, 0].numel() + self._value_buf[0, 0].numel()) * self._key_buf.element_size()
+        stored = [self._key_buf, self._value_buf] + ([] if self._route_buf is None else [self._route_buf])
+        kv = sum(t[0, 0].numel() for t in stored) * self._key_buf.element_size()
         return kv + self._means[0, 0].numel() * self._means.element_size() / self.block_size
 
     def memory_bytes(self) -> int:
         """Bytes allocated (including spare capacity)."""
         if not self.is_initialized:
             return 0
-        return sum(t.numel() * t.element_size() for t in (self._key_buf, self._value_buf, self._means))
+        stored = (self._key_buf, self._value_buf, self._route_buf, self._means)
+        return sum(t.numel() * t.element_size() for t in stored if t is not None)
 
 
 class SSACache(Cache):

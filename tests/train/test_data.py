@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ from subquad.train import (
     load_tokenizer,
     make_skill_document,
     measure_tokenizers,
+    skills,
     write_skill_mixture,
 )
 
@@ -189,6 +192,19 @@ def test_max_bytes_caps_the_corpus(tree, tmp_path):
     assert len(load_split(tmp_path, "heldout")) == 0
 
 
+def test_tokenizer_from_reuses_another_corpus_tokenizer(corpora, tree, tmp_path):
+    root, _ = tree
+    source, meta = corpora["bpe"]
+    reused = build_corpus(
+        [root], tmp_path, tokenizer_from=source / "tokenizer", heldout_fraction=0.25, progress=False
+    )
+    # Same files, same split, same tokenizer: the same token ids (no BPE was trained here).
+    assert np.array_equal(load_split(tmp_path, "train"), load_split(source, "train"))
+    assert reused["vocab_size"] == meta["vocab_size"] and reused["tokenizer"].startswith("from ")
+    with pytest.raises(ValueError, match="tokenizer_from=.*tokenizer.json"):
+        build_corpus([root], tmp_path / "out", tokenizer_from=tmp_path / "nowhere", progress=False)
+
+
 def test_errors(tree, tmp_path):
     root, _ = tree
     with pytest.raises(ValueError, match="does not exist"):
@@ -220,29 +236,156 @@ def test_measure_tokenizers(tree):
 FILLER = "\n".join(
     f"line {i}: the quick brown fox jumps over the lazy dog, résumé {i * 7}" for i in range(400)
 )
+# Real-looking filler: code and English paragraphs, as decoded from train.bin (none of EVAL_PHRASES).
+PROSE_AND_CODE = """def parse_header(stream):
+    \"\"\"Read the header block and return a mapping of field names to values.\"\"\"
+    fields = {}
+    for line in stream:
+        if not line.strip():
+            break
+        name, _, value = line.partition(":")
+        fields[name.strip().lower()] = value.strip()
+    return fields
+
+The harbour town woke slowly that winter. Fishermen mended their nets by the lantern light,
+and the baker opened his shutters long before the first carts rolled over the cobbles.
+Nobody expected the ferry to arrive early, yet there it was, gliding past the breakwater.
+
+Configuration options are read from the environment first, then from the settings file.
+A missing option falls back to its default; an invalid one raises an error at startup.
+Run the test suite with coverage enabled before you open a pull request.
+
+class RetryPolicy:
+    def __init__(self, attempts=3, backoff=0.5):
+        self.attempts = attempts
+        self.backoff = backoff
+
+    def delays(self):
+        return [self.backoff * 2**i for i in range(self.attempts)]
+
+Glaciers carve valleys over thousands of years, grinding rock into fine silt that rivers carry
+to the sea. Explorers crossing the ice sheet measured its thickness with simple sounding gear.
+"""
+FILLERS = {"lines": FILLER, "prose_and_code": PROSE_AND_CODE * 8}
+# The evaluation wordings that the facts kind (English questions) must avoid, checked case-insensitively.
+FACTS_FORBIDDEN = (
+    *EVAL_PHRASES,
+    "magic number",
+    "hidden within the following text",
+    "quiz",
+    "provided text",
+    "What are all the",
+    "Write a ",
+    "What am I",
+    " is: ",
+)
 
 
+@pytest.mark.parametrize("filler", sorted(FILLERS))
 @pytest.mark.parametrize("kind", SKILL_KINDS)
-def test_skill_documents(kind):
+def test_skill_documents(kind, filler):
+    text = FILLERS[filler]
     for seed in range(20):
-        document, answer = make_skill_document(kind, FILLER, 3000, random.Random(seed))
-        assert answer and answer in document
+        document, answer = make_skill_document(kind, text, 3000, random.Random(seed))
+        body, question = document.rstrip("\n").rsplit("\n", 1)
         # The answer is read back from earlier text, never given in the final question line.
-        assert answer not in document.rstrip("\n").rsplit("\n", 1)[-1]
-        assert document.endswith("\n")
+        assert answer.strip() and answer in body
+        assert answer.strip() not in question
+        if kind == "facts":
+            # An English answer prefix: the value continues the question's sentence after one space.
+            assert answer == " " + answer.strip() and not document[-1].isspace()
+        else:
+            assert document.endswith("\n")
         assert 2500 < len(document) < 6000
         for phrase in EVAL_PHRASES:
             assert phrase not in document
-        again = make_skill_document(kind, FILLER, 3000, random.Random(seed))
+        again = make_skill_document(kind, text, 3000, random.Random(seed))
         assert again == (document, answer)
-    assert make_skill_document(kind, FILLER, 3000, random.Random(0)) != make_skill_document(
-        kind, FILLER, 3000, random.Random(1)
+    assert make_skill_document(kind, text, 3000, random.Random(0)) != make_skill_document(
+        kind, text, 3000, random.Random(1)
     )
 
 
+def _facts(seed: int, text: str = PROSE_AND_CODE * 8) -> tuple[str, str, dict]:
+    """make_skill_document("facts", ...) with the planted facts (same rng draws)."""
+    rng = random.Random(seed)
+    document, answer, planted = skills._facts_document(skills._filler_lines(text, 3000, rng), rng)
+    assert make_skill_document("facts", text, 3000, random.Random(seed)) == (document, answer)
+    return document, answer, planted
+
+
+def test_facts_quiz_planted_keys():
+    counts, asked_forms, questions, statements, quiz_sizes = [], set(), set(), set(), []
+    for seed in range(200):
+        document, answer, planted = _facts(seed)
+        body, question = document.rsplit("\n", 1)
+        facts, asked = planted["facts"], planted["asked"]
+        attr, value = facts[asked]
+        counts.append(len(facts))
+        # The quiz asks distinct keys, the target last; the earlier ones are answered in place.
+        quiz = planted["quiz"]
+        assert quiz[-1] == asked and len(set(quiz)) == len(quiz) and set(quiz) <= set(facts)
+        quiz_sizes.append((len(quiz), len(facts)))
+        spans = planted["answer_spans"]
+        assert [document[a:b] for a, b in spans] == [" " + facts[k][1] for k in quiz[:-1]]
+        # The question names the asked key and its attribute; the answer is that key's value.
+        assert answer == " " + value
+        assert asked.lower() in question.lower() and attr in question
+        assert not any(k.lower() in question.lower() for k in facts if k != asked)
+        # Keys never contain one another, and the value is stated once, in a sentence naming the key.
+        assert not any(a != b and a.lower() in b.lower() for a in facts for b in facts)
+        assert body.count(value) == 1
+        stated = next(
+            text
+            for text in (skills._fill_fact(t, asked, attr, value) for t in skills._FACT_STATEMENTS)
+            if text in body
+        )
+        assert body.index(stated) < body.index(value) < body.index(stated) + len(stated)
+        # Every fact is planted, each with one of our statement wordings; the question is one of ours.
+        for key, (a, v) in facts.items():
+            found = [t for t in skills._FACT_STATEMENTS if skills._fill_fact(t, key, a, v) in body]
+            assert found, (key, a, v)
+            statements.update(found)
+        found = [t for t in skills._FACT_QUESTIONS if question == skills._fill_fact(t, asked, attr)]
+        assert len(found) == 1, question
+        questions.update(found)
+        # Keys are built from the filler's own words (no pseudo-word fallback for a real filler).
+        words = [w for w in re.findall(r"[a-z]+", asked.lower()) if w != "the"]
+        assert words and all(w in PROSE_AND_CODE.lower() for w in words)
+        if " " not in asked and "-" in asked:
+            asked_forms.add("hyphen")
+        elif asked.startswith("the "):
+            asked_forms.add("the")
+        elif re.search(r"\d", asked):
+            asked_forms.add("number")
+        else:
+            asked_forms.add("title")
+        assert re.fullmatch(r"\d{5,9}|[a-z0-9]{6,10}|[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", value)
+        lowered = document.lower()
+        for phrase in FACTS_FORBIDDEN:
+            assert phrase.lower() not in lowered, phrase
+    assert min(counts) == 1 and max(counts) == 8 and sum(c > 1 for c in counts) > 150
+    assert 60 < sum(q == n for q, n in quiz_sizes) < 160 and any(1 < q < n for q, n in quiz_sizes)
+    assert asked_forms == {"hyphen", "the", "number", "title"}
+    assert len(skills._FACT_STATEMENTS) >= 8 and statements == set(skills._FACT_STATEMENTS)
+    assert len(skills._FACT_QUESTIONS) >= 8 and questions == set(skills._FACT_QUESTIONS)
+
+
+def test_facts_fall_back_to_pseudo_words_and_are_deterministic():
+    # A filler with almost no words still gives distinct keys (pseudo-words fill in).
+    for seed in range(50):
+        document, answer, planted = _facts(seed, "x = 1\ny = 22\n" * 200)
+        assert len(set(planted["facts"])) == len(planted["facts"]) >= 1
+        assert answer in document.rsplit("\n", 1)[0]
+    first = [_facts(seed)[:2] for seed in range(10)]
+    assert first == [_facts(seed)[:2] for seed in range(10)]
+    assert len(set(first)) == 10
+
+
 def test_skill_errors():
-    with pytest.raises(ValueError, match="skill kind"):
-        make_skill_document("needle", FILLER, 1000, random.Random(0))
+    for kind in ("needle", "fact", ""):
+        with pytest.raises(ValueError, match="skill kind"):
+            make_skill_document(kind, FILLER, 1000, random.Random(0))
     with pytest.raises(ValueError, match="filler"):
         make_skill_document("copy", "  \n", 1000, random.Random(0))
 
@@ -256,7 +399,9 @@ def test_skill_mixture(corpora):
     assert len(ids) == result["tokens"] >= 20000
     assert abs(result["measured_skill_fraction"] - 0.5) < 0.1
     assert sum(result["documents"].values()) > 0 and result["text_slices"] > 0
-    assert json.loads((path / "skills.json").read_text()) == json.loads(json.dumps(result))
+    # Default weights: every kind, facts included, equally.
+    assert result["kind_weights"] == {kind: 1.0 for kind in SKILL_KINDS}
+    assert set(result["documents"]) == set(SKILL_KINDS)
     tokenizer = load_tokenizer(path)
     text = tokenizer.decode(ids.tolist())
     assert any(
@@ -264,3 +409,57 @@ def test_skill_mixture(corpora):
     )
     again = write_skill_mixture(path, 20000, skill_fraction=0.5, doc_tokens=(64, 512), seed=3, progress=False)
     assert again == result and np.array_equal(np.fromfile(path / "skills.bin", dtype="<u2"), ids)
+
+
+def test_skill_mixture_of_facts_only(corpora, tmp_path):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(corpora["bpe"][0], corpus)
+    result = write_skill_mixture(
+        corpus, 5000, skill_fraction=1.0, kind_weights={"facts": 1.0}, doc_tokens=(64, 512), progress=False
+    )
+    assert result["documents"]["facts"] > 0
+    assert sum(result["documents"].values()) == result["documents"]["facts"]
+    ids = np.fromfile(corpus / "skills.bin", dtype="<u2")
+    tokenizer = load_tokenizer(corpus)
+    assert int((ids == tokenizer.convert_tokens_to_ids(EOS)).sum()) == result["documents"]["facts"]
+    # The answer mask: one entry per token; each marked run is a quiz answer (a value stated earlier
+    # in its document), and every document's last token before <|eos|> is one.
+    answers = np.fromfile(corpus / "skills_answers.bin", dtype=np.uint8)
+    assert len(answers) == len(ids) and int(answers.sum()) == result["answer_tokens"] > 0
+    eos = tokenizer.convert_tokens_to_ids(EOS)
+    runs = 0
+    for doc_ids, doc_mask in zip(
+        np.split(ids, np.flatnonzero(ids == eos) + 1), np.split(answers, np.flatnonzero(ids == eos) + 1)
+    ):
+        if len(doc_ids) == 0:
+            continue
+        assert doc_ids[-1] == eos and doc_mask[-1] == 0 and doc_mask[-2] == 1
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], doc_mask, [0]])))
+        for start, end in zip(edges[::2], edges[1::2]):
+            value = tokenizer.decode(doc_ids[start:end].tolist())
+            assert value.startswith(" ") and value.strip() in tokenizer.decode(doc_ids[:start].tolist())
+            runs += 1
+    assert runs > result["documents"]["facts"]  # some documents ask more than one question
+    with pytest.raises(ValueError, match="skill kind"):
+        write_skill_mixture(corpus, 100, kind_weights={"facts": 1.0, "needle": 1.0}, progress=False)
+
+
+def test_skill_documents_are_sized_by_their_filler(corpora, tmp_path):
+    # The corpus-wide bytes per token says nothing about one window of filler (non-ASCII text, data
+    # files); sizing by it once made documents several times too long, repeating the filler. The
+    # documents must not depend on that average at all.
+    corpus = tmp_path / "corpus"
+    shutil.copytree(corpora["bpe"][0], corpus)
+
+    def facts_mixture() -> np.ndarray:
+        facts = {"facts": 1.0}
+        write_skill_mixture(
+            corpus, 4000, skill_fraction=1.0, kind_weights=facts, doc_tokens=(256, 256), progress=False
+        )
+        return np.fromfile(corpus / "skills.bin", dtype="<u2")
+
+    before = facts_mixture()
+    meta = json.loads((corpus / "meta.json").read_text())
+    meta["bytes_per_token"] *= 10
+    (corpus / "meta.json").write_text(json.dumps(meta))
+    assert np.array_equal(facts_mixture(), before)

@@ -18,6 +18,7 @@ from subquad.models.subquad import SubquadConfig, SubquadForCausalLM
 from subquad.train.cli import main as cli_main
 from subquad.train.trainer import (
     TrainConfig,
+    _build_model,
     convert_dense_to_ssa,
     evaluate_heldout,
     flops_per_token,
@@ -188,13 +189,53 @@ def test_max_minutes_stop_writes_checkpoint(corpus, tmp_path):
 def test_sample_batch_is_deterministic_and_mixes_skills(corpus):
     train_ids = np.memmap(corpus / "train.bin", dtype="uint16", mode="r")
     skills = np.memmap(corpus / "skills.bin", dtype="uint16", mode="r")
-    a = sample_batch(train_ids, skills, 0, 7, 32, 8, 0.5)
-    assert torch.equal(a, sample_batch(train_ids, skills, 0, 7, 32, 8, 0.5))
-    assert not torch.equal(a, sample_batch(train_ids, skills, 0, 8, 32, 8, 0.5))
-    only_skills = sample_batch(train_ids, skills, 0, 7, 32, 8, 1.0)
+    a, no_mask = sample_batch(train_ids, skills, 0, 7, 32, 8, 0.5)
+    assert no_mask is None
+    assert torch.equal(a, sample_batch(train_ids, skills, 0, 7, 32, 8, 0.5)[0])
+    assert not torch.equal(a, sample_batch(train_ids, skills, 0, 8, 32, 8, 0.5)[0])
+    only_skills, _ = sample_batch(train_ids, skills, 0, 7, 32, 8, 1.0)
     assert bool(((only_skills >= 200) & (only_skills != PAD)).all())
-    no_skills = sample_batch(train_ids, skills, 0, 7, 32, 8, 0.0)
+    no_skills, _ = sample_batch(train_ids, skills, 0, 7, 32, 8, 0.0)
     assert bool(((no_skills < 200) | (no_skills == EOS)).all())
+    # The answer mask follows the skills windows token for token and is all False on text windows.
+    answers = (np.asarray(skills) % 3 == 0).astype(np.uint8)
+    ids, mask = sample_batch(train_ids, skills, 0, 7, 32, 8, 0.5, answers)
+    assert torch.equal(ids, a) and mask.shape == ids.shape and mask.dtype == torch.bool
+    from_skills = ((ids >= 200) & (ids != EOS)).any(dim=1)
+    assert 0 < int(from_skills.sum()) < 8
+    assert torch.equal(mask[from_skills], ids[from_skills] % 3 == 0)
+    assert not bool(mask[~from_skills].any())
+
+
+def test_answer_weight_trains_on_the_mask_and_needs_it(corpus, tmp_path):
+    root = _write_corpus(tmp_path / "corpus")
+    skills = np.fromfile(root / "skills.bin", dtype=np.uint16)
+    with pytest.raises(ValueError, match="answer_weight=4.0: the corpus has no skills_answers.bin"):
+        train(_config(root, tmp_path / "missing", skills_fraction=0.5, answer_weight=4.0))
+    (skills % 5 == 0).astype(np.uint8)[:-1].tofile(root / "skills_answers.bin")
+    with pytest.raises(ValueError, match="skill tokens; rebuild the skills"):
+        train(_config(root, tmp_path / "short", skills_fraction=0.5, answer_weight=4.0))
+    (skills % 5 == 0).astype(np.uint8).tofile(root / "skills_answers.bin")
+    summary = train(_config(root, tmp_path / "weighted", skills_fraction=0.5, answer_weight=4.0))
+    assert summary["completed"] and math.isfinite(summary["train_loss"])
+    assert json.loads((tmp_path / "weighted/train_config.json").read_text())["answer_weight"] == 4.0
+    with pytest.raises(ValueError, match="answer_weight=-1"):
+        _config(root, tmp_path / "bad", answer_weight=-1)
+
+
+def test_loss_weights_weigh_each_label():
+    torch.manual_seed(0)
+    model = SubquadForCausalLM(
+        SubquadConfig.from_flavor("debug", attention="dense", position_scheme="rope")
+    ).eval()
+    ids = torch.randint(3, model.config.vocab_size, (2, 37))
+    plain = model(input_ids=ids, labels=ids).loss
+    assert torch.allclose(model(input_ids=ids, labels=ids, loss_weights=torch.full((2, 37), 3.0)).loss, plain)
+    keep = torch.rand(2, 37) < 0.3
+    masked = model(input_ids=ids, labels=ids.masked_fill(~keep, -100)).loss
+    assert torch.allclose(model(input_ids=ids, labels=ids, loss_weights=keep.float()).loss, masked)
+    with pytest.raises(ValueError, match="loss_weights: shape"):
+        model(input_ids=ids, labels=ids, loss_weights=torch.ones(2, 36))
 
 
 def test_dense_twin_trains_and_converts_to_ssa(corpus, tmp_path):
@@ -273,3 +314,37 @@ def test_cli_trains_converts_and_rejects_bad_arguments(corpus, tmp_path, capsys)
     assert SubquadConfig.from_pretrained(tmp_path / "conv/converted").ssa["top_k"] == 1
     assert cli_main(["--corpus", str(corpus), "--out", str(tmp_path / "bad"), "--lr", "-1", *common]) == 2
     assert "lr=" in capsys.readouterr().err
+
+
+def test_fine_tune_from_a_bf16_model_keeps_fp32_weights(ssa_run, corpus, tmp_path):
+    # A shipped model is bf16; AdamW's small updates would round away in bf16 parameters.
+    bf16 = tmp_path / "bf16"
+    SubquadForCausalLM.from_pretrained(ssa_run[0] / "final", dtype=torch.bfloat16).save_pretrained(bf16)
+    assert SubquadConfig.from_pretrained(bf16).dtype == torch.bfloat16
+    model = _build_model(
+        _config(corpus, tmp_path / "ft", attention=None, init_from=bf16), {"vocab_size": 256}
+    )
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_fine_tune_adds_a_learned_router_that_starts_as_the_shared_one(ssa_run, corpus, tmp_path):
+    base = ssa_run[0] / "final"
+    out = tmp_path / "learned"
+    config = _config(
+        corpus, out, attention=None, init_from=base, steps=4, seq_len_schedule="0:64",
+        model_overrides={"router": "learned"}, routing_loss=1.0,
+    )  # fmt: skip
+    ids = torch.randint(3, 200, (1, 150))
+    # The router the weights were trained with is where the learned one starts: same logits.
+    start = _build_model(config, {"vocab_size": 256})
+    with torch.no_grad():
+        torch.testing.assert_close(
+            start.eval()(ids).logits, SubquadForCausalLM.from_pretrained(base).eval()(ids).logits
+        )
+    summary = train(config)
+    tuned = SubquadForCausalLM.from_pretrained(out / "final")
+    assert summary["completed"] and tuned.config.router == "learned"
+    assert all(m["routing_loss"] is not None for m in _metrics(out) if "loss" in m)
+    # The router loss trained the router.
+    moved = tuned.model.layers[0].self_attn.router_k_proj.weight
+    assert not torch.equal(moved, start.model.layers[0].self_attn.router_k_proj.weight)

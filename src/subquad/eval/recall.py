@@ -3,8 +3,9 @@
 The recall of a layer is the share of the *dense* softmax mass (every causal key) that falls on the
 keys the model actually selects, per query head, averaged over query positions. It is measured on
 the q and k the attention layer sees in a normal forward: the model runs once, every layer's
-selection is recomputed with ``select_blocks`` on those q/k (the same inputs the model routes with)
-and compared with dense attention computed blockwise (no ``[T, S]`` tensor is ever formed).
+selection is recomputed the way the layer routes (``SubquadAttention.select``: those q/k, or the
+layer's learned router) and compared with dense attention computed blockwise (no ``[T, S]`` tensor
+is ever formed).
 
 * ``position_scheme="rope"``: q and k are rotated; the recall is ``subquad.attention_recall``.
 * ``position_scheme="local_rope"``: the model scores the keys of a token's local window with rotated
@@ -39,7 +40,7 @@ from subquad.ops.ssa.interface import (
     query_rows,
     validate_qkv,
 )
-from subquad.ops.ssa.select import SSASelection, select_blocks
+from subquad.ops.ssa.select import SSASelection
 
 # Elements of the largest fp32 temporary one chunk of queries may allocate (128 MiB).
 _CHUNK_ELEMENTS = 1 << 25
@@ -198,12 +199,12 @@ def _keys_attended(selection: SSASelection, seq_len_k: int) -> float:
     return float(selected / dense)
 
 
-def _layer_recall(attn: Any, q, k, summaries, max_queries) -> tuple[torch.Tensor, float, int]:
+def _layer_recall(attn: Any, q, k, summaries, route, max_queries) -> tuple[torch.Tensor, float, int]:
     """(per-head recall ``[Hq]``, keys-attended share, rows evaluated) of one layer's attention inputs."""
     config = attn.config
     ssa = config.ssa_config
     q, k = q.detach(), k.detach()
-    selection = select_blocks(q, k, ssa, causal=True, summaries=summaries)
+    selection = attn.select(q, k, summaries, route)
     if config.position_scheme == "rope":
         recall = attention_recall(
             q, k, selection, causal=True, scale=attn.scale, max_queries=max_queries, reduction="none"
@@ -226,7 +227,8 @@ def model_attention_recall(
 
     The model runs once (``use_cache=False``, every layer in full). In each chosen layer the inputs of
     the sparse attention (``SubquadAttention._attend_sparse``: q and k as the attention sees them) are
-    captured, the selection is recomputed with ``select_blocks`` and ``config.ssa_config``, and the
+    captured, the selection is recomputed the way the layer routes (``SubquadAttention.select``: its
+    own q/k, or its learned router's), and the
     share of dense causal softmax mass on the selected keys is measured (``rope``: rotated q/k,
     :func:`subquad.attention_recall`; ``local_rope``: :func:`local_rope_recall`). Each layer is
     measured during the forward, so only one layer's q/k are held at a time.
@@ -260,10 +262,10 @@ def model_attention_recall(
     wrapped = []
 
     def capture(attn, original):
-        def attend(q, k, v, summaries):
-            out = original(q, k, v, summaries)
+        def attend(q, k, v, summaries, route=None):
+            out = original(q, k, v, summaries, route)
             with torch.no_grad():
-                results[attn.layer_idx] = _layer_recall(attn, q, k, summaries, max_queries)
+                results[attn.layer_idx] = _layer_recall(attn, q, k, summaries, route, max_queries)
             return out
 
         return attend

@@ -5,8 +5,10 @@ loss only shapes it indirectly, through the keys already selected. This loss giv
 target: for a few query rows per sequence, the share of each candidate block in the layer's own dense
 softmax over the candidate keys (sinks and the local window excluded: they are always attended),
 and the router's softmax over the same blocks. ``KL(target || router)`` pulls the routing scores of
-the blocks attention would use above the rest; gradients reach q and k (through the summaries), the
-target is detached. Cost per layer: ``rows x S`` scores, small next to the layer.
+the blocks attention would use above the rest. The target is detached; the gradients reach whatever
+routes: the attention's q and k (through the summaries) for the shared router, only the routing
+projections for a learned one (``SubquadConfig.router="learned"``), whose target then stays put while
+it learns. Cost per layer: ``rows x S`` scores, small next to the layer.
 """
 
 from __future__ import annotations
@@ -24,13 +26,19 @@ def routing_distillation_loss(
     scale: float,
     num_queries: int,
     summaries: torch.Tensor | None = None,
+    route: tuple[torch.Tensor, torch.Tensor] | None = None,
+    focus: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """``KL(dense block mass || router distribution)`` over the routed candidates, averaged over
-    ``num_queries`` evenly spaced query rows that have candidates, batch and KV heads.
+    """``KL(dense block mass || router distribution)`` over the routed candidates, averaged over the
+    query rows that have candidates (``num_queries`` evenly spaced ones, plus the positions in
+    ``focus``), batch and KV heads.
 
-    q ``[B, T, Hq, D]`` and k ``[B, T, Hkv, D]`` (self-attention, ``T == S``) as the layer routes with
-    them. Router logits are ``scale * mean over the group's heads of q . summary``. Returns a scalar,
-    or None when no row has a candidate block (sequences shorter than sinks + local window + 1 block).
+    q ``[B, T, Hq, D]`` and k ``[B, T, Hkv, D]`` (self-attention, ``T == S``) as the attention scores
+    them (the target). The router's logits are ``scale * routing query . summary`` where, by default,
+    the routing query is the mean of the group's heads of q and the summaries are k's block means;
+    ``route = (rq [B, T, Hkv, D], rk [B, T, Hkv, D])`` routes with a learned router's queries and keys
+    instead. Returns a scalar, or None when no row has a candidate block (sequences shorter than sinks
+    + local window + 1 block).
     """
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"q, k: expected self-attention (T == S), got T={q.shape[1]}, S={k.shape[1]}")
@@ -41,6 +49,9 @@ def routing_distillation_loss(
     if seq_len <= first or num_queries < 1:
         return None
     rows = torch.linspace(first, seq_len - 1, min(num_queries, seq_len - first), device=q.device).long()
+    if focus is not None:
+        focus = focus.to(device=q.device, dtype=torch.long)
+        rows = torch.cat([rows, focus[(focus >= first) & (focus < seq_len)]])
     rows = rows.unique()
     num_blocks = -(-seq_len // block_size)
     block = torch.arange(num_blocks, device=q.device)
@@ -57,9 +68,10 @@ def routing_distillation_loss(
         mass = torch.softmax(scores, dim=-1).view(batch, heads_q, len(rows), num_blocks, block_size).sum(-1)
         target = mass.view(batch, heads_kv, group, len(rows), num_blocks).mean(2)  # [B, Hkv, R, NB]
 
-    summ = block_summaries(k, block_size) if summaries is None else summaries.float()
-    route = routing_queries(q_rows, heads_kv) / group  # [B, R, Hkv, D]
-    logits = torch.einsum("brhd,bnhd->bhrn", route, summ) * scale
+    route_q, route_k = (q_rows, k) if route is None else (route[0][:, rows], route[1])
+    summ = block_summaries(route_k, block_size) if summaries is None else summaries.float()
+    router_q = routing_queries(route_q, heads_kv) / (route_q.shape[2] // heads_kv)  # [B, R, Hkv, D]
+    logits = torch.einsum("brhd,bnhd->bhrn", router_q, summ) * scale
     log_router = torch.log_softmax(logits.masked_fill(~candidate, float("-inf")), dim=-1)
     kl = torch.xlogy(target, target) - target * log_router.masked_fill(~candidate, 0.0)
     return kl.sum(-1).mean()

@@ -72,6 +72,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--betas", default="0.9,0.95")
     p.add_argument("--seq-len-schedule", default="0:512", help="curriculum step:seq_len,..., up to 32768")
     p.add_argument("--skills-fraction", type=float, default=0.0, help="share of windows from skills.bin")
+    p.add_argument("--answer-weight", type=float, default=0.0,
+                   help="skill answer tokens count 1 + this in the loss (0 = plain loss)")  # fmt: skip
     p.add_argument("--routing-loss", type=float, default=0.0,
                    help="router loss weight (SSA: KL, dense block mass vs routing; 0 = off)")  # fmt: skip
     p.add_argument("--routing-loss-queries", type=int, default=64, help="query rows per sequence for it")
@@ -115,7 +117,8 @@ def run_train(args: argparse.Namespace) -> int:
             lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, steps=args.steps,
             weight_decay=args.weight_decay, grad_clip=args.grad_clip, betas=betas,
             seq_len_schedule=args.seq_len_schedule, skills_fraction=args.skills_fraction,
-            routing_loss=args.routing_loss, routing_loss_queries=args.routing_loss_queries,
+            answer_weight=args.answer_weight, routing_loss=args.routing_loss,
+            routing_loss_queries=args.routing_loss_queries,
             eval_interval=args.eval_interval, eval_tokens=args.eval_tokens,
             checkpoint_interval=args.checkpoint_interval, log_interval=args.log_interval,
             max_minutes=args.max_minutes, compile=args.compile, dtype=args.dtype, device=args.device,
@@ -137,6 +140,9 @@ def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="corpus directory to write")
     parser.add_argument("--tokenizer", default="bpe", choices=["bpe", "bytes"])
     parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument(
+        "--tokenizer-from", default=None, help="reuse this directory's tokenizer.json (e.g. a model's)"
+    )
     parser.add_argument("--heldout-fraction", type=float, default=0.01)
     parser.add_argument("--max-mb", type=float, default=None, help="cap on source text, in MB (sampled)")
     parser.add_argument(
@@ -145,7 +151,19 @@ def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="also write skills.bin with this many tokens of skill documents (the trainer mixes them in)",
     )
+    parser.add_argument(
+        "--skills-kinds", default=None, help="skill kind weights, e.g. facts=2,recall=1 (default: all equal)"
+    )
     parser.add_argument("--seed", type=int, default=0)
+
+
+def _kind_weights(text: str) -> dict[str, float]:
+    weights = _key_values(text)
+    if not weights or not all(
+        isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in weights.values()
+    ):
+        raise ValueError(f"--skills-kinds={text!r}: expected kind=weight pairs with positive weights")
+    return {kind: float(w) for kind, w in weights.items()}
 
 
 def run_corpus(args: argparse.Namespace) -> int:
@@ -162,10 +180,14 @@ def run_corpus(args: argparse.Namespace) -> int:
             heldout_fraction=args.heldout_fraction,
             max_bytes=max_bytes,
             seed=args.seed,
+            tokenizer_from=args.tokenizer_from,
         )
         if args.skills_tokens:
+            weights = _kind_weights(args.skills_kinds) if args.skills_kinds else None
             # The trainer draws its own share of batches from skills.bin: keep the file all skills.
-            write_skill_mixture(args.out, args.skills_tokens, skill_fraction=1.0, seed=args.seed)
+            write_skill_mixture(
+                args.out, args.skills_tokens, skill_fraction=1.0, kind_weights=weights, seed=args.seed
+            )
     except (ValueError, TypeError) as exc:
         print(f"subquad corpus: {exc}", file=sys.stderr)
         return 2

@@ -262,6 +262,18 @@ def _save_tokenizer(tokenizer: Tokenizer, directory: Path) -> None:
     fast.save_pretrained(str(directory))
 
 
+def _load_tokenizer_file(directory: str | Path) -> Tokenizer:
+    """``directory/tokenizer.json``, checked to hold the corpus special tokens."""
+    path = Path(directory) / "tokenizer.json"
+    if not path.is_file():
+        raise ValueError(f"tokenizer_from={str(directory)!r}: expected a directory with a tokenizer.json")
+    tok = Tokenizer.from_file(str(path))
+    missing = [name for name in SPECIAL_TOKENS if tok.token_to_id(name) is None]
+    if missing:
+        raise ValueError(f"tokenizer_from={str(directory)!r}: the tokenizer lacks special tokens {missing}")
+    return tok
+
+
 def load_tokenizer(corpus_dir: str | Path):
     """The corpus's tokenizer as a transformers tokenizer (``AutoTokenizer``)."""
     from transformers import AutoTokenizer
@@ -353,16 +365,21 @@ def build_corpus(
     seed: int = 0,
     progress: bool = True,
     tokenizer_train_bytes: int | None = 200_000_000,
+    tokenizer_from: str | Path | None = None,
 ) -> dict:
     """Build a tokenized corpus in ``out_dir`` from the text files under ``sources``; returns meta.json.
 
     ``tokenizer``: ``"bpe"`` (byte-level BPE of ``vocab_size`` tokens trained on the training split,
     at most ``tokenizer_train_bytes`` of it) or ``"bytes"`` (256 bytes + 3 specials; ``vocab_size`` is
-    ignored). Held-out files are chosen by a seeded hash of their content, so the split is by file
+    ignored). ``tokenizer_from``: a directory holding a ``tokenizer.json`` (a model's, or another
+    corpus's ``tokenizer/``) to reuse instead of training one, so that a model trained on another
+    corpus keeps its token ids (``tokenizer`` and ``vocab_size`` are then ignored). Held-out files
+    are chosen by a seeded hash of their content, so the split is by file
     and the same on every rerun. Rerunning overwrites the directory's corpus files.
     """
     if tokenizer not in TOKENIZERS:
         raise ValueError(f"tokenizer {tokenizer!r} is unknown; expected one of {', '.join(TOKENIZERS)}")
+    reused = None if tokenizer_from is None else _load_tokenizer_file(tokenizer_from)
     _check_fraction("heldout_fraction", heldout_fraction)
     source_paths = _check_sources(sources)
     files, counts = collect_files(source_paths, max_bytes=max_bytes, seed=seed, progress=progress)
@@ -373,7 +390,7 @@ def build_corpus(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = train_tokenizer(
+    tok = reused or train_tokenizer(
         tokenizer,
         _iter_texts(split_files["train"], tokenizer_train_bytes),
         vocab_size=vocab_size,
@@ -391,7 +408,7 @@ def build_corpus(
     meta = {
         "vocab_size": actual_vocab,
         "dtype": "uint16" if dtype.itemsize == 2 else "uint32",
-        "tokenizer": tokenizer,
+        "tokenizer": tokenizer if reused is None else f"from {Path(tokenizer_from).resolve()}",
         "special_tokens": {name: tok.token_to_id(name) for name in SPECIAL_TOKENS},
         "tokens": tokens,
         "files": counts,

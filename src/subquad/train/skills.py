@@ -8,10 +8,15 @@ whose answer is only found by reading back far into the document:
 - ``copy``: one to three tagged clips of random pseudo-words early on; the end asks to replay one.
 - ``lookup``: a small table (markdown, CSV, TOML or a Python dict) near the start; the end asks
   for one cell.
+- ``facts``: one to eight English sentences, each stating an attribute (a serial, a room number, ...)
+  of a different named key, at random depths; a quiz at the end asks in English about one or more
+  keys, earlier questions answered in place, the last ending with an answer prefix, so the value is
+  the sentence's continuation after a space.
 
-The notations are ours and deliberately unlike the evaluation suite's (``subquad.eval.ruler`` /
-``mrcr``): no "special magic", no "Question:/Answer:", no "Prepend ... hash", no chat turns, so that
-evaluation scores measure generalisation rather than template matching.
+The notations and wordings are ours and deliberately unlike the evaluation suite's
+(``subquad.eval.ruler`` / ``niah`` / ``mrcr``): no "special magic", no "Question:/Answer:", no
+"Prepend ... hash", no chat turns, and none of its word lists, so that evaluation scores measure
+generalisation rather than template matching.
 
 ``write_skill_mixture`` writes ``skills.bin`` into a corpus directory: a token stream where a
 ``skill_fraction`` share of tokens are skill documents (answer appended) and the rest are slices of
@@ -24,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import string
 from pathlib import Path
 
@@ -33,7 +39,7 @@ from tqdm.auto import tqdm
 
 from subquad.train.data import EOS, load_meta, load_split
 
-SKILL_KINDS: tuple[str, ...] = ("recall", "copy", "lookup")
+SKILL_KINDS: tuple[str, ...] = ("recall", "copy", "lookup", "facts")
 
 _SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 _RECALL_NOTATIONS = (
@@ -160,7 +166,194 @@ def _lookup(lines: list[str], rng: random.Random) -> tuple[str, str]:
     return "\n".join(lines) + "\n" + query, row[1 + column]
 
 
-_MAKERS = {"recall": _recall, "copy": _copy, "lookup": _lookup}
+# ``facts``: English statements of one attribute of a named key, and an English question about one key.
+_FACT_ATTRIBUTES = (
+    "access code",
+    "room number",
+    "serial",
+    "pin",
+    "ticket number",
+    "locker",
+    "batch id",
+    "checksum",
+    "extension",
+    "voucher",
+    "tracking number",
+    "badge number",
+    "desk number",
+    "reference code",
+)
+# Each ``{value}`` follows a space, so that `` value`` (the answer) appears verbatim in the statement.
+_FACT_STATEMENTS = (
+    "Note: the {attr} of {key} is {value}.",
+    "For the record, {key} was given {attr} {value}.",
+    "{Key} -- {attr}: {value}",
+    "Keep in mind that the {attr} for {key} is {value}.",
+    "Log entry: {key} received {attr} {value}.",
+    "The {attr} assigned to {key} reads {value}.",
+    "According to the front desk, {key} has {attr} {value} on file.",
+    "Reminder -- the {attr} we use for {key} is {value}, effective today.",
+    "We wrote down {value} as the {attr} for {key}.",
+    "After the audit, {key} kept {attr} {value} and nothing else changed.",
+    "({Key} uses {attr} {value}.)",
+    "Please file {value} under the {attr} of {key}.",
+    "In short, {key} has the {attr} {value}.",
+    "Update from the office: {key} now carries {attr} {value}.",
+)
+# Each ends with an answer prefix: the value is the direct continuation after a single space.
+_FACT_QUESTIONS = (
+    "Looking back over the notes above, which {attr} did {key} get? The {attr} that {key} got is",
+    "Recall the {attr} for {key} from earlier. It was",
+    "What was recorded as the {attr} of {key}? Recorded {attr} of {key}:",
+    "The {attr} of {key}, as noted earlier in this document, is",
+    "Scrolling back up, find the {attr} that goes with {key}. That {attr} is",
+    "Someone asks for the {attr} of {key}. Checking the earlier entry, we tell them it is",
+    "Which {attr} belongs to {key}? Going by the text above, {key} has {attr}",
+    "To finish the report, copy the {attr} of {key} from above:",
+    "Earlier on, a value was set down as the {attr} of {key}; that value was",
+    "{Key} needs its {attr} again. Per the earlier note, it is",
+)
+_WORD = re.compile(r"\b[A-Za-z]{4,10}\b")
+# Words never used in keys: our templates' and attributes' own words (a key must not echo the
+# question's wording), common function words, and words of the evaluation templates.
+_KEY_STOPWORDS = (
+    frozenset(
+        w.lower() for t in (*_FACT_STATEMENTS, *_FACT_QUESTIONS, *_FACT_ATTRIBUTES) for w in _WORD.findall(t)
+    )
+    | frozenset(
+        "that this these those them then than they their there here where when what which while with"
+        " from into onto over under about after before also only some such each every other more most"
+        " very just have been were will would could should shall must does done self none true false"
+        " return import class else elif pass".split()
+    )
+    | frozenset("special magic hidden memorize quiz question answer mentioned provided".split())
+)
+_MIN_KEY_WORDS = 6
+
+
+def _key_words(lines: list[str], rng: random.Random) -> list[str]:
+    """Distinct lower-cased alphabetic words of 4-10 letters from the filler, topped up with pseudo-words."""
+    words = list(dict.fromkeys(w.lower() for line in lines for w in _WORD.findall(line)))
+    words = [w for w in words if w not in _KEY_STOPWORDS]
+    while len(words) < _MIN_KEY_WORDS:
+        word = _pseudo_word(rng) + _pseudo_word(rng)
+        if word not in words:
+            words.append(word)
+    return words
+
+
+def _fact_key(words: list[str], form: int, rng: random.Random) -> str:
+    first, second = rng.sample(words, 2)
+    if form == 0:
+        return f"{first}-{second}"  # brisk-parser
+    if form == 1:
+        return f"the {first} {second}"  # the amber ledger
+    if form == 2:
+        return f"{first} {rng.randint(2, 999)}"  # ledger 41
+    if form == 3:
+        return f"{first.capitalize()} {second.capitalize()}"  # Parser Mill
+    return f"{first} #{rng.randint(2, 999)}"  # ledger #41
+
+
+def _fact_value(form: int, rng: random.Random) -> str:
+    if form == 0:
+        digits = rng.choice((5, 6, 7, 7, 7, 7, 8, 9))
+        return str(rng.randint(10 ** (digits - 1), 10**digits - 1))
+    if form == 1:
+        return "".join(rng.choices(string.ascii_lowercase + string.digits, k=rng.randint(6, 10)))
+    hexa = f"{rng.getrandbits(128):032x}"
+    return f"{hexa[:8]}-{hexa[8:12]}-{hexa[12:16]}-{hexa[16:20]}-{hexa[20:]}"
+
+
+def _fill_fact(template: str, key: str, attr: str, value: str = "") -> str:
+    # "{Key}" starts a sentence: "the amber ledger" -> "The amber ledger"; other forms keep their case.
+    capital = "The" + key[3:] if key.startswith("the ") else key
+    return template.format(key=key, Key=capital, attr=attr, value=value)
+
+
+def _facts_document(lines: list[str], rng: random.Random) -> tuple[str, str, dict]:
+    """``_facts`` with what it planted: ``{"facts": {key: (attr, value)}, "quiz": [asked keys],
+    "asked": the last, "answer_spans": [(start, end) of each earlier quiz answer in the document]}``."""
+    words = _key_words(lines, rng)
+    key_form = rng.randrange(5) if rng.random() < 0.85 else None  # None: a form per key
+    value_form = rng.choices((0, 1, 2), (0.7, 0.15, 0.15))[0] if rng.random() < 0.8 else None
+    shared_attr = rng.choice(_FACT_ATTRIBUTES) if rng.random() < 0.75 else None
+    facts: dict[str, tuple[str, str]] = {}
+    count = rng.randint(1, 8)
+    attempts = 0
+    while len(facts) < count:
+        attempts += 1
+        if attempts % 50 == 0:  # a tiny vocabulary: widen it rather than loop
+            words.append(_pseudo_word(rng) + _pseudo_word(rng))
+        form = rng.randrange(5) if key_form is None else key_form
+        key = _fact_key(words, form, rng)
+        # No key inside another ("ledger 4" / "ledger 41"): the asked key names exactly one fact.
+        if any(key.lower() in k.lower() or k.lower() in key.lower() for k in facts):
+            continue
+        value = _fact_value(
+            rng.choices((0, 1, 2), (0.7, 0.15, 0.15))[0] if value_form is None else value_form, rng
+        )
+        if any(value == v for _, v in facts.values()):
+            continue
+        facts[key] = (shared_attr or rng.choice(_FACT_ATTRIBUTES), value)
+    planted = [
+        _fill_fact(rng.choice(_FACT_STATEMENTS), key, attr, value) for key, (attr, value) in facts.items()
+    ]
+    _insert_at_depths(lines, planted, rng, 0.0, 1.0)
+    # Half the sentences after a line of prose run on from it, like a sentence inside a paragraph.
+    for text in planted:
+        at = lines.index(text)
+        if at > 0 and lines[at - 1].rstrip().endswith((".", "!", "?")) and rng.random() < 0.5:
+            lines[at - 1] = lines[at - 1].rstrip() + " " + lines.pop(at)
+    # A quiz at the end: half the documents ask about every fact, the others about 1..n of them, each
+    # question answered in turn (answer, full stop, newline) but the last, whose answer is the target.
+    keys = list(facts)
+    rng.shuffle(keys)
+    quiz = keys if rng.random() < 0.5 else keys[: rng.randint(1, len(keys))]
+    separator = "\n\n" if rng.random() < 0.3 else "\n"
+    document = "\n".join(lines) + separator
+    answer_spans = []
+    for i, key in enumerate(quiz):
+        attr, value = facts[key]
+        document += _fill_fact(rng.choice(_FACT_QUESTIONS), key, attr)
+        if i < len(quiz) - 1:
+            answer_spans.append((len(document), len(document) + 1 + len(value)))
+            document += f" {value}.\n"
+    answer = " " + facts[quiz[-1]][1]
+    return document, answer, {"facts": facts, "quiz": quiz, "asked": quiz[-1], "answer_spans": answer_spans}
+
+
+def _facts(lines: list[str], rng: random.Random) -> tuple[str, str]:
+    document, answer, _ = _facts_document(lines, rng)
+    return document, answer
+
+
+_MAKERS = {"recall": _recall, "copy": _copy, "lookup": _lookup, "facts": _facts}
+
+
+def _skill_text(kind: str, filler_text: str, length_chars: int, rng: random.Random) -> tuple[str, list]:
+    """``make_skill_document``'s ``document + answer`` (same rng draws) and the character spans of
+    every answer in it: the final one, and for ``facts`` the quiz's earlier, already answered ones."""
+    if kind == "facts":
+        document, answer, planted = _facts_document(_filler_lines(filler_text, length_chars, rng), rng)
+        inner = planted["answer_spans"]
+    else:
+        document, answer = make_skill_document(kind, filler_text, length_chars, rng)
+        inner = []
+    return document + answer, [*inner, (len(document), len(document) + len(answer))]
+
+
+def answer_token_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> np.ndarray:
+    """``uint8`` per token: 1 where the token's characters (``offsets``, as ``tokenizers`` gives them)
+    overlap one of the answer ``spans``, else 0."""
+    mask = np.zeros(len(offsets), dtype=np.uint8)
+    if not offsets:
+        return mask
+    starts = np.array([o[0] for o in offsets])
+    ends = np.array([o[1] for o in offsets])
+    for lo, hi in spans:
+        mask[(starts < hi) & (ends > lo)] = 1
+    return mask
 
 
 def make_skill_document(
@@ -168,8 +361,11 @@ def make_skill_document(
 ) -> tuple[str, str]:
     """One skill document of about ``length_chars`` characters: ``(document_with_question, answer)``.
 
-    The document ends with the question (and a newline); ``document + answer`` is the training text.
-    The answer appears verbatim earlier in the document. Deterministic given ``rng``'s state.
+    The document ends with the question; ``document + answer`` is the training text. For ``recall``,
+    ``copy`` and ``lookup`` the question ends with a newline and the answer is the next line; for
+    ``facts`` it ends with an English answer prefix (no trailing space) and the answer is the value
+    with a leading space. The answer appears verbatim earlier in the document. Deterministic given
+    ``rng``'s state.
     """
     if kind not in _MAKERS:
         raise ValueError(f"skill kind {kind!r} is unknown; expected one of {', '.join(SKILL_KINDS)}")
@@ -187,6 +383,12 @@ def _filler_from(ids: np.ndarray, tokenizer: Tokenizer, eos: int, num_tokens: in
     return "\n\n".join(tokenizer.decode([int(t) for t in p if t != eos]) for p in pieces)
 
 
+def answers_path(tokens_path: str | Path) -> Path:
+    """The answer mask beside a skill token file: ``skills.bin`` -> ``skills_answers.bin``."""
+    path = Path(tokens_path)
+    return path.with_name(f"{path.stem}_answers.bin")
+
+
 def write_skill_mixture(
     corpus_dir: str | Path,
     num_tokens: int,
@@ -201,8 +403,9 @@ def write_skill_mixture(
 
     A ``skill_fraction`` share of the tokens are skill documents (kinds drawn by ``kind_weights``,
     default equal; lengths log-uniform in ``doc_tokens``), the rest are slices of ``train.bin`` of
-    the same length range. Everything is eos-separated, in the corpus's dtype. Also writes
-    ``<out_name stem>.json`` with the counts; returns that dict.
+    the same length range. Everything is eos-separated, in the corpus's dtype. Beside it,
+    ``<stem>_answers.bin`` (``uint8``, one per token: 1 on the tokens of every answer, for a trainer's
+    ``answer_weight``) and ``<stem>.json`` with the counts; returns that dict.
     """
     if not 0 <= skill_fraction <= 1:
         raise ValueError(f"skill_fraction must be in [0, 1], got {skill_fraction!r}")
@@ -225,14 +428,17 @@ def write_skill_mixture(
     tokenizer.encode_special_tokens = True
     eos = tokenizer.token_to_id(EOS)
     dtype = np.dtype("<u2") if meta["dtype"] == "uint16" else np.dtype("<u4")
-    chars_per_token = float(meta["bytes_per_token"])
 
     rng = random.Random(seed)
     kinds, kind_p = list(weights), list(weights.values())
-    counts = {"skill_tokens": 0, "text_tokens": 0, "documents": {k: 0 for k in SKILL_KINDS}, "text_slices": 0}
+    counts = {
+        "skill_tokens": 0, "answer_tokens": 0, "text_tokens": 0,
+        "documents": {k: 0 for k in SKILL_KINDS}, "text_slices": 0,
+    }  # fmt: skip
     out_path = corpus / out_name
     with (
         open(out_path, "wb") as out,
+        open(answers_path(out_path), "wb") as answers_out,
         tqdm(total=num_tokens, desc="skills", unit="tok", disable=not progress) as bar,
     ):
         written = 0
@@ -242,16 +448,23 @@ def write_skill_mixture(
             if counts["skill_tokens"] < skill_fraction * max(1, written) or (skill_fraction == 1):
                 kind = rng.choices(kinds, kind_p)[0]
                 filler = _filler_from(train, tokenizer, eos, length, rng)
-                document, answer = make_skill_document(kind, filler, int(length * chars_per_token), rng)
-                ids = np.asarray(tokenizer.encode(document + answer, add_special_tokens=False).ids + [eos])
+                # Sized by the filler's own characters: an average bytes-per-token would over- or
+                # undershoot on unusual text (non-ASCII, data files) and repeat the filler to fill up.
+                text, spans = _skill_text(kind, filler, len(filler), rng)
+                encoded = tokenizer.encode(text, add_special_tokens=False)
+                ids = np.asarray(encoded.ids + [eos])
+                answers = np.append(answer_token_mask(encoded.offsets, spans), np.uint8(0))
                 counts["skill_tokens"] += len(ids)
+                counts["answer_tokens"] += int(answers.sum())
                 counts["documents"][kind] += 1
             else:
                 start = rng.randrange(max(1, len(train) - length))
                 ids = np.append(np.asarray(train[start : start + length], dtype=np.int64), eos)
+                answers = np.zeros(len(ids), dtype=np.uint8)
                 counts["text_tokens"] += len(ids)
                 counts["text_slices"] += 1
             ids.astype(dtype).tofile(out)
+            answers.tofile(answers_out)
             written += len(ids)
             bar.update(len(ids))
     result = {

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from subquad.models.subquad import SubquadConfig, SubquadForCausalLM
 from subquad.train.data import load_meta, load_split
+from subquad.train.skills import answers_path
 
 MAX_SEQ_LEN = 32768
 # H100/H200 dense bf16 peak (no sparsity), the usual MFU denominator.
@@ -65,7 +66,9 @@ class TrainConfig:
 
     ``seq_len_schedule``: ``"0:512,2000:2048"`` or ``[(0, 512), (2000, 2048)]``: from each step on,
     windows have that length (at most 32K). ``skills_fraction``: share of windows drawn from
-    ``skills.bin`` when the corpus has one.
+    ``skills.bin`` when the corpus has one. ``answer_weight``: each answer token of a skill document
+    (``skills_answers.bin``) counts ``1 + answer_weight`` times in the LM loss (0 = plain loss), so
+    the few tokens that need a read-back are not drowned by the text around them.
 
     ``routing_loss``: weight of the router loss (:mod:`subquad.models.routing_loss`, SSA models only;
     0 = off) measured on ``routing_loss_queries`` query rows per sequence and layer.
@@ -94,6 +97,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     seq_len_schedule: str | Sequence[tuple[int, int]] = "0:512"
     skills_fraction: float = 0.0
+    answer_weight: float = 0.0
     routing_loss: float = 0.0
     routing_loss_queries: int = 64
     eval_interval: int = 250
@@ -136,6 +140,8 @@ class TrainConfig:
             raise ValueError(f"betas={self.betas!r}: expected two floats in [0, 1)")
         if not (_is_number(self.skills_fraction) and 0 <= self.skills_fraction <= 1):
             raise ValueError(f"skills_fraction={self.skills_fraction!r}: expected a float in [0, 1]")
+        if not (_is_number(self.answer_weight) and self.answer_weight >= 0):
+            raise ValueError(f"answer_weight={self.answer_weight!r}: expected a float >= 0 (0 = plain loss)")
         if not (_is_number(self.routing_loss) and self.routing_loss >= 0):
             raise ValueError(f"routing_loss={self.routing_loss!r}: expected a float >= 0 (0 = off)")
         _check_int("routing_loss_queries", self.routing_loss_queries, minimum=1)
@@ -277,17 +283,21 @@ def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> torch.Tens
 
 def sample_batch(
     train: np.ndarray, skills: np.ndarray | None, seed: int, step: int, seq_len: int, batch: int,
-    skills_fraction: float,
-) -> torch.Tensor:  # fmt: skip
-    """``[batch, seq_len]`` int64 windows at random offsets; a pure function of ``(seed, step)``."""
+    skills_fraction: float, answers: np.ndarray | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """``[batch, seq_len]`` int64 windows at random offsets, a pure function of ``(seed, step)``, and
+    with ``answers`` (the skills' answer mask) the same windows of it as bool (all False for text)."""
     rng = np.random.default_rng([seed, step])
     from_skills = rng.random(batch) < skills_fraction if skills is not None else np.zeros(batch, dtype=bool)
-    rows = []
+    rows, masks = [], []
     for use_skills in from_skills:
         source = skills if use_skills else train
         start = int(rng.integers(0, len(source) - seq_len + 1))
         rows.append(np.asarray(source[start : start + seq_len], dtype=np.int64))
-    return torch.from_numpy(np.stack(rows))
+        if answers is not None:
+            masks.append(answers[start : start + seq_len] if use_skills else np.zeros(seq_len, np.uint8))
+    mask = torch.from_numpy(np.stack(masks).astype(bool)) if answers is not None else None
+    return torch.from_numpy(np.stack(rows)), mask
 
 
 def _autocast(device: torch.device, dtype: str):
@@ -385,7 +395,15 @@ def _build_model(config: TrainConfig, meta: dict[str, Any]) -> SubquadForCausalL
                 f"init_from={str(config.init_from)!r}: vocab_size {model_config.vocab_size} < the corpus's "
                 f"{vocab}"
             )
-        return SubquadForCausalLM.from_pretrained(config.init_from, config=model_config)
+        # fp32 master weights whatever the saved dtype (a shipped model is bf16): AdamW's small steps
+        # would round away in bf16 parameters; autocast still runs the matmuls in bf16.
+        model_config.dtype = torch.float32
+        model = SubquadForCausalLM.from_pretrained(config.init_from, config=model_config, dtype=torch.float32)
+        if model_config.router == "learned" and base.router == "shared":
+            # The new router starts as the one the weights were trained with, not at random.
+            for layer in model.model.layers:
+                layer.self_attn.init_router_from_attention()
+        return model
     overrides.setdefault("vocab_size", vocab)
     # Special-token ids as data.py records them, so generate() stops at the corpus's eos.
     special = meta.get("special_tokens") or {}
@@ -500,6 +518,19 @@ def train(config: TrainConfig) -> dict[str, Any]:
         warnings.warn(
             "skills_fraction > 0 but the corpus has no skills.bin: training on train.bin only", stacklevel=2
         )
+    answers = None
+    if config.answer_weight > 0 and skills is not None:
+        path = answers_path(Path(config.corpus) / "skills.bin")
+        if not path.is_file():
+            raise ValueError(
+                f"answer_weight={config.answer_weight}: the corpus has no {path.name} (rebuild its skills "
+                "with this version of `subquad corpus`)"
+            )
+        answers = np.memmap(path, dtype=np.uint8, mode="r")
+        if len(answers) != len(skills):
+            raise ValueError(
+                f"{path}: {len(answers)} entries for {len(skills)} skill tokens; rebuild the skills"
+            )
     longest = max(s for _, s in config.seq_len_schedule)
     for name, tokens in (("train.bin", train_tokens), ("skills.bin", skills)):
         if tokens is not None and len(tokens) < longest:
@@ -508,7 +539,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     checkpoint = _find_checkpoint(out_dir)
     saved: dict[str, Any] | None = None
     if checkpoint is not None:
-        model = SubquadForCausalLM.from_pretrained(checkpoint)
+        model = SubquadForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
         state_path = checkpoint / _STATE_FILE
         saved = (
             torch.load(state_path, map_location="cpu", weights_only=False) if state_path.is_file() else None
@@ -520,6 +551,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if config.routing_loss:
         model.enable_routing_loss(config.routing_loss, config.routing_loss_queries)
     optimizer = _make_optimizer(model, config, device)
+    router_params = model.router_parameters()
+    lm_params = [p for p in model.parameters() if all(p is not r for r in router_params)]
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: (
@@ -591,21 +624,29 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 break
         t0 = time.monotonic()
         batch = config.tokens_per_step // seq_len
-        ids = sample_batch(train_tokens, skills, config.seed, step, seq_len, batch, config.skills_fraction)
+        ids, answer_mask = sample_batch(
+            train_tokens, skills, config.seed, step, seq_len, batch, config.skills_fraction, answers
+        )
         micro = batch if config.micro_batch_tokens is None else max(1, config.micro_batch_tokens // seq_len)
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for i in range(0, batch, micro):
             chunk = ids[i : i + micro].to(device, non_blocking=True)
             with _autocast(device, config.dtype):
-                loss = forward_model(input_ids=chunk, labels=chunk, use_cache=False).loss
+                weights = None
+                if answer_mask is not None:
+                    weights = 1.0 + config.answer_weight * answer_mask[i : i + micro].to(device).float()
+                loss = forward_model(
+                    input_ids=chunk, labels=chunk, loss_weights=weights, use_cache=False
+                ).loss
             (loss * len(chunk) / batch).backward()
             loss_sum += loss.detach() * len(chunk)
-        grad_norm = (
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            if config.grad_clip > 0
-            else None
-        )
+        grad_norm = None
+        if config.grad_clip > 0:
+            # A learned router has its own loss: clipped apart, so its gradients never scale the LM's.
+            grad_norm = torch.nn.utils.clip_grad_norm_(lm_params, config.grad_clip)
+            if router_params:
+                torch.nn.utils.clip_grad_norm_(router_params, config.grad_clip)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()

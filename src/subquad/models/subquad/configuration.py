@@ -10,6 +10,7 @@ from subquad.ops.ssa.config import SSAConfig
 
 ATTENTIONS = ("ssa", "dense")
 POSITION_SCHEMES = ("rope", "local_rope")
+ROUTERS = ("shared", "learned")
 
 # name -> architecture. debug: CPU tests; nano: ~10M parameters (small enough to ship in the repo);
 # small: ~120M, the benchmark model. KV heads are few so a 12M-token cache of `small` fits an H200.
@@ -44,6 +45,11 @@ class SubquadConfig(PretrainedConfig):
         position_scheme: ``"rope"`` (rotary on every score) or ``"local_rope"`` (rotary only for keys in
             the query's local window; sink and routed blocks are scored without position; routing uses
             pre-rotary queries and keys). ``attention="dense"`` needs ``"rope"``.
+        router: what routing scores. ``"shared"``: the attention's own (pre-rotary) queries and keys.
+            ``"learned"``: a routing query and key projection of their own per layer (``router_q_proj``,
+            ``router_k_proj``, reading the layer input detached), trained only by the router loss
+            (``SubquadForCausalLM.enable_routing_loss``) to rank blocks the way dense attention would
+            weigh them; the language-model loss never sees them. Needs ``"local_rope"``.
         rope_theta: rotary base.
         ssa: dict of :class:`subquad.SSAConfig` fields (block size, budget, index).
         prefill_chunk_tokens: prompts longer than this are prefilled chunk by chunk through the cache.
@@ -66,6 +72,7 @@ class SubquadConfig(PretrainedConfig):
         tie_word_embeddings: bool = True,
         attention: str = "ssa",
         position_scheme: str = "local_rope",
+        router: str = "shared",
         rope_theta: float = 10000.0,
         ssa: dict[str, Any] | SSAConfig | None = None,
         prefill_chunk_tokens: int = 32768,
@@ -87,6 +94,7 @@ class SubquadConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.attention = attention
         self.position_scheme = position_scheme
+        self.router = router
         self.rope_theta = rope_theta
         self.ssa = (ssa if isinstance(ssa, SSAConfig) else SSAConfig.from_dict(ssa)).to_dict()
         self.prefill_chunk_tokens = prefill_chunk_tokens
@@ -132,6 +140,13 @@ class SubquadConfig(PretrainedConfig):
                 f"position_scheme={self.position_scheme!r} with attention='dense': expected 'rope' (the "
                 "local "
                 "window that 'local_rope' refers to exists only under SSA)"
+            )
+        if self.router not in ROUTERS:
+            raise ValueError(f"router={self.router!r}: expected one of {ROUTERS}")
+        if self.router == "learned" and (self.attention != "ssa" or self.position_scheme != "local_rope"):
+            raise ValueError(
+                f"router='learned' with attention={self.attention!r}, position_scheme="
+                f"{self.position_scheme!r}: expected attention='ssa' and position_scheme='local_rope'"
             )
         if (
             isinstance(self.rope_theta, bool)

@@ -11,6 +11,9 @@ One file, top to bottom: rotary, norm, MLP, attention, decoder layer, ``SubquadM
   (the fused kernels take one score per key; a kernel variant is future work).
 * ``attention="dense"``: torch SDPA (flash on CUDA), the dense twin.
 
+``router="learned"`` gives every layer a routing query/key projection of its own (reading the layer
+input detached) that replaces the pre-rotary q/k in routing only; the router loss trains it.
+
 The cache (:class:`subquad.SSACache`) stores each row's real tokens only, so positions are simply
 indices in the row: a left-padded batch behaves exactly like its prompts run one at a time.
 """
@@ -32,11 +35,15 @@ from subquad.models.sparse_torch import sparse_attention_torch
 from subquad.models.sparse_triton import sparse_attention_local_rotary_triton
 from subquad.models.subquad.configuration import SubquadConfig
 from subquad.ops.ssa.interface import resolve_backend, ssa_attention
-from subquad.ops.ssa.select import select_blocks
+from subquad.ops.ssa.select import SSASelection, select_blocks
 from subquad.ops.ssa.triton_decode import ssa_decode
 
 # SDPA with an explicit bottom-right mask: queries per call so the mask stays under 2^28 elements.
 _DENSE_MASK_ELEMENTS = 1 << 28
+# Router loss: the query rows just before each end-of-document token (where a document's closing
+# question and its answer sit) are always supervised, at most this many per forward.
+_FOCUS_BEFORE_EOS = 12
+_MAX_FOCUS_ROWS = 512
 
 
 class SubquadRotary:
@@ -94,9 +101,14 @@ class SubquadAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         self.rotary = SubquadRotary(self.head_dim, config.rope_theta)
+        self.router_q_proj = self.router_k_proj = None
+        if config.router == "learned":
+            self.router_q_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+            self.router_k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         # Router training (SubquadForCausalLM.enable_routing_loss): query rows per sequence, and the
         # last training forward's loss, collected by the LM head's forward.
         self.routing_loss_queries = 0
+        self.routing_loss_focus: torch.Tensor | None = None  # extra query rows, set per forward
         self.routing_loss: torch.Tensor | None = None
 
     def forward(
@@ -114,18 +126,28 @@ class SubquadAttention(nn.Module):
         if self.config.position_scheme == "rope":
             q = self.rotary(q, positions[:, :, None])
             k = self.rotary(k, positions[:, :, None])
+        route = None
+        if self.router_q_proj is not None:
+            # Detached: the router learns from its own loss and never pushes on the residual stream.
+            routed_from = hidden_states.detach()
+            route = (
+                self.router_q_proj(routed_from).view(batch, steps, self.num_kv_heads, self.head_dim),
+                self.router_k_proj(routed_from).view(batch, steps, self.num_kv_heads, self.head_dim),
+            )
         if cache_layer is None:
-            out = self._attend(q, k, v, None)
+            out = self._attend(q, k, v, None, route)
         else:
-            cache_layer.append(k, v, valid)
+            cache_layer.append(k, v, valid, route_keys=None if route is None else route[1])
             lengths = cache_layer.lengths
             k_all, v_all, summaries = (
                 cache_layer.keys_bshd(),
                 cache_layer.values_bshd(),
                 cache_layer.summaries(),
             )
+            if route is not None:
+                route = (route[0], cache_layer.route_keys_bshd())
             if valid is None and len(set(lengths)) == 1:
-                out = self._attend(q, k_all, v_all, summaries)
+                out = self._attend(q, k_all, v_all, summaries, route)
             elif valid is None and steps == 1 and self._uses_decode_kernel():
                 out = ssa_decode(
                     q,
@@ -137,49 +159,81 @@ class SubquadAttention(nn.Module):
                     scale=self.scale,
                 )
             else:
-                out = self._attend_rows(q, k_all, v_all, summaries, lengths, valid)
+                out = self._attend_rows(q, k_all, v_all, summaries, route, lengths, valid)
         return self.o_proj(out.reshape(batch, steps, -1))
 
     def _uses_decode_kernel(self) -> bool:
         return self.config.attention == "ssa" and self.config.position_scheme == "rope"
 
-    def _attend_rows(self, q, k_all, v_all, summaries, lengths, valid) -> torch.Tensor:
+    def _attend_rows(self, q, k_all, v_all, summaries, route, lengths, valid) -> torch.Tensor:
         """Rows of different lengths: each row attends over its own tokens (padded queries give 0)."""
         out = q.new_zeros(*q.shape[:3], v_all.shape[-1])
         bs = self.config.ssa_config.block_size
         for row, length in enumerate(lengths):
-            q_row = q[row : row + 1] if valid is None else q[row : row + 1, valid[row]]
+            steps = slice(None) if valid is None else valid[row]
+            q_row = q[row : row + 1][:, steps]
             if q_row.shape[1] == 0:
                 continue
+            route_row = None
+            if route is not None:
+                route_row = (route[0][row : row + 1][:, steps], route[1][row : row + 1, :length])
             summ = summaries[row : row + 1, : -(-length // bs)]
-            o_row = self._attend(q_row, k_all[row : row + 1, :length], v_all[row : row + 1, :length], summ)
+            o_row = self._attend(
+                q_row, k_all[row : row + 1, :length], v_all[row : row + 1, :length], summ, route_row
+            )
             if valid is None:
                 out[row] = o_row[0]
             else:
                 out[row, valid[row]] = o_row[0]
         return out
 
-    def _attend(self, q, k, v, summaries) -> torch.Tensor:
+    def _attend(self, q, k, v, summaries, route=None) -> torch.Tensor:
         """Causal attention, bottom-right aligned, all rows of the same length: ``[B, T, Hq, Dv]``."""
         if self.config.attention == "dense":
             return _dense_sdpa(q, k, v, self.scale)
-        return self._attend_sparse(q, k, v, summaries)
+        return self._attend_sparse(q, k, v, summaries, route)
+
+    @torch.no_grad()
+    def init_router_from_attention(self) -> None:
+        """Set the learned router to score exactly like the shared one: routing key = the key
+        projection, routing query = the sum of the group's query projections. Converting a model
+        trained with the shared router this way loses nothing before the router loss moves it."""
+        if self.router_q_proj is None:
+            raise ValueError("init_router_from_attention: this layer has no learned router (router='shared')")
+        group = self.num_heads // self.num_kv_heads
+        summed = self.q_proj.weight.view(self.num_kv_heads, group, self.head_dim, -1).sum(1)
+        self.router_q_proj.weight.copy_(summed.reshape_as(self.router_q_proj.weight))
+        self.router_k_proj.weight.copy_(self.k_proj.weight)
+
+    def select(self, q, k, summaries=None, route=None) -> SSASelection:
+        """The blocks this layer's sparse attention attends to, for the inputs of ``_attend_sparse``.
+
+        The router scores the attention's own q/k (``rope``: rotated; ``local_rope``: pre-rotary),
+        or with ``route = (routing queries [B, T, Hkv, D], routing keys [B, S, Hkv, D])`` those of a
+        learned router. ``summaries`` are precomputed block means of whichever keys route.
+        """
+        queries, keys = (q, k) if route is None else route
+        with torch.no_grad():
+            return select_blocks(
+                queries.detach(), keys.detach(), self.config.ssa_config, causal=True, summaries=summaries
+            )
 
     # torch.compile traces the rest of the layer; routing and the kernels' work lists are
     # data-dependent, so the sparse part runs eagerly.
     @torch.compiler.disable
-    def _attend_sparse(self, q, k, v, summaries) -> torch.Tensor:
+    def _attend_sparse(self, q, k, v, summaries, route=None) -> torch.Tensor:
         config = self.config
         ssa = config.ssa_config
         if self.training and self.routing_loss_queries and summaries is None:
-            self.routing_loss = routing_distillation_loss(q, k, ssa, self.scale, self.routing_loss_queries)
+            self.routing_loss = routing_distillation_loss(
+                q, k, ssa, self.scale, self.routing_loss_queries, route=route, focus=self.routing_loss_focus
+            )
         if config.position_scheme == "rope":
             if q.shape[1] == 1 and summaries is not None:
                 return ssa_decode(q, k, v, ssa, summaries=summaries, scale=self.scale)
             return ssa_attention(q, k, v, config=ssa, scale=self.scale, summaries=summaries)
         # local_rope: q and k arrive unrotated; routing uses them as they are (pre-rotary).
-        with torch.no_grad():
-            selection = select_blocks(q.detach(), k.detach(), ssa, causal=True, summaries=summaries)
+        selection = self.select(q, k, summaries, route)
         if resolve_backend("auto", q, v) == "triton":
             return sparse_attention_local_rotary_triton(
                 q, k, v, selection.block_idx, ssa.block_size, self.scale, self.rotary, ssa.sink_blocks,
@@ -372,8 +426,11 @@ class SubquadForCausalLM(SubquadPreTrainedModel, GenerationMixin):
 
     def enable_routing_loss(self, weight: float, num_queries: int = 64) -> None:
         """Add ``weight`` x the layers' mean router loss (:mod:`subquad.models.routing_loss`) to the
-        training loss, measured on ``num_queries`` query rows per sequence; ``weight=0`` turns it off.
-        ``last_routing_loss`` holds the last value (detached)."""
+        training loss, measured on ``num_queries`` evenly spaced query rows per sequence plus the
+        rows just before each end-of-document token (``config.eos_token_id``), where long-range
+        questions are answered; ``weight=0`` turns it off. ``last_routing_loss`` holds the last value
+        (detached). With ``config.router="learned"`` this loss is the only thing that trains the
+        router."""
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
             raise ValueError(f"weight={weight!r}: expected a number >= 0")
         if isinstance(num_queries, bool) or not isinstance(num_queries, int) or num_queries < 1:
@@ -384,6 +441,26 @@ class SubquadForCausalLM(SubquadPreTrainedModel, GenerationMixin):
         self.routing_loss_weight = float(weight)
         for layer in self.model.layers:
             layer.self_attn.routing_loss_queries = num_queries if weight > 0 else 0
+
+    def router_parameters(self) -> list[nn.Parameter]:
+        """The learned router's weights (none with ``router="shared"``); only the router loss trains them."""
+        projections = [
+            (layer.self_attn.router_q_proj, layer.self_attn.router_k_proj) for layer in self.model.layers
+        ]
+        return [p for pair in projections for proj in pair if proj is not None for p in proj.parameters()]
+
+    @torch.compiler.disable  # data-dependent sizes: keep it out of a compiled graph
+    def _set_routing_focus(self, input_ids: torch.Tensor | None) -> None:
+        """Hand the layers the rows before each end-of-document token of this batch (union over rows)."""
+        focus = None
+        eos = self.config.eos_token_id
+        if input_ids is not None and isinstance(eos, int):
+            ends = (input_ids == eos).nonzero()[:, 1].unique()
+            before = torch.arange(1, _FOCUS_BEFORE_EOS + 1, device=ends.device)
+            focus = (ends[:, None] - before).flatten().unique()
+            focus = focus[focus >= 0][-_MAX_FOCUS_ROWS:]
+        for layer in self.model.layers:
+            layer.self_attn.routing_loss_focus = focus
 
     def _collect_routing_loss(self, like: torch.Tensor) -> torch.Tensor:
         """Mean of the layers' router losses from this forward (0 when no row had candidates)."""
@@ -419,10 +496,12 @@ class SubquadForCausalLM(SubquadPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         output_hidden_states: bool | None = None,
+        loss_weights: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Logits (``logits_to_keep``: 0 = every position, n = the last n, or a tensor of indices) and,
-        with ``labels`` (``-100`` ignored), the next-token cross-entropy loss.
+        with ``labels`` (``-100`` ignored), the next-token cross-entropy loss; ``loss_weights`` (shaped
+        like ``labels``, >= 0) weighs each label's term: the loss is ``sum(w * ce) / sum(w)``.
 
         A prompt longer than ``config.prefill_chunk_tokens`` going into a cache is prefilled chunk by
         chunk (see :func:`subquad.models.prefill`): memory stays linear in its length.
@@ -447,6 +526,8 @@ class SubquadForCausalLM(SubquadPreTrainedModel, GenerationMixin):
                 chunk_size=self.config.prefill_chunk_tokens,
                 logits_to_keep=logits_to_keep,
             )
+        if self.training and self.routing_loss_weight > 0:
+            self._set_routing_focus(input_ids)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -473,11 +554,19 @@ class SubquadForCausalLM(SubquadPreTrainedModel, GenerationMixin):
                     f"labels: length {labels.shape[1]}, but logits cover {logits.shape[1]} positions "
                     "(use logits_to_keep=0 when training)"
                 )
-            loss = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                labels[:, 1:].reshape(-1).to(logits.device),
-                ignore_index=-100,
-            )
+            targets = labels[:, 1:].reshape(-1).to(logits.device)
+            flat_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+            if loss_weights is None:
+                loss = F.cross_entropy(flat_logits, targets, ignore_index=-100)
+            else:
+                if loss_weights.shape != labels.shape:
+                    raise ValueError(
+                        f"loss_weights: shape {tuple(loss_weights.shape)}, expected the labels' shape "
+                        f"{tuple(labels.shape)}"
+                    )
+                terms = F.cross_entropy(flat_logits, targets, ignore_index=-100, reduction="none")
+                weights = loss_weights[:, 1:].reshape(-1).to(terms) * (targets != -100)
+                loss = (terms * weights).sum() / weights.sum().clamp_min(1e-6)
             if self.training and self.routing_loss_weight > 0:
                 loss = loss + self.routing_loss_weight * self._collect_routing_loss(loss)
         return CausalLMOutputWithPast(
