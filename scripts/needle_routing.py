@@ -24,41 +24,37 @@ from subquad.eval.runner import load_model
 from subquad.ops.ssa.select import block_summaries, routing_queries
 
 
-def needle_ranks(model, tokenizer, length: int, depth: float, seed: int) -> dict:
-    sample = niah.generate(length, depth, tokenizer, num_samples=1, seed=seed)[0]
-    ids = tokenizer(sample.input, return_tensors="pt").input_ids.to(model.device)
-    # The needle's value is the first place its digits appear; its token index is the length of the
-    # prompt's text before it, tokenized the same way.
-    value_at = sample.input.index(sample.answers[0])
-    needle_token = len(tokenizer(sample.input[:value_at]).input_ids)
+def block_ranks(model, ids: torch.Tensor, target_token: int) -> dict:
+    """Prefill ``ids`` ``[1, T]`` once; per layer, the rank (per KV head) of the block holding
+    ``target_token`` among the last token's routing candidates, and whether it was attended. A block
+    among the sinks or in the local window is always attended: rank None, ``"always": True``."""
     ssa = model.config.ssa_config
-    needle_block = needle_token // ssa.block_size
+    target_block = target_token // ssa.block_size
+    last_block = (ids.shape[1] - 1) // ssa.block_size
+    always = target_block < ssa.sink_blocks or target_block > last_block - ssa.local_blocks
     layers = []
 
     def capture(attention, original):
         def wrapped(q, k, v, summaries, route=None):
             if k.shape[1] == ids.shape[1]:  # the chunk holding the prompt's last token
-                q_last = q[:, -1:]
-                # What the layer routes with: its own q/k, or its learned router's.
-                route_q, route_k = (q, k) if route is None else route
-                summ = block_summaries(route_k, ssa.block_size) if summaries is None else summaries
-                last = routing_queries(route_q[:, -1:], k.shape[2])[:, 0]
-                scores = torch.einsum("bhd,bnhd->bhn", last.float(), summ.float())
-                # Candidates: complete blocks after the sinks and before the local window.
-                last_block = (k.shape[1] - 1) // ssa.block_size
-                candidates = scores[0, :, ssa.sink_blocks : last_block - ssa.local_blocks + 1]
-                needle_score = candidates[:, needle_block - ssa.sink_blocks]
-                rank = (candidates > needle_score[:, None]).sum(-1) + 1
-                last_route = None if route is None else (route[0][:, -1:], route[1])
-                selected = attention.select(q_last, k, summaries, last_route).block_idx
-                layers.append(
-                    {
-                        "layer": attention.layer_idx,
-                        "rank": rank.tolist(),
-                        "candidates": candidates.shape[-1],
-                        "selected": bool((selected == needle_block).any()),
-                    }
-                )
+                row = {"layer": attention.layer_idx, "always": always}
+                if always:
+                    row.update(rank=None, candidates=None, selected=True)
+                else:
+                    # What the layer routes with: its own q/k, or its learned router's.
+                    route_q, route_k = (q, k) if route is None else route
+                    summ = block_summaries(route_k, ssa.block_size) if summaries is None else summaries
+                    last = routing_queries(route_q[:, -1:], k.shape[2])[:, 0]
+                    scores = torch.einsum("bhd,bnhd->bhn", last.float(), summ.float())
+                    # Candidates: complete blocks after the sinks and before the local window.
+                    candidates = scores[0, :, ssa.sink_blocks : last_block - ssa.local_blocks + 1]
+                    target_score = candidates[:, target_block - ssa.sink_blocks]
+                    rank = (candidates > target_score[:, None]).sum(-1) + 1
+                    last_route = None if route is None else (route[0][:, -1:], route[1])
+                    selected = attention.select(q[:, -1:], k, summaries, last_route).block_idx
+                    row.update(rank=rank.tolist(), candidates=candidates.shape[-1],
+                               selected=bool((selected == target_block).any()))  # fmt: skip
+                layers.append(row)
             return original(q, k, v, summaries, route)
 
         return wrapped
@@ -74,8 +70,20 @@ def needle_ranks(model, tokenizer, length: int, depth: float, seed: int) -> dict
     finally:
         for attention in attentions:
             del attention._attend_sparse  # back to the class method
+    return {"target_block": target_block, "seconds": seconds, "layers": layers}
+
+
+def needle_ranks(model, tokenizer, length: int, depth: float, seed: int) -> dict:
+    sample = niah.generate(length, depth, tokenizer, num_samples=1, seed=seed)[0]
+    ids = tokenizer(sample.input, return_tensors="pt").input_ids.to(model.device)
+    # The needle's value is the first place its digits appear; its token index is the length of the
+    # prompt's text before it, tokenized the same way.
+    value_at = sample.input.index(sample.answers[0])
+    needle_token = len(tokenizer(sample.input[:value_at]).input_ids)
+    ranks = block_ranks(model, ids, needle_token)
     return {"length": length, "prompt_tokens": ids.shape[1], "needle_token": needle_token,
-            "needle_block": needle_block, "seconds": seconds, "layers": layers}  # fmt: skip
+            "needle_block": ranks["target_block"], "seconds": ranks["seconds"],
+            "layers": ranks["layers"]}  # fmt: skip
 
 
 def main() -> None:
@@ -97,7 +105,8 @@ def main() -> None:
         result = needle_ranks(model, tokenizer, parse_length(text), args.depth, args.seed)
         results.append(result)
         layers = result["layers"]
-        ranks = " ".join(f"{min(x['rank'])}{'*' if x['selected'] else ''}" for x in layers)
+        ranks = " ".join("local" if x["always"] else f"{min(x['rank'])}{'*' if x['selected'] else ''}"
+                         for x in layers)  # fmt: skip
         print(
             f"{text}: needle block {result['needle_block']} of {layers[0]['candidates']} candidates; "
             f"rank per layer (* = selected): {ranks}; {result['seconds']:.1f} s",

@@ -159,7 +159,8 @@ PY
   mkdir -p "$res"
   # Our own skill format first (held-out filler): does the model read back at all?
   python3 scripts/skill_accuracy.py --model "$model" --corpus "$RUNS/$FT_CORPUS" --kind facts \
-    --lengths "2k,$TRAIN_LEN,128k,1m" --samples 24 --device "$DEVICE" --out "$res/skill-accuracy.json" >> "$elog" 2>&1
+    --lengths "2k,$TRAIN_LEN,128k,1m" --samples 24 --routing --device "$DEVICE" --out "$res/skill-accuracy.json" \
+    >> "$elog" 2>&1
   ev --suite ruler --tasks niah_single_1,niah_single_2,niah_single_3 --lengths "4k,$TRAIN_LEN" --samples 50 \
     --max-new-tokens 32 --batch-size 4 --out "$res/niah-single"
   python3 scripts/needle_routing.py --model "$model" --lengths "$ROUTING_LENGTHS" --device "$DEVICE" \
