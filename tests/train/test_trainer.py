@@ -221,6 +221,8 @@ def test_answer_weight_trains_on_the_mask_and_needs_it(corpus, tmp_path):
     assert json.loads((tmp_path / "weighted/train_config.json").read_text())["answer_weight"] == 4.0
     with pytest.raises(ValueError, match="answer_weight=-1"):
         _config(root, tmp_path / "bad", answer_weight=-1)
+    with pytest.raises(ValueError, match="skills_fraction=0 draws no skill windows"):
+        _config(root, tmp_path / "bad", answer_weight=4.0, skills_fraction=0.0)
 
 
 def test_loss_weights_weigh_each_label():

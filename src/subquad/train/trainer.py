@@ -142,6 +142,11 @@ class TrainConfig:
             raise ValueError(f"skills_fraction={self.skills_fraction!r}: expected a float in [0, 1]")
         if not (_is_number(self.answer_weight) and self.answer_weight >= 0):
             raise ValueError(f"answer_weight={self.answer_weight!r}: expected a float >= 0 (0 = plain loss)")
+        if self.answer_weight > 0 and self.skills_fraction == 0:
+            raise ValueError(
+                f"answer_weight={self.answer_weight!r} weighs skill answers, but skills_fraction=0 draws "
+                "no skill windows: set skills_fraction > 0 or answer_weight=0"
+            )
         if not (_is_number(self.routing_loss) and self.routing_loss >= 0):
             raise ValueError(f"routing_loss={self.routing_loss!r}: expected a float >= 0 (0 = off)")
         _check_int("routing_loss_queries", self.routing_loss_queries, minimum=1)
