@@ -4,7 +4,10 @@ Measures (issue 3):
 * prefill time and peak memory of a whole prompt (chunked through an SSACache for SSA; one causal
   SDPA forward for dense) at 128K, 1M, 4M, 12M tokens;
 * per-token decode latency at 32K .. 12M cached tokens (the cache is filled with random keys and
-  values directly: decode cost does not depend on how the cache was filled);
+  values directly: decode cost does not depend on how the cache was filled); the dense twin decodes
+  with SDPA over views of the same cache, its query heads grouped per KV head, on flash / efficient /
+  math (``modeling.DENSE_DECODE_BACKENDS``): cuDNN, SDPA's first choice on H100/H200, builds an
+  execution plan per key length, i.e. per step (``--dense-sdpa-auto`` adds rows with SDPA's choice);
 * KV-cache bytes per token.
 
 Dense runs only up to ``--dense-max-prefill`` / ``--dense-max-decode`` tokens (it is quadratic, or its
@@ -13,6 +16,8 @@ JSON and markdown (GPU, torch, triton, date); a short table is printed last.
 
 GPU (H200; each command stays under the 10-minute job limit):
     PYTHONPATH=src python benchmarks/decode.py --device cuda --only decode
+    PYTHONPATH=src python benchmarks/decode.py --device cuda --only decode --dense-sdpa-auto \
+        --decode-lengths 131072 1048576 4194304
     PYTHONPATH=src python benchmarks/decode.py --device cuda --only prefill --prefill-lengths 131072 1048576
     PYTHONPATH=src python benchmarks/decode.py --device cuda --only prefill --skip-dense \
         --prefill-lengths 4194304
@@ -39,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import subquad  # noqa: E402
 from subquad.models import SubquadConfig, SubquadForCausalLM, prefill  # noqa: E402
+from subquad.models.subquad import modeling  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 K, M = 1 << 10, 1 << 20
@@ -67,6 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-steps", type=int, default=20)
     p.add_argument("--only", choices=["prefill", "decode"], default=None)
     p.add_argument("--skip-dense", action="store_true")
+    p.add_argument(
+        "--dense-sdpa-auto",
+        action="store_true",
+        help="also decode with the dense twin on SDPA's own backend choice (cuDNN first on H100/H200, "
+        "which builds a plan per key length); the dense rows use flash/efficient/math",
+    )
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     quick = args.quick
@@ -194,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
         ssa=cfg.ssa,
         position_scheme=args.position_scheme,
         prefill_chunk=args.chunk,
+        dense_decode_backends=[b.name for b in modeling.DENSE_DECODE_BACKENDS or []] or "sdpa auto",
         command="python " + " ".join(sys.argv),
     )
     rows: list[dict] = []
@@ -236,21 +249,29 @@ def main(argv: list[str] | None = None) -> dict:
                 kv_only = (
                     cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * sparse.dtype.itemsize
                 )
-                for name, model in (("ssa", sparse), ("dense", dense)):
-                    if name == "dense" and (args.skip_dense or length > args.dense_max_decode):
+                variants = [("ssa", sparse), ("dense", dense)]
+                if args.dense_sdpa_auto:
+                    variants.append(("dense-sdpa-auto", dense))
+                for name, model in variants:
+                    if name != "ssa" and (args.skip_dense or length > args.dense_max_decode):
                         continue
                     row = dict(
                         kind="decode",
                         attention=name,
                         tokens=length,
-                        kv_bytes_per_token=kv_only if name == "dense" else cache.bytes_per_token(),
+                        kv_bytes_per_token=kv_only if name != "ssa" else cache.bytes_per_token(),
                     )
+                    chosen = modeling.DENSE_DECODE_BACKENDS
+                    if name == "dense-sdpa-auto":
+                        modeling.DENSE_DECODE_BACKENDS = None
                     try:
                         row.update(run_decode(model, cache, args.decode_steps, device, timer))
                     except (RuntimeError, torch.OutOfMemoryError) as err:
                         if not is_oom(err):
                             raise
                         row["error"] = "OOM"
+                    finally:
+                        modeling.DENSE_DECODE_BACKENDS = chosen
                     rows.append(row)
                     _echo(row)
                 del cache
@@ -286,6 +307,9 @@ def summarize(rows: list[dict]) -> dict:
         s, d = get.get(("decode", "ssa", length)), get.get(("decode", "dense", length))
         if s and d:
             out[f"decode_speedup_{length}"] = d["ms_per_token"] / s["ms_per_token"]
+        auto = get.get(("decode", "dense-sdpa-auto", length))
+        if d and auto:
+            out[f"dense_sdpa_auto_vs_dense_{length}"] = auto["ms_per_token"] / d["ms_per_token"]
     decode = sorted(
         (r["tokens"], r["ms_per_token"])
         for (kind, att, _), r in get.items()

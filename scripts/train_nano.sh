@@ -113,11 +113,13 @@ FT_MINUTES=${FT_MINUTES:-9}
 FT_LR=${FT_LR:-1e-3}
 FT_SKILLS_FRACTION=${FT_SKILLS_FRACTION:-0.5}
 FT_SKILLS_KINDS=${FT_SKILLS_KINDS:-facts=4,recall=1,copy=1,lookup=1}
+FT_DOC_TOKENS=${FT_DOC_TOKENS:-256,32768}  # skill document lengths (log-uniform), LOW,HIGH tokens
 ROUTING_LOSS=${ROUTING_LOSS:-1.0}
 ANSWER_WEIGHT=${ANSWER_WEIGHT:-20}      # skill answer tokens count 1 + this in the loss
 FT_NAME=${FT_NAME:-nano-retrieval}      # run directory and results name
 FT_CORPUS=${FT_CORPUS:-corpus-ft}
 ROUTING_LENGTHS=${ROUTING_LENGTHS:-$TRAIN_LEN,1m}  # needle_routing.py: router ranks of the needle block
+SKILL_LENGTHS=${SKILL_LENGTHS:-2k,$TRAIN_LEN,128k,1m}  # skill_accuracy.py: our facts format
 ft_train() {
   python3 -m subquad.train.cli --corpus "$RUNS/$FT_CORPUS" --init-from "$BASE_MODEL" --seed 0 --device "$DEVICE" \
     $COMPILE --model-override router=learned --routing-loss "$ROUTING_LOSS" --routing-loss-queries 64 \
@@ -126,9 +128,9 @@ ft_train() {
 }
 retrieval() {
   if [ ! -f "$RUNS/$FT_CORPUS/skills.bin" ]; then
-    log "$FT_CORPUS: $CORPUS_MB MB of $SITE with $BASE_MODEL's tokenizer + $SKILLS_TOKENS skill tokens ($FT_SKILLS_KINDS)"
+    log "$FT_CORPUS: $CORPUS_MB MB of $SITE with $BASE_MODEL's tokenizer + $SKILLS_TOKENS skill tokens ($FT_SKILLS_KINDS, $FT_DOC_TOKENS)"
     python3 -m subquad.cli corpus --source "$SITE" --out "$RUNS/$FT_CORPUS" --tokenizer-from "$BASE_MODEL" \
-      --max-mb "$CORPUS_MB" --skills-tokens "$SKILLS_TOKENS" --skills-kinds "$FT_SKILLS_KINDS" \
+      --max-mb "$CORPUS_MB" --skills-tokens "$SKILLS_TOKENS" --skills-kinds "$FT_SKILLS_KINDS" --skills-doc-tokens "$FT_DOC_TOKENS" \
       > "$RUNS/logs/$FT_CORPUS.log" 2>&1 || return 1
   fi
   if [ ! -f "$RUNS/plan-$FT_NAME.env" ]; then
@@ -157,12 +159,13 @@ PY
   log "eval retrieval: needles at $TRAIN_LEN, router ranks, recall, held-out loss, RULER $RULER_LENGTHS"
   ev() { python3 -m subquad.cli eval --model "$model" --device "$DEVICE" --no-progress "$@" >> "$elog" 2>&1; }
   mkdir -p "$res"
-  # Our own skill format first (held-out filler): does the model read back at all?
-  python3 scripts/skill_accuracy.py --model "$model" --corpus "$RUNS/$FT_CORPUS" --kind facts \
-    --lengths "2k,$TRAIN_LEN,128k,1m" --samples 24 --routing --device "$DEVICE" --out "$res/skill-accuracy.json" \
-    >> "$elog" 2>&1
+  # The evaluation's needles first, then our own skill format (held-out filler): when the needles
+  # fail, does the model read back at all, and does the router find the fact?
   ev --suite ruler --tasks niah_single_1,niah_single_2,niah_single_3 --lengths "4k,$TRAIN_LEN" --samples 50 \
     --max-new-tokens 32 --batch-size 4 --out "$res/niah-single"
+  python3 scripts/skill_accuracy.py --model "$model" --corpus "$RUNS/$FT_CORPUS" --kind facts \
+    --lengths "$SKILL_LENGTHS" --samples 24 --routing --device "$DEVICE" --out "$res/skill-accuracy.json" \
+    >> "$elog" 2>&1
   python3 scripts/needle_routing.py --model "$model" --lengths "$ROUTING_LENGTHS" --device "$DEVICE" \
     --out "$res/needle-routing.json" >> "$elog" 2>&1
   [ -f "$res/recall.json" ] || python3 -m subquad.eval.recall --model "$model" --corpus "$RUNS/$FT_CORPUS" \

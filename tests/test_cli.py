@@ -32,18 +32,20 @@ def test_bench_rejects_bad_arguments(args, tmp_path):
 
 
 def test_corpus_then_train_end_to_end(tmp_path):
-    # `subquad corpus` over a folder of this package's own kernels, then a few `subquad train` steps.
+    # `subquad corpus` over this package's own sources, then a few `subquad train` steps.
     from pathlib import Path
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import subquad
 
-    sources = Path(subquad.__file__).parent / "ops"
+    sources = Path(subquad.__file__).parent  # dozens of files: some always land in the 20% held-out split
     corpus, run = tmp_path / "corpus", tmp_path / "run"
     args = ["corpus", "--source", str(sources), "--out", str(corpus), "--vocab-size", "300"]
-    assert main([*args, "--heldout-fraction", "0.2", "--skills-tokens", "5000"]) == 0
+    skills = ["--skills-tokens", "5000", "--skills-doc-tokens", "64,300"]
+    assert main([*args, "--heldout-fraction", "0.2", *skills]) == 0
     assert (corpus / "skills.bin").stat().st_size > 0
+    assert json.loads((corpus / "skills.json").read_text())["doc_tokens"] == [64, 300]
     train = ["train", "--corpus", str(corpus), "--out", str(run), "--flavor", "debug", "--attention", "dense"]
     assert (
         main(
@@ -73,3 +75,11 @@ def test_corpus_then_train_end_to_end(tmp_path):
 def test_corpus_rejects_missing_source(tmp_path, capsys):
     assert main(["corpus", "--source", str(tmp_path / "nope"), "--out", str(tmp_path / "c")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("doc_tokens", ["256", "256,8k", "8192,256", "0,10"])
+def test_corpus_rejects_bad_skill_document_lengths_before_building(tmp_path, capsys, doc_tokens):
+    out = tmp_path / "c"
+    args = ["corpus", "--source", str(tmp_path), "--out", str(out), "--skills-tokens", "100"]
+    assert main([*args, "--skills-doc-tokens", doc_tokens]) == 2
+    assert "doc" in capsys.readouterr().err and not out.exists()

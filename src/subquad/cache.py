@@ -62,8 +62,15 @@ class SSACacheLayer(DynamicLayer):
         self._route_buf: torch.Tensor | None = None  # routing keys, only for a learned router
         self._route_dim: int | None = None
         self._means: torch.Tensor | None = None
+        self._block_counts: torch.Tensor | None = None
         self._lengths: list[int] = []
+        # Device copy of ``_lengths``, built on demand (``seqlens``); None while every row holds the same
+        # length and no one has asked since the last append (decode steps then cost no update per layer).
         self._lengths_dev: torch.Tensor | None = None
+        # State that readers derive from the summaries of complete blocks and keep across steps (e.g.
+        # the tree router's group bounds): appends never change a complete block, everything else
+        # that rewrites stored tokens (crop, row selection, reset) clears it.
+        self.derived: dict[str, Any] = {}
 
     # --- state -----------------------------------------------------------------------------------
     def lazy_initialization(
@@ -76,7 +83,9 @@ class SSACacheLayer(DynamicLayer):
         self._route_dim = None if route_keys is None else route_keys.shape[-1]
         self._allocate(batch, heads, dim, value_states.shape[-1], max(self.reserve, self.block_size))
         self._lengths = [0] * batch
-        self._lengths_dev = torch.zeros(batch, dtype=torch.int32, device=self.device)
+        self._lengths_dev = None
+        # Keys a block may hold (1 .. block_size): the divisors of a one-block summary refresh.
+        self._block_counts = torch.arange(1, self.block_size + 1, dtype=torch.float32, device=self.device)
         self.is_initialized = True
 
     def _allocate(self, batch: int, heads: int, dim: int, dim_v: int, capacity: int) -> None:
@@ -113,6 +122,10 @@ class SSACacheLayer(DynamicLayer):
     @property
     def seqlens(self) -> torch.Tensor:
         """Tokens held per row, ``[B]`` int32 on the cache device."""
+        if self._lengths_dev is None:
+            # Only ever None with all rows of one length: a fill, no host-to-device copy.
+            batch, length = len(self._lengths), self._lengths[0] if self._lengths else 0
+            self._lengths_dev = torch.full((batch,), length, dtype=torch.int32, device=self.device)
         return self._lengths_dev
 
     @property
@@ -180,7 +193,7 @@ class SSACacheLayer(DynamicLayer):
             if route_keys is not None:
                 self._route_buf[:, start : start + steps] = route_keys
             self._lengths = [start + steps] * batch
-            self._lengths_dev += steps
+            self._lengths_dev = None
             self._refresh_summaries(slice(None), start, start + steps)
             return
         if valid is None and steps == 1:
@@ -215,7 +228,7 @@ class SSACacheLayer(DynamicLayer):
         bs = self.block_size
         self._ensure_capacity(self.max_length + 1)
         rows = torch.arange(batch, device=self.device)
-        pos = self._lengths_dev.long()
+        pos = self.seqlens.long()
         self._key_buf[rows, pos] = key_states[:, 0]
         self._value_buf[rows, pos] = value_states[:, 0]
         if route_keys is not None:
@@ -230,13 +243,24 @@ class SSACacheLayer(DynamicLayer):
         self._means[rows, block] = gathered.sum(1) / inside.sum(1).view(batch, 1, 1)
 
     def _refresh_summaries(self, rows: slice, start: int, stop: int) -> None:
-        """Recompute the means of blocks holding positions ``[start, stop)`` of ``rows`` from the buffer."""
+        """Recompute the means of blocks holding positions ``[start, stop)`` of ``rows`` from the buffer.
+
+        Positions at or past a row's length always hold zeros (appends write only real tokens, ``crop``
+        clears what it drops, new capacity is zeroed), so whole blocks are summed: the same sums as
+        ``block_summaries``' zero-padded ones.
+        """
         bs = self.block_size
         first, last = start // bs, (stop - 1) // bs
-        region = self._summarised[rows, first * bs : (last + 1) * bs].float()  # zeros past `stop`
-        if stop < (last + 1) * bs:
-            region[:, stop - first * bs :] = 0
+        region = self._summarised[rows, first * bs : (last + 1) * bs].float()
         sums = region.view(region.shape[0], last - first + 1, bs, *region.shape[2:]).sum(2)
+        if first == last:
+            # One block (every decode step): divide by a slice of the counts table, in place.
+            count = self._block_counts[stop - first * bs - 1]
+            if sums.requires_grad:  # out= does not record autograd history
+                self._means[rows, first : first + 1] = sums / count
+            else:
+                torch.div(sums, count, out=self._means[rows, first : first + 1])
+            return
         counts = torch.full((last - first + 1,), float(bs), device=self.device)
         counts[-1] = stop - last * bs
         self._means[rows, first : last + 1] = sums / counts.view(1, -1, 1, 1)
@@ -270,7 +294,9 @@ class SSACacheLayer(DynamicLayer):
         return -1
 
     def reset(self) -> None:
+        self.derived.clear()
         self._key_buf = self._value_buf = self._route_buf = self._means = None
+        self._block_counts = None
         self.keys = self.values = None
         self._lengths, self._lengths_dev = [], None
         self.is_initialized = False
@@ -281,6 +307,7 @@ class SSACacheLayer(DynamicLayer):
             raise ValueError(f"tokens_to_remove={tokens_to_remove}: expected a negative int (tokens to drop)")
         if tokens_to_remove == 0 or not self.is_initialized:
             return
+        self.derived.clear()
         new = [max(0, n + tokens_to_remove) for n in self._lengths]
         for row, (old, length) in enumerate(zip(self._lengths, new)):
             self._key_buf[row, length:old] = 0
@@ -295,6 +322,7 @@ class SSACacheLayer(DynamicLayer):
         self._lengths_dev = torch.tensor(new, dtype=torch.int32, device=self.device)
 
     def _select_rows(self, index: torch.Tensor) -> None:
+        self.derived.clear()
         index = index.to(self.device)
         self._key_buf = self._key_buf.index_select(0, index)
         self._value_buf = self._value_buf.index_select(0, index)
@@ -302,7 +330,7 @@ class SSACacheLayer(DynamicLayer):
             self._route_buf = self._route_buf.index_select(0, index)
         self._means = self._means.index_select(0, index)
         self.keys, self.values = self._key_buf, self._value_buf
-        self._lengths_dev = self._lengths_dev.index_select(0, index)
+        self._lengths_dev = self.seqlens.index_select(0, index)
         self._lengths = self._lengths_dev.tolist()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

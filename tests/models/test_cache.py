@@ -77,3 +77,20 @@ def test_cache_arguments():
         subquad.SSACache(max_length=-1)
     with pytest.raises(ValueError, match="unknown field"):
         subquad.SSACache({"blocksize": 16})
+
+
+def test_device_lengths_follow_host_lengths_and_derived_state_is_cleared():
+    # Equal-length appends leave the device lengths to be rebuilt on demand; ragged rows keep them.
+    layer = SSACacheLayer(block_size=16)
+    layer.append(torch.randn(2, 20, 2, 8), torch.randn(2, 20, 2, 8))
+    layer.append(torch.randn(2, 1, 2, 8), torch.randn(2, 1, 2, 8))
+    assert layer.seqlens.tolist() == layer.lengths == [21, 21]
+    layer.derived["tree_bounds"] = object()
+    layer.append(torch.randn(2, 1, 2, 8), torch.randn(2, 1, 2, 8))
+    assert "tree_bounds" in layer.derived  # appends never change a complete block
+    layer.crop(-5)
+    assert layer.derived == {} and layer.seqlens.tolist() == [17, 17]
+    valid = torch.tensor([[True, True, True], [False, True, True]])
+    layer.append(torch.randn(2, 3, 2, 8), torch.randn(2, 3, 2, 8), valid)
+    layer.append(torch.randn(2, 1, 2, 8), torch.randn(2, 1, 2, 8))
+    assert layer.seqlens.tolist() == layer.lengths == [21, 20]

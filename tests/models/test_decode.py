@@ -53,7 +53,9 @@ def test_decode_select_and_reference_errors():
 TRITON_CHECK = textwrap.dedent(
     """
     import torch, subquad
-    from subquad.ops.ssa.triton_decode import decode_select, sparse_decode_naive, sparse_decode_triton
+    from subquad.ops.ssa.triton_decode import (
+        decode_plan, decode_select, decode_step, sparse_decode_naive, sparse_decode_triton,
+    )
     torch.manual_seed(0)
     cfg = subquad.SSAConfig(block_size=16, top_k=3, sink_blocks=1, local_blocks=2)
     for hq, hkv, d, dv, split in [(8, 2, 32, 32, 2), (4, 4, 16, 48, 1), (6, 1, 64, 64, None)]:
@@ -71,6 +73,12 @@ TRITON_CHECK = textwrap.dedent(
         big = torch.randn(3, 300, hkv, d).half(); big[:, :150] = k
         out2 = sparse_decode_triton(q, big[:, :150], v, idx, lens, 16, slots_per_split=split)
         assert torch.equal(out2, out)
+        if split is None:
+            # A model's decode step: the shared plan, no checks, the same kernel.
+            summ = subquad.block_summaries(k, 16)
+            plan = decode_plan(lens, summ.shape[1], cfg, lens.tolist())
+            out3, idx3 = decode_step(q[:, None], k, v, summ, plan, cfg, d**-0.5, "triton")
+            assert torch.equal(idx3, idx) and torch.equal(out3[:, 0], out)
     print("ok")
     """
 )
@@ -105,3 +113,92 @@ def test_decode_select_matches_full_routing_per_row(index):
     for b, n in enumerate(lengths):
         want = subquad.select_blocks(q[b : b + 1, n - 1 : n], k[b : b + 1, :n], config).block_idx[0, :, 0]
         assert torch.equal(got[b].sort(-1).values, want.sort(-1).values)
+
+
+@pytest.mark.parametrize("index", ["flat", "tree"])
+def test_shared_plan_and_kept_bounds_route_like_the_reference(index):
+    # A model's decode step builds one plan for all layers (reused while rows stay in their blocks) and
+    # keeps the tree's group bounds in the cache layer; the picks must equal routing each step afresh
+    # (select_blocks on the whole row), across group-size changes and a crop.
+    from subquad.cache import SSACacheLayer
+    from subquad.ops.ssa.triton_decode import TreeBounds, decode_plan
+
+    config = subquad.SSAConfig(block_size=16, top_k=3, sink_blocks=1, local_blocks=2, index=index)
+    layer = SSACacheLayer(block_size=16)
+    keys = torch.randn(2, 700, 2, 16)
+    layer.append(keys[:, :40], keys[:, :40])
+    bounds, plan = TreeBounds(), None
+    for step in range(40, 700):
+        layer.append(keys[:, step : step + 1], keys[:, step : step + 1])
+        if step == 500:
+            layer.crop(-100)
+            bounds = layer.derived.setdefault("tree_bounds", TreeBounds())
+        n = layer.lengths[0]
+        summaries = layer.summaries()
+        q = torch.randn(2, 4, 16)
+        seqlens = torch.full((2,), n)
+        plan = decode_plan(seqlens, summaries.shape[1], config, [n, n], previous=plan)
+        got = decode_select(q, summaries, seqlens, config, plan, bounds)
+        want = subquad.select_blocks(q[:, None], layer.keys_bshd(), config).block_idx[:, :, 0]
+        assert torch.equal(got.sort(-1).values, want.sort(-1).values), n
+    assert layer.derived  # kept by the cache until something rewrites its tokens
+    layer.reorder_cache(torch.tensor([1, 0]))
+    assert not layer.derived
+
+
+def _host_syncs(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` and its (scalar reads, tolist calls): each a device-to-host sync on a GPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        scalars = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.startswith("_local_scalar_dense"):
+                Count.scalars += 1
+            return func(*args, **(kwargs or {}))
+
+    calls = []
+    original = torch.Tensor.tolist
+
+    def tolist(t, *a, **k):
+        calls.append(t.shape)
+        return original(t, *a, **k)
+
+    torch.Tensor.tolist = tolist
+    try:
+        with Count():
+            out = fn(*args, **kwargs)
+    finally:
+        torch.Tensor.tolist = original
+    return out, (Count.scalars, len(calls))
+
+
+@pytest.mark.parametrize("index", ["flat", "tree"])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_model_decode_step_matches_full_forward_without_host_syncs(index, ragged):
+    # Rows of different lengths (a left-padded batch) decode in one batched step; each row's logits
+    # equal a full forward over that row alone, and the step never reads a device value on the host.
+    from subquad.models import SubquadConfig, SubquadForCausalLM
+
+    cfg = SubquadConfig.from_flavor(
+        "debug", position_scheme="rope", ssa={"block_size": 16, "top_k": 2, "index": index}
+    )
+    model = SubquadForCausalLM(cfg).eval()
+    lengths = [150, 93] if ragged else [150, 150]
+    rows = [torch.randint(0, 256, (1, n + 4)) for n in lengths]
+    ids = torch.zeros(2, max(lengths), dtype=torch.long)
+    mask = torch.zeros(2, max(lengths), dtype=torch.long)
+    for r, (row, n) in enumerate(zip(rows, lengths)):
+        ids[r, max(lengths) - n :] = row[0, :n]
+        mask[r, max(lengths) - n :] = 1
+    with torch.no_grad():
+        cache = model(ids, attention_mask=mask if ragged else None, use_cache=True).past_key_values
+        assert cache.layers[0].lengths == lengths
+        for i in range(4):
+            token = torch.stack([row[0, n + i] for row, n in zip(rows, lengths)])[:, None]
+            out, syncs = _host_syncs(model, token, past_key_values=cache)
+            assert syncs == (0, 0)
+            for r, (row, n) in enumerate(zip(rows, lengths)):
+                ref = model(row[:, : n + i + 1], use_cache=False).logits[:, -1]
+                torch.testing.assert_close(out.logits[r, -1], ref[0], atol=2e-5, rtol=1e-4)

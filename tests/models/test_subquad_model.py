@@ -53,6 +53,23 @@ def test_flavor_sizes(flavor, low, high):
     assert cfg.ssa_config.block_size == cfg.ssa["block_size"]
 
 
+def test_rotary_tables_rotate_like_the_pairwise_formula():
+    # The model rotates with tables computed once per forward; the result must be the rotation
+    # [x1 cos - x2 sin, x2 cos + x1 sin] to the bit, in every dtype.
+    from subquad.models.subquad.modeling import SubquadRotary
+
+    rotary = SubquadRotary(64, 10000.0)
+    positions = torch.randint(0, 12_000_000, (2, 50, 1))
+    freqs = positions.float()[..., None] * 10000.0 ** (-torch.arange(0, 32, dtype=torch.float32) / 32)
+    cos, sin = freqs.cos(), freqs.sin()
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.randn(2, 50, 3, 64).to(dtype)
+        x1, x2 = x.float()[..., :32], x.float()[..., 32:]
+        want = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(dtype)
+        assert torch.equal(rotary.rotate(x, rotary.tables(positions)), want)
+        assert torch.equal(rotary(x, positions), want)
+
+
 def test_save_load_round_trip(tmp_path):
     model = make_model(position_scheme="local_rope")
     ids = torch.randint(0, 256, (1, 40))

@@ -316,6 +316,7 @@ def _facts(seed: int, text: str = PROSE_AND_CODE * 8) -> tuple[str, str, dict]:
 
 def test_facts_quiz_planted_keys():
     counts, asked_forms, questions, statements, quiz_sizes = [], set(), set(), set(), []
+    composed_forms, attributes, repetitive, intros = set(), set(), 0, 0
     for seed in range(200):
         document, answer, planted = _facts(seed)
         body, question = document.rsplit("\n", 1)
@@ -346,9 +347,21 @@ def test_facts_quiz_planted_keys():
             found = [t for t in skills._FACT_STATEMENTS if skills._fill_fact(t, key, a, v) in body]
             assert found, (key, a, v)
             statements.update(found)
+        # A whole question of ours, or a composed one ending "The {attr} {prep} {key}{trail}{verb}".
         found = [t for t in skills._FACT_QUESTIONS if question == skills._fill_fact(t, asked, attr)]
-        assert len(found) == 1, question
+        composed = [
+            (prep, trail, verb)
+            for prep in skills._PREFIX_PREPS
+            for trail in skills._PREFIX_TRAILS
+            for verb in skills._PREFIX_VERBS
+            if f" {question}".endswith(f" The {attr} {prep} {asked}{trail}{verb}")
+        ]
+        assert len(found) + len(composed) >= 1, question
         questions.update(found)
+        composed_forms.update(composed)
+        attributes.add(attr)
+        repetitive += planted["repetitive"]
+        intros += document.split("\n", 1)[0] in skills._FACT_INTROS
         # Keys are built from the filler's own words (no pseudo-word fallback for a real filler).
         words = [w for w in re.findall(r"[a-z]+", asked.lower()) if w != "the"]
         assert words and all(w in PROSE_AND_CODE.lower() for w in words)
@@ -369,6 +382,11 @@ def test_facts_quiz_planted_keys():
     assert asked_forms == {"hyphen", "the", "number", "title"}
     assert len(skills._FACT_STATEMENTS) >= 8 and statements == set(skills._FACT_STATEMENTS)
     assert len(skills._FACT_QUESTIONS) >= 8 and questions == set(skills._FACT_QUESTIONS)
+    # The composed questions vary their preposition, pointer and verb; attributes are often new
+    # phrases made from the filler's words; some haystacks repeat a few lines; some open with an intro.
+    assert len(composed_forms) > 40
+    assert len(attributes - set(skills._FACT_ATTRIBUTES)) > 30
+    assert 25 < repetitive < 80 and 40 < intros < 110
 
 
 def test_facts_fall_back_to_pseudo_words_and_are_deterministic():

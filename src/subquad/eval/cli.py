@@ -33,7 +33,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1 (default: auto)"
     )
     parser.add_argument(
-        "--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="weights dtype"
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="weights dtype (auto: as stored, float32 becomes bfloat16 on CUDA)",
     )
     parser.add_argument("--seed", type=int, default=0, help="prompt generation seed (default: 0)")
     parser.add_argument("--batch-size", type=int, default=1, help="prompts per generate() call (default: 1)")

@@ -323,7 +323,11 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 
 
 def load_causal_lm(path: str | os.PathLike, device: str = "auto", dtype: str = "auto") -> Any:
-    """Load a causal LM with ``AutoModelForCausalLM`` (no remote code), on ``device``, in eval mode."""
+    """Load a causal LM with ``AutoModelForCausalLM`` (no remote code), on ``device``, in eval mode.
+
+    ``dtype="auto"`` keeps the stored dtype, except that float32 weights become bfloat16 on CUDA: the
+    SSA kernels run in bf16/fp16, and float32 there silently takes the PyTorch reference path, some
+    30x slower on long prompts. Ask for ``"float32"`` to keep it."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -343,6 +347,8 @@ def load_causal_lm(path: str | os.PathLike, device: str = "auto", dtype: str = "
         raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False)
+    if dtype == "auto" and torch_device.type == "cuda" and model.dtype == torch.float32:
+        model.to(torch.bfloat16)
     model.to(torch_device)
     model.eval()
     return model

@@ -154,6 +154,11 @@ def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--skills-kinds", default=None, help="skill kind weights, e.g. facts=2,recall=1 (default: all equal)"
     )
+    parser.add_argument(
+        "--skills-doc-tokens",
+        default="256,8192",
+        help="LOW,HIGH: skill document lengths in tokens, log-uniform (default 256,8192)",
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -166,11 +171,21 @@ def _kind_weights(text: str) -> dict[str, float]:
     return {kind: float(w) for kind, w in weights.items()}
 
 
+def _doc_tokens(text: str) -> tuple[int, int]:
+    parts = text.split(",")
+    if len(parts) == 2 and all(p.strip().isdigit() for p in parts) and 0 < int(parts[0]) <= int(parts[1]):
+        return int(parts[0]), int(parts[1])
+    raise ValueError(f"--skills-doc-tokens={text!r}: expected token counts LOW,HIGH with 0 < LOW <= HIGH")
+
+
 def run_corpus(args: argparse.Namespace) -> int:
     from subquad.train.data import build_corpus
     from subquad.train.skills import write_skill_mixture
 
     try:
+        # Parsed first: a typo must not surface after minutes of corpus building.
+        weights = _kind_weights(args.skills_kinds) if args.skills_kinds else None
+        doc_tokens = _doc_tokens(args.skills_doc_tokens)
         max_bytes = None if args.max_mb is None else int(args.max_mb * 1e6)
         meta = build_corpus(
             args.source,
@@ -183,10 +198,14 @@ def run_corpus(args: argparse.Namespace) -> int:
             tokenizer_from=args.tokenizer_from,
         )
         if args.skills_tokens:
-            weights = _kind_weights(args.skills_kinds) if args.skills_kinds else None
             # The trainer draws its own share of batches from skills.bin: keep the file all skills.
             write_skill_mixture(
-                args.out, args.skills_tokens, skill_fraction=1.0, kind_weights=weights, seed=args.seed
+                args.out,
+                args.skills_tokens,
+                skill_fraction=1.0,
+                kind_weights=weights,
+                doc_tokens=doc_tokens,
+                seed=args.seed,
             )
     except (ValueError, TypeError) as exc:
         print(f"subquad corpus: {exc}", file=sys.stderr)

@@ -8,10 +8,12 @@ whose answer is only found by reading back far into the document:
 - ``copy``: one to three tagged clips of random pseudo-words early on; the end asks to replay one.
 - ``lookup``: a small table (markdown, CSV, TOML or a Python dict) near the start; the end asks
   for one cell.
-- ``facts``: one to eight English sentences, each stating an attribute (a serial, a room number, ...)
-  of a different named key, at random depths; a quiz at the end asks in English about one or more
-  keys, earlier questions answered in place, the last ending with an answer prefix, so the value is
-  the sentence's continuation after a space.
+- ``facts``: one to eight English sentences, each stating an attribute (a serial, a room number, a
+  "ledger code" made from the filler's words, ...) of a different named key, at random depths; a
+  quiz at the end asks in English about one or more keys, earlier questions answered in place, the
+  last ending with an answer prefix, so the value is the sentence's continuation after a space.
+  Questions are whole wordings or composed (lead, ask, prefix) from many parts; some haystacks are
+  a few filler lines repeated, so that continuing the text is never the answer.
 
 The notations and wordings are ours and deliberately unlike the evaluation suite's
 (``subquad.eval.ruler`` / ``niah`` / ``mrcr``): no "special magic", no "Question:/Answer:", no
@@ -99,7 +101,7 @@ def _insert_at_depths(
         lines.insert(pos + offset, text)
 
 
-def _recall(lines: list[str], rng: random.Random) -> tuple[str, str]:
+def _recall(lines: list[str], rng: random.Random) -> tuple[str, str, list]:
     definition, query = rng.choice(_RECALL_NOTATIONS)
     keys: dict[str, str] = {}
     count = rng.randint(2, 12)
@@ -109,10 +111,10 @@ def _recall(lines: list[str], rng: random.Random) -> tuple[str, str]:
     rng.shuffle(planted)
     _insert_at_depths(lines, planted, rng, 0.0, 1.0)
     key = rng.choice(list(keys))
-    return "\n".join(lines) + "\n" + query.format(key=key), keys[key]
+    return "\n".join(lines) + "\n" + query.format(key=key), keys[key], []
 
 
-def _copy(lines: list[str], rng: random.Random) -> tuple[str, str]:
+def _copy(lines: list[str], rng: random.Random) -> tuple[str, str, list]:
     clips: dict[str, str] = {}
     count = rng.randint(1, 3)
     while len(clips) < count:
@@ -124,7 +126,7 @@ def _copy(lines: list[str], rng: random.Random) -> tuple[str, str]:
     planted = [f"~~ clip {tag} begin ~~\n{text}\n~~ clip {tag} end ~~" for tag, text in clips.items()]
     _insert_at_depths(lines, planted, rng, 0.0, 0.8)
     tag = rng.choice(list(clips))
-    return "\n".join(lines) + f"\n~~ replay clip {tag} ~~\n", clips[tag]
+    return "\n".join(lines) + f"\n~~ replay clip {tag} ~~\n", clips[tag], []
 
 
 def _table(rng: random.Random) -> tuple[str, list[str], list[list[str]], str]:
@@ -157,13 +159,13 @@ def _table(rng: random.Random) -> tuple[str, list[str], list[list[str]], str]:
     return name, columns, body, text
 
 
-def _lookup(lines: list[str], rng: random.Random) -> tuple[str, str]:
+def _lookup(lines: list[str], rng: random.Random) -> tuple[str, str, list]:
     name, columns, body, table = _table(rng)
     _insert_at_depths(lines, [table], rng, 0.0, 0.3)
     row = rng.choice(body)
     column = rng.randrange(len(columns))
     query = f"-- from {name}, {columns[column]} of {row[0]}:\n"
-    return "\n".join(lines) + "\n" + query, row[1 + column]
+    return "\n".join(lines) + "\n" + query, row[1 + column], []
 
 
 # ``facts``: English statements of one attribute of a named key, and an English question about one key.
@@ -183,6 +185,9 @@ _FACT_ATTRIBUTES = (
     "desk number",
     "reference code",
 )
+# Attributes made of a word of the filler and one of these nouns ("ledger code", "amber parser tag"),
+# so that the model learns to match whatever names the value, not a fixed list of attributes.
+_ATTRIBUTE_NOUNS = ("number", "code", "id", "value", "tag", "label", "figure", "token", "string", "key")
 # Each ``{value}`` follows a space, so that `` value`` (the answer) appears verbatim in the statement.
 _FACT_STATEMENTS = (
     "Note: the {attr} of {key} is {value}.",
@@ -199,8 +204,14 @@ _FACT_STATEMENTS = (
     "Please file {value} under the {attr} of {key}.",
     "In short, {key} has the {attr} {value}.",
     "Update from the office: {key} now carries {attr} {value}.",
+    "Among the {attrs} listed here, the one for {key} is {value}.",
+    "The {attr} for {key} is {value}.",
+    "Set the {attr} of {key} to {value}.",
+    "{Key} is listed with {attr} {value}.",
+    "If anyone asks, the {attr} for {key} is {value}.",
+    "Remember the {attr} of {key}: it is {value}.",
 )
-# Each ends with an answer prefix: the value is the direct continuation after a single space.
+# Whole questions, each ending with an answer prefix: the value is the continuation after a space.
 _FACT_QUESTIONS = (
     "Looking back over the notes above, which {attr} did {key} get? The {attr} that {key} got is",
     "Recall the {attr} for {key} from earlier. It was",
@@ -213,13 +224,48 @@ _FACT_QUESTIONS = (
     "Earlier on, a value was set down as the {attr} of {key}; that value was",
     "{Key} needs its {attr} again. Per the earlier note, it is",
 )
+# Composed questions: [lead] [ask] prefix, the prefix naming the attribute and the key again, then a
+# phrase pointing back, then the verb ("The ledger code for brisk-parser noted earlier was").
+_QUESTION_LEADS = (
+    "Now, back to the notes above.",
+    "One last check on what came before.",
+    "A question about the text so far.",
+    "Before closing, go back over the entries above.",
+    "Time to look something up.",
+    "Check the earlier lines for this one.",
+)
+_QUESTION_ASKS = (
+    "Which {attr} goes with {key}?",
+    "What was the {attr} of {key}?",
+    "Do you remember the {attr} for {key}?",
+    "Can you find the {attr} {prep} {key}{trail}?",
+    "What {attr} did {key} have?",
+    "Where is the {attr} of {key}{trail}?",
+)
+_PREFIX_PREPS = ("for", "of", "assigned to", "that belongs to")
+_PREFIX_TRAILS = (
+    "", " above", " given earlier", " noted earlier", " in these notes", " from before",
+    " written down above", " in this document", " stated earlier", " we saw above",
+    " from the text above", " recorded earlier",
+)  # fmt: skip
+_PREFIX_VERBS = (" is", " was", " reads", " is listed as", " =", ":")
+# An optional first line of the document announcing the facts (no evaluation wording).
+_FACT_INTROS = (
+    "The text below includes a few records, each for a different name; they come up again at the end.",
+    "Several entries are scattered through these pages. Some will be asked about at the end.",
+    "Read carefully: a handful of values are noted below, among other things.",
+    "Somewhere in what follows, a few names are paired with values.",
+    "This document mixes ordinary text with a few recorded values.",
+)
 _WORD = re.compile(r"\b[A-Za-z]{4,10}\b")
 # Words never used in keys: our templates' and attributes' own words (a key must not echo the
 # question's wording), common function words, and words of the evaluation templates.
+_OUR_WORDINGS = (
+    _FACT_STATEMENTS + _FACT_QUESTIONS + _FACT_ATTRIBUTES + _ATTRIBUTE_NOUNS + _QUESTION_LEADS
+    + _QUESTION_ASKS + _PREFIX_PREPS + _PREFIX_TRAILS + _PREFIX_VERBS + _FACT_INTROS
+)  # fmt: skip
 _KEY_STOPWORDS = (
-    frozenset(
-        w.lower() for t in (*_FACT_STATEMENTS, *_FACT_QUESTIONS, *_FACT_ATTRIBUTES) for w in _WORD.findall(t)
-    )
+    frozenset(w.lower() for t in _OUR_WORDINGS for w in _WORD.findall(t))
     | frozenset(
         "that this these those them then than they their there here where when what which while with"
         " from into onto over under about after before also only some such each every other more most"
@@ -255,6 +301,10 @@ def _fact_key(words: list[str], form: int, rng: random.Random) -> str:
     return f"{first} #{rng.randint(2, 999)}"  # ledger #41
 
 
+# Value forms: digits, lower-case alphanumerics, uuids. Long uuids are the hardest to copy back exactly.
+_VALUE_FORM_WEIGHTS = (0.6, 0.1, 0.3)
+
+
 def _fact_value(form: int, rng: random.Random) -> str:
     if form == 0:
         digits = rng.choice((5, 6, 7, 7, 7, 7, 8, 9))
@@ -265,19 +315,66 @@ def _fact_value(form: int, rng: random.Random) -> str:
     return f"{hexa[:8]}-{hexa[8:12]}-{hexa[12:16]}-{hexa[16:20]}-{hexa[20:]}"
 
 
-def _fill_fact(template: str, key: str, attr: str, value: str = "") -> str:
+def _fill_fact(template: str, key: str, attr: str, value: str = "", **extra: str) -> str:
     # "{Key}" starts a sentence: "the amber ledger" -> "The amber ledger"; other forms keep their case.
     capital = "The" + key[3:] if key.startswith("the ") else key
-    return template.format(key=key, Key=capital, attr=attr, value=value)
+    return template.format(key=key, Key=capital, attr=attr, attrs=attr + "s", value=value, **extra)
+
+
+def _fact_attribute(words: list[str], keys: list[str], rng: random.Random) -> str:
+    """A fixed attribute ("room number"), or one or two filler words and a noun ("amber ledger code").
+    Words of ``keys`` already drawn are not used, and the words used are removed from ``words``, so
+    that no question names another fact's key inside its attribute."""
+    in_keys = {w.lower() for key in keys for w in _WORD.findall(key)}
+    free = [w for w in words if w not in in_keys]
+    if rng.random() < 0.5 or len(free) < _MIN_KEY_WORDS + 2:
+        return rng.choice(_FACT_ATTRIBUTES)
+    picked = rng.sample(free, 1 if rng.random() < 0.7 else 2)
+    for word in picked:
+        words.remove(word)
+    return " ".join([*picked, rng.choice(_ATTRIBUTE_NOUNS)])
+
+
+def _fact_question(key: str, attr: str, rng: random.Random) -> str:
+    """One question about ``key``'s ``attr`` ending with an answer prefix (no trailing space): a whole
+    question from ``_FACT_QUESTIONS`` or one composed of a lead, an ask and a prefix."""
+    if rng.random() < 0.4:
+        return _fill_fact(rng.choice(_FACT_QUESTIONS), key, attr)
+    prep, trail = rng.choice(_PREFIX_PREPS), rng.choice(_PREFIX_TRAILS)
+    prefix = _fill_fact(f"The {{attr}} {prep} {{key}}{trail}{rng.choice(_PREFIX_VERBS)}", key, attr)
+    parts = [prefix]
+    if rng.random() < 0.7:
+        parts.insert(0, _fill_fact(rng.choice(_QUESTION_ASKS), key, attr, prep=prep, trail=trail))
+    if rng.random() < 0.3:
+        parts.insert(0, rng.choice(_QUESTION_LEADS))
+    return (" " if rng.random() < 0.8 else "\n").join(parts)
+
+
+def _repetitive(lines: list[str], rng: random.Random) -> list[str]:
+    """A haystack of 1-5 consecutive filler lines repeated to about the same length: the pattern to
+    continue is everywhere, the value only once, so the answer has to come from reading back."""
+    text_lines = [i for i, line in enumerate(lines) if line.strip()]
+    if not text_lines:
+        return lines
+    start = rng.choice(text_lines)
+    unit = [line for line in lines[start : start + rng.randint(1, 5)] if line.strip()]
+    size, total, out = sum(len(line) + 1 for line in unit), sum(len(line) + 1 for line in lines), []
+    for _ in range(max(1, total // size)):
+        out.extend(unit)
+    return out
 
 
 def _facts_document(lines: list[str], rng: random.Random) -> tuple[str, str, dict]:
     """``_facts`` with what it planted: ``{"facts": {key: (attr, value)}, "quiz": [asked keys],
-    "asked": the last, "answer_spans": [(start, end) of each earlier quiz answer in the document]}``."""
+    "asked": the last, "answer_spans": [(start, end) of each earlier quiz answer in the document],
+    "repetitive": whether the haystack is a few filler lines repeated}``."""
     words = _key_words(lines, rng)
+    repetitive = rng.random() < 0.25
+    if repetitive:
+        lines = _repetitive(lines, rng)
     key_form = rng.randrange(5) if rng.random() < 0.85 else None  # None: a form per key
-    value_form = rng.choices((0, 1, 2), (0.7, 0.15, 0.15))[0] if rng.random() < 0.8 else None
-    shared_attr = rng.choice(_FACT_ATTRIBUTES) if rng.random() < 0.75 else None
+    value_form = rng.choices((0, 1, 2), _VALUE_FORM_WEIGHTS)[0] if rng.random() < 0.8 else None
+    shared_attr = _fact_attribute(words, [], rng) if rng.random() < 0.75 else None
     facts: dict[str, tuple[str, str]] = {}
     count = rng.randint(1, 8)
     attempts = 0
@@ -291,11 +388,11 @@ def _facts_document(lines: list[str], rng: random.Random) -> tuple[str, str, dic
         if any(key.lower() in k.lower() or k.lower() in key.lower() for k in facts):
             continue
         value = _fact_value(
-            rng.choices((0, 1, 2), (0.7, 0.15, 0.15))[0] if value_form is None else value_form, rng
+            rng.choices((0, 1, 2), _VALUE_FORM_WEIGHTS)[0] if value_form is None else value_form, rng
         )
         if any(value == v for _, v in facts.values()):
             continue
-        facts[key] = (shared_attr or rng.choice(_FACT_ATTRIBUTES), value)
+        facts[key] = (shared_attr or _fact_attribute(words, [*facts, key], rng), value)
     planted = [
         _fill_fact(rng.choice(_FACT_STATEMENTS), key, attr, value) for key, (attr, value) in facts.items()
     ]
@@ -305,6 +402,8 @@ def _facts_document(lines: list[str], rng: random.Random) -> tuple[str, str, dic
         at = lines.index(text)
         if at > 0 and lines[at - 1].rstrip().endswith((".", "!", "?")) and rng.random() < 0.5:
             lines[at - 1] = lines[at - 1].rstrip() + " " + lines.pop(at)
+    if rng.random() < 0.35:
+        lines.insert(0, rng.choice(_FACT_INTROS))
     # A quiz at the end: half the documents ask about every fact, the others about 1..n of them, each
     # question answered in turn (answer, full stop, newline) but the last, whose answer is the target.
     keys = list(facts)
@@ -315,17 +414,18 @@ def _facts_document(lines: list[str], rng: random.Random) -> tuple[str, str, dic
     answer_spans = []
     for i, key in enumerate(quiz):
         attr, value = facts[key]
-        document += _fill_fact(rng.choice(_FACT_QUESTIONS), key, attr)
+        document += _fact_question(key, attr, rng)
         if i < len(quiz) - 1:
             answer_spans.append((len(document), len(document) + 1 + len(value)))
             document += f" {value}.\n"
     answer = " " + facts[quiz[-1]][1]
-    return document, answer, {"facts": facts, "quiz": quiz, "asked": quiz[-1], "answer_spans": answer_spans}
+    planted = {"facts": facts, "quiz": quiz, "asked": quiz[-1], "answer_spans": answer_spans}
+    return document, answer, {**planted, "repetitive": repetitive}
 
 
-def _facts(lines: list[str], rng: random.Random) -> tuple[str, str]:
-    document, answer, _ = _facts_document(lines, rng)
-    return document, answer
+def _facts(lines: list[str], rng: random.Random) -> tuple[str, str, list]:
+    document, answer, planted = _facts_document(lines, rng)
+    return document, answer, planted["answer_spans"]
 
 
 _MAKERS = {"recall": _recall, "copy": _copy, "lookup": _lookup, "facts": _facts}
@@ -333,13 +433,8 @@ _MAKERS = {"recall": _recall, "copy": _copy, "lookup": _lookup, "facts": _facts}
 
 def _skill_text(kind: str, filler_text: str, length_chars: int, rng: random.Random) -> tuple[str, list]:
     """``make_skill_document``'s ``document + answer`` (same rng draws) and the character spans of
-    every answer in it: the final one, and for ``facts`` the quiz's earlier, already answered ones."""
-    if kind == "facts":
-        document, answer, planted = _facts_document(_filler_lines(filler_text, length_chars, rng), rng)
-        inner = planted["answer_spans"]
-    else:
-        document, answer = make_skill_document(kind, filler_text, length_chars, rng)
-        inner = []
+    every answer in it: the final one and any earlier ones answered in place (a facts quiz)."""
+    document, answer, inner = _MAKERS[kind](_filler_lines(filler_text, length_chars, rng), rng)
     return document + answer, [*inner, (len(document), len(document) + len(answer))]
 
 
@@ -371,7 +466,8 @@ def make_skill_document(
         raise ValueError(f"skill kind {kind!r} is unknown; expected one of {', '.join(SKILL_KINDS)}")
     if length_chars <= 0:
         raise ValueError(f"length_chars must be positive, got {length_chars}")
-    return _MAKERS[kind](_filler_lines(filler_text, length_chars, rng), rng)
+    document, answer, _ = _MAKERS[kind](_filler_lines(filler_text, length_chars, rng), rng)
+    return document, answer
 
 
 def _filler_from(ids: np.ndarray, tokenizer: Tokenizer, eos: int, num_tokens: int, rng: random.Random) -> str:

@@ -20,11 +20,13 @@ indices in the row: a left-padded batch behaves exactly like its prompts run one
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -36,7 +38,7 @@ from subquad.models.sparse_triton import sparse_attention_local_rotary_triton
 from subquad.models.subquad.configuration import SubquadConfig
 from subquad.ops.ssa.interface import resolve_backend, ssa_attention
 from subquad.ops.ssa.select import SSASelection, select_blocks
-from subquad.ops.ssa.triton_decode import ssa_decode
+from subquad.ops.ssa.triton_decode import DecodePlan, TreeBounds, decode_plan, decode_step, ssa_decode
 
 # SDPA with an explicit bottom-right mask: queries per call so the mask stays under 2^28 elements.
 _DENSE_MASK_ELEMENTS = 1 << 28
@@ -44,24 +46,48 @@ _DENSE_MASK_ELEMENTS = 1 << 28
 # question and its answer sit) are always supervised, at most this many per forward.
 _FOCUS_BEFORE_EOS = 12
 _MAX_FOCUS_ROWS = 512
+# SDPA backends for a dense decode step on CUDA: cuDNN builds an execution plan per key length, i.e.
+# per step, which costs milliseconds per layer; flash (split-KV for one query) reads the cache once.
+# None: SDPA's own choice.
+DENSE_DECODE_BACKENDS: list[SDPBackend] | None = [
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
 
 
 class SubquadRotary:
-    """Rotary position embedding computed on the fly (no buffers: nothing to save or re-init)."""
+    """Rotary position embedding computed on the fly (no buffers: nothing to save or re-init).
+
+    ``tables(positions)`` once per forward (every layer rotates by the same positions), then
+    ``rotate(x, tables)`` per tensor: ``x * [cos, cos] + [x2, x1] * [-sin, sin]``, in float32, which is
+    ``[x1 cos - x2 sin, x2 cos + x1 sin]`` to the bit.
+    """
 
     def __init__(self, head_dim: int, theta: float) -> None:
         self.head_dim = head_dim
         self.theta = theta
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x [..., D]`` by ``positions`` (broadcastable to ``x.shape[:-1]``), in float32."""
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([cos, cos], [-sin, sin])`` of ``positions``: float32 ``[*positions.shape, D]`` each."""
         half = self.head_dim // 2
-        inv_freq = self.theta ** (-torch.arange(0, half, device=x.device, dtype=torch.float32) / half)
+        inv_freq = self.theta ** (-torch.arange(0, half, device=positions.device, dtype=torch.float32) / half)
         freqs = positions.to(torch.float32)[..., None] * inv_freq  # [..., D/2]
         cos, sin = freqs.cos(), freqs.sin()
+        return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+
+    @staticmethod
+    def rotate(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Rotate ``x [..., D]`` by ``tables`` (from :meth:`tables`, broadcastable to ``x``)."""
+        cos, sin = tables
+        half = x.shape[-1] // 2
         xf = x.float()
-        x1, x2 = xf[..., :half], xf[..., half:]
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+        swapped = torch.cat([xf[..., half:], xf[..., :half]], dim=-1)
+        return (xf * cos + swapped * sin).to(x.dtype)
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x [..., D]`` by ``positions`` (broadcastable to ``x.shape[:-1]``), in float32."""
+        return self.rotate(x, self.tables(positions))
 
 
 class SubquadRMSNorm(nn.Module):
@@ -117,15 +143,24 @@ class SubquadAttention(nn.Module):
         positions: torch.Tensor,
         cache_layer: SSACacheLayer | None = None,
         valid: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        plan: DecodePlan | None = None,
     ) -> torch.Tensor:
-        """hidden_states ``[B, T, C]``; positions ``[B, T]``; valid ``[B, T]`` bool (None: all real)."""
+        """hidden_states ``[B, T, C]``; positions ``[B, T]``; valid ``[B, T]`` bool (None: all real).
+
+        Computed once per forward by the model and shared by its layers: ``rope``, the rotary tables of
+        ``positions[:, :, None]`` (``SubquadRotary.tables``); ``plan``, a decode step's routing plan
+        (:func:`subquad.ops.ssa.triton_decode.decode_plan` for the lengths after this step's append).
+        """
         batch, steps, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(batch, steps, self.num_heads, self.head_dim)
         k = self.k_proj(hidden_states).view(batch, steps, self.num_kv_heads, self.head_dim)
         v = self.v_proj(hidden_states).view(batch, steps, self.num_kv_heads, self.head_dim)
         if self.config.position_scheme == "rope":
-            q = self.rotary(q, positions[:, :, None])
-            k = self.rotary(k, positions[:, :, None])
+            if rope is None:
+                rope = self.rotary.tables(positions[:, :, None])
+            q = self.rotary.rotate(q, rope)
+            k = self.rotary.rotate(k, rope)
         route = None
         if self.router_q_proj is not None:
             # Detached: the router learns from its own loss and never pushes on the residual stream.
@@ -146,7 +181,15 @@ class SubquadAttention(nn.Module):
             )
             if route is not None:
                 route = (route[0], cache_layer.route_keys_bshd())
-            if valid is None and len(set(lengths)) == 1:
+            if (
+                plan is not None
+                and steps == 1
+                and valid is None
+                and self._uses_decode_kernel()
+                and plan.lengths == tuple(lengths)
+            ):
+                out = self._decode_sparse(q, k_all, v_all, summaries, plan, cache_layer)
+            elif valid is None and len(set(lengths)) == 1:
                 out = self._attend(q, k_all, v_all, summaries, route)
             elif valid is None and steps == 1 and self._uses_decode_kernel():
                 out = ssa_decode(
@@ -164,6 +207,16 @@ class SubquadAttention(nn.Module):
 
     def _uses_decode_kernel(self) -> bool:
         return self.config.attention == "ssa" and self.config.position_scheme == "rope"
+
+    @torch.compiler.disable
+    def _decode_sparse(self, q, k, v, summaries, plan: DecodePlan, cache_layer: SSACacheLayer):
+        """One new token per row against the cache, with the step's shared plan: no input checks and
+        no host sync (``ssa_decode`` without its validation); the tree router's group bounds are kept
+        in the cache layer between steps."""
+        ssa = self.config.ssa_config
+        backend = resolve_backend("auto", q, v)
+        bounds = cache_layer.derived.setdefault("tree_bounds", TreeBounds()) if ssa.index == "tree" else None
+        return decode_step(q, k, v, summaries, plan, ssa, self.scale, backend, bounds)[0]
 
     def _attend_rows(self, q, k_all, v_all, summaries, route, lengths, valid) -> torch.Tensor:
         """Rows of different lengths: each row attends over its own tokens (padded queries give 0)."""
@@ -253,9 +306,11 @@ class SubquadAttention(nn.Module):
 def _dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Exact causal attention via torch SDPA (bottom-right aligned), ``[B, T, Hq, D]`` in and out."""
     steps, seq_len = q.shape[1], k.shape[1]
+    if steps == 1:
+        return _dense_decode(q, k, v, scale)
     gqa = q.shape[2] != k.shape[2]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if steps == seq_len or steps == 1:
+    if steps == seq_len:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=steps > 1, scale=scale, enable_gqa=gqa)
         return out.transpose(1, 2)
     chunk = max(1, _DENSE_MASK_ELEMENTS // seq_len)
@@ -274,6 +329,17 @@ def _dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
     return torch.cat(outs, dim=2).transpose(1, 2)
 
 
+def _dense_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per row, ``q [B, 1, Hq, D]`` against every key of ``k [B, S, Hkv, D]`` (views of the
+    cache, read in place): the ``G = Hq / Hkv`` query heads of a KV head become ``G`` queries of that
+    head (flash-decoding's layout), so SDPA needs no GQA expansion and reads each key once."""
+    batch, _, heads_q, dim = q.shape
+    heads_kv = k.shape[2]
+    grouped = q.reshape(batch, heads_kv, heads_q // heads_kv, dim)
+    out = F.scaled_dot_product_attention(grouped, k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    return out.reshape(batch, 1, heads_q, -1)
+
+
 class SubquadDecoderLayer(nn.Module):
     def __init__(self, config: SubquadConfig, layer_idx: int) -> None:
         super().__init__()
@@ -282,9 +348,9 @@ class SubquadDecoderLayer(nn.Module):
         self.input_layernorm = SubquadRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = SubquadRMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden_states, positions, cache_layer=None, valid=None) -> torch.Tensor:
+    def forward(self, hidden_states, positions, cache_layer=None, valid=None, rope=None, plan=None):
         hidden_states = hidden_states + self.self_attn(
-            self.input_layernorm(hidden_states), positions, cache_layer, valid
+            self.input_layernorm(hidden_states), positions, cache_layer, valid, rope, plan
         )
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -343,28 +409,48 @@ class SubquadModel(SubquadPreTrainedModel):
         # Without a cache, padding still needs per-row storage: a throwaway cache gives it.
         work_cache = cache if cache is not None else (SSACache(self.config) if valid is not None else None)
 
-        offsets = None
-        if work_cache is not None and work_cache.seqlens(0) is not None:
-            offsets = work_cache.seqlens(0).long()
-        if valid is None:
-            positions = torch.arange(steps, device=inputs_embeds.device).expand(batch, -1)
+        # Positions continue each row's cached tokens; rows of one length (the cache knows the lengths
+        # on the host) need no device lengths at all.
+        held = None
+        if work_cache is not None and work_cache.layer(0).is_initialized:
+            held = work_cache.layer(0).lengths
+        device = inputs_embeds.device
+        if valid is None and (held is None or len(set(held)) == 1):
+            start = held[0] if held else 0
+            positions = torch.arange(start, start + steps, device=device).expand(batch, -1)
         else:
-            positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-        if offsets is not None:
-            positions = positions + offsets[:, None]
+            if valid is None:
+                positions = torch.arange(steps, device=device).expand(batch, -1)
+            else:
+                positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+            if held is not None:
+                positions = positions + work_cache.seqlens(0).long()[:, None]
+        # Shared by every layer, computed once: the rotary tables and, for a decode step, the routing
+        # plan of the rows' lengths after this step (the cache knows them on the host: no sync).
+        rope = None
+        if self.config.position_scheme == "rope":
+            rope = self.layers[0].self_attn.rotary.tables(positions[:, :, None])
+        plan = None
+        decoding = steps == 1 and valid is None and work_cache is not None
+        if decoding and self.config.attention == "ssa" and self.config.position_scheme == "rope":
+            plan = _decode_plan_for(work_cache, batch, self.config, device)
+        dense_decode = decoding and self.config.attention == "dense" and inputs_embeds.is_cuda
+        backends = DENSE_DECODE_BACKENDS
+        context = sdpa_kernel(backends) if dense_decode and backends is not None else nullcontext()
 
         hidden_states = inputs_embeds
         all_hidden = [] if output_hidden_states else None
-        for i, layer in enumerate(self.layers):
-            if all_hidden is not None:
-                all_hidden.append(hidden_states)
-            layer_cache = work_cache.layer(i) if work_cache is not None else None
-            if self.gradient_checkpointing and self.training and layer_cache is None:
-                hidden_states = torch.utils.checkpoint.checkpoint(
-                    layer, hidden_states, positions, None, valid, use_reentrant=False
-                )
-            else:
-                hidden_states = layer(hidden_states, positions, layer_cache, valid)
+        with context:
+            for i, layer in enumerate(self.layers):
+                if all_hidden is not None:
+                    all_hidden.append(hidden_states)
+                layer_cache = work_cache.layer(i) if work_cache is not None else None
+                if self.gradient_checkpointing and self.training and layer_cache is None:
+                    hidden_states = torch.utils.checkpoint.checkpoint(
+                        layer, hidden_states, positions, None, valid, rope, use_reentrant=False
+                    )
+                else:
+                    hidden_states = layer(hidden_states, positions, layer_cache, valid, rope, plan)
         hidden_states = self.norm(hidden_states)
         if all_hidden is not None:
             all_hidden.append(hidden_states)
@@ -373,6 +459,27 @@ class SubquadModel(SubquadPreTrainedModel):
             past_key_values=cache,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
         )
+
+
+def _decode_plan_for(cache: SSACache, batch: int, config: SubquadConfig, device: torch.device) -> DecodePlan:
+    """The routing plan of a one-token step: every layer of ``cache`` will hold its rows' current
+    lengths plus one (a layer that does not falls back to its own routing).
+
+    The cache keeps the last step's plan (``_subquad_decode_plan``): its block-level tensors are reused
+    until a row's token moves into a new block, so most steps build only ``seqlens``.
+    """
+    first = cache.layer(0)
+    held = first.lengths if first.is_initialized else [0] * batch
+    lengths = [n + 1 for n in held]
+    if len(set(lengths)) == 1:
+        seqlens = torch.full((batch,), lengths[0], dtype=torch.int32, device=device)
+    else:
+        seqlens = first.seqlens + 1
+    num_blocks = -(-max(lengths) // config.ssa_config.block_size)
+    previous = getattr(cache, "_subquad_decode_plan", None)
+    plan = decode_plan(seqlens, num_blocks, config.ssa_config, lengths, previous=previous)
+    cache._subquad_decode_plan = plan
+    return plan
 
 
 def _valid_mask(attention_mask: torch.Tensor | None, batch: int, steps: int) -> torch.Tensor | None:

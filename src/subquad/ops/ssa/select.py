@@ -183,7 +183,8 @@ def _topk_blocks(scores: torch.Tensor, blocks: torch.Tensor | None, top_k: int) 
     k_eff = min(top_k, width)
     values, order = scores.topk(k_eff, dim=-1)
     picked = order if blocks is None else blocks.gather(-1, order)
-    picked = torch.where(torch.isfinite(values), picked, -1).to(torch.int32)
+    # Masked entries are -inf (NaN fails the test too); one comparison, where isfinite takes four ops.
+    picked = torch.where(values > float("-inf"), picked, -1).to(torch.int32)
     if k_eff < top_k:
         picked = torch.nn.functional.pad(picked, (0, top_k - k_eff), value=-1)
     return picked
@@ -280,7 +281,7 @@ def tree_probe_groups(rq, bounds, num_blocks, first_pos, config, causal):
         blocked = blocked | ((group_ids >= window_first[:, None]) & (group_ids <= window_last[:, None]))
     bound.masked_fill_(blocked, float("-inf"))
     values, chosen = bound.topk(probe, dim=-1)
-    chosen = torch.where(torch.isfinite(values), chosen, -1)
+    chosen = torch.where(values > float("-inf"), chosen, -1)
     own = window_first[:, None] + torch.arange(_own_group_slots(config, group), device=rq.device)
     own = torch.where(own <= window_last[:, None], own, -1)
     own = own.view(1, 1, seq, -1).expand(rq.shape[0], hi.shape[1], -1, -1)

@@ -18,10 +18,12 @@ read, so a cache stored right-padded serves a batch of prompts of different leng
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 
 from subquad.ops.ssa.config import SSAConfig
-from subquad.ops.ssa.select import _route_tree, routing_queries
+from subquad.ops.ssa.select import _own_group_slots, _route_tree, _topk_blocks, routing_queries, tree_shape
 
 try:
     import triton
@@ -31,56 +33,258 @@ except ImportError:  # pragma: no cover - triton is optional on CPU machines
     tl = None
 
 
-def decode_select(
-    q: torch.Tensor,
-    summaries: torch.Tensor,
-    seqlens: torch.Tensor,
-    config: SSAConfig,
-) -> torch.Tensor:
-    """Selection of each row's newest token: ``[B, Hkv, K]`` int32 block ids, ``-1`` for empty slots.
+@dataclass
+class DecodePlan:
+    """What routing a decode step needs that depends only on the rows' lengths, not on a layer.
 
-    q: ``[B, Hq, D]`` (the token at position ``seqlens[b] - 1`` of row ``b``); summaries:
-    ``[B, NB, Hkv, D]`` block summaries (blocks past a row's length are ignored); seqlens: ``[B]``
-    tokens per row including the new one. Same selection as ``select_blocks`` for that token.
+    Every layer of a model holds the same lengths, so a model builds this once per step
+    (:func:`decode_plan`) and each layer's :func:`decode_select` only scores its own summaries.
+
+    * seqlens: ``[B]`` int32, tokens per row including the new one (on the device).
+    * lengths: the same as Python ints (a cache keeps them, so reading them costs no sync); None when
+      unknown and not needed.
+    * num_blocks: ``ceil(max(lengths) / block_size)``.
+    * fixed: ``[B, 1, sink + local]`` int32 sink and local block ids (``-1`` unused).
+    * not_candidate: ``[B, 1, NB]`` bool, the blocks the flat router may not pick.
+    * tree: the tree router's per-step state when every row holds the same length (None otherwise:
+      rows route one by one).
+    * blocks_key: what the tensors other than ``seqlens`` depend on (config, NB, each row's block): a
+      later step whose rows are still in the same blocks reuses them.
     """
-    batch, _, dim = q.shape
-    num_kv_heads = summaries.shape[2]
-    num_blocks = summaries.shape[1]
+
+    seqlens: torch.Tensor
+    lengths: tuple[int, ...] | None
+    num_blocks: int
+    fixed: torch.Tensor
+    not_candidate: torch.Tensor | None = None
+    tree: _TreeStep | None = None
+    blocks_key: tuple | None = None
+
+
+@dataclass
+class _TreeStep:
+    """``index="tree"`` for rows of one length: the group layout and masks of ``_route_tree`` for the
+    newest token (see ``select.tree_bounds`` / ``tree_probe_groups``), computed once per step."""
+
+    group: int
+    probe: int  # groups expanded, at most the number of groups
+    pad: int  # blocks padding the last group
+    excluded: torch.Tensor  # [1, 1, NG, G, 1] bool: sink blocks and padding, left out of the bounds
+    empty: torch.Tensor | None  # [1, 1, NG, 1] bool: groups of sink blocks only (None: there are none)
+    blocked: torch.Tensor  # [NG] bool: groups the token may not probe (sink-only, window or later)
+    own: torch.Tensor  # [W] int64: the groups touching the window, expanded block by block (-1: none)
+    offsets: torch.Tensor  # [G] int64: 0 .. group - 1
+    last_candidate: int  # the last block the token may route to (``qblock - local_blocks``)
+    window_first: int  # the first group touching the window: groups before it are the probe-able ones
+
+
+def decode_plan(
+    seqlens: torch.Tensor,
+    num_blocks: int,
+    config: SSAConfig,
+    lengths: list[int] | tuple[int, ...] | None = None,
+    previous: DecodePlan | None = None,
+) -> DecodePlan:
+    """The per-step part of :func:`decode_select` for rows holding ``seqlens`` tokens (new one included).
+
+    ``lengths``: ``seqlens`` as Python ints when the caller knows them (a cache does); otherwise they
+    are read from the device (a sync), which only the tree router needs. ``previous``: the last step's
+    plan, whose tensors are reused when every row's token sits in the same block as then.
+    """
+    device = seqlens.device
+    batch = seqlens.shape[0]
     bs = config.block_size
-    device = q.device
-    qblock = (seqlens.to(device=device, dtype=torch.long) - 1) // bs  # [B]
+    seqlens = seqlens.to(torch.int32)
+    if lengths is None and config.index == "tree" and config.top_k:
+        lengths = seqlens.tolist()  # the tree's grouping depends on each row's length: host values
+    blocks_key = None
+    if lengths is not None:
+        lengths = tuple(int(n) for n in lengths)
+        blocks_key = (config, num_blocks, tuple((n - 1) // bs for n in lengths), device)
+        if previous is not None and previous.blocks_key == blocks_key:
+            return replace(previous, seqlens=seqlens, lengths=lengths)
+    qblock = (seqlens.long() - 1) // bs  # [B]
 
     sink = torch.arange(config.sink_blocks, device=device).expand(batch, -1)
     local = qblock[:, None] - torch.arange(config.local_blocks - 1, -1, -1, device=device)
     local = torch.where(local >= 0, local, -1)
     in_window = sink >= qblock[:, None] - config.local_blocks + 1
     sink = torch.where((sink <= qblock[:, None]) & ~in_window, sink, -1)
-    fixed = torch.cat([sink, local], dim=1).to(torch.int32)[:, None].expand(-1, num_kv_heads, -1)
+    fixed = torch.cat([sink, local], dim=1).to(torch.int32)[:, None]
+    plan = DecodePlan(seqlens, lengths, num_blocks, fixed, blocks_key=blocks_key)
     if config.top_k == 0 or num_blocks == 0:
+        return plan
+    if config.index == "flat":
+        blocks = torch.arange(num_blocks, device=device)
+        ok = (blocks >= config.sink_blocks) & (blocks[None, :] <= (qblock - config.local_blocks)[:, None])
+        plan.not_candidate = ~ok[:, None, :]
+    elif len(set(lengths)) == 1 and -(-lengths[0] // bs) == num_blocks:
+        plan.tree = _tree_step(lengths[0], config, device)
+    return plan
+
+
+def _tree_step(length: int, config: SSAConfig, device: torch.device) -> _TreeStep:
+    """``_route_tree``'s data-independent part for the token at position ``length - 1``."""
+    bs = config.block_size
+    num_blocks = -(-length // bs)
+    group, probe = tree_shape(num_blocks, config)
+    num_groups = -(-num_blocks // group)
+    block = torch.arange(num_groups * group, device=device)
+    excluded = ((block < config.sink_blocks) | (block >= num_blocks)).view(1, 1, num_groups, group, 1)
+    empty = excluded.all(3) if config.sink_blocks >= group else None
+    qblock = (length - 1) // bs
+    window_first = max(qblock - config.local_blocks + 1, 0) // group
+    window_last = qblock // group
+    group_ids = torch.arange(num_groups, device=device)
+    blocked = ((group_ids + 1) * group <= config.sink_blocks) | (group_ids >= window_first)
+    own = window_first + torch.arange(_own_group_slots(config, group), device=device)
+    own = own.masked_fill(own > window_last, -1)
+    return _TreeStep(
+        group=group,
+        probe=min(probe, num_groups),
+        pad=num_groups * group - num_blocks,
+        excluded=excluded,
+        empty=empty,
+        blocked=blocked,
+        own=own,
+        offsets=torch.arange(group, device=device),
+        last_candidate=qblock - config.local_blocks,
+        window_first=window_first,
+    )
+
+
+class TreeBounds:
+    """The tree router's group bounds (``select.tree_bounds``) of one cache layer, kept across steps.
+
+    A decode step may probe only groups that end before its local window; their blocks are complete, so
+    their summaries, and bounds, never change while tokens are appended. A step therefore bounds only
+    the groups that became probe-able since the last one (usually none) instead of every group: no
+    per-step work or memory traffic that grows with the context. Keep one per cache layer in
+    ``SSACacheLayer.derived``, which the cache clears when stored tokens change other than by appending.
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.hi: torch.Tensor | None = None  # [B, Hkv, capacity, D] float32
+        self.lo: torch.Tensor | None = None
+        self.done = 0  # groups bounded so far
+
+    def bounds(
+        self, summ: torch.Tensor, step: _TreeStep, config: SSAConfig
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(hi, lo)``, ``[B, Hkv, NG, D]`` each, for ``summ [B, Hkv, NB, D]`` float32: equal to
+        ``tree_bounds`` for the groups before the token's window, zeros for the rest (blocked)."""
+        batch, heads, num_blocks, dim = summ.shape
+        group = step.group
+        num_groups = -(-num_blocks // group)
+        key = (group, config.sink_blocks, batch, heads, dim, summ.device)
+        if key != self.key:
+            self.key, self.hi, self.lo, self.done = key, None, None, 0
+        if self.hi is None or num_groups > self.hi.shape[2]:
+            capacity = max(64, 2 * num_groups)
+            hi = summ.new_zeros(batch, heads, capacity, dim)
+            lo = summ.new_zeros(batch, heads, capacity, dim)
+            if self.hi is not None:
+                hi[:, :, : self.done] = self.hi[:, :, : self.done]
+                lo[:, :, : self.done] = self.lo[:, :, : self.done]
+            self.hi, self.lo = hi, lo
+        first, stop = self.done, step.window_first
+        if first < stop:
+            blocks = summ[:, :, first * group : stop * group].reshape(batch, heads, stop - first, group, dim)
+            excluded = step.excluded[:, :, first:stop]
+            self.hi[:, :, first:stop] = blocks.masked_fill(excluded, float("-inf")).amax(3)
+            self.lo[:, :, first:stop] = blocks.masked_fill(excluded, float("inf")).amin(3)
+            if step.empty is not None:
+                empty = step.empty[:, :, first:stop]
+                self.hi[:, :, first:stop].masked_fill_(empty, 0.0)
+                self.lo[:, :, first:stop].masked_fill_(empty, 0.0)
+            self.done = stop
+        return self.hi[:, :, :num_groups], self.lo[:, :, :num_groups]
+
+
+def decode_select(
+    q: torch.Tensor,
+    summaries: torch.Tensor,
+    seqlens: torch.Tensor,
+    config: SSAConfig,
+    plan: DecodePlan | None = None,
+    tree_bounds: TreeBounds | None = None,
+) -> torch.Tensor:
+    """Selection of each row's newest token: ``[B, Hkv, K]`` int32 block ids, ``-1`` for empty slots.
+
+    q: ``[B, Hq, D]`` (the token at position ``seqlens[b] - 1`` of row ``b``); summaries:
+    ``[B, NB, Hkv, D]`` block summaries (blocks past a row's length are ignored); seqlens: ``[B]``
+    tokens per row including the new one. Same selection as ``select_blocks`` for that token.
+    ``plan``: :func:`decode_plan` of these ``seqlens`` and ``NB``, when the caller shares it across
+    layers (built here otherwise). ``tree_bounds``: the :class:`TreeBounds` of the cache layer that
+    holds ``summaries``, for ``index="tree"`` across steps.
+    """
+    num_kv_heads = summaries.shape[2]
+    if plan is None:
+        plan = decode_plan(seqlens, summaries.shape[1], config)
+    fixed = plan.fixed.expand(-1, num_kv_heads, -1)
+    if config.top_k == 0 or plan.num_blocks == 0:
         return fixed.contiguous()
 
     rq = routing_queries(q[:, None], num_kv_heads)[:, 0]  # [B, Hkv, D] fp32
     if config.index == "tree":
-        # The tree's grouping depends on each row's own block count: route row by row, exactly as a
-        # full forward over that row would.
-        routed = [
-            _route_tree(
-                rq[b, None, None], summaries[b : b + 1, : -(-int(n) // bs)].float(), int(n), config, True
-            )
-            for b, n in enumerate(seqlens.tolist())
-        ]
-        return torch.cat([fixed, torch.cat(routed, dim=0)[:, :, 0]], dim=-1).contiguous()
+        if plan.tree is not None:
+            routed = _route_tree_step(rq, summaries.float(), plan.tree, config, tree_bounds)
+        else:
+            # The tree's grouping depends on each row's own block count: route row by row, exactly as
+            # a full forward over that row would.
+            bs = config.block_size
+            rows = [
+                _route_tree(rq[b, None, None], summaries[b : b + 1, : -(-n // bs)].float(), n, config, True)
+                for b, n in enumerate(plan.lengths)
+            ]
+            routed = torch.cat(rows, dim=0)[:, :, 0]
+        return torch.cat([fixed, routed], dim=-1)
     summ = summaries.transpose(1, 2)  # [B, Hkv, NB, D]
     scores = torch.matmul(summ, rq.to(summ.dtype)[..., None])[..., 0].float()  # [B, Hkv, NB]
-    blocks = torch.arange(num_blocks, device=device)
-    ok = (blocks >= config.sink_blocks) & (blocks[None, :] <= (qblock - config.local_blocks)[:, None])
-    scores.masked_fill_(~ok[:, None, :], float("-inf"))
-    k_eff = min(config.top_k, num_blocks)
-    values, order = scores.topk(k_eff, dim=-1)
-    routed = torch.where(torch.isfinite(values), order, -1).to(torch.int32)
-    if k_eff < config.top_k:
-        routed = torch.nn.functional.pad(routed, (0, config.top_k - k_eff), value=-1)
-    return torch.cat([fixed, routed], dim=-1).contiguous()
+    scores.masked_fill_(plan.not_candidate, float("-inf"))
+    routed = _topk_blocks(scores, None, config.top_k)
+    return torch.cat([fixed, routed], dim=-1)
+
+
+def _route_tree_step(
+    rq: torch.Tensor,
+    summaries: torch.Tensor,
+    step: _TreeStep,
+    config: SSAConfig,
+    tree_bounds: TreeBounds | None = None,
+) -> torch.Tensor:
+    """``_route_tree`` for one token per row, rows of one length, the step's masks precomputed: the same
+    arithmetic, so the same picks. rq ``[B, Hkv, D]``; summaries ``[B, NB, Hkv, D]`` float32. Returns
+    ``[B, Hkv, top_k]`` int32."""
+    group = step.group
+    summ = summaries.transpose(1, 2)  # [B, Hkv, NB, D]
+    batch, heads, num_blocks, dim = summ.shape
+    if tree_bounds is not None:
+        hi, lo = tree_bounds.bounds(summ, step, config)
+    else:  # select.tree_bounds
+        padded = torch.nn.functional.pad(summ, (0, 0, 0, step.pad)).view(batch, heads, -1, group, dim)
+        hi = padded.masked_fill(step.excluded, float("-inf")).amax(3)
+        lo = padded.masked_fill(step.excluded, float("inf")).amin(3)
+        if step.empty is not None:
+            hi, lo = hi.masked_fill(step.empty, 0.0), lo.masked_fill(step.empty, 0.0)
+    # Groups to expand (select.tree_probe_groups).
+    q = rq[:, :, None]  # [B, Hkv, 1, D]
+    bound = torch.matmul(q.clamp(min=0), hi.transpose(-1, -2)) + torch.matmul(
+        q.clamp(max=0), lo.transpose(-1, -2)
+    )
+    bound.masked_fill_(step.blocked, float("-inf"))
+    values, chosen = bound.topk(step.probe, dim=-1)
+    chosen = torch.where(values > float("-inf"), chosen, -1)
+    groups = torch.cat([chosen, step.own.expand(batch, heads, 1, -1)], dim=-1)  # [B, Hkv, 1, P + W]
+    blocks = (groups[..., None] * group + step.offsets).flatten(-2)
+    # A group id of -1 gives negative block ids, so one range test also drops "no group".
+    not_candidate = (blocks < config.sink_blocks) | (blocks > step.last_candidate)
+    gather_idx = blocks.clamp(0, num_blocks - 1).flatten(2)[..., None].expand(-1, -1, -1, dim)
+    gathered = summ.gather(2, gather_idx).view(batch, heads, 1, -1, dim)
+    scores = torch.einsum("bhtd,bhtmd->bhtm", q, gathered)
+    scores.masked_fill_(not_candidate, float("-inf"))
+    return _topk_blocks(scores, blocks, config.top_k)[:, :, 0]
 
 
 def sparse_decode_naive(
@@ -312,11 +516,14 @@ def ssa_decode(
     config = _check_config(config)
     scale = _check_scale(scale, q.shape[-1])
     batch, seq_len_k = k.shape[0], k.shape[1]
+    lengths = None
     if seqlens is None:
         seqlens = torch.full((batch,), seq_len_k, device=q.device, dtype=torch.int32)
+        lengths = [seq_len_k] * batch
     elif not isinstance(seqlens, torch.Tensor) or seqlens.shape != (batch,):
         got = tuple(seqlens.shape) if isinstance(seqlens, torch.Tensor) else type(seqlens).__name__
         raise ValueError(f"seqlens: got {got}, expected a tensor of shape ({batch},)")
+    seqlens = seqlens.to(q.device)
     if summaries is None:
         summaries = block_summaries(k, config.block_size)
     else:
@@ -328,12 +535,31 @@ def ssa_decode(
             )
         summaries = summaries[:, :need]
     backend = resolve_backend(backend, q, v)
+    plan = decode_plan(seqlens, summaries.shape[1], config, lengths)
+    out, block_idx = decode_step(q, k, v, summaries, plan, config, scale, backend)
+    return (out, block_idx) if return_selection else out
+
+
+def decode_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    summaries: torch.Tensor,
+    plan: DecodePlan,
+    config: SSAConfig,
+    scale: float,
+    backend: str,
+    tree_bounds: TreeBounds | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ssa_decode` without its checks, for callers that built the inputs themselves (a model's
+    decode step, once per layer): ``(out [B, 1, Hq, Dv], block_idx [B, Hkv, K])``. ``summaries`` hold
+    ``plan.num_blocks`` blocks; ``backend`` is ``"torch"`` or ``"triton"``; ``tree_bounds`` as in
+    :func:`decode_select`."""
     q1 = q[:, 0]
     with torch.no_grad():
-        block_idx = decode_select(q1, summaries, seqlens, config)
+        block_idx = decode_select(q1, summaries, plan.seqlens, config, plan, tree_bounds)
     if backend == "triton":
-        out = sparse_decode_triton(q1, k, v, block_idx, seqlens, config.block_size, scale)
+        out = sparse_decode_triton(q1, k, v, block_idx, plan.seqlens, config.block_size, scale)
     else:
-        out = sparse_decode_naive(q1, k, v, block_idx, seqlens, config.block_size, scale)
-    out = out[:, None]
-    return (out, block_idx) if return_selection else out
+        out = sparse_decode_naive(q1, k, v, block_idx, plan.seqlens, config.block_size, scale)
+    return out[:, None], block_idx
