@@ -477,7 +477,7 @@ def run_routing_benchmark(
     random inputs and on inputs with planted needle blocks (see ``_routing_inputs``), where the needle
     hit rate of each router is reported too.
     """
-    from subquad.ops.ssa.select import tree_cost_per_query, tree_shape
+    from subquad.ops.ssa.select import routing_agreement, tree_cost_per_query, tree_shape
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     heads_q, heads_kv, head_dim, _ = SHAPES[shape]
@@ -514,12 +514,8 @@ def run_routing_benchmark(
             flat_sel = select_blocks(q, k, flat)
             if needles:
                 row["flat_needle_hits"] = _needle_hit_rate(flat_sel, needles, seq_len)
-            fixed = flat.sink_blocks + flat.local_blocks
-            a = flat_sel.block_idx[..., fixed:].long()
-            b = tree_sel.block_idx[..., fixed:].long()
-            hits = ((a[..., :, None] == b[..., None, :]) & (a[..., :, None] >= 0)).any(-1).sum()
-            row[f"agreement_{kind}"] = float(hits) / max(1, int((a >= 0).sum()))
-            del q, k, a, b, flat_sel, tree_sel
+            row[f"agreement_{kind}"] = routing_agreement(flat_sel, tree_sel)
+            del q, k, flat_sel, tree_sel
         rows.append(row)
         print(json.dumps(row), flush=True)
     result = {"environment": _environment(dev), "shape": shape, "top_k": top_k, "rows": rows}

@@ -220,6 +220,10 @@ def test_cli_writes_json(corpus, model_dirs, tmp_path, capsys):
         assert len(row["per_head"]) == 4
         assert 0.0 <= row["recall"] <= 1.0
         assert 0.0 < row["keys_attended"] < 1.0
+        # A query tile visits at least the blocks each of its tokens chose; the tree index picks
+        # some, not necessarily all, of the flat router's blocks.
+        assert row["tile_overhead"] >= 1.0 and 0.0 <= row["index_agreement"] <= 1.0
+    assert "| tile overhead |" in printed
     assert 0.0 <= result["mean"] <= 1.0
     assert result["mean"] == pytest.approx(sum(r["recall"] for r in result["layers"]) / 2)
     assert len(result["per_window"]) == 3

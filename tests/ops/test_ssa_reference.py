@@ -14,7 +14,7 @@ import subquad
 import subquad.ops.ssa.naive as naive_module
 import subquad.ops.ssa.select as select_module
 from subquad import SSAConfig, SSASelection, attention_recall, block_summaries, select_blocks, ssa_attention
-from subquad.ops.ssa.select import tree_cost_per_query, tree_shape
+from subquad.ops.ssa.select import routing_agreement, tree_cost_per_query, tree_shape
 
 BLOCK = 16
 
@@ -455,6 +455,27 @@ def routed_agreement(flat, tree, top_k):
     return hit.item() / max(1, (f >= 0).sum().item())
 
 
+def test_routing_agreement_matches_a_per_token_count():
+    # Two routers on the same odd-length inputs, one probing few groups: partial agreement, counted
+    # token by token and head by head as the oracle.
+    q, k, _ = random_qkv(2, 150, 1001, 4, 2, 16)
+    flat = select_blocks(q, k, SSAConfig(block_size=BLOCK, top_k=5))
+    tree = select_blocks(q, k, SSAConfig(block_size=BLOCK, top_k=5, index="tree", tree_group=4, tree_probe=2))
+    hits = total = 0
+    for f_row, t_row in zip(
+        flat.block_idx[..., -5:].reshape(-1, 5).tolist(), tree.block_idx[..., -5:].reshape(-1, 5).tolist()
+    ):
+        chosen = [b for b in f_row if b >= 0]
+        hits += sum(b in t_row for b in chosen)
+        total += len(chosen)
+    agreement = routing_agreement(flat, tree)
+    assert 0.0 < agreement < 1.0 and agreement == pytest.approx(hits / total)
+    assert agreement == pytest.approx(routed_agreement(flat, tree, 5))
+    assert routing_agreement(flat, flat) == 1.0
+    with pytest.raises(ValueError, match="different inputs"):
+        routing_agreement(flat, select_blocks(q[:, :10], k, SSAConfig(block_size=BLOCK, top_k=5)))
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 @pytest.mark.parametrize(
     "seq_len_q,seq_len_k,group", [(200, 200, 2), (37, 513, 4), (1, 513, 8), (120, 300, 3)], ids=str
@@ -465,7 +486,7 @@ def test_tree_probing_every_group_equals_flat(seq_len_q, seq_len_k, group, causa
     flat = select_blocks(q, k, SSAConfig(block_size=BLOCK, top_k=3), causal=causal)
     config = SSAConfig(block_size=BLOCK, top_k=3, index="tree", tree_group=group, tree_probe=-(-nb // group))
     tree = select_blocks(q, k, config, causal=causal)
-    assert routed_agreement(flat, tree, 3) == 1.0
+    assert routing_agreement(flat, tree) == routed_agreement(flat, tree, 3) == 1.0
     assert torch.equal(flat.block_idx.sort(-1).values, tree.block_idx.sort(-1).values)
 
 
@@ -489,7 +510,7 @@ def test_tree_agrees_with_flat_on_clustered_keys():
     tree = select_blocks(q, k, config)
     group, probe = tree_shape(4096 // BLOCK, config)
     assert probe * group < 4096 // BLOCK // 2, "the tree must actually skip groups for this test to mean much"
-    assert routed_agreement(flat, tree, top_k) >= 0.9
+    assert routing_agreement(flat, tree) >= 0.9
 
 
 @pytest.mark.parametrize("needle", [21, 42])

@@ -13,6 +13,12 @@ is ever formed).
   rule for *all* causal keys (window keys rotated, the rest unrotated); the local window is always
   selected. See :func:`local_rope_recall`.
 
+Two numbers about the operator on these real routing inputs come with it, per layer: the **tile
+overhead** of the query-major kernel (blocks visited for all tokens of a query tile over blocks the
+tokens chose; ``subquad.ops.ssa.tiles.tile_overhead``, i.i.d. random inputs being the worst case)
+and the **index agreement**, the share of the flat router's routed blocks that the tree index also
+picks (``routing_agreement``), whichever index the model itself uses.
+
 Command line::
 
     python -m subquad.eval.recall --model DIR --corpus CORPUS_DIR --length 32k --windows 4 \\
@@ -22,6 +28,7 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -40,7 +47,8 @@ from subquad.ops.ssa.interface import (
     query_rows,
     validate_qkv,
 )
-from subquad.ops.ssa.select import SSASelection
+from subquad.ops.ssa.select import SSASelection, routing_agreement, select_blocks
+from subquad.ops.ssa.tiles import tile_overhead
 
 # Elements of the largest fp32 temporary one chunk of queries may allocate (128 MiB).
 _CHUNK_ELEMENTS = 1 << 25
@@ -199,8 +207,9 @@ def _keys_attended(selection: SSASelection, seq_len_k: int) -> float:
     return float(selected / dense)
 
 
-def _layer_recall(attn: Any, q, k, summaries, route, max_queries) -> tuple[torch.Tensor, float, int]:
-    """(per-head recall ``[Hq]``, keys-attended share, rows evaluated) of one layer's attention inputs."""
+def _layer_recall(attn: Any, q, k, summaries, route, max_queries) -> dict[str, Any]:
+    """One layer's attention inputs: per-head recall ``[Hq]`` (``"per_head"``), ``"keys_attended"``,
+    ``"rows"`` evaluated, ``"tile_overhead"`` and ``"index_agreement"`` (module docstring)."""
     config = attn.config
     ssa = config.ssa_config
     q, k = q.detach(), k.detach()
@@ -213,8 +222,26 @@ def _layer_recall(attn: Any, q, k, summaries, route, max_queries) -> tuple[torch
         recall = local_rope_recall(
             q, k, selection, attn.rotary, ssa.sink_blocks, ssa.local_blocks, attn.scale, max_queries, "none"
         )
-    per_head = recall.float().mean(dim=(0, 1))
-    return per_head.cpu(), _keys_attended(selection, k.shape[1]), recall.shape[1]
+    # The same routing inputs through the other index (the layer's own summaries are block means of
+    # whichever keys route, as select_blocks computes them when given none).
+    route_q, route_k = (q, k) if route is None else (route[0].detach(), route[1].detach())
+    other = dataclasses.replace(ssa, index="tree" if ssa.index == "flat" else "flat")
+    other_selection = select_blocks(route_q, route_k, other, causal=True, summaries=summaries)
+    flat, tree = (selection, other_selection) if ssa.index == "flat" else (other_selection, selection)
+    from subquad.ops.ssa.triton_attention import tokens_per_tile  # imports triton: only when measuring
+
+    group = q.shape[2] // k.shape[2]
+    return {
+        "per_head": recall.float().mean(dim=(0, 1)).cpu(),
+        "keys_attended": _keys_attended(selection, k.shape[1]),
+        "rows": recall.shape[1],
+        "tile_overhead": tile_overhead(selection.block_idx, tokens_per_tile(group)),
+        "index_agreement": routing_agreement(flat, tree),
+    }
+
+
+# Per-layer numbers besides the recall, averaged the same way over layers and windows.
+_OPERATOR_STATS = ("keys_attended", "tile_overhead", "index_agreement")
 
 
 def model_attention_recall(
@@ -236,10 +263,12 @@ def model_attention_recall(
     ``layers``: layer indices (default all). ``max_queries``: evaluate an evenly spaced subset of
     query positions (dense mass costs ``O(T^2)`` per layer).
 
-    Returns ``{"layers": [{"layer", "recall", "per_head", "keys_attended"}], "mean",
-    "keys_attended", "tokens", "queries", "position_scheme", "ssa"}``: ``recall`` is a layer's mean
-    over its query heads, ``mean`` the mean over layers, ``keys_attended`` the selected causal
-    (token, key) pairs over all causal pairs (every token of the sequence counted).
+    Returns ``{"layers": [{"layer", "recall", "per_head", "keys_attended", "tile_overhead",
+    "index_agreement"}], "mean", "keys_attended", "tile_overhead", "index_agreement", "tokens",
+    "queries", "position_scheme", "ssa"}``: ``recall`` is a layer's mean over its query heads,
+    ``mean`` the mean over layers, ``keys_attended`` the selected causal (token, key) pairs over all
+    causal pairs (every token of the sequence counted); the other two as in the module docstring,
+    means over layers at the top level.
     """
     modules = _attention_modules(model)
     chosen = _check_layers(layers, len(modules))
@@ -258,7 +287,7 @@ def model_attention_recall(
     device = next(model.parameters()).device
     input_ids = input_ids.to(device=device, dtype=torch.long)
 
-    results: dict[int, tuple[torch.Tensor, float, int]] = {}
+    results: dict[int, dict[str, Any]] = {}
     wrapped = []
 
     def capture(attn, original):
@@ -294,21 +323,21 @@ def model_attention_recall(
         raise RuntimeError(f"layers {missing}: the sparse attention was not called in the forward")
     per_layer = []
     for layer in chosen:
-        per_head, keys, _ = results[layer]
+        found = results[layer]
         per_layer.append(
             {
                 "layer": layer,
-                "recall": float(per_head.mean()),
-                "per_head": [float(x) for x in per_head],
-                "keys_attended": keys,
+                "recall": float(found["per_head"].mean()),
+                "per_head": [float(x) for x in found["per_head"]],
+                **{name: found[name] for name in _OPERATOR_STATS},
             }
         )
     return {
         "layers": per_layer,
         "mean": sum(row["recall"] for row in per_layer) / len(per_layer),
-        "keys_attended": sum(row["keys_attended"] for row in per_layer) / len(per_layer),
+        **{name: sum(row[name] for row in per_layer) / len(per_layer) for name in _OPERATOR_STATS},
         "tokens": int(input_ids.shape[1]),
-        "queries": results[chosen[0]][2],
+        "queries": results[chosen[0]]["rows"],
         "position_scheme": model.config.position_scheme,
         "ssa": model.config.ssa_config.to_dict(),
     }
@@ -393,7 +422,7 @@ def evaluate_corpus(
                 "layer": row["layer"],
                 "recall": sum(per_head) / len(per_head),
                 "per_head": per_head,
-                "keys_attended": sum(run["layers"][i]["keys_attended"] for run in runs) / len(runs),
+                **{name: sum(run["layers"][i][name] for run in runs) / len(runs) for name in _OPERATOR_STATS},
             }
         )
     return {
@@ -407,7 +436,7 @@ def evaluate_corpus(
         "ssa": runs[0]["ssa"],
         "layers": layer_rows,
         "mean": sum(row["recall"] for row in layer_rows) / len(layer_rows),
-        "keys_attended": sum(row["keys_attended"] for row in layer_rows) / len(layer_rows),
+        **{name: sum(row[name] for row in layer_rows) / len(layer_rows) for name in _OPERATOR_STATS},
         "per_window": [
             {"start": run["start"], "mean": run["mean"], "seconds": run["seconds"]} for run in runs
         ],
@@ -415,11 +444,21 @@ def evaluate_corpus(
 
 
 def recall_table(result: dict[str, Any]) -> str:
-    """A markdown table: one row per layer (recall, keys attended), the mean last."""
-    rows = ["| layer | recall | keys attended |", "|---:|---:|---:|"]
+    """A markdown table: one row per layer (recall, keys attended, tile overhead, index agreement),
+    the mean last."""
+    rows = [
+        "| layer | recall | keys attended | tile overhead | flat picks the tree also picks |",
+        "|---:|---:|---:|---:|---:|",
+    ]
     for row in result["layers"]:
-        rows.append(f"| {row['layer']} | {row['recall']:.4f} | {100 * row['keys_attended']:.2f}% |")
-    rows.append(f"| **mean** | **{result['mean']:.4f}** | **{100 * result['keys_attended']:.2f}%** |")
+        rows.append(
+            f"| {row['layer']} | {row['recall']:.4f} | {100 * row['keys_attended']:.2f}% "
+            f"| {row['tile_overhead']:.2f} | {row['index_agreement']:.3f} |"
+        )
+    rows.append(
+        f"| **mean** | **{result['mean']:.4f}** | **{100 * result['keys_attended']:.2f}%** "
+        f"| **{result['tile_overhead']:.2f}** | **{result['index_agreement']:.3f}** |"
+    )
     return "\n".join(rows)
 
 

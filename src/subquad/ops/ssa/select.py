@@ -154,6 +154,29 @@ def select_blocks(
     return SSASelection(torch.cat([fixed, routed], dim=-1).contiguous(), block_size, fixed.shape[-1])
 
 
+def routing_agreement(reference: SSASelection, other: SSASelection) -> float:
+    """Share of ``reference``'s routed blocks that ``other`` routes too, for the same token and KV head.
+
+    Both come from :func:`select_blocks` on the same inputs (say the flat router and the tree index);
+    the sink and local slots, which every router takes, are left out. 1.0 when nothing is routed.
+    """
+    if reference.block_idx.shape[:3] != other.block_idx.shape[:3]:
+        raise ValueError(
+            f"selections of different inputs: [B, Hkv, T] {tuple(reference.block_idx.shape[:3])} vs "
+            f"{tuple(other.block_idx.shape[:3])}"
+        )
+    if reference.num_fixed_slots is None or other.num_fixed_slots is None:
+        raise ValueError("routing_agreement needs selections that know their fixed slots (select_blocks')")
+    a = reference.block_idx[..., reference.num_fixed_slots :]
+    b = other.block_idx[..., other.num_fixed_slots :]
+    hits = routed = 0
+    for start in range(0, a.shape[2], 4096):  # [.., T, K, K] comparisons a chunk of tokens at a time
+        ac, bc = a[:, :, start : start + 4096, :, None], b[:, :, start : start + 4096, None, :]
+        hits += int(((ac == bc) & (ac >= 0)).any(-1).sum())
+        routed += int((ac >= 0).sum())
+    return hits / routed if routed else 1.0
+
+
 def _triton_available() -> bool:
     try:
         import triton  # noqa: F401
