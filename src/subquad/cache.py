@@ -67,9 +67,10 @@ class SSACacheLayer(DynamicLayer):
         # Device copy of ``_lengths``, built on demand (``seqlens``); None while every row holds the same
         # length and no one has asked since the last append (decode steps then cost no update per layer).
         self._lengths_dev: torch.Tensor | None = None
-        # State that readers derive from the summaries of complete blocks and keep across steps (e.g.
-        # the tree router's group bounds): appends never change a complete block, everything else
-        # that rewrites stored tokens (crop, row selection, reset) clears it.
+        # State that readers derive from complete blocks or the lengths and keep across steps (the tree
+        # router's group bounds; in layer 0, a decode step's routing plan): appends never change a
+        # complete block, everything else that rewrites stored tokens (crop, row selection, reset)
+        # clears it.
         self.derived: dict[str, Any] = {}
 
     # --- state -----------------------------------------------------------------------------------

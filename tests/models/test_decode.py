@@ -202,3 +202,12 @@ def test_model_decode_step_matches_full_forward_without_host_syncs(index, ragged
             for r, (row, n) in enumerate(zip(rows, lengths)):
                 ref = model(row[:, : n + i + 1], use_cache=False).logits[:, -1]
                 torch.testing.assert_close(out.logits[r, -1], ref[0], atol=2e-5, rtol=1e-4)
+        # Cropped back by 20 tokens (into earlier blocks): the kept plan and bounds must not be reused.
+        assert "decode_plan" in cache.layers[0].derived
+        cache.crop(-20)
+        assert "decode_plan" not in cache.layers[0].derived
+        token = torch.stack([row[0, n - 16] for row, n in zip(rows, lengths)])[:, None]
+        out = model(token, past_key_values=cache)
+        for r, (row, n) in enumerate(zip(rows, lengths)):
+            ref = model(row[:, : n - 15], use_cache=False).logits[:, -1]
+            torch.testing.assert_close(out.logits[r, -1], ref[0], atol=2e-5, rtol=1e-4)

@@ -465,8 +465,9 @@ def _decode_plan_for(cache: SSACache, batch: int, config: SubquadConfig, device:
     """The routing plan of a one-token step: every layer of ``cache`` will hold its rows' current
     lengths plus one (a layer that does not falls back to its own routing).
 
-    The cache keeps the last step's plan (``_subquad_decode_plan``): its block-level tensors are reused
-    until a row's token moves into a new block, so most steps build only ``seqlens``.
+    The cache's first layer keeps the last step's plan (``derived["decode_plan"]``, dropped when stored
+    tokens change other than by appending): its block-level tensors are reused until a row's token
+    moves into a new block, so most steps build only ``seqlens``.
     """
     first = cache.layer(0)
     held = first.lengths if first.is_initialized else [0] * batch
@@ -476,9 +477,10 @@ def _decode_plan_for(cache: SSACache, batch: int, config: SubquadConfig, device:
     else:
         seqlens = first.seqlens + 1
     num_blocks = -(-max(lengths) // config.ssa_config.block_size)
-    previous = getattr(cache, "_subquad_decode_plan", None)
-    plan = decode_plan(seqlens, num_blocks, config.ssa_config, lengths, previous=previous)
-    cache._subquad_decode_plan = plan
+    plan = decode_plan(
+        seqlens, num_blocks, config.ssa_config, lengths, previous=first.derived.get("decode_plan")
+    )
+    first.derived["decode_plan"] = plan
     return plan
 
 
