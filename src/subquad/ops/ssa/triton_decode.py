@@ -23,7 +23,14 @@ from dataclasses import dataclass, replace
 import torch
 
 from subquad.ops.ssa.config import SSAConfig
-from subquad.ops.ssa.select import _own_group_slots, _route_tree, _topk_blocks, routing_queries, tree_shape
+from subquad.ops.ssa.select import (
+    _own_group_slots,
+    _route_tree,
+    _topk_blocks,
+    routing_queries,
+    tree_bounds,
+    tree_shape,
+)
 
 try:
     import triton
@@ -68,7 +75,6 @@ class _TreeStep:
 
     group: int
     probe: int  # groups expanded, at most the number of groups
-    pad: int  # blocks padding the last group
     excluded: torch.Tensor  # [1, 1, NG, G, 1] bool: sink blocks and padding, left out of the bounds
     empty: torch.Tensor | None  # [1, 1, NG, 1] bool: groups of sink blocks only (None: there are none)
     blocked: torch.Tensor  # [NG] bool: groups the token may not probe (sink-only, window or later)
@@ -142,7 +148,6 @@ def _tree_step(length: int, config: SSAConfig, device: torch.device) -> _TreeSte
     return _TreeStep(
         group=group,
         probe=min(probe, num_groups),
-        pad=num_groups * group - num_blocks,
         excluded=excluded,
         empty=empty,
         blocked=blocked,
@@ -252,22 +257,15 @@ def _route_tree_step(
     summaries: torch.Tensor,
     step: _TreeStep,
     config: SSAConfig,
-    tree_bounds: TreeBounds | None = None,
+    kept: TreeBounds | None = None,
 ) -> torch.Tensor:
     """``_route_tree`` for one token per row, rows of one length, the step's masks precomputed: the same
-    arithmetic, so the same picks. rq ``[B, Hkv, D]``; summaries ``[B, NB, Hkv, D]`` float32. Returns
-    ``[B, Hkv, top_k]`` int32."""
+    arithmetic, so the same picks. rq ``[B, Hkv, D]``; summaries ``[B, NB, Hkv, D]`` float32; ``kept``:
+    the cache layer's bounds (computed from scratch without). Returns ``[B, Hkv, top_k]`` int32."""
     group = step.group
     summ = summaries.transpose(1, 2)  # [B, Hkv, NB, D]
     batch, heads, num_blocks, dim = summ.shape
-    if tree_bounds is not None:
-        hi, lo = tree_bounds.bounds(summ, step, config)
-    else:  # select.tree_bounds
-        padded = torch.nn.functional.pad(summ, (0, 0, 0, step.pad)).view(batch, heads, -1, group, dim)
-        hi = padded.masked_fill(step.excluded, float("-inf")).amax(3)
-        lo = padded.masked_fill(step.excluded, float("inf")).amin(3)
-        if step.empty is not None:
-            hi, lo = hi.masked_fill(step.empty, 0.0), lo.masked_fill(step.empty, 0.0)
+    hi, lo = kept.bounds(summ, step, config) if kept is not None else tree_bounds(summaries, config, group)
     # Groups to expand (select.tree_probe_groups).
     q = rq[:, :, None]  # [B, Hkv, 1, D]
     bound = torch.matmul(q.clamp(min=0), hi.transpose(-1, -2)) + torch.matmul(
