@@ -2,7 +2,9 @@
 # GPU check: the kernel tests on the GPU, then the attention benchmark; a short table last.
 # Usage (device machine, repo root):  bash scripts/gpu_check.sh [quick|full|long|train-free args...]
 #   quick: tests + layer-8b at 16k,128k,1m; full: layer-8b sweep + budgets; long: long shape,
-#   routing (flat vs tree) and decode; paths: forward-path and routing-stage timings at 1M
+#   routing (flat vs tree) and decode; paths: forward/backward-path and routing-stage timings;
+#   decode-attention: one decode layer, SSA vs dense flash-decoding, eager and CUDA graph;
+#   backward: tests, routed vs query-major backward (agreement, time, knob sweep) and fwd+bwd 16K-128K
 # Results land in $OUT (or ./gpu_out) and benchmarks/results/ of the copy.
 set -uo pipefail
 MODE=${1:-quick}
@@ -14,7 +16,7 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
 
-if [ "$MODE" = quick ] || [ "$MODE" = full ]; then
+if [ "$MODE" = quick ] || [ "$MODE" = full ] || [ "$MODE" = backward ]; then
   python3 -m pytest -q tests/ops tests/models/test_decode.py > "$OUT/tests.txt" 2>&1; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.txt"
 fi
 
@@ -23,8 +25,14 @@ case "$MODE" in
   quick|bench-only)
     bench --shape layer-8b --lengths 16k,128k,1m --time-budget 300 --tag attention-layer-8b-quick ;;
   paths)
-    python3 scripts/compare_forward_paths.py --length 1m 2>&1 | tee -a "$OUT/bench.log"
+    python3 scripts/compare_attention_paths.py --length 1m --backward 128k 2>&1 | tee -a "$OUT/bench.log"
     python3 scripts/profile_select.py --length 1m 2>&1 | tee -a "$OUT/bench.log" ;;
+  backward)
+    python3 scripts/compare_attention_paths.py --length '' --backward 16k,128k,1m --tune 2>&1 | tee -a "$OUT/bench.log"
+    bench --shape layer-8b --lengths 16k,64k,128k --time-budget 200 --flex-max-len 0 --tag attention-layer-8b-fwd-bwd ;;
+  decode-attention)
+    python3 benchmarks/decode.py --device cuda --only attention \
+      --decode-lengths 131072 1048576 4194304 12582912 --out "$OUT" 2>&1 | tail -40 | tee -a "$OUT/bench.log" ;;
   full)
     bench --shape layer-8b --top-k 16 --time-budget 300 --tag attention-layer-8b
     bench --shape layer-8b --lengths 64k,128k --top-k 64,240 --time-budget 120 --tag attention-layer-8b-budgets ;;

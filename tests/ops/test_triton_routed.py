@@ -1,4 +1,5 @@
-"""Key-major routed forward (``triton_routed``) against the query-major kernel and the reference.
+"""Key-major routed forward and backward (``triton_routed``) against the query-major kernels and the
+reference.
 
 Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set in tests/conftest.py
 before Triton is imported) on tiny shapes, fp16 only (the interpreter mishandles bf16). Small
@@ -122,22 +123,90 @@ def test_routed_work_groups_pairs_by_block():
     assert got == sorted(want)
 
 
-def test_autograd_routed_forward_matches_query_major(monkeypatch):
+def test_autograd_routed_path_matches_query_major(monkeypatch):
     case = (1, 50, 60, 8, 2, 32, 16, 2, True, None, 256)
     q, k, v, _, _ = _setup(case, torch.float16, holes=False)
+    grad = torch.randn_like(q, dtype=torch.float32)
     config = subquad.SSAConfig(block_size=16, top_k=2)
-    calls = []
-    real = triton_routed.sparse_attention_fwd_routed
-    monkeypatch.setattr(triton_routed, "sparse_attention_fwd_routed", lambda *a: calls.append(a) or real(*a))
+    calls = {"fwd": [], "bwd": []}
+    for name in ("fwd", "bwd"):
+        real = getattr(triton_routed, f"sparse_attention_{name}_routed")
+        monkeypatch.setattr(
+            triton_routed,
+            f"sparse_attention_{name}_routed",
+            lambda *a, _real=real, _calls=calls[name]: _calls.append(a) or _real(*a),
+        )
     results = []
     for min_tokens in (10**9, 1):
         monkeypatch.setattr(triton_attention, "ROUTED_MIN_TOKENS", min_tokens)
         inputs = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
         out = subquad.ssa_attention(*inputs, config=config, backend="triton")
-        out.float().backward(torch.ones_like(out, dtype=torch.float32))
+        out.float().backward(grad)
         results.append((out.detach(), *(t.grad for t in inputs)))
-    assert len(calls) == 1 and calls[0][-1] == config.sink_blocks + config.local_blocks
+    fixed = config.sink_blocks + config.local_blocks
+    assert len(calls["fwd"]) == 1 and calls["fwd"][0][-1] == fixed
+    assert len(calls["bwd"]) == 1 and calls["bwd"][0][-1] == fixed
     for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
         assert not b.isnan().any(), name
         tol = 4e-3 * max(1.0, a.float().abs().max().item())
         assert (a.float() - b.float()).abs().max().item() <= tol, name
+
+
+def _query_major_grads(q, k, v, idx, block_size, causal, scale, do):
+    out, lse, tiles = triton_attention.sparse_attention_fwd(q, k, v, idx, block_size, causal, scale)
+    return (
+        out,
+        lse,
+        triton_attention.sparse_attention_bwd(do, q, k, v, out, lse, tiles, block_size, causal, scale),
+    )
+
+
+@pytest.mark.parametrize("holes", [False, True], ids=["select", "holes"])
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_routed_backward_matches_query_major_and_reference(case, holes, poison_empty):
+    dtype = DTYPES[-1]
+    q, k, v, idx, fixed = _setup(case, dtype, holes)
+    *_, block_size, _, causal, chunk, seg = case
+    scale = q.shape[-1] ** -0.5
+    do = torch.randn_like(q)
+    out, lse, want = _query_major_grads(q, k, v, idx, block_size, causal, scale, do)
+    # chunk (tokens in the forward's cases) as pairs here: small chunks cross chunk edges too.
+    chunk_pairs = None if chunk is None else chunk * q.shape[0] * k.shape[2]
+    got = triton_routed.sparse_attention_bwd_routed(
+        do,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        idx,
+        block_size,
+        causal,
+        scale,
+        fixed,
+        chunk_pairs=chunk_pairs,
+        segment_tokens=seg,
+    )
+    ref_inputs = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
+    ref = sparse_attention_naive(*ref_inputs, idx, block_size, causal, scale)
+    ref.backward(do.float())
+    for name, g, w, r in zip("qkv", got, want, (t.grad for t in ref_inputs)):
+        assert g.dtype == w.dtype and g.shape == w.shape and not g.isnan().any(), name
+        scale_r = max(1.0, r.abs().max().item())
+        lowp_err = (w.float() - r).abs().max().item()
+        assert (g.float() - r).abs().max().item() <= 2 * lowp_err + 2e-3 * scale_r, name
+        assert (g.float() - w.float()).abs().max().item() <= 2 * lowp_err + 2e-3 * scale_r, name
+
+
+@pytest.mark.parametrize("num_fixed", [0, 5], ids=["all-routed", "none-routed"])
+def test_routed_backward_fixed_split_edges(num_fixed, poison_empty):
+    case = (1, 40, 56, 4, 2, 32, 16, 2, True, 16, 4)
+    q, k, v, idx, _ = _setup(case, torch.float16, holes=False)
+    scale = q.shape[-1] ** -0.5
+    do = torch.randn_like(q)
+    out, lse, want = _query_major_grads(q, k, v, idx, 16, True, scale, do)
+    got = triton_routed.sparse_attention_bwd_routed(
+        do, q, k, v, out, lse, idx, 16, True, scale, num_fixed, chunk_pairs=64, segment_tokens=4
+    )
+    for name, g, w in zip("qkv", got, want):
+        assert (g.float() - w.float()).abs().max().item() < 2e-3 * max(1.0, w.abs().max().item()), name

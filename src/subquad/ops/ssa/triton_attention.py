@@ -8,7 +8,8 @@ selection, so the result is per-token exact. Online softmax in fp32, log2 domain
 
 Backward (FlashAttention-2 split): dQ by query tile over the same union; dK/dV by key block over the
 query tiles that hold it (``tiles.invert_tiles``), segments of one block summed with one fp32 atomic
-add each.
+add each. Long sequences run their routed slots key-major instead, forward and backward
+(``triton_routed``; :func:`use_routed_forward` decides).
 """
 
 from __future__ import annotations
@@ -297,12 +298,30 @@ def sparse_attention_fwd(q, k, v, block_idx, block_size, causal, scale, tiles=No
 
 def sparse_attention_bwd(do, q, k, v, out, lse, tiles, block_size, causal, scale):
     """Launch the dQ and dK/dV kernels. Returns (dq, dk, dv) in the input dtypes."""
+    do = do.contiguous()
+    delta = attention_delta(do, out)
+    dk = torch.zeros(*k.shape, device=k.device, dtype=torch.float32)
+    dv = torch.zeros(*v.shape, device=v.device, dtype=torch.float32)
+    dq = query_major_bwd(do, q, k, v, lse, delta, tiles, block_size, causal, scale, dk, dv)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+def attention_delta(do: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``rowsum(dO * O)`` per (token, q head): ``[B, T, Hq]`` fp32, the softmax backward's correction."""
+    return (do.float() * out.float()).sum(-1)
+
+
+def query_major_bwd(do, q, k, v, lse, delta, tiles, block_size, causal, scale, dk_acc, dv_acc):
+    """Gradients of the attention over ``tiles``' selection: returns dq (``q.dtype``) and *adds* dK/dV
+    into the fp32 ``[B, S, Hkv, D(v)]`` buffers ``dk_acc`` / ``dv_acc``.
+
+    ``lse`` and ``delta`` are the whole row's (log2-domain LSE, ``attention_delta``), so the selection
+    may be a part of what the forward attended: each block's share of the gradient only depends on them.
+    """
     batch, seq_len_q, heads_q, _ = q.shape
     seq_len_k, heads_kv = k.shape[1], k.shape[2]
     shape = _launch_shape(q, v, heads_kv, block_size)
     num_tiles, width = tiles.blocks.shape[1], tiles.blocks.shape[2]
-    do = do.contiguous()
-    delta = (do.float() * out.float()).sum(-1)  # [B, T, Hq]
     dq = torch.empty_like(q)
     common = (
         q.stride(0), q.stride(1), q.stride(2),
@@ -319,52 +338,56 @@ def sparse_attention_bwd(do, q, k, v, out, lse, tiles, block_size, causal, scale
     )
     num_blocks = -(-seq_len_k // block_size)
     work = invert_tiles(tiles, num_blocks)
-    dk = torch.zeros(batch, seq_len_k, heads_kv, k.shape[-1], device=k.device, dtype=torch.float32)
-    dv = torch.zeros(batch, seq_len_k, heads_kv, v.shape[-1], device=v.device, dtype=torch.float32)
     if work.seg_block.numel():
         _sparse_attention_bwd_dkdv_kernel[(work.seg_block.numel(),)](
-            q, k, v, do, lse, delta, dk, dv,
+            q, k, v, do, lse, delta, dk_acc, dv_acc,
             work.seg_block, work.seg_start, work.seg_end, work.tiles, work.masks,
             *common,
             seq_len_q, seq_len_k, heads_kv, heads_q // heads_kv, num_blocks, scale * _LOG2E, scale,
             CAUSAL=causal, num_warps=4, num_stages=1, **shape,
         )
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+    return dq
 
 
 class SparseAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, block_idx, block_size, causal, scale, num_fixed_slots=None):
         q, k, v = (t.contiguous() for t in (q, k, v))
-        if use_routed_forward(q.shape[1], block_idx.shape[-1], num_fixed_slots):
+        routed = use_routed_forward(q.shape[1], block_idx.shape[-1], num_fixed_slots)
+        if routed:
             from subquad.ops.ssa.triton_routed import sparse_attention_fwd_routed
 
             out, lse = sparse_attention_fwd_routed(
                 q, k, v, block_idx, block_size, causal, scale, num_fixed_slots
             )
-            # The backward builds the query tiles itself (inference never pays for them).
+            # The backward goes key-major too (it builds the fixed part's tiles itself).
             tile_tensors = ()
         else:
             out, lse, tiles = sparse_attention_fwd(q, k, v, block_idx, block_size, causal, scale)
             tile_tensors = (tiles.blocks, tiles.masks, tiles.count)
         ctx.save_for_backward(q, k, v, out, lse, block_idx, *tile_tensors)
-        ctx.meta = (block_size, causal, scale, tokens_per_tile(q.shape[2] // k.shape[2]))
+        ctx.meta = (block_size, causal, scale, tokens_per_tile(q.shape[2] // k.shape[2]),
+                    num_fixed_slots if routed else None)
         return out
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, out, lse, block_idx, *tile_tensors = ctx.saved_tensors
-        block_size, causal, scale, tokens = ctx.meta
-        if tile_tensors:
-            tiles = QueryTiles(*tile_tensors, tokens)
+        block_size, causal, scale, tokens, num_fixed_slots = ctx.meta
+        if num_fixed_slots is not None:
+            from subquad.ops.ssa.triton_routed import sparse_attention_bwd_routed
+
+            dq, dk, dv = sparse_attention_bwd_routed(
+                do, q, k, v, out, lse, block_idx, block_size, causal, scale, num_fixed_slots
+            )
         else:
-            tiles = build_query_tiles(block_idx, tokens)
-        dq, dk, dv = sparse_attention_bwd(do, q, k, v, out, lse, tiles, block_size, causal, scale)
+            tiles = QueryTiles(*tile_tensors, tokens)
+            dq, dk, dv = sparse_attention_bwd(do, q, k, v, out, lse, tiles, block_size, causal, scale)
         return dq, dk, dv, None, None, None, None, None
 
 
 def use_routed_forward(seq_len_q: int, num_slots: int, num_fixed_slots: int | None) -> bool:
-    """Whether the forward takes the key-major routed path (``triton_routed``).
+    """Whether the forward (and then the backward) takes the key-major routed path (``triton_routed``).
 
     Only when the caller says which slots are fixed (sink + local) and some are routed, and the
     sequence is long enough for query tiles' unions of routed blocks to dwarf one token's selection.

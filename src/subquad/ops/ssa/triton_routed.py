@@ -1,4 +1,4 @@
-"""Sparse attention forward with the routed blocks processed key-major (Triton).
+"""Sparse attention with the routed blocks processed key-major (Triton): forward and backward.
 
 Same result as ``triton_attention.sparse_attention_fwd`` (output and log2-domain LSE ``[B, T, Hq]``),
 computed in three steps:
@@ -32,6 +32,17 @@ block per chunk). At B=1, T=S=1M, Hq=32, Hkv=8, D=Dv=128, block 64, top_k 16: 13
 (q, out, K/V once; its tile unions hit L2) and the merge's fixed read + final write 17 GB: ~0.5 TB,
 against ~4 TB of K/V for the query-major walk of the routed union. FLOPs: ~21 TFLOP routed (134M
 pairs x 4 rows x 64 keys x 128 x 4, plus ~20% partly-filled steps) and ~4 TFLOP fixed.
+
+**Backward** (:func:`sparse_attention_bwd_routed`), same split. Given the forward's merged LSE and
+``delta = rowsum(dO * O)``, each selected block's share of the gradient is independent of the others
+(``dS = P * (dP - delta)`` with ``P`` from the whole row's LSE), so the fixed slots run the query-major
+dQ and dK/dV kernels of ``triton_attention`` restricted to them, and the routed pairs run key-major: one
+program per segment of a block's pairs loads K/V once, gathers the segment's q and dO rows, keeps the
+block's dK/dV in registers (one fp32 atomic add per segment) and adds each token's dQ share atomically
+into an fp32 ``[B, T, Hq, D]`` buffer. No partial buffers, so chunks are only bounded by the sort
+(``_BWD_CHUNK_PAIRS``). Per routed pair: q and dO gathers ``2 * G * D * e``, dQ atomics ``G * D * 4``;
+at 128K (layer-8b shape, 16.8M pairs) ~69 GB and ~5.5 TFLOP (five matmuls) against the query-major
+walk's ~11x tile overhead on random picks.
 """
 
 from __future__ import annotations
@@ -40,7 +51,15 @@ import torch
 import triton
 import triton.language as tl
 
-from subquad.ops.ssa.triton_attention import _LOG2E, _launch_shape, sparse_attention_fwd, tokens_per_tile
+from subquad.ops.ssa.tiles import build_query_tiles
+from subquad.ops.ssa.triton_attention import (
+    _LOG2E,
+    _launch_shape,
+    attention_delta,
+    query_major_bwd,
+    sparse_attention_fwd,
+    tokens_per_tile,
+)
 
 # Partial-output buffer per chunk of queries (bytes); 8 GiB = 64K tokens at Hq=32, top_k=16, Dv=128.
 _PARTIAL_BYTES = 8 << 30
@@ -51,6 +70,13 @@ _ROUTED_ROWS = 64
 _ROUTED_NUM_WARPS = 4
 # (token, q head) rows per merge program.
 _MERGE_ROWS = 16
+# Backward (tuning only): pairs per segment (dK/dV of a block summed in registers over a segment, one
+# atomic add per segment), matrix rows per step, warps, and routed pairs grouped per chunk (bounds the
+# sort's memory: ~16 bytes per pair).
+_BWD_SEGMENT_TOKENS = 256
+_BWD_ROUTED_ROWS = 128
+_BWD_NUM_WARPS = 8
+_BWD_CHUNK_PAIRS = 1 << 26
 
 
 @triton.jit
@@ -161,6 +187,77 @@ def _merge_partials_kernel(
     tl.store(LSE + full_row, lse, mask=row_ok)
 
 
+@triton.jit
+def _routed_bwd_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ_ACC, DK_ACC, DV_ACC,
+    seg_block, seg_start, seg_end, pair_entry,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    T, S, HKV, group, num_blocks, chunk_start, num_slots, scale_log2, scale,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOKENS: tl.constexpr, CAUSAL: tl.constexpr,
+):
+    """One segment of a key block's routed pairs: K/V loaded once, dK/dV summed over the segment in
+    registers, each token's dQ share added to the fp32 ``DQ_ACC`` (a token's routed blocks are in
+    different segments, so its dQ is a sum of atomic adds)."""
+    seg = tl.program_id(0)
+    flat_block = tl.load(seg_block + seg)
+    start = tl.load(seg_start + seg)
+    end = tl.load(seg_end + seg)
+    bh = flat_block // num_blocks
+    block = flat_block % num_blocks
+    b = bh // HKV
+    h = bh % HKV
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    key_pos = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_ok = key_pos < S
+    # [BLOCK_N, BLOCK_D] and [BLOCK_N, BLOCK_DV]
+    k = tl.load(K + b.to(tl.int64) * stride_kb + h * stride_kh + key_pos.to(tl.int64)[:, None] * stride_ks
+                + offs_d[None, :], mask=key_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(V + b.to(tl.int64) * stride_vb + h * stride_vh + key_pos.to(tl.int64)[:, None] * stride_vs
+                + offs_dv[None, :], mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    rows = tl.arange(0, BLOCK_M)
+    token_in_tile = rows // group
+    q_head = h * group + rows % group
+    heads_q = HKV * group
+    for first in range(start, end, TOKENS):
+        pair = first + token_in_tile
+        row_ok = (token_in_tile < TOKENS) & (pair < end)
+        token = chunk_start + tl.load(pair_entry + pair, mask=row_ok, other=0) // num_slots
+        row_off = (b.to(tl.int64) * stride_qb + token.to(tl.int64)[:, None] * stride_qt
+                   + q_head[:, None] * stride_qh)
+        q = tl.load(Q + row_off + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        do = tl.load(DO + b.to(tl.int64) * stride_dob + token.to(tl.int64)[:, None] * stride_dot
+                     + q_head[:, None] * stride_doh + offs_dv[None, :],
+                     mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        stat = (b.to(tl.int64) * T + token) * heads_q + q_head
+        lse = tl.load(LSE + stat, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)
+        visible = row_ok[:, None] & key_ok[None, :]
+        if CAUSAL:
+            # Routed blocks precede the token's window; the mask only guards hand-made selections.
+            visible = visible & (key_pos[None, :] <= (token + (S - T))[:, None])
+        s = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_M, BLOCK_N]
+        p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        dq = tl.dot(ds.to(k.dtype), k) * scale  # [BLOCK_M, BLOCK_D]
+        tl.atomic_add(DQ_ACC + stat[:, None] * D + offs_d[None, :], dq,
+                      mask=row_ok[:, None] & (offs_d[None, :] < D), sem="relaxed")
+    out_off = (b.to(tl.int64) * S + key_pos.to(tl.int64)[:, None]) * HKV + h
+    tl.atomic_add(DK_ACC + out_off * D + offs_d[None, :], dk * scale,
+                  mask=key_ok[:, None] & (offs_d[None, :] < D), sem="relaxed")
+    tl.atomic_add(DV_ACC + out_off * DV + offs_dv[None, :], dv,
+                  mask=key_ok[:, None] & (offs_dv[None, :] < DV), sem="relaxed")
+
+
 def routed_work(routed_idx: torch.Tensor, num_blocks: int, segment_tokens: int):
     """Group a chunk's routed ``(token, slot)`` pairs by the key block they picked.
 
@@ -269,3 +366,69 @@ def sparse_attention_fwd_routed(
             DV=dim_v, BLOCK_DV=shape["BLOCK_DV"], BLOCK_ROWS=_MERGE_ROWS, num_warps=4,
         )
     return out, lse
+
+
+def sparse_attention_bwd_routed(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    block_idx: torch.Tensor,
+    block_size: int,
+    causal: bool,
+    scale: float,
+    num_fixed_slots: int,
+    chunk_pairs: int | None = None,
+    segment_tokens: int = _BWD_SEGMENT_TOKENS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of :func:`sparse_attention_fwd_routed`: fixed slots query-major, routed slots key-major.
+
+    Same arguments as the forward plus ``do`` (``[B, T, Hq, Dv]``) and the forward's ``out`` and
+    ``lse``. Returns (dq, dk, dv) in the input dtypes, equal to ``triton_attention.sparse_attention_bwd``
+    up to fp32 summation order. ``chunk_pairs`` (routed (token, slot) pairs grouped at once; default
+    ``_BWD_CHUNK_PAIRS``) and ``segment_tokens`` only change the schedule.
+    """
+    batch, seq_len_q, heads_q, dim = q.shape
+    seq_len_k, heads_kv = k.shape[1], k.shape[2]
+    num_slots = block_idx.shape[-1]
+    if not 0 <= num_fixed_slots <= num_slots:
+        raise ValueError(f"num_fixed_slots={num_fixed_slots}: expected 0..{num_slots} (slots in block_idx)")
+    if segment_tokens < 1:
+        raise ValueError(f"segment_tokens={segment_tokens}: expected >= 1")
+    do = do.contiguous()
+    delta = attention_delta(do, out)
+    dk = torch.zeros(*k.shape, device=k.device, dtype=torch.float32)
+    dv = torch.zeros(*v.shape, device=v.device, dtype=torch.float32)
+    num_routed = num_slots - num_fixed_slots
+    dq = torch.zeros(batch, seq_len_q, heads_q, dim, device=q.device, dtype=torch.float32)
+    if num_fixed_slots:
+        fixed_idx = block_idx[..., :num_fixed_slots].contiguous()
+        tiles = build_query_tiles(fixed_idx, tokens_per_tile(heads_q // heads_kv))
+        dq += query_major_bwd(do, q, k, v, lse, delta, tiles, block_size, causal, scale, dk, dv)
+    shape = _launch_shape(q, v, heads_kv, block_size)
+    shape["TOKENS"] = tokens_per_tile(heads_q // heads_kv, _BWD_ROUTED_ROWS)
+    shape["BLOCK_M"] = max(16, triton.next_power_of_2(shape["TOKENS"] * (heads_q // heads_kv)))
+    num_blocks = -(-seq_len_k // block_size)
+    if num_routed == 0:
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    chunk_tokens = max(1, (chunk_pairs or _BWD_CHUNK_PAIRS) // (batch * heads_kv * num_routed))
+    routed_idx = block_idx[..., num_fixed_slots:]
+    for chunk_start in range(0, seq_len_q, chunk_tokens):
+        seg_block, seg_start, seg_end, pair_entry = routed_work(
+            routed_idx[:, :, chunk_start : chunk_start + chunk_tokens], num_blocks, segment_tokens
+        )
+        if seg_block.numel():
+            _routed_bwd_kernel[(seg_block.numel(),)](
+                q, k, v, do, lse, delta, dq, dk, dv,
+                seg_block, seg_start, seg_end, pair_entry,
+                q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                do.stride(0), do.stride(1), do.stride(2),
+                seq_len_q, seq_len_k, heads_kv, heads_q // heads_kv, num_blocks, chunk_start, num_routed,
+                scale * _LOG2E, scale,
+                CAUSAL=causal, num_warps=_BWD_NUM_WARPS, num_stages=1, **shape,
+            )
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
