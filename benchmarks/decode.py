@@ -8,7 +8,21 @@ Measures (issue 3):
   with SDPA over views of the same cache, its query heads grouped per KV head, on flash / efficient /
   math (``modeling.DENSE_DECODE_BACKENDS``): cuDNN, SDPA's first choice on H100/H200, builds an
   execution plan per key length, i.e. per step (``--dense-sdpa-auto`` adds rows with SDPA's choice);
-* KV-cache bytes per token.
+* KV-cache bytes per token;
+* ``--only attention``: one decode layer's attention alone, no model around it, so the operator is
+  compared and not the eager model step (whose ~900 kernel launches bound both sides): for the
+  ``layer-8b`` shape (Hq 32, Hkv 8, D 128) and the flavor's attention shape, B=1, a random
+  ``SSACache`` layer of N tokens holds the keys, values, block summaries and the tree router's kept
+  bounds as in a model's decode; the step is what ``SubquadAttention`` runs after appending the new
+  token: SSA = routing (``--index``) + the split-K decode kernel (``decode_step``), dense = the dense
+  twin's SDPA call (``modeling._dense_decode``, on ``DENSE_DECODE_BACKENDS``) over views of the same
+  cache. The cache length stays fixed: the same position (the last cached token) is decoded again
+  each repeat, nothing is appended; the routing plan, built once per model step and shared by its
+  layers, is built outside the timed step. Each step is timed eagerly (CUDA events around one step:
+  launch overhead included) and as a CUDA-graph replay (captured once: launch overhead removed on
+  both sides); L2 is flushed before every sample (``--warm-l2`` keeps it). Rows give ms per step and
+  the bytes the step reads (dense: every key and value; SSA: the selected blocks plus the routing
+  reads, from the selection sizes) with the GB/s they imply.
 
 Dense runs only up to ``--dense-max-prefill`` / ``--dense-max-decode`` tokens (it is quadratic, or its
 cache does not fit); out-of-memory is recorded, not fatal. Results go to ``benchmarks/results/`` as
@@ -23,8 +37,11 @@ GPU (H200; each command stays under the 10-minute job limit):
         --prefill-lengths 4194304
     PYTHONPATH=src python benchmarks/decode.py --device cuda --only prefill --skip-dense \
         --prefill-lengths 12582912
+    PYTHONPATH=src python benchmarks/decode.py --device cuda --only attention \
+        --decode-lengths 131072 1048576 4194304 12582912 --out $OUT
 CPU check (tiny model and lengths, seconds):
     python benchmarks/decode.py --device cpu --quick
+    python benchmarks/decode.py --device cpu --quick --only attention
 """
 
 from __future__ import annotations
@@ -36,18 +53,27 @@ import platform
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from torch.nn.attention import sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import subquad  # noqa: E402
 from subquad.models import SubquadConfig, SubquadForCausalLM, prefill  # noqa: E402
 from subquad.models.subquad import modeling  # noqa: E402
+from subquad.ops.ssa.interface import resolve_backend  # noqa: E402
+from subquad.ops.ssa.select import _own_group_slots, tree_shape  # noqa: E402
+from subquad.ops.ssa.triton_decode import TreeBounds, decode_plan, decode_step  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 K, M = 1 << 10, 1 << 20
+# --only attention: the attention shape of one layer of a Llama-3-8B-like model (Hq, Hkv, D).
+LAYER_8B = (32, 8, 128)
+# Bytes written before each timed sample to evict the H200's L2 (50 MB) unless --warm-l2.
+L2_FLUSH_BYTES = 256 * M
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,7 +97,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
     p.add_argument("--decode-steps", type=int, default=20)
-    p.add_argument("--only", choices=["prefill", "decode"], default=None)
+    p.add_argument(
+        "--only",
+        choices=["prefill", "decode", "attention"],
+        default=None,
+        help="attention: one layer's decode attention alone, SSA vs dense, eager and CUDA graph (never in "
+        "the default run)",
+    )
+    p.add_argument(
+        "--warm-l2",
+        action="store_true",
+        help="--only attention: do not flush L2 before each timed sample (repeats then find SSA's few "
+        "blocks in L2)",
+    )
     p.add_argument("--skip-dense", action="store_true")
     p.add_argument(
         "--dense-sdpa-auto",
@@ -82,7 +120,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     quick = args.quick
+    # --only attention times the `small` attention shape even with --quick (it is cheap on a CPU).
+    args.attention_flavor = args.flavor or "small"
     args.flavor = args.flavor or ("debug" if quick else "small")
+    if args.only == "attention" and quick and not args.decode_lengths:
+        args.decode_lengths = [4 * K, 16 * K]
     args.prefill_lengths = args.prefill_lengths or ([512, 2048] if quick else [128 * K, M, 4 * M, 12 * M])
     args.decode_lengths = args.decode_lengths or (
         [256, 1024, 4096] if quick else [32 * K, 128 * K, M, 4 * M, 12 * M]
@@ -189,9 +231,192 @@ def run_decode(model, cache, steps, device, timer):
     return dict(ms_per_token=1e3 * statistics.median(times))
 
 
+def attention_shapes(args) -> dict[str, tuple[int, int, int]]:
+    """``--only attention`` shapes: name -> (Hq, Hkv, D)."""
+    cfg = SubquadConfig.from_flavor(args.attention_flavor)
+    small = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+    return {"layer-8b": LAYER_8B, args.attention_flavor: small}
+
+
+def fill_attention_cache(ssa, length, heads_kv, dim, device, dtype):
+    """One ``SSACache`` layer holding ``length`` random keys/values, appended in slices (bounded temporaries,
+    no float32 copy of the cache), its summaries maintained by the appends as in a model's prefill."""
+    cache = subquad.SSACache(ssa, num_layers=1, max_length=length)
+    layer = cache.layer(0)
+    step = 1 << 19
+    for start in range(0, length, step):
+        n = min(step, length - start)
+        kv = torch.randn(2, 1, n, heads_kv, dim, device=device, dtype=dtype)
+        layer.append(kv[0], kv[1])
+        del kv
+    return layer
+
+
+def attention_bytes_read(attention, tokens, heads_kv, dim, itemsize, ssa) -> int:
+    """Bytes one decode step reads (a model of it): dense, every cached key and value; SSA, the keys and
+    values of its selected blocks plus the routing reads (float32 summaries: the tree's group bounds and
+    the probed groups' blocks; the flat router's every block)."""
+    token_kv = 2 * heads_kv * dim * itemsize
+    if attention != "ssa":
+        return tokens * token_kv
+    bs = ssa.block_size
+    slots = ssa.sink_blocks + ssa.local_blocks + ssa.top_k
+    num_blocks = -(-tokens // bs)
+    summary = heads_kv * dim * 4
+    if ssa.index == "tree":
+        group, probe = tree_shape(num_blocks, ssa)
+        num_groups = -(-num_blocks // group)
+        routing = (2 * num_groups + (min(probe, num_groups) + _own_group_slots(ssa, group)) * group) * summary
+    else:
+        routing = num_blocks * summary
+    return min(tokens, slots * bs) * token_kv + routing
+
+
+def attention_steps(layer, q, ssa) -> dict:
+    """The two decode steps over ``layer`` for the query ``q [1, 1, Hq, D]`` sitting at the layer's last
+    position (the state after a model appended the new token), as ``SubquadAttention`` runs them:
+    ``_decode_sparse`` (routing + split-K kernel) and ``_dense_decode`` (the dense twin's SDPA call)."""
+    k, v, summaries = layer.keys_bshd(), layer.values_bshd(), layer.summaries()
+    plan = decode_plan(layer.seqlens, summaries.shape[1], ssa, layer.lengths)
+    bounds = layer.derived.setdefault("tree_bounds", TreeBounds()) if ssa.index == "tree" else None
+    backend = resolve_backend("auto", q, v)
+    scale = q.shape[-1] ** -0.5
+    return {
+        "ssa": lambda: decode_step(q, k, v, summaries, plan, ssa, scale, backend, bounds)[0],
+        "dense": lambda: modeling._dense_decode(q, k, v, scale),
+    }
+
+
+def time_eager(fn, device, repeats, flush):
+    """Median ms of one call of ``fn`` (after 3 warm-up calls): CUDA events around it, the GPU idle
+    before (launch overhead counts); wall time on the CPU."""
+    for _ in range(3):
+        out = fn()
+    samples = []
+    for _ in range(repeats):
+        if device.type != "cuda":
+            t0 = time.perf_counter()
+            out = fn()
+            samples.append(1e3 * (time.perf_counter() - t0))
+            continue
+        if flush is not None:
+            flush.zero_()
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        out = fn()
+        stop.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(stop))
+    return statistics.median(samples), out
+
+
+def time_graph(fn, repeats, flush):
+    """Median ms of one replay of ``fn`` captured in a CUDA graph (warmed up on a side stream first)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    graph.replay()  # the first replay uploads the graph
+    events = [[torch.cuda.Event(enable_timing=True) for _ in range(2)] for _ in range(repeats)]
+    for start, stop in events:
+        if flush is not None:
+            flush.zero_()
+        start.record()
+        graph.replay()
+        stop.record()
+    torch.cuda.synchronize()
+    out = out.clone()
+    del graph
+    return statistics.median(start.elapsed_time(stop) for start, stop in events), out
+
+
+def run_attention(args, device) -> list[dict]:
+    """``--only attention``: one decode layer's attention, SSA vs dense, eager and in a CUDA graph."""
+    ssa = SubquadConfig.from_flavor(args.attention_flavor, ssa={"index": args.index}).ssa_config
+    flush = None
+    if device.type == "cuda" and not args.warm_l2:
+        flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+    rows: list[dict] = []
+    for length in args.decode_lengths:
+        for shape, heads in attention_shapes(args).items():
+            try:
+                rows += attention_rows(args, device, ssa, shape, heads, length, flush)
+            except (RuntimeError, torch.OutOfMemoryError) as err:
+                if not is_oom(err):
+                    raise
+                gb = length * 2 * heads[1] * heads[2] * args.dtype.itemsize / 1e9
+                note = f"OOM (cache: {gb:.1f} GB of K/V)"
+                print(f"attention {shape}, {length:,} tokens: skipped, {note}", file=sys.stderr)
+                skipped = dict(kind="attention", shape=shape, tokens=length, attention="ssa", timing="eager")
+                rows.append(dict(skipped, error=note))
+            free(device)
+    return rows
+
+
+def attention_rows(args, device, ssa, shape, heads, length, flush) -> list[dict]:
+    """Rows of one shape at one length: each attention kind, eager and graph (the cache lives only here)."""
+    heads_q, heads_kv, dim = heads
+    layer = fill_attention_cache(ssa, length, heads_kv, dim, device, args.dtype)
+    q = torch.randn(1, 1, heads_q, dim, device=device, dtype=args.dtype)
+    steps = attention_steps(layer, q, ssa)
+    variants = [("ssa", None)]
+    if not args.skip_dense and length <= args.dense_max_decode:
+        variants.append(("dense", modeling.DENSE_DECODE_BACKENDS))
+        if args.dense_sdpa_auto:
+            variants.append(("dense-sdpa-auto", None))
+    rows = []
+    for name, backends in variants:
+        read = attention_bytes_read(name, length, heads_kv, dim, args.dtype.itemsize, ssa)
+        row = dict(kind="attention", shape=shape, tokens=length, attention=name, bytes_read=read)
+        # The dense twin's decode step runs under this backend restriction on CUDA (SubquadModel.forward).
+        context = sdpa_kernel(backends) if device.type == "cuda" and backends is not None else nullcontext()
+        with context:
+            timed = time_attention_step(steps["ssa" if name == "ssa" else "dense"], row, device, args, flush)
+        for r in timed:
+            rows.append(r)
+            _echo(r)
+    return rows
+
+
+def time_attention_step(step, row, device, args, flush) -> list[dict]:
+    """``row`` timed eagerly and in a CUDA graph: ``[eager row, graph row]``, failures noted in ``error``."""
+    eager, graphed = dict(row, timing="eager"), dict(row, timing="graph")
+    try:
+        ms, reference = time_eager(step, device, args.decode_steps, flush)
+        eager.update(ms_per_step=ms, gb_per_s=row["bytes_read"] / ms / 1e6)
+    except (RuntimeError, torch.OutOfMemoryError) as err:
+        if not is_oom(err):
+            raise
+        eager["error"] = graphed["error"] = "OOM"
+        return [eager, graphed]
+    if device.type != "cuda":
+        graphed["error"] = "n/a on CPU"
+        return [eager, graphed]
+    try:
+        ms, out = time_graph(step, 5 * args.decode_steps, flush)
+        graphed.update(ms_per_step=ms, gb_per_s=row["bytes_read"] / ms / 1e6)
+        graphed["max_abs_diff_vs_eager"] = (out.float() - reference.float()).abs().max().item()
+    except Exception as err:  # noqa: BLE001 - a step that cannot be captured is a result to report
+        if is_oom(err):
+            graphed["error"] = "OOM"
+        else:
+            reason = (str(err).strip().splitlines() or [""])[0][:200]
+            graphed["error"] = f"graph: not capturable ({type(err).__name__}: {reason})"
+        free(device)
+    return [eager, graphed]
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.only == "attention":
+        return main_attention(args, device)
     timer = Timer(device)
     sparse, dense = build_models(args, device)
     cfg = sparse.config
@@ -283,6 +508,32 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
+def main_attention(args, device) -> dict:
+    ssa = SubquadConfig.from_flavor(args.attention_flavor, ssa={"index": args.index}).ssa
+    env = dict(
+        mode="attention",
+        date=dt.datetime.now().isoformat(timespec="seconds"),
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        torch=torch.__version__,
+        triton=_triton_version(),
+        dtype=str(args.dtype).replace("torch.", ""),
+        shapes={
+            name: dict(heads_q=hq, heads_kv=hkv, head_dim=d)
+            for name, (hq, hkv, d) in attention_shapes(args).items()
+        },
+        ssa=ssa,
+        dense_decode_backends=[b.name for b in modeling.DENSE_DECODE_BACKENDS or []] or "sdpa auto",
+        l2_flushed=device.type == "cuda" and not args.warm_l2,
+        command="python " + " ".join(sys.argv),
+    )
+    with torch.no_grad():
+        rows = run_attention(args, device)
+    report = dict(env=env, rows=rows, summary=summarize(rows))
+    write(report, Path(args.out), device, name="decode-attention")
+    print(table(report))
+    return report
+
+
 def _triton_version() -> str | None:
     try:
         import triton
@@ -298,8 +549,12 @@ def _echo(row: dict) -> None:
 
 def summarize(rows: list[dict]) -> dict:
     """The issue's targets as ratios measured side by side."""
-    get = {(r["kind"], r["attention"], r["tokens"]): r for r in rows if "error" not in r}
-    out = {}
+    out = summarize_attention(rows)
+    get = {
+        (r["kind"], r["attention"], r["tokens"]): r
+        for r in rows
+        if "error" not in r and r["kind"] != "attention"
+    }
     for length in sorted({r["tokens"] for r in rows}):
         s, d = get.get(("prefill", "ssa", length)), get.get(("prefill", "dense", length))
         if s and d:
@@ -320,8 +575,62 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+def summarize_attention(rows: list[dict]) -> dict:
+    """``attention_decode_speedup[_eager]_<shape>_<N>``: dense ms / SSA ms of one layer's decode step, in
+    a CUDA graph (and eagerly); ``attention_ssa_latency_ratio_longest_vs_shortest_<shape>`` (graph)."""
+    get = {
+        (r["shape"], r["attention"], r["tokens"], r["timing"]): r["ms_per_step"]
+        for r in rows
+        if r["kind"] == "attention" and "error" not in r
+    }
+    out = {}
+    for shape, _, length, timing in sorted(k for k in get if k[1] == "ssa"):
+        dense = get.get((shape, "dense", length, timing))
+        if dense is not None:
+            name = "" if timing == "graph" else "eager_"
+            sparse = get[(shape, "ssa", length, timing)]
+            out[f"attention_decode_speedup_{name}{shape}_{length}"] = dense / sparse
+    for shape in sorted({k[0] for k in get}):
+        ssa = sorted((k[2], ms) for k, ms in get.items() if k[:2] == (shape, "ssa") and k[3] == "graph")
+        if len(ssa) >= 2:
+            out[f"attention_ssa_latency_ratio_longest_vs_shortest_{shape}"] = ssa[-1][1] / ssa[0][1]
+    return out
+
+
+def attention_table(report: dict) -> str:
+    env = report["env"]
+    shapes = ", ".join(f"{name} (Hq {s['heads_q']}, Hkv {s['heads_kv']}, D {s['head_dim']})"
+                       for name, s in env["shapes"].items())  # fmt: skip
+    lines = [
+        f"# One decode layer's attention, SSA vs dense (B=1): {env['device']}, torch {env['torch']}, "
+        f"triton {env['triton']}, {env['date']}",
+        "",
+        f"Command: `{env['command']}`  ",
+        f"dtype {env['dtype']}, shapes {shapes}, SSA {env['ssa']}, dense SDPA backends "
+        f"{env['dense_decode_backends']}, L2 flushed before each sample: {env['l2_flushed']}",
+        "",
+        "eager: CUDA events around one step, the GPU idle before it (launch overhead included); graph: one "
+        "replay of the step captured in a CUDA graph (launch overhead removed). The cache length stays "
+        "fixed (the same position decoded each repeat). Bytes read: dense, every cached key and value; "
+        "SSA, its selected blocks' keys and values plus the routing reads (a model of the step).",
+        "",
+        "| shape | tokens | attention | timing | ms/step | bytes read | GB/s | note |",
+        "| --- | ---: | --- | --- | ---: | ---: | ---: | --- |",
+    ]
+    for r in report["rows"]:
+        cells = [_cell(r, "ms_per_step", ".4f"), _cell(r, "bytes_read", ",.0f"), _cell(r, "gb_per_s", ".1f")]
+        head = f"| {r['shape']} | {r['tokens']:,} | {r['attention']} | {r['timing']} | "
+        lines.append(head + " | ".join(cells) + f" | {r.get('error', '')} |")
+    if report["summary"]:
+        lines += ["", "| ratio | value |", "| --- | ---: |"]
+        lines += [f"| {k} | {v:.2f} |" for k, v in report["summary"].items()]
+    return "\n".join(lines)
+
+
 def table(report: dict) -> str:
     env = report["env"]
+    if env.get("mode") == "attention":
+        return attention_table(report)
     lines = [
         f"# Subquad `{env['flavor']}` prefill/decode: {env['device']}, torch {env['torch']}, "
         f"triton {env['triton']}, {env['date']}",
@@ -352,10 +661,10 @@ def _cell(row: dict, key: str, spec: str) -> str:
     return format(row[key], spec) if row.get(key) is not None else ""
 
 
-def write(report: dict, out_dir: Path, device: torch.device) -> None:
+def write(report: dict, out_dir: Path, device: torch.device, name: str = "decode") -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = out_dir / f"decode-{device.type}-{stamp}"
+    base = out_dir / f"{name}-{device.type}-{stamp}"
     base.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
     base.with_suffix(".md").write_text(table(report) + "\n")
     print(f"wrote {base}.json and .md", file=sys.stderr)

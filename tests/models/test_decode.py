@@ -146,6 +146,54 @@ def test_shared_plan_and_kept_bounds_route_like_the_reference(index):
     assert not layer.derived
 
 
+TREE_DECODE_STEPS = (20, 150, 700, 1076, 1500, 2199)  # group size 2 -> 8; 1076: a crop
+
+
+@pytest.mark.parametrize(
+    "top_k, heads, steps",
+    [(3, (4, 2), TREE_DECODE_STEPS), (20, (3, 1), (2199,))],
+    ids=["k3-gqa2", "k20-gqa3"],
+)
+def test_triton_tree_decode_routing_matches_torch(top_k, heads, steps):
+    # The three-kernel tree step (triton_select.decode_route_tree) against the PyTorch step on the same
+    # plan and kept bounds: group sizes 2..8, no probe-able group yet, probe > 16 (k20), a crop.
+    pytest.importorskip("triton")
+    from subquad.cache import SSACacheLayer
+    from subquad.ops.ssa.triton_decode import TreeBounds, decode_plan
+
+    torch.manual_seed(5)
+    heads_q, heads_kv = heads
+    config = subquad.SSAConfig(block_size=16, top_k=top_k, sink_blocks=1, local_blocks=2, index="tree")
+    layer = SSACacheLayer(block_size=16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs Triton's interpreter
+    keys = torch.randn(2, 2200, heads_kv, 16, device=device)
+    layer.append(keys[:, :20], keys[:, :20])
+    bounds, plan, end = TreeBounds(), None, 20
+    # 1-5 s a step in the CPU interpreter: a few lengths, not every step.
+    for step in steps:
+        layer.append(keys[:, end : step + 1], keys[:, end : step + 1])
+        end = step + 1
+        if step == 1076:
+            layer.crop(-300)
+            end -= 300
+            bounds = layer.derived.setdefault("tree_bounds", TreeBounds())
+        n = layer.lengths[0]
+        summaries = layer.summaries()
+        seqlens = torch.full((2,), n, device=device)
+        plan = decode_plan(seqlens, summaries.shape[1], config, [n, n], previous=plan)
+        # Random queries, and queries aimed at the last routable block: it sits in one of the groups
+        # touching the window, which are expanded block by block rather than probed by bound.
+        target = summaries[:, max(0, (n - 1) // 16 - 2)].repeat_interleave(heads_q // heads_kv, dim=1)
+        noise = torch.randn(2, 2, heads_q, 16, device=device)
+        for q in (noise[0], 10 * target + 0.1 * noise[1]):
+            args = (q, summaries, seqlens, config, plan, bounds)
+            got, syncs = _host_syncs(decode_select, *args, backend="triton")
+            want = decode_select(*args)
+            assert got.shape == want.shape and syncs == (0, 0), n
+            assert torch.equal(got[..., :3], want[..., :3]), n  # sink and local slots, in place
+            assert torch.equal(got.sort(-1).values, want.sort(-1).values), n
+
+
 def _host_syncs(fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` and its (scalar reads, tolist calls): each a device-to-host sync on a GPU."""
     from torch.utils._python_dispatch import TorchDispatchMode

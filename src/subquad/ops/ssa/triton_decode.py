@@ -214,6 +214,7 @@ def decode_select(
     config: SSAConfig,
     plan: DecodePlan | None = None,
     tree_bounds: TreeBounds | None = None,
+    backend: str = "torch",
 ) -> torch.Tensor:
     """Selection of each row's newest token: ``[B, Hkv, K]`` int32 block ids, ``-1`` for empty slots.
 
@@ -222,7 +223,9 @@ def decode_select(
     tokens per row including the new one. Same selection as ``select_blocks`` for that token.
     ``plan``: :func:`decode_plan` of these ``seqlens`` and ``NB``, when the caller shares it across
     layers (built here otherwise). ``tree_bounds``: the :class:`TreeBounds` of the cache layer that
-    holds ``summaries``, for ``index="tree"`` across steps.
+    holds ``summaries``, for ``index="tree"`` across steps. ``backend="triton"`` (CUDA) routes a tree
+    step of rows of one length with three Triton kernels (``triton_select.decode_route_tree``) instead
+    of ~25 PyTorch ops; same picks up to floating-point summation order.
     """
     num_kv_heads = summaries.shape[2]
     if plan is None:
@@ -231,6 +234,11 @@ def decode_select(
     if config.top_k == 0 or plan.num_blocks == 0:
         return fixed.contiguous()
 
+    if config.index == "tree" and plan.tree is not None and backend == "triton":
+        from subquad.ops.ssa.triton_select import decode_route_tree
+
+        hi, lo = _tree_step_bounds(summaries, plan.tree, config, tree_bounds)
+        return decode_route_tree(q, summaries, hi, lo, plan.fixed, plan.tree, config)
     rq = routing_queries(q[:, None], num_kv_heads)[:, 0]  # [B, Hkv, D] fp32
     if config.index == "tree":
         if plan.tree is not None:
@@ -252,6 +260,16 @@ def decode_select(
     return torch.cat([fixed, routed], dim=-1)
 
 
+def _tree_step_bounds(
+    summaries: torch.Tensor, step: _TreeStep, config: SSAConfig, kept: TreeBounds | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group bounds ``[B, Hkv, NG, D]`` float32 of ``summaries [B, NB, Hkv, D]``: the cache layer's kept
+    ones when given (valid before the token's window), else computed from scratch."""
+    if kept is not None:
+        return kept.bounds(summaries.float().transpose(1, 2), step, config)
+    return tree_bounds(summaries, config, step.group)
+
+
 def _route_tree_step(
     rq: torch.Tensor,
     summaries: torch.Tensor,
@@ -265,7 +283,7 @@ def _route_tree_step(
     group = step.group
     summ = summaries.transpose(1, 2)  # [B, Hkv, NB, D]
     batch, heads, num_blocks, dim = summ.shape
-    hi, lo = kept.bounds(summ, step, config) if kept is not None else tree_bounds(summaries, config, group)
+    hi, lo = _tree_step_bounds(summaries, step, config, kept)
     # Groups to expand (select.tree_probe_groups).
     q = rq[:, :, None]  # [B, Hkv, 1, D]
     bound = torch.matmul(q.clamp(min=0), hi.transpose(-1, -2)) + torch.matmul(
@@ -555,7 +573,7 @@ def decode_step(
     :func:`decode_select`."""
     q1 = q[:, 0]
     with torch.no_grad():
-        block_idx = decode_select(q1, summaries, plan.seqlens, config, plan, tree_bounds)
+        block_idx = decode_select(q1, summaries, plan.seqlens, config, plan, tree_bounds, backend)
     if backend == "triton":
         out = sparse_decode_triton(q1, k, v, block_idx, plan.seqlens, config.block_size, scale)
     else:

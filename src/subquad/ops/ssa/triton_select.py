@@ -305,3 +305,172 @@ def route_tree_triton(rq, summaries, seq_len_k, config, causal):
         groups = tree_probe_groups(rq_c, bounds, num_blocks, offset, config, causal)
         out.append(rescore_topk(rq_c, summaries, groups, offset, config, group, causal))
     return torch.cat(out, dim=2)
+
+
+# --- Decode: the tree router for one new token per row, in three launches -------------------------
+# The PyTorch step (``triton_decode._route_tree_step``) is ~25 small kernels, each a launch that costs
+# more than its work at any context length. Here: (A) group bounds and a top-``probe`` per split of the
+# probe-able groups, (B) one program per probed or window group scores its blocks, (C) one program per
+# (row, KV head) merges B's lists and writes the whole selection, sink and local slots included.
+_DECODE_MAX_SPLITS = 32
+_DECODE_MAX_CHUNK = 64
+
+
+@triton.jit
+def _decode_group_bounds_kernel(
+    Q, HI, LO, RQ, PART,
+    stride_qb, stride_qh, stride_hb, stride_hh, stride_hg,
+    HKV, num_probeable, sink_blocks, group, num_splits,
+    GROUP_Q: tl.constexpr, BLOCK_GQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    CHUNK: tl.constexpr, K_PAD: tl.constexpr,
+):
+    """Program (row x KV head, split): routing query (split 0 stores it), upper bounds of ``CHUNK``
+    groups, their best ``K_PAD`` as packed keys into ``PART [B * Hkv, num_splits, K_PAD]``."""
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    qh = tl.arange(0, BLOCK_GQ)
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + (h * GROUP_Q + qh)[:, None] * stride_qh + offs_d[None, :],
+                mask=(qh < GROUP_Q)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    rq = tl.sum(q, 0)  # select.routing_queries: the sum of the KV head's query heads
+    if split == 0:
+        tl.store(RQ + bh.to(tl.int64) * D + offs_d, rq, mask=d_ok)
+    groups = split * CHUNK + tl.arange(0, CHUNK)
+    # Probe-able: before the token's window, and not made of sink blocks only.
+    ok = (groups < num_probeable) & ((groups + 1) * group > sink_blocks)
+    base = (b.to(tl.int64) * stride_hb + h * stride_hh + groups.to(tl.int64)[:, None] * stride_hg
+            + offs_d[None, :])
+    hi = tl.load(HI + base, mask=ok[:, None] & d_ok[None, :], other=0.0)
+    lo = tl.load(LO + base, mask=ok[:, None] & d_ok[None, :], other=0.0)
+    bound = tl.sum(tl.maximum(rq, 0.0)[None, :] * hi + tl.minimum(rq, 0.0)[None, :] * lo, 1)
+    keys = _pack_keys(bound, groups, ok)[None, :]
+    if CHUNK > K_PAD:
+        keys = tl.topk(keys, K_PAD)
+    cols = tl.arange(0, K_PAD)
+    tl.store(PART + (bh.to(tl.int64) * num_splits + split) * K_PAD + cols[None, :], keys)
+
+
+@triton.jit
+def _decode_rescore_kernel(
+    RQ, SUMM, PART_A, PART_B,
+    stride_sb, stride_sn, stride_sh,
+    HKV, num_splits, probe, group, window_first, window_last, last_candidate, sink_blocks, num_blocks,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, K_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, NUM_GROUP_SLOTS: tl.constexpr,
+):
+    """Program (row x KV head, slot): slot < ``probe`` takes the slot-th best group of A's merged lists,
+    the others the groups touching the token's window; scores that group's candidate blocks and writes
+    their best ``K_PAD`` as packed keys into ``PART_B [B * Hkv, NUM_GROUP_SLOTS, K_PAD]``."""
+    bh = tl.program_id(0)
+    slot = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
+    cols = tl.arange(0, K_PAD)
+    if slot < probe:
+        splits = tl.arange(0, SPLITS_PAD)
+        keys = tl.load(PART_A + (bh.to(tl.int64) * num_splits + splits[:, None]) * K_PAD + cols[None, :],
+                       mask=(splits < num_splits)[:, None], other=-1)
+        top = tl.sort(tl.topk(tl.reshape(keys, [1, SPLITS_PAD * K_PAD]), K_PAD), descending=True)
+        key = tl.sum(tl.where(cols[None, :] == slot, top, 0))
+        gid = tl.where(key >= 0, (key & 0xFFFFFFFF).to(tl.int32), -1)
+    else:
+        gid = window_first + slot - probe
+        gid = tl.where(gid <= window_last, gid, -1)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    rq = tl.load(RQ + bh.to(tl.int64) * D + offs_d, mask=d_ok, other=0.0)
+    member = tl.arange(0, BLOCK_G)
+    blocks = gid * group + member
+    ok = (gid >= 0) & (member < group) & (blocks >= sink_blocks) & (blocks <= last_candidate)
+    ok = ok & (blocks < num_blocks)
+    summ = tl.load(SUMM + b.to(tl.int64) * stride_sb + blocks.to(tl.int64)[:, None] * stride_sn
+                   + h * stride_sh + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+    summ = summ.to(tl.float32)
+    score = tl.sum(rq[None, :] * summ, 1)
+    keys = _pack_keys(score, blocks, ok)[None, :]
+    if BLOCK_G > K_PAD:
+        keys = tl.topk(keys, K_PAD)
+    tl.store(PART_B + (bh.to(tl.int64) * NUM_GROUP_SLOTS + slot) * K_PAD + cols[None, :], keys)
+
+
+@triton.jit
+def _decode_pick_kernel(
+    PART_B, FIXED, OUT,
+    stride_fb, stride_ob, stride_oh,
+    HKV, top_k,
+    NUM_FIXED: tl.constexpr, FIXED_PAD: tl.constexpr, K_PAD: tl.constexpr,
+    NUM_GROUP_SLOTS: tl.constexpr, SLOTS_PAD: tl.constexpr,
+):
+    """Program (row x KV head): the sink and local slots, then the ``top_k`` best of B's lists."""
+    bh = tl.program_id(0)
+    b = bh // HKV
+    h = bh % HKV
+    out = OUT + b.to(tl.int64) * stride_ob + h * stride_oh
+    fcols = tl.arange(0, FIXED_PAD)
+    fixed = tl.load(FIXED + b.to(tl.int64) * stride_fb + fcols, mask=fcols < NUM_FIXED, other=-1)
+    tl.store(out + fcols, fixed, mask=fcols < NUM_FIXED)
+    slots = tl.arange(0, SLOTS_PAD)
+    cols = tl.arange(0, K_PAD)
+    keys = tl.load(PART_B + (bh.to(tl.int64) * NUM_GROUP_SLOTS + slots[:, None]) * K_PAD + cols[None, :],
+                   mask=(slots < NUM_GROUP_SLOTS)[:, None], other=-1)
+    top = tl.sort(tl.topk(tl.reshape(keys, [1, SLOTS_PAD * K_PAD]), K_PAD), descending=True)
+    picked = tl.where(top >= 0, (top & 0xFFFFFFFF).to(tl.int32), -1)
+    tl.store(out + NUM_FIXED + cols[None, :], picked, mask=cols[None, :] < top_k)
+
+
+def decode_route_tree(q, summaries, hi, lo, fixed, step, config) -> torch.Tensor:
+    """The tree router's selection for one new token per row, rows of one length (``triton_decode``'s
+    ``_TreeStep`` ``step``): ``[B, Hkv, F + top_k]`` int32, the sink and local slots ``fixed``
+    (``[B, 1, F]`` int32) first, as ``decode_select``.
+
+    q: ``[B, Hq, D]`` (the new token's query heads); summaries: ``[B, NB, Hkv, D]``; hi / lo:
+    ``[B, Hkv, NG, D]`` float32 group bounds, valid for the groups before the token's window.
+    """
+    batch, heads_q, dim = q.shape
+    heads_kv = summaries.shape[2]
+    num_fixed = fixed.shape[-1]
+    num_blocks = summaries.shape[1]
+    if hi.stride() != lo.stride() or hi.stride(-1) != 1 or q.stride(-1) != 1 or summaries.stride(-1) != 1:
+        raise ValueError("decode_route_tree: q, summaries and the bounds need a contiguous last dimension")
+    k_pad = max(16, triton.next_power_of_2(max(config.top_k, step.probe)))
+    num_probeable = step.window_first
+    # Groups per split: at most _DECODE_MAX_SPLITS splits, growing the chunk up to _DECODE_MAX_CHUNK.
+    chunk = triton.next_power_of_2(-(-num_probeable // _DECODE_MAX_SPLITS))
+    chunk = max(k_pad, min(_DECODE_MAX_CHUNK, chunk))
+    num_splits = max(1, -(-num_probeable // chunk))
+    group_slots = step.probe + step.own.numel()
+    block_d = max(16, triton.next_power_of_2(dim))
+    rq = torch.empty(batch, 1, heads_kv, dim, device=q.device, dtype=torch.float32)
+    part_a = torch.empty(batch * heads_kv * num_splits * k_pad, device=q.device, dtype=torch.int64)
+    part_b = torch.empty(batch * heads_kv * group_slots * k_pad, device=q.device, dtype=torch.int64)
+    out = torch.empty(batch, heads_kv, num_fixed + config.top_k, device=q.device, dtype=torch.int32)
+    bh = batch * heads_kv
+    _decode_group_bounds_kernel[(bh, num_splits)](
+        q, hi, lo, rq, part_a,
+        q.stride(0), q.stride(1), hi.stride(0), hi.stride(1), hi.stride(2),
+        heads_kv, num_probeable, config.sink_blocks, step.group, num_splits,
+        GROUP_Q=heads_q // heads_kv, BLOCK_GQ=max(2, triton.next_power_of_2(heads_q // heads_kv)), D=dim,
+        BLOCK_D=block_d, CHUNK=chunk, K_PAD=k_pad, num_warps=4,
+    )
+    window_last = (step.last_candidate + config.local_blocks) // step.group  # the token's own group
+    _decode_rescore_kernel[(bh, group_slots)](
+        rq, summaries, part_a, part_b,
+        summaries.stride(0), summaries.stride(1), summaries.stride(2),
+        heads_kv, num_splits, step.probe, step.group, step.window_first, window_last,
+        step.last_candidate, config.sink_blocks, num_blocks,
+        D=dim, BLOCK_D=block_d, BLOCK_G=max(k_pad, triton.next_power_of_2(step.group)), K_PAD=k_pad,
+        SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), NUM_GROUP_SLOTS=group_slots,
+        num_warps=4 if step.group <= 32 else 8,
+    )
+    fixed = fixed.contiguous()
+    _decode_pick_kernel[(bh,)](
+        part_b, fixed, out,
+        fixed.stride(0), out.stride(0), out.stride(1),
+        heads_kv, config.top_k,
+        NUM_FIXED=num_fixed, FIXED_PAD=max(2, triton.next_power_of_2(num_fixed)), K_PAD=k_pad,
+        NUM_GROUP_SLOTS=group_slots, SLOTS_PAD=max(2, triton.next_power_of_2(group_slots)), num_warps=4,
+    )
+    return out

@@ -1,0 +1,42 @@
+"""`benchmarks/decode.py --only attention` end to end on the CPU (tiny lengths, the PyTorch paths)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "decode.py"
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("decode_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_attention_mode_rows(tmp_path):
+    bench = _load_benchmark()
+    lengths = [2048, 4096]
+    report = bench.main(
+        ["--device", "cpu", "--quick", "--only", "attention", "--decode-steps", "2", "--out", str(tmp_path),
+         "--decode-lengths", *map(str, lengths)]
+    )  # fmt: skip
+    rows = {(r["shape"], r["tokens"], r["attention"], r["timing"]): r for r in report["rows"]}
+    assert len(rows) == len(report["rows"]) == 2 * len(lengths) * 2 * 2
+    assert set(report["env"]["shapes"]) == {"layer-8b", "small"}
+    for (shape, length, attention, timing), row in rows.items():
+        if timing == "graph":
+            assert row["error"] == "n/a on CPU"
+            continue
+        assert "error" not in row and row["ms_per_step"] > 0 and row["gb_per_s"] > 0
+        heads_kv, dim = report["env"]["shapes"][shape]["heads_kv"], report["env"]["shapes"][shape]["head_dim"]
+        if attention == "dense":
+            assert row["bytes_read"] == length * heads_kv * dim * 2 * 4  # keys and values, float32
+        else:
+            assert 0 < row["bytes_read"] < rows[(shape, length, "dense", timing)]["bytes_read"]
+    for shape in ("layer-8b", "small"):
+        for length in lengths:
+            assert report["summary"][f"attention_decode_speedup_eager_{shape}_{length}"] > 0
+    (written,) = tmp_path.glob("decode-attention-cpu-*.json")
+    assert json.loads(written.read_text())["rows"] == json.loads(json.dumps(report["rows"]))
+    assert "| layer-8b | 4,096 | dense | graph |" in written.with_suffix(".md").read_text()
