@@ -196,6 +196,17 @@ def _sparse_attention_bwd_dq_kernel(
 
 
 @triton.jit
+def _segment_block(seg_block, seg_start, seg_end, num_blocks, HKV, S, BLOCK_N: tl.constexpr):
+    """A key-major program's segment: (batch, kv head, [start, end) of its work list, key positions of
+    its block, which of them exist)."""
+    seg = tl.program_id(0)
+    flat_block = tl.load(seg_block + seg)
+    bh = flat_block // num_blocks
+    key_pos = flat_block % num_blocks * BLOCK_N + tl.arange(0, BLOCK_N)
+    return bh // HKV, bh % HKV, tl.load(seg_start + seg), tl.load(seg_end + seg), key_pos, key_pos < S
+
+
+@triton.jit
 def _sparse_attention_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV_OUT,
     seg_block, seg_start, seg_end, pair_tiles, pair_masks,
@@ -207,18 +218,11 @@ def _sparse_attention_bwd_dkdv_kernel(
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOKENS: tl.constexpr, CAUSAL: tl.constexpr,
 ):
-    seg = tl.program_id(0)
-    flat_block = tl.load(seg_block + seg)
-    start = tl.load(seg_start + seg)
-    end = tl.load(seg_end + seg)
-    bh = flat_block // num_blocks
-    block = flat_block % num_blocks
-    b = bh // HKV
-    h = bh % HKV
+    b, h, start, end, key_pos, key_ok = _segment_block(
+        seg_block, seg_start, seg_end, num_blocks, HKV, S, BLOCK_N
+    )
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    key_pos = block * BLOCK_N + tl.arange(0, BLOCK_N)
-    key_ok = key_pos < S
     k_ptrs = (K + b.to(tl.int64) * stride_kb + h * stride_kh + key_pos.to(tl.int64)[:, None] * stride_ks
               + offs_d[None, :])
     v_ptrs = (V + b.to(tl.int64) * stride_vb + h * stride_vh + key_pos.to(tl.int64)[:, None] * stride_vs

@@ -55,6 +55,7 @@ from subquad.ops.ssa.tiles import build_query_tiles
 from subquad.ops.ssa.triton_attention import (
     _LOG2E,
     _launch_shape,
+    _segment_block,
     attention_delta,
     query_major_bwd,
     sparse_attention_fwd,
@@ -90,18 +91,11 @@ def _routed_partial_kernel(
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOKENS: tl.constexpr, CAUSAL: tl.constexpr,
 ):
-    seg = tl.program_id(0)
-    flat_block = tl.load(seg_block + seg)
-    start = tl.load(seg_start + seg)
-    end = tl.load(seg_end + seg)
-    bh = flat_block // num_blocks
-    block = flat_block % num_blocks
-    b = bh // HKV
-    h = bh % HKV
+    b, h, start, end, key_pos, key_ok = _segment_block(
+        seg_block, seg_start, seg_end, num_blocks, HKV, S, BLOCK_N
+    )
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    key_pos = block * BLOCK_N + tl.arange(0, BLOCK_N)
-    key_ok = key_pos < S
     k_ptrs = (K + b.to(tl.int64) * stride_kb + h * stride_kh + key_pos.to(tl.int64)[None, :] * stride_ks
               + offs_d[:, None])
     v_ptrs = (V + b.to(tl.int64) * stride_vb + h * stride_vh + key_pos.to(tl.int64)[:, None] * stride_vs
@@ -202,18 +196,11 @@ def _routed_bwd_kernel(
     """One segment of a key block's routed pairs: K/V loaded once, dK/dV summed over the segment in
     registers, each token's dQ share added to the fp32 ``DQ_ACC`` (a token's routed blocks are in
     different segments, so its dQ is a sum of atomic adds)."""
-    seg = tl.program_id(0)
-    flat_block = tl.load(seg_block + seg)
-    start = tl.load(seg_start + seg)
-    end = tl.load(seg_end + seg)
-    bh = flat_block // num_blocks
-    block = flat_block % num_blocks
-    b = bh // HKV
-    h = bh % HKV
+    b, h, start, end, key_pos, key_ok = _segment_block(
+        seg_block, seg_start, seg_end, num_blocks, HKV, S, BLOCK_N
+    )
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    key_pos = block * BLOCK_N + tl.arange(0, BLOCK_N)
-    key_ok = key_pos < S
     # [BLOCK_N, BLOCK_D] and [BLOCK_N, BLOCK_DV]
     k = tl.load(K + b.to(tl.int64) * stride_kb + h * stride_kh + key_pos.to(tl.int64)[:, None] * stride_ks
                 + offs_d[None, :], mask=key_ok[:, None] & (offs_d[None, :] < D), other=0.0)
