@@ -288,26 +288,17 @@ def attention_steps(layer, q, ssa) -> dict:
 
 
 def time_eager(fn, device, repeats, flush):
-    """Median ms of one call of ``fn`` (after 3 warm-up calls): CUDA events around it, the GPU idle
-    before (launch overhead counts); wall time on the CPU."""
+    """Median ms of one call of ``fn`` (after 3 warm-up calls): ``Timer.time``, so CUDA events around
+    it with the GPU idle before (launch overhead counts); wall time on the CPU."""
     for _ in range(3):
         out = fn()
+    timer = Timer(device)
     samples = []
     for _ in range(repeats):
-        if device.type != "cuda":
-            t0 = time.perf_counter()
-            out = fn()
-            samples.append(1e3 * (time.perf_counter() - t0))
-            continue
         if flush is not None:
             flush.zero_()
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        out = fn()
-        stop.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(stop))
+        seconds, out = timer.time(fn)
+        samples.append(1e3 * seconds)
     return statistics.median(samples), out
 
 
