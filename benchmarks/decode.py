@@ -9,6 +9,13 @@ Measures (issue 3):
   math (``modeling.DENSE_DECODE_BACKENDS``): cuDNN, SDPA's first choice on H100/H200, builds an
   execution plan per key length, i.e. per step (``--dense-sdpa-auto`` adds rows with SDPA's choice);
 * KV-cache bytes per token;
+* ``--graph``: the decode step also through ``subquad.models.GraphedDecoder`` (rows ``timing: graph``),
+  the whole model step as CUDA-graph replays (SSA: one graph, re-captured when a token opens a key block;
+  dense: one graph per stretch between layers' SDPA calls, which run eagerly): ms of a replayed step,
+  ms per token over 2 key blocks back to back (re-captures included, one sync at the end, as
+  ``GraphedDecoder.generate`` runs), ms of a step that prepares and captures (its eager step plus the
+  capture) and of the capture alone (host time: recording and instantiation). On the CPU the graphed
+  step's ops run eagerly (``capture=False``);
 * ``--only attention``: one decode layer's attention alone, no model around it, so the operator is
   compared and not the eager model step (whose ~900 kernel launches bound both sides): for the
   ``layer-8b`` shape (Hq 32, Hkv 8, D 128) and the flavor's attention shape, B=1, a random
@@ -30,6 +37,8 @@ JSON and markdown (GPU, torch, triton, date); a short table is printed last.
 
 GPU (H200; each command stays under the 10-minute job limit):
     PYTHONPATH=src python benchmarks/decode.py --device cuda --only decode
+    PYTHONPATH=src python benchmarks/decode.py --device cuda --only decode --graph \
+        --decode-lengths 131072 1048576 4194304
     PYTHONPATH=src python benchmarks/decode.py --device cuda --only decode --dense-sdpa-auto \
         --decode-lengths 131072 1048576 4194304
     PYTHONPATH=src python benchmarks/decode.py --device cuda --only prefill --prefill-lengths 131072 1048576
@@ -41,6 +50,7 @@ GPU (H200; each command stays under the 10-minute job limit):
         --decode-lengths 131072 1048576 4194304 12582912 --out $OUT
 CPU check (tiny model and lengths, seconds):
     python benchmarks/decode.py --device cpu --quick
+    python benchmarks/decode.py --device cpu --quick --only decode --graph
     python benchmarks/decode.py --device cpu --quick --only attention
 """
 
@@ -62,7 +72,7 @@ from torch.nn.attention import sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import subquad  # noqa: E402
-from subquad.models import SubquadConfig, SubquadForCausalLM, prefill  # noqa: E402
+from subquad.models import GraphedDecoder, SubquadConfig, SubquadForCausalLM, prefill  # noqa: E402
 from subquad.models.subquad import modeling  # noqa: E402
 from subquad.ops.ssa.interface import resolve_backend  # noqa: E402
 from subquad.ops.ssa.select import _own_group_slots, tree_shape  # noqa: E402
@@ -109,6 +119,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="--only attention: do not flush L2 before each timed sample (repeats then find SSA's few "
         "blocks in L2)",
+    )
+    p.add_argument(
+        "--graph",
+        action="store_true",
+        help="also time the model's decode step through GraphedDecoder (CUDA-graph replays; its ops run "
+        "eagerly on the CPU), rows 'timing: graph'",
     )
     p.add_argument("--skip-dense", action="store_true")
     p.add_argument(
@@ -229,6 +245,50 @@ def run_decode(model, cache, steps, device, timer):
             times.append(seconds)
     cache.crop(-(steps + 3))  # back to the requested length for the next model
     return dict(ms_per_token=1e3 * statistics.median(times))
+
+
+def run_decode_graph(model, cache, steps, device, timer):
+    """``--graph``: the decode step through ``GraphedDecoder`` (on the CPU, ``capture=False``): median ms
+    of a replayed step (``ms_per_token``); ms per token over 2 key blocks back to back, re-captures
+    included, one sync at the end, after 2 blocks untimed (``ms_per_token_run``, ``captures_per_run``);
+    and, forced 3 times (``invalidate``), the median ms of a step that prepares and captures
+    (``prepare_step_ms``: its eager step plus the capture) and the capture's host time alone
+    (``capture_ms``)."""
+    cuda = device.type == "cuda"
+    decoder = GraphedDecoder(model, cache, capture=cuda)
+    token = torch.randint(0, model.config.vocab_size, (1, 1), device=device)
+    start = cache.get_seq_length()
+    with torch.no_grad():
+        prepare, capture = [], []
+        for _ in range(3):
+            decoder.invalidate()
+            seconds, _ = timer.time(lambda: decoder.step(token))
+            prepare.append(seconds)
+            capture.append(decoder.capture_seconds)
+        times = []
+        for _ in range(steps):
+            seconds, _ = timer.time(lambda: decoder.step(token))
+            times.append(seconds)
+        run = 2 * model.config.ssa_config.block_size
+        # Steady decoding, as generate() runs it: room reserved, so no buffer grows (a one-off copy of
+        # the whole cache) inside the timed run; and 2 blocks untimed first, which compile the Triton
+        # variants new block counts ask for (integer arguments are specialised by divisibility).
+        cache.reserve(cache.get_seq_length() + 2 * run + 1)
+        for _ in range(run):
+            decoder.step(token)
+        captures = decoder.captures
+        seconds, _ = timer.time(lambda: [decoder.step(token) for _ in range(run)])
+    cache.crop(start - cache.get_seq_length())  # back to the requested length for the next model
+    row = dict(
+        ms_per_token=1e3 * statistics.median(times),
+        ms_per_token_run=1e3 * seconds / run,
+        captures_per_run=decoder.captures - captures,
+        prepare_step_ms=1e3 * statistics.median(prepare),
+        capture_ms=1e3 * statistics.median(capture) if cuda else None,
+    )
+    if not cuda:
+        row["note"] = "CPU: the graphed step's ops run eagerly (capture=False)"
+    return row
 
 
 def attention_shapes(args) -> dict[str, tuple[int, int, int]]:
@@ -471,25 +531,30 @@ def main(argv: list[str] | None = None) -> dict:
                 for name, model in variants:
                     if name != "ssa" and (args.skip_dense or length > args.dense_max_decode):
                         continue
-                    row = dict(
-                        kind="decode",
-                        attention=name,
-                        tokens=length,
-                        kv_bytes_per_token=kv_only if name != "ssa" else cache.bytes_per_token(),
-                    )
-                    chosen = modeling.DENSE_DECODE_BACKENDS
-                    if name == "dense-sdpa-auto":
-                        modeling.DENSE_DECODE_BACKENDS = None
-                    try:
-                        row.update(run_decode(model, cache, args.decode_steps, device, timer))
-                    except (RuntimeError, torch.OutOfMemoryError) as err:
-                        if not is_oom(err):
-                            raise
-                        row["error"] = "OOM"
-                    finally:
-                        modeling.DENSE_DECODE_BACKENDS = chosen
-                    rows.append(row)
-                    _echo(row)
+                    timings = ["eager"] + (["graph"] if args.graph and name != "dense-sdpa-auto" else [])
+                    for timing in timings:
+                        row = dict(
+                            kind="decode",
+                            attention=name,
+                            timing=timing,
+                            tokens=length,
+                            kv_bytes_per_token=kv_only if name != "ssa" else cache.bytes_per_token(),
+                        )
+                        chosen = modeling.DENSE_DECODE_BACKENDS
+                        if name == "dense-sdpa-auto":
+                            modeling.DENSE_DECODE_BACKENDS = None
+                        run = run_decode if timing == "eager" else run_decode_graph
+                        try:
+                            row.update(run(model, cache, args.decode_steps, device, timer))
+                        except (RuntimeError, torch.OutOfMemoryError) as err:
+                            if not is_oom(err):
+                                raise
+                            row["error"] = "OOM"
+                        finally:
+                            modeling.DENSE_DECODE_BACKENDS = chosen
+                        rows.append(row)
+                        _echo(row)
+                        free(device)
                 del cache
                 free(device)
 
@@ -542,27 +607,35 @@ def summarize(rows: list[dict]) -> dict:
     """The issue's targets as ratios measured side by side."""
     out = summarize_attention(rows)
     get = {
-        (r["kind"], r["attention"], r["tokens"]): r
+        (r["kind"], r["attention"], r["tokens"], r.get("timing", "eager")): r
         for r in rows
         if "error" not in r and r["kind"] != "attention"
     }
     for length in sorted({r["tokens"] for r in rows}):
-        s, d = get.get(("prefill", "ssa", length)), get.get(("prefill", "dense", length))
+        s, d = get.get(("prefill", "ssa", length, "eager")), get.get(("prefill", "dense", length, "eager"))
         if s and d:
             out[f"prefill_speedup_{length}"] = d["seconds"] / s["seconds"]
-        s, d = get.get(("decode", "ssa", length)), get.get(("decode", "dense", length))
+        s, d = get.get(("decode", "ssa", length, "eager")), get.get(("decode", "dense", length, "eager"))
         if s and d:
             out[f"decode_speedup_{length}"] = d["ms_per_token"] / s["ms_per_token"]
-        auto = get.get(("decode", "dense-sdpa-auto", length))
+        auto = get.get(("decode", "dense-sdpa-auto", length, "eager"))
         if d and auto:
             out[f"dense_sdpa_auto_vs_dense_{length}"] = auto["ms_per_token"] / d["ms_per_token"]
-    decode = sorted(
-        (r["tokens"], r["ms_per_token"])
-        for (kind, att, _), r in get.items()
-        if kind == "decode" and att == "ssa"
-    )
-    if len(decode) >= 2:
-        out["decode_latency_ratio_longest_vs_shortest"] = decode[-1][1] / decode[0][1]
+        # --graph: dense / SSA with both graphed, and each model's eager / graphed step.
+        sg, dg = get.get(("decode", "ssa", length, "graph")), get.get(("decode", "dense", length, "graph"))
+        if sg and dg:
+            out[f"decode_speedup_graph_{length}"] = dg["ms_per_token"] / sg["ms_per_token"]
+        for name, eager, graph in (("ssa", s, sg), ("dense", d, dg)):
+            if eager and graph:
+                out[f"decode_graph_vs_eager_{name}_{length}"] = eager["ms_per_token"] / graph["ms_per_token"]
+    for timing, suffix in (("eager", ""), ("graph", "_graph")):
+        decode = sorted(
+            (r["tokens"], r["ms_per_token"])
+            for (kind, att, _, t), r in get.items()
+            if kind == "decode" and att == "ssa" and t == timing
+        )
+        if len(decode) >= 2:
+            out[f"decode_latency_ratio_longest_vs_shortest{suffix}"] = decode[-1][1] / decode[0][1]
     return out
 
 
@@ -630,18 +703,26 @@ def table(report: dict) -> str:
         f"dtype {env['dtype']}, position scheme {env['position_scheme']}, SSA {env['ssa']}, "
         f"prefill chunk {env['prefill_chunk']}, {env['params_m']:.1f}M parameters",
         "",
-        "| kind | attention | tokens | prefill s | peak GB | decode ms/token | KV bytes/token | note |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        "Decode timing: eager, the model's forward per token; graph (`--graph`), `GraphedDecoder`: ms/token "
+        "of a replayed step, ms/token over 2 key blocks back to back (re-captures included), ms of a step "
+        "that prepares and captures (its eager step plus the capture) and of the capture alone (host).",
+        "",
+        "| kind | attention | timing | tokens | prefill s | peak GB | decode ms/token | ms/token, 2 blocks "
+        "| prepare + capture ms | capture ms | KV bytes/token | note |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in report["rows"]:
         cells = [
             _cell(r, "seconds", ".3f"),
             _cell(r, "peak_gb", ".2f"),
             _cell(r, "ms_per_token", ".3f"),
+            _cell(r, "ms_per_token_run", ".3f"),
+            _cell(r, "prepare_step_ms", ".1f"),
+            _cell(r, "capture_ms", ".1f"),
             _cell(r, "kv_bytes_per_token", ",.0f"),
         ]
-        head = f"| {r['kind']} | {r['attention']} | {r['tokens']:,} | "
-        lines.append(head + " | ".join(cells) + f" | {r.get('error', '')} |")
+        head = f"| {r['kind']} | {r['attention']} | {r.get('timing', '')} | {r['tokens']:,} | "
+        lines.append(head + " | ".join(cells) + f" | {r.get('error', r.get('note', ''))} |")
     if report["summary"]:
         lines += ["", "| ratio | value |", "| --- | ---: |"]
         lines += [f"| {k} | {v:.2f} |" for k, v in report["summary"].items()]

@@ -4,6 +4,7 @@
 #   quick: tests + layer-8b at 16k,128k,1m; full: layer-8b sweep + budgets; long: long shape,
 #   routing (flat vs tree) and decode; paths: forward/backward-path and routing-stage timings;
 #   decode-attention: one decode layer, SSA vs dense flash-decoding, eager and CUDA graph;
+#   decode-graph: the small model's decode step eager and through GraphedDecoder (CUDA graphs);
 #   backward: tests, routed vs query-major backward (agreement, time, knob sweep) and fwd+bwd 16K-128K
 # Results land in $OUT (or ./gpu_out) and benchmarks/results/ of the copy.
 set -uo pipefail
@@ -26,10 +27,13 @@ case "$MODE" in
     bench --shape layer-8b --lengths 16k,128k,1m --time-budget 300 --tag attention-layer-8b-quick ;;
   paths)
     python3 scripts/compare_attention_paths.py --length 1m --backward 128k 2>&1 | tee -a "$OUT/bench.log"
-    python3 scripts/profile_select.py --length 1m 2>&1 | tee -a "$OUT/bench.log" ;;
+    python3 scripts/profile_select.py --length 1m --tune 2>&1 | tee -a "$OUT/bench.log" ;;
   backward)
     python3 scripts/compare_attention_paths.py --length '' --backward 16k,128k,1m --tune 2>&1 | tee -a "$OUT/bench.log"
     bench --shape layer-8b --lengths 16k,64k,128k --time-budget 200 --flex-max-len 0 --tag attention-layer-8b-fwd-bwd ;;
+  decode-graph)
+    python3 benchmarks/decode.py --device cuda --only decode --graph \
+      --decode-lengths 131072 1048576 4194304 --out "$OUT" 2>&1 | tail -30 | tee -a "$OUT/bench.log" ;;
   decode-attention)
     python3 benchmarks/decode.py --device cuda --only attention \
       --decode-lengths 131072 1048576 4194304 12582912 --out "$OUT" 2>&1 | tail -40 | tee -a "$OUT/bench.log" ;;

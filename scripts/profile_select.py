@@ -1,9 +1,13 @@
 """Time the stages of Triton flat routing at one length (layer-8b shape, default config).
 
-GPU:  PYTHONPATH=src python scripts/profile_select.py --length 1m
+Both exact routes: group top-k + rescore (``threshold=False``) and the two-pass threshold top-k
+(the default), their agreement, and with ``--tune`` a sweep of the threshold kernel's launch knobs.
+
+GPU:  PYTHONPATH=src python scripts/profile_select.py --length 1m [--tune]
 """
 
 import argparse
+import itertools
 
 import torch
 import triton
@@ -13,10 +17,14 @@ from subquad.ops.ssa import triton_select
 from subquad.ops.ssa.config import SSAConfig
 from subquad.ops.ssa.select import block_summaries, routing_queries, select_blocks
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by --tune.
+TUNE = list(itertools.product((64, 128), (64, 128), (4, 8), (2, 3)))
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--length", default="1m")
+    parser.add_argument("--tune", action="store_true", help="sweep the threshold kernel's launch knobs")
     args = parser.parse_args()
     n = parse_length(args.length)
     cfg = SSAConfig()
@@ -34,11 +42,41 @@ def main() -> None:
     groups = triton_select.top_groups(rq, summ, 0, cfg, group, True)
     t_groups = bench(lambda: triton_select.top_groups(rq, summ, 0, cfg, group, True))
     t_rescore = bench(lambda: triton_select.rescore_topk(rq, summ, groups, 0, cfg, group, True))
+    t_threshold = bench(lambda: triton_select.threshold_topk(rq, summ, 0, cfg, True))
     t_all = bench(lambda: select_blocks(q, k, cfg))
     print(
         f"N={n}: routing queries {t_rq:.1f} ms, summaries {t_summ:.1f} ms, top groups {t_groups:.1f} ms, "
-        f"rescore {t_rescore:.1f} ms; select_blocks {t_all:.1f} ms"
+        f"rescore {t_rescore:.1f} ms, threshold top-k {t_threshold:.1f} ms; select_blocks {t_all:.1f} ms"
     )
+    old = triton_select.rescore_topk(rq, summ, groups, 0, cfg, group, True)
+    new, count = triton_select.threshold_topk(rq, summ, 0, cfg, True)
+    cap = triton_select._THRESHOLD_CAP_PER_K * 16
+    same = (old.sort(-1).values == new.sort(-1).values).all(-1).float().mean().item()
+    print(
+        f"threshold vs group top-k: rows with the same picks {same:.6f}; list length mean "
+        f"{count.float().mean().item():.1f}, max {count.max().item()}, over CAP {cap}: "
+        f"{(count > cap).float().mean().item():.2e} of rows"
+    )
+    if args.tune:
+        knobs = ("_THRESHOLD_BLOCK_M", "_THRESHOLD_BLOCK_N", "_THRESHOLD_NUM_WARPS", "_THRESHOLD_NUM_STAGES")
+        default = [getattr(triton_select, name) for name in knobs]
+        results = []
+        for values in TUNE:
+            for name, value in zip(knobs, values):
+                setattr(triton_select, name, value)
+            try:
+                got, _ = triton_select.threshold_topk(rq, summ, 0, cfg, True)
+                ok = bool((got == new).all())
+                ms = bench(lambda: triton_select.threshold_topk(rq, summ, 0, cfg, True))
+            except Exception as err:  # noqa: BLE001  (out of resources for a tile size: skip it)
+                print(f"  {values}: failed ({type(err).__name__})")
+                continue
+            results.append((ms, values, ok))
+            print(f"  BLOCK_M, BLOCK_N, warps, stages = {values}: {ms:.1f} ms, same picks: {ok}")
+        for name, value in zip(knobs, default):
+            setattr(triton_select, name, value)
+        ms, values, ok = min(results)
+        print(f"best {values}: {ms:.1f} ms (same picks: {ok})")
 
 
 if __name__ == "__main__":

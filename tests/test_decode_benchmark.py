@@ -40,3 +40,23 @@ def test_attention_mode_rows(tmp_path):
     (written,) = tmp_path.glob("decode-attention-cpu-*.json")
     assert json.loads(written.read_text())["rows"] == json.loads(json.dumps(report["rows"]))
     assert "| layer-8b | 4,096 | dense | graph |" in written.with_suffix(".md").read_text()
+
+
+def test_decode_mode_graph_rows(tmp_path):
+    # --graph adds a GraphedDecoder row per model (its ops run eagerly on the CPU) beside the eager one.
+    bench = _load_benchmark()
+    report = bench.main(
+        ["--device", "cpu", "--quick", "--only", "decode", "--graph", "--decode-steps", "2",
+         "--decode-lengths", "256", "--out", str(tmp_path)]
+    )  # fmt: skip
+    rows = {(r["attention"], r["timing"]): r for r in report["rows"]}
+    assert set(rows) == {("ssa", "eager"), ("ssa", "graph"), ("dense", "eager"), ("dense", "graph")}
+    for (_, timing), row in rows.items():
+        assert "error" not in row and row["ms_per_token"] > 0
+        if timing == "graph":
+            assert row["ms_per_token_run"] > 0 and row["prepare_step_ms"] > 0 and row["capture_ms"] is None
+            assert row["captures_per_run"] == 0 and "capture=False" in row["note"]
+    assert report["summary"]["decode_speedup_graph_256"] > 0
+    assert report["summary"]["decode_graph_vs_eager_ssa_256"] > 0
+    (written,) = tmp_path.glob("decode-cpu-*.md")
+    assert "| decode | ssa | graph | 256 |" in written.read_text()

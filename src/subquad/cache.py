@@ -409,6 +409,17 @@ class SSACache(Cache):
             self.layers.append(SSACacheLayer(block_size=self.ssa_config.block_size, reserve=self._reserve))
         return self.layers[layer_idx]
 
+    def reserve(self, max_length: int) -> None:
+        """Room for ``max_length`` tokens per row in every layer: allocated layers grow now, the others
+        allocate it on first use, so appends up to that length never reallocate (or copy) a buffer."""
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 0:
+            raise ValueError(f"max_length={max_length!r}: expected a non-negative int")
+        self._reserve = max(self._reserve, max_length)
+        for layer in self.layers:
+            layer.reserve = max(layer.reserve, max_length)
+            if layer.is_initialized:
+                layer._ensure_capacity(max_length)
+
     def seqlens(self, layer_idx: int = 0) -> torch.Tensor | None:
         """Tokens held per row (``[B]`` int32), or None before the first append."""
         if layer_idx >= len(self.layers) or not self.layers[layer_idx].is_initialized:

@@ -21,6 +21,23 @@ def test_summaries_follow_appends():
     assert layer.lengths == [100, 100]
 
 
+def test_reserve_makes_room_up_front():
+    cache = subquad.SSACache(subquad.SSAConfig(block_size=16), num_layers=2)
+    keys = torch.randn(1, 70, 2, 8)
+    cache.layer(0).append(keys[:, :20], keys[:, :20])
+    cache.reserve(70)
+    buffers = [cache.layer(0)._key_buf]
+    cache.layer(1).append(keys[:, :20], keys[:, :20])  # allocated after reserve: takes it on first use
+    buffers.append(cache.layer(1)._key_buf)
+    for i in range(2):
+        for start in range(20, 70, 7):
+            cache.layer(i).append(keys[:, start : start + 7], keys[:, start : start + 7])
+        assert cache.layer(i)._key_buf is buffers[i]  # never reallocated
+        torch.testing.assert_close(cache.layer(i).summaries(), subquad.block_summaries(keys, 16))
+    with pytest.raises(ValueError, match="max_length=-1"):
+        cache.reserve(-1)
+
+
 def test_ragged_rows_store_only_real_tokens():
     layer = SSACacheLayer(block_size=16)
     keys, values = torch.randn(2, 40, 2, 8), torch.randn(2, 40, 2, 8)

@@ -148,21 +148,41 @@ def test_tile_overhead_bounds():
     assert 1.0 < tile_overhead(sel.block_idx, 16) <= 16.0
 
 
+@pytest.fixture(autouse=True)
+def _small_threshold_tiles(monkeypatch):
+    """The interpreter is slow on the threshold router's GPU tiles: 16 tokens x 32-block chunks."""
+    if DEVICE == "cpu":
+        from subquad.ops.ssa import triton_select
+
+        monkeypatch.setattr(triton_select, "_THRESHOLD_BLOCK_M", 16)
+        monkeypatch.setattr(triton_select, "_THRESHOLD_BLOCK_N", 32)
+
+
 @pytest.mark.parametrize(
     "index,causal,extra",
     [
         ("flat", True, {}),
         ("flat", False, {}),
-        ("flat", True, {"top_k": 20}),  # beyond the fused group top-k: group maxima + torch.topk
+        ("flat", True, {"threshold": False}),  # group top-k in registers + rescore
+        ("flat", True, {"top_k": 20, "threshold": False}),  # group maxima + torch.topk + rescore
         ("tree", True, {"tree_group": 2}),
         ("tree", False, {"tree_group": 4}),
     ],
-    ids=["flat-causal", "flat-full", "flat-causal-k20", "tree-causal", "tree-full"],
+    ids=[
+        "flat-causal",
+        "flat-full",
+        "flat-causal-groups",
+        "flat-causal-k20-groups",
+        "tree-causal",
+        "tree-full",
+    ],
 )
 def test_triton_routing_matches_reference(index, causal, extra):
     from subquad.ops.ssa import select, triton_select
 
     torch.manual_seed(3)
+    extra = dict(extra)
+    route = {"threshold": extra.pop("threshold")} if "threshold" in extra else {}
     config = subquad.SSAConfig(block_size=16, index=index, **{"top_k": 3, **extra})
     seq_len_q, seq_len_k = 40, 150
     rq = torch.randn(1, seq_len_q, 2, 16, device=DEVICE)
@@ -170,5 +190,61 @@ def test_triton_routing_matches_reference(index, causal, extra):
     reference = select._route_flat if index == "flat" else select._route_tree
     router = triton_select.route_flat_triton if index == "flat" else triton_select.route_tree_triton
     want = reference(rq, summaries, seq_len_k, config, causal)
-    got = router(rq, summaries, seq_len_k, config, causal)
+    got = router(rq, summaries, seq_len_k, config, causal, **route)
     assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+
+
+def test_threshold_route_is_taken_where_it_measured_faster():
+    from subquad.ops.ssa import triton_select
+
+    def summaries(blocks, dim=128):
+        return torch.empty(1, blocks, 8, dim, dtype=torch.bfloat16, device="meta")
+
+    default, big_budget = subquad.SSAConfig(), subquad.SSAConfig(top_k=64)
+    assert triton_select.threshold_pays(summaries(16384), default)  # layer-8b at 1M: 4 MB a KV head
+    assert triton_select.threshold_pays(summaries(196608, dim=64), default)  # small at 12M: 25 MB
+    assert not triton_select.threshold_pays(summaries(196608), default)  # long at 12M: 50 MB
+    assert not triton_select.threshold_pays(summaries(1024), big_budget)
+
+
+def _picked_scores(rq, summaries, picked):
+    """Routing scores of picked blocks ``[B, Hkv, T, K]`` (-inf for empty slots), sorted descending."""
+    scores = torch.einsum("bthd,bnhd->bhtn", rq.float(), summaries.float())
+    got = scores.gather(-1, picked.long().clamp(min=0))
+    return got.masked_fill(picked < 0, float("-inf")).sort(-1, descending=True).values
+
+
+@pytest.mark.parametrize(
+    "top_k,causal,repeated",
+    [(3, True, False), (20, True, False), (5, False, False), (4, True, True)],
+    ids=["k3-causal", "k20-causal", "k5-full", "k4-repeated-blocks"],
+)
+def test_threshold_topk_is_exact(top_k, causal, repeated):
+    """The two-pass threshold router over several chunks of blocks picks blocks whose scores are
+    exactly the reference's top-k, with ties; repeated block summaries overflow the per-token lists
+    and take the slower exact route for those tokens."""
+    from subquad.ops.ssa import select, triton_select
+
+    torch.manual_seed(11)
+    config = subquad.SSAConfig(block_size=16, top_k=top_k)
+    num_blocks, seq_len_q = 100 if DEVICE == "cpu" else 330, 40
+    seq_len_k = num_blocks * 16 - 5
+    rq = torch.randn(1, seq_len_q, 2, 16, device=DEVICE)
+    summaries = torch.randn(1, num_blocks, 2, 16, device=DEVICE)
+    if repeated:  # every block the same: every candidate ties, late tokens have more of them than CAP
+        summaries[:] = summaries[:, :1].clone()
+    want = select._route_flat(rq, summaries, seq_len_k, config, causal)
+    got, count = triton_select.threshold_topk(rq, summaries, seq_len_k - seq_len_q, config, causal)
+    routed = triton_select.route_flat_triton(rq, summaries, seq_len_k, config, causal)
+    cap = triton_select._THRESHOLD_CAP_PER_K * max(16, 1 << (top_k - 1).bit_length())
+    overflow = count > cap
+    assert bool(overflow.any()) == repeated
+    # Blocks of a list are distinct, and the scores the router keeps are the reference's.
+    assert _picked_scores(rq, summaries, routed).equal(_picked_scores(rq, summaries, want))
+    for picks in (got, routed):
+        valid = picks.sort(-1).values
+        assert not ((valid[..., 1:] == valid[..., :-1]) & (valid[..., 1:] >= 0)).any()
+    if not repeated:  # no ties: the very same blocks, best first
+        assert torch.equal(got, routed)
+        assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+        assert (count >= (want >= 0).sum(-1)).all()

@@ -1,7 +1,9 @@
-"""Subquad model family (``SubquadConfig``, ``SubquadForCausalLM``) and long-prompt prefill."""
+"""Subquad model family (``SubquadConfig``, ``SubquadForCausalLM``), long-prompt prefill, and a decode
+step replayed as a CUDA graph (``GraphedDecoder``)."""
 
 from subquad.models.prefill import prefill
 from subquad.models.subquad.configuration import FLAVORS, SubquadConfig
+from subquad.models.subquad.graphed import GraphedDecoder
 from subquad.models.subquad.modeling import SubquadForCausalLM, SubquadModel
 
 _REGISTERED = False
@@ -22,6 +24,7 @@ def register_auto_classes() -> None:
 
 __all__ = [
     "FLAVORS",
+    "GraphedDecoder",
     "SubquadConfig",
     "SubquadForCausalLM",
     "SubquadModel",

@@ -12,6 +12,10 @@ Both routers run in the same three steps (``select.py`` holds the plain-PyTorch 
 3. **Rescore** the blocks of the probed groups (plus, for ``tree``, the token's own partial group)
    and keep the top-k (:func:`rescore_topk`): a running top-k merged with ``tl.topk`` on packed
    (score, block) keys.
+
+``flat`` with a small budget takes a faster exact route instead (:func:`threshold_topk`): two passes
+over the scores, the first for a per-token threshold that the k-th best block must reach, the second
+collecting the few blocks that reach it; no per-chunk merges and no gathered rescore.
 """
 
 from __future__ import annotations
@@ -73,6 +77,25 @@ def _routing_rows(RQ, stride_rb, stride_rt, stride_rh, b, h, tile, T, pos_offset
 
 
 @triton.jit
+def _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks,
+                      D: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
+                      IEEE: tl.constexpr):
+    """Routing scores ``[BLOCK_M, BLOCK_N]`` of the blocks ``start + cols``, -inf where not a candidate.
+
+    ``IEEE``: float32 inputs are multiplied in full precision (not TF32), so the ranking is the
+    reference's; bf16/fp16 products are exact in the fp32 accumulator anyway."""
+    blocks = start + cols
+    summ = tl.load(summ_base + blocks.to(tl.int64)[None, :] * stride_sn + offs_d[:, None],
+                   mask=(blocks[None, :] < num_blocks) & (offs_d[:, None] < D), other=0.0)
+    if IEEE:
+        s = tl.dot(rq, summ, input_precision="ieee")
+    else:
+        s = tl.dot(rq, summ)
+    ok = _is_candidate(blocks[None, :], query_block[:, None], SINK, LOCAL, num_blocks, CAUSAL)
+    return tl.where(ok, s, float("-inf"))
+
+
+@triton.jit
 def _group_max_kernel(
     RQ, SUMM, OUT,
     stride_rb, stride_rt, stride_rh,
@@ -92,14 +115,11 @@ def _group_max_kernel(
     )
     out_base = OUT + (bh.to(tl.int64) * T + rows.to(tl.int64)[:, None]) * num_groups
     groups_per_chunk: tl.constexpr = BLOCK_N // GROUP
+    cols = tl.arange(0, BLOCK_N)
+    summ_base = SUMM + b.to(tl.int64) * stride_sb + h * stride_sh
     for start in range(0, stop, BLOCK_N):
-        blocks = start + tl.arange(0, BLOCK_N)
-        summ = tl.load(SUMM + b.to(tl.int64) * stride_sb + blocks.to(tl.int64)[None, :] * stride_sn
-                       + h * stride_sh + offs_d[:, None],
-                       mask=(blocks[None, :] < num_blocks) & (offs_d[:, None] < D), other=0.0)
-        s = tl.dot(rq, summ)  # [BLOCK_M, BLOCK_N]
-        ok = _is_candidate(blocks[None, :], query_block[:, None], SINK, LOCAL, num_blocks, CAUSAL)
-        s = tl.where(ok, s, float("-inf"))
+        s = _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks,
+                              D, SINK, LOCAL, CAUSAL, False)
         gmax = tl.max(tl.reshape(s, [BLOCK_M, groups_per_chunk, GROUP]), axis=2)
         groups = start // GROUP + tl.arange(0, groups_per_chunk)
         tl.store(out_base + groups[None, :], gmax, mask=row_ok[:, None] & (groups[None, :] < num_groups))
@@ -152,22 +172,19 @@ def _top_groups_kernel(
         D, BLOCK_M, LOCAL, CAUSAL,
     )
     best = tl.full([BLOCK_M, K_PAD], -1, tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    summ_base = SUMM + b.to(tl.int64) * stride_sb + h * stride_sh
     for start in range(0, stop, BLOCK_N):
-        blocks = start + tl.arange(0, BLOCK_N)
-        summ = tl.load(SUMM + b.to(tl.int64) * stride_sb + blocks.to(tl.int64)[None, :] * stride_sn
-                       + h * stride_sh + offs_d[:, None],
-                       mask=(blocks[None, :] < num_blocks) & (offs_d[:, None] < D), other=0.0)
-        s = tl.dot(rq, summ)  # [BLOCK_M, BLOCK_N]
-        ok = _is_candidate(blocks[None, :], query_block[:, None], SINK, LOCAL, num_blocks, CAUSAL)
-        s = tl.where(ok, s, float("-inf"))
+        s = _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks,
+                              D, SINK, LOCAL, CAUSAL, False)
         gmax = tl.max(tl.reshape(s, [BLOCK_M, K_PAD, GROUP]), axis=2)
         groups = start // GROUP + tl.arange(0, K_PAD)
         best = _merge_top(best, _pack_keys(gmax, groups[None, :], gmax > float("-inf")), BLOCK_M, K_PAD)
     best = tl.sort(best, descending=True)
-    cols = tl.arange(0, K_PAD)
+    slots = tl.arange(0, K_PAD)
     picked = tl.where(best >= 0, (best & 0xFFFFFFFF).to(tl.int32), -1)
-    out_ptrs = OUT + (bh.to(tl.int64) * T + rows.to(tl.int64)[:, None]) * num_out + cols[None, :]
-    tl.store(out_ptrs, picked, mask=row_ok[:, None] & (cols[None, :] < num_out))
+    out_ptrs = OUT + (bh.to(tl.int64) * T + rows.to(tl.int64)[:, None]) * num_out + slots[None, :]
+    tl.store(out_ptrs, picked, mask=row_ok[:, None] & (slots[None, :] < num_out))
 
 
 def top_groups(rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int, config, group: int,
@@ -259,6 +276,127 @@ def rescore_topk(rq: torch.Tensor, summaries: torch.Tensor, groups: torch.Tensor
     return out
 
 
+@triton.jit
+def _threshold_topk_kernel(
+    RQ, SUMM, COUNT, OUT,
+    stride_rb, stride_rt, stride_rh,
+    stride_sb, stride_sn, stride_sh,
+    T, pos_offset, HKV, num_blocks, block_size, top_k,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    K_PAD: tl.constexpr, CAP: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """Exact top-k of a tile of tokens in two passes over their candidate blocks.
+
+    Pass 1 keeps, per token, the maximum score of each column of the ``BLOCK_N``-wide chunks: the
+    blocks ``c, c + BLOCK_N, c + 2 BLOCK_N, ...`` form one group, so the k-th largest of these
+    maxima, ``tau``, is a score that k different blocks reach: the k-th best block scores at least
+    ``tau``. (Candidates are contiguous ranges, so a token with k candidates has k non-empty
+    columns; with fewer, tau is -inf and every candidate passes.) Pass 2 recomputes the same scores
+    and moves the blocks scoring ``>= tau`` (about k per token on random inputs, a few per chunk) into
+    a per-token list of ``CAP`` in registers, one per token per step; the top-k of the list is the
+    answer. ``COUNT`` gets each list's length: above ``CAP`` the list was cut (many near-equal
+    scores) and the caller recomputes those tokens.
+    """
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
+    offs_d = tl.arange(0, BLOCK_D)
+    rows, row_ok, query_block, rq, stop = _routing_rows(
+        RQ, stride_rb, stride_rt, stride_rh, b, h, tile, T, pos_offset, num_blocks, block_size, offs_d,
+        D, BLOCK_M, LOCAL, CAUSAL,
+    )
+    cols = tl.arange(0, BLOCK_N)
+    summ_base = SUMM + b.to(tl.int64) * stride_sb + h * stride_sh
+
+    colmax = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)
+    for start in range(0, stop, BLOCK_N):
+        s = _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks,
+                              D, SINK, LOCAL, CAUSAL, IEEE)
+        colmax = tl.maximum(colmax, s)
+    kth = tl.topk(colmax, K_PAD)  # [BLOCK_M, K_PAD], descending
+    tau = tl.max(tl.where(tl.arange(0, K_PAD)[None, :] == top_k - 1, kth, float("-inf")), axis=1)
+    # Slack against the two passes rounding one score differently (they run the same dot, so they
+    # should not): it only lets a few more blocks into the lists.
+    tau = tau - (tl.abs(tau) + 1.0) * 1e-5
+
+    slots = tl.arange(0, CAP)
+    vals = tl.full([BLOCK_M, CAP], float("-inf"), tl.float32)
+    ids = tl.full([BLOCK_M, CAP], -1, tl.int32)
+    count = tl.zeros([BLOCK_M], tl.int32)
+    for start in range(0, stop, BLOCK_N):
+        s = _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks,
+                              D, SINK, LOCAL, CAUSAL, IEEE)
+        # Tokens whose list is already cut take no more (bounds the steps when many scores tie).
+        s = tl.where((s >= tau[:, None]) & (count[:, None] <= CAP), s, float("-inf"))
+        best, col = tl.max(s, axis=1, return_indices=True)
+        while tl.max(best) > float("-inf"):
+            found = best > float("-inf")
+            put = found[:, None] & (slots[None, :] == count[:, None])
+            vals = tl.where(put, best[:, None], vals)
+            ids = tl.where(put, start + col[:, None], ids)
+            count += found.to(tl.int32)
+            s = tl.where((cols[None, :] == col[:, None]) | (count[:, None] > CAP), float("-inf"), s)
+            best, col = tl.max(s, axis=1, return_indices=True)
+    tl.store(COUNT + bh.to(tl.int64) * T + rows, count, mask=row_ok)
+
+    top = tl.topk(_pack_keys(vals, ids, ids >= 0), K_PAD)
+    picked = tl.where(top >= 0, (top & 0xFFFFFFFF).to(tl.int32), -1)
+    out_cols = tl.arange(0, K_PAD)
+    out_ptrs = OUT + (bh.to(tl.int64) * T + rows.to(tl.int64)[:, None]) * top_k + out_cols[None, :]
+    tl.store(out_ptrs, picked, mask=row_ok[:, None] & (out_cols[None, :] < top_k))
+
+
+# Threshold top-k launch: tokens per program, blocks per chunk, list length per token (x K_PAD),
+# warps, pipeline stages (swept by scripts/profile_select.py --tune at 1M on an H200); the largest
+# budget it takes: at top_k=64 (lists of 128 per token) it was slower than top groups + rescore (64K
+# tokens: 118 vs 93 ms), at 16 twice as fast (1M: 187 vs 405 ms; benchmarks/NOTES.md item 19).
+_THRESHOLD_BLOCK_M = 128
+_THRESHOLD_BLOCK_N = 64
+_THRESHOLD_CAP_PER_K = 2
+_THRESHOLD_NUM_WARPS = 4
+_THRESHOLD_NUM_STAGES = 2
+_THRESHOLD_MAX_TOP_K = 16
+# Its two passes read the summaries twice. Programs run one KV head at a time (tiles vary fastest), so
+# one head's summaries are the working set: while they fit in L2 the second read is cheap (4 MB at 1M
+# for layer-8b, 25 MB at 12M for `small`: faster), past it the kernel streams them from HBM twice
+# (`long` at 12M, 50 MB: 11.8 s vs 10.4 s for top groups + rescore).
+_THRESHOLD_MAX_HEAD_BYTES = 32 << 20
+
+
+def threshold_topk(rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int, config, causal: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact flat top-k (``_threshold_topk_kernel``): ``([B, Hkv, T, top_k] int32 block ids sorted by
+    score, -1 padded; [B, Hkv, T] int32 list lengths)``. Tokens whose length exceeds
+    ``_THRESHOLD_CAP_PER_K * K_PAD`` have a cut list and must be recomputed (:func:`route_flat_triton`
+    does)."""
+    batch, seq_len_q, heads, dim = rq.shape
+    k_pad = max(16, triton.next_power_of_2(config.top_k))
+    count = torch.empty(batch, heads, seq_len_q, device=rq.device, dtype=torch.int32)
+    out = torch.empty(batch, heads, seq_len_q, config.top_k, device=rq.device, dtype=torch.int32)
+    grid = (triton.cdiv(seq_len_q, _THRESHOLD_BLOCK_M), batch * heads)
+    _threshold_topk_kernel[grid](
+        rq, summaries, count, out,
+        rq.stride(0), rq.stride(1), rq.stride(2),
+        summaries.stride(0), summaries.stride(1), summaries.stride(2),
+        seq_len_q, pos_offset, heads, summaries.shape[1], config.block_size, config.top_k,
+        D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=_THRESHOLD_BLOCK_M,
+        BLOCK_N=max(_THRESHOLD_BLOCK_N, k_pad), K_PAD=k_pad, CAP=_THRESHOLD_CAP_PER_K * k_pad,
+        SINK=config.sink_blocks, LOCAL=config.local_blocks, CAUSAL=causal, IEEE=rq.dtype == torch.float32,
+        num_warps=_THRESHOLD_NUM_WARPS, num_stages=_THRESHOLD_NUM_STAGES,
+    )
+    return out, count
+
+
+def threshold_pays(summaries: torch.Tensor, config) -> bool:
+    """Whether :func:`threshold_topk` measured faster than group top-k + rescore for these inputs: a
+    budget of at most ``_THRESHOLD_MAX_TOP_K`` and one KV head's summaries within
+    ``_THRESHOLD_MAX_HEAD_BYTES``."""
+    head_bytes = summaries.shape[1] * summaries.shape[3] * summaries.element_size()
+    return config.top_k <= _THRESHOLD_MAX_TOP_K and head_bytes <= _THRESHOLD_MAX_HEAD_BYTES
+
+
 FLAT_GROUP = 16
 # Blocks scored per step of the fused group top-k (its score tile is [64, GROUP * K_PAD] fp32).
 _FUSED_MAX_BLOCKS = 256
@@ -266,14 +404,34 @@ _FUSED_MAX_BLOCKS = 256
 _CHUNK_ELEMENTS = 1 << 28
 
 
-def route_flat_triton(rq, summaries, seq_len_k, config, causal, group: int = FLAT_GROUP):
-    """Exact flat top-k (module docstring): rq ``[B, T, Hkv, D]``, summaries ``[B, NB, Hkv, D]``."""
+def route_flat_triton(rq, summaries, seq_len_k, config, causal, group: int = FLAT_GROUP,
+                      threshold: bool | None = None):
+    """Exact flat top-k (module docstring): rq ``[B, T, Hkv, D]``, summaries ``[B, NB, Hkv, D]``.
+
+    ``threshold``: use :func:`threshold_topk` (default: where it measured faster, small budgets and one
+    head's summaries within L2), else group top-k + rescore; tokens whose threshold list overflowed are
+    recomputed the second way.
+    """
     batch, seq_len_q, heads, _ = rq.shape
+    k_pad = max(16, triton.next_power_of_2(config.top_k))
+    if threshold is None:
+        threshold = threshold_pays(summaries, config)
+    if threshold:
+        picked, count = threshold_topk(rq, summaries, seq_len_k - seq_len_q, config, causal)
+        overflow = count > _THRESHOLD_CAP_PER_K * k_pad
+        if bool(overflow.any()):  # near-equal scores (e.g. repeated text): those tokens the slower way
+            rows = overflow.any(0).any(0).nonzero()[:, 0]
+            first, last = int(rows[0]), int(rows[-1]) + 1
+            slow = route_flat_triton(rq[:, first:last], summaries, seq_len_k - seq_len_q + last, config,
+                                     causal, group, threshold=False)
+            span = picked[:, :, first:last]
+            span.copy_(torch.where(overflow[:, :, first:last, None], slow, span))
+        return picked
     num_groups = -(-summaries.shape[1] // group)
     chunk = max(64, _CHUNK_ELEMENTS // max(1, batch * heads * num_groups))
     out = []
     # Small budgets keep the group top-k in registers: no group-score matrix, so no need to chunk.
-    fused = group * max(16, triton.next_power_of_2(config.top_k)) <= _FUSED_MAX_BLOCKS
+    fused = group * k_pad <= _FUSED_MAX_BLOCKS
     if fused:
         chunk = seq_len_q
     for start in range(0, seq_len_q, chunk):

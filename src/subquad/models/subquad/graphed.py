@@ -1,0 +1,465 @@
+"""CUDA-graph decode step for Subquad models: a generated token costs one graph replay.
+
+An eager decode step of the ``small`` model launches ~650 kernels (norms, projections, rotary, cache
+appends, routing, attention, MLPs) and is bound by those launches, not by the GPU (12.3 ms at 1M
+tokens, while its SSA attention, graphed, takes ~0.03 ms a layer). :class:`GraphedDecoder` records the
+step in a CUDA graph once and replays it for each token.
+
+A graph bakes in every Python number, shape and pointer of the step it recorded, so the step here reads
+and writes buffers that stay put:
+
+* What changes every token lives on the device: the new tokens (``_ids``), their position (``_pos``:
+  the rotary angle, the cache slot the key and value go to, the block summary re-summed) and the
+  rows' lengths the routing reads (the plan's ``seqlens``); the graph ends by advancing them.
+* What changes once per key block stays on the host: the routing plan's sink and local slots, the
+  flat router's candidates, the tree router's group layout (launch arguments of its kernels). Keys,
+  values and summaries are read through views of the step's whole blocks (``num_blocks * block_size``
+  keys; the kernels mask by ``seqlens``). The step is re-captured when the new token opens a key block
+  (every ``block_size`` tokens), when a cache buffer is reallocated (growth) or when the cache changed
+  under the decoder (``crop``, row selection, eager steps into another block). That step runs eagerly
+  first, the same ops: its result is the step's, and it compiles and warms up what the capture needs.
+* The dense twin (``attention="dense"``) reads every key it holds, and SDPA's flash path (the one that
+  splits a long key range across the GPU for a single query) takes no key-length mask: a fixed-length
+  read masked by the lengths would fall to another backend. So its step is captured in pieces, one
+  graph per stretch between attention calls, and each layer's SDPA call runs eagerly between two
+  replays over the keys held (13 replays and 12 SDPA calls a token for ``small``). Nothing else depends
+  on the length, so those graphs are re-captured only when a buffer is reallocated.
+
+After a step the cache's host state is what the eager step leaves: each layer's lengths (device lengths
+unset: rows of one length), the summaries (written on the device), the tree router's kept bounds and the
+shared routing plan, so eager calls, ``generate()`` and ``crop`` keep working on the cache.
+``capture=False`` runs the same ops eagerly, on any device (CPU tests, debugging).
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from contextlib import nullcontext, suppress
+
+import torch
+from torch.nn.attention import sdpa_kernel
+
+from subquad.cache import SSACache, SSACacheLayer
+from subquad.models.prefill import prefill
+from subquad.models.subquad import modeling
+from subquad.models.subquad.modeling import SubquadForCausalLM
+from subquad.ops.ssa.triton_decode import DecodePlan, decode_plan
+
+# generate() with end-of-sequence tokens asks whether every row has stopped this often: each question
+# is a host sync, and between them the host runs ahead of the GPU (which also hides re-captures).
+_EOS_CHECK_EVERY = 16
+_GRAPH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class GraphedDecoder:
+    """Decode steps of a Subquad model over ``cache``, each one CUDA-graph replay (module docstring).
+
+    Args:
+        model: a :class:`SubquadForCausalLM` with ``attention="ssa"`` and ``position_scheme="rope"`` (the
+            decode-kernel path; flat or tree index), or a dense twin (``attention="dense"``).
+        cache: the :class:`subquad.SSACache` to decode into (default: a new one). Its rows must hold one
+            length (no padding).
+        capture: record CUDA graphs (the model on CUDA, float16 or bfloat16). False runs the ops the
+            graphs would hold eagerly, on any device.
+
+    ``step(input_ids [B, 1])`` returns the ``[B, vocab]`` logits ``model(input_ids, past_key_values=cache,
+    use_cache=True, logits_to_keep=1).logits[:, -1]`` would; the tensor is overwritten by the next step
+    (clone it to keep it). Until the cache holds a token, a step runs the model's own forward (which
+    creates the cache's buffers). ``generate`` decodes greedily. ``captures`` counts the captures and
+    ``capture_seconds`` is the host time of the last one (recording and instantiation). The model's
+    weights are read in place: update them in place, never replace them, while a decoder holds graphs.
+    """
+
+    def __init__(
+        self, model: SubquadForCausalLM, cache: SSACache | None = None, capture: bool = True
+    ) -> None:
+        if not isinstance(model, SubquadForCausalLM):
+            raise TypeError(f"model: got {type(model).__name__}, expected a SubquadForCausalLM")
+        config = model.config
+        if config.router != "shared":
+            raise ValueError(
+                f"router={config.router!r}: the graphed step supports router='shared' only (a learned "
+                "router routes on the PyTorch path, outside the decode kernels)"
+            )
+        if config.attention == "ssa" and config.position_scheme != "rope":
+            raise ValueError(
+                f"position_scheme={config.position_scheme!r}: the graphed step needs 'rope' (the decode "
+                "kernels' path); 'local_rope' decodes on the PyTorch path with host-driven selection"
+            )
+        if cache is None:
+            cache = SSACache(config)
+        elif not isinstance(cache, SSACache):
+            raise TypeError(f"cache: got {type(cache).__name__}, expected a subquad.SSACache (or None)")
+        elif cache.ssa_config.block_size != config.ssa_config.block_size:
+            raise ValueError(
+                f"cache: block_size={cache.ssa_config.block_size}, expected {config.ssa_config.block_size} "
+                "(the model's ssa.block_size)"
+            )
+        weight = model.lm_head.weight
+        if capture and weight.device.type != "cuda":
+            raise ValueError(
+                f"capture=True: the model is on {weight.device}, CUDA graphs need CUDA (capture=False runs "
+                "the same step eagerly)"
+            )
+        if capture and weight.dtype not in _GRAPH_DTYPES:
+            raise ValueError(
+                f"capture=True: the model is in {weight.dtype}, expected float16 or bfloat16 (the decode "
+                "kernels' dtypes; others route on the PyTorch path, which is not checked under capture)"
+            )
+        self.model, self.cache, self.capture = model, cache, bool(capture)
+        self.device, self.dtype = weight.device, weight.dtype
+        self.captures = 0
+        self.capture_seconds = 0.0
+        self._dense = config.attention == "dense"
+        self._ssa = config.ssa_config
+        self._block_size = self._ssa.block_size
+        self._num_layers = config.num_hidden_layers
+        self._stream = torch.cuda.Stream(self.device) if self.capture else None
+        # Static inputs of the step (allocated per batch size) and what the step was prepared for.
+        self._batch: int | None = None
+        self._held: int | None = None  # tokens per row that _pos encodes
+        self._prepared: tuple | None = None  # (key, capacity, weak references): see _preparation
+        self._plan: DecodePlan | None = None
+        self._pieces: list[tuple[torch.cuda.CUDAGraph, tuple | None]] = []
+        self._logits: torch.Tensor | None = None
+
+    # --- public ----------------------------------------------------------------------------------
+    def step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, vocab]`` of one new token per row, ``input_ids [B, 1]``, appended to the cache."""
+        layers = self._cache_layers()
+        if layers is None:
+            with torch.no_grad():
+                ids = input_ids.to(self.device)
+                out = self.model(ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            return out.logits[:, -1]
+        held = self._held_length(layers, input_ids)
+        prepare = not self._is_prepared(layers, held)
+        with torch.no_grad(), self._sdpa_context():
+            if prepare:
+                logits = self._prepare_and_run(layers, held, input_ids)
+            else:
+                if held != self._held:  # the cache moved within the block (eager steps, crop)
+                    self._set_position(held)
+                self._ids.copy_(input_ids)
+                logits = self._replay(held + 1) if self._pieces else self._run(held + 1)
+            for layer in layers:
+                # What SSACacheLayer.append leaves for rows of one length.
+                layer._lengths = [held + 1] * self._batch
+                layer._lengths_dev = None
+            self._held = held + 1
+            if prepare:
+                # After the bookkeeping, so the cache stays consistent if capturing fails; after the eager
+                # run, which creates the tree router's kept bounds when they are missing.
+                if self.capture:
+                    self._capture()
+                key, objects = self._preparation(layers, held)
+                capacity = min(layer._key_buf.shape[1] for layer in layers)
+                self._prepared = key, capacity, [_weak(obj) for obj in objects]
+        return logits
+
+    def invalidate(self) -> None:
+        """Forget what the step was prepared for: the next step runs eagerly and captures again."""
+        self._prepared = None
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        attention_mask: torch.Tensor | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        chunk_size: int | None = None,
+    ) -> torch.Tensor:
+        """Greedy decoding, as ``model.generate(input_ids, max_new_tokens=n, do_sample=False)``.
+
+        ``input_ids [B, T]`` is prefilled into the cache chunk by chunk (:func:`subquad.models.prefill`,
+        after what the cache holds; ``chunk_size`` default ``config.prefill_chunk_tokens``), then every
+        new token after the first is one :meth:`step`. Returns ``[B, T + n]``: the prompt, then the new
+        tokens. ``eos_token_id`` (default: the model's ``generation_config``; ``[]`` for none): a row
+        stops at it and continues with ``pad_token_id``; decoding ends once every row has stopped,
+        checked every 16 tokens, with the output and the cache trimmed as if it had ended at once.
+        ``attention_mask`` may only mark every token real (rows of one length).
+        """
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids: got {got}, expected [batch, length >= 1]")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an int >= 1")
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError(
+                "attention_mask: padded rows are not supported by the graphed step (rows of different "
+                "lengths); use model.generate for a padded batch"
+            )
+        eos, pad = self._stop_tokens(eos_token_id, pad_token_id)
+        input_ids = input_ids.to(self.device)
+        # Room for the whole sequence up front, so no buffer grows (and no step re-captures) for it.
+        for i in range(self._num_layers):
+            self.cache.layer(i)
+        self.cache.reserve(self.cache.get_seq_length() + input_ids.shape[1] + max_new_tokens)
+        first = prefill(self.model, input_ids, chunk_size=chunk_size, cache=self.cache, logits_to_keep=1)
+        token = first.logits[:, -1].argmax(-1)
+        finished = None if eos is None else torch.isin(token, eos)
+        tokens = [token]
+        for i in range(1, max_new_tokens):
+            if finished is not None and i % _EOS_CHECK_EVERY == 0 and bool(finished.all()):
+                break
+            token = self.step(token[:, None]).argmax(-1)
+            if finished is not None:
+                # As transformers' greedy search: finished rows continue with padding.
+                token = torch.where(finished, pad, token)
+                finished = finished | torch.isin(token, eos)
+            tokens.append(token)
+        new = torch.stack(tokens, dim=1)
+        if finished is not None:
+            # The first token after which every row had stopped: drop what follows, and the cache's copies
+            # of the tokens fed after it (the last token kept is never fed, as in model.generate).
+            done = (torch.isin(new, eos).cumsum(1) > 0).all(0).nonzero()
+            if done.numel():
+                last = int(done[0])
+                if new.shape[1] - 1 > last:
+                    self.cache.crop(-(new.shape[1] - 1 - last))
+                new = new[:, : last + 1]
+        return torch.cat([input_ids, new], dim=1)
+
+    # --- host side -------------------------------------------------------------------------------
+    def _cache_layers(self) -> list[SSACacheLayer] | None:
+        """The cache's layers, or None while it holds nothing (a step then runs the model's forward)."""
+        layers = self.cache.layers[: self._num_layers]
+        initialized = sum(layer.is_initialized for layer in layers)
+        if initialized == 0:
+            return None
+        if initialized != self._num_layers:
+            raise ValueError(
+                f"cache: {initialized} of {self._num_layers} layers hold tokens, expected all (a cache "
+                "filled by this model)"
+            )
+        return layers
+
+    def _held_length(self, layers: list[SSACacheLayer], input_ids: torch.Tensor) -> int:
+        """Tokens every row and layer holds, after checking the step can run on them."""
+        lengths = layers[0]._lengths
+        held = lengths[0]
+        if lengths.count(held) != len(lengths) or any(layer._lengths != lengths for layer in layers[1:]):
+            raise ValueError(
+                f"cache: rows hold {lengths} tokens (layer 0); the graphed step needs every row and layer "
+                "at one length (rows of different lengths decode eagerly: model(ids, past_key_values=cache))"
+            )
+        if not isinstance(input_ids, torch.Tensor) or tuple(input_ids.shape) != (len(lengths), 1):
+            got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(
+                f"input_ids: got {got}, expected [{len(lengths)}, 1] (one new token per cached row)"
+            )
+        return held
+
+    def _preparation(self, layers: list[SSACacheLayer], held: int) -> tuple[tuple, list]:
+        """What a prepared (captured) step depends on: ``(key, objects)``. The key, compared by value: the
+        new token's key block (SSA: the routing plan and the tree kernels' launch arguments) and the
+        batch. The objects, compared by identity: every cache object whose memory the step reads or
+        writes (a reallocated buffer, or state cleared by ``crop``, means preparing again)."""
+        objects = []
+        for layer in layers:
+            bounds = layer.derived.get("tree_bounds")
+            objects += [layer, layer._key_buf, layer._value_buf, layer._means, bounds]
+            objects += [None, None] if bounds is None else [bounds.hi, bounds.lo]
+        block = None if self._dense else held // self._block_size
+        return (block, len(layers[0]._lengths)), objects
+
+    def _is_prepared(self, layers: list[SSACacheLayer], held: int) -> bool:
+        if self._prepared is None:
+            return False
+        kept_key, capacity, refs = self._prepared
+        key, objects = self._preparation(layers, held)
+        return (
+            key == kept_key
+            and held < capacity  # the new token's slot exists (else the buffers grow first)
+            and len(refs) == len(objects)
+            and all(ref() is obj for ref, obj in zip(refs, objects))
+        )
+
+    def _prepare_and_run(
+        self, layers: list[SSACacheLayer], held: int, input_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """A step in a new key block (or over changed cache objects): set the static inputs, make room,
+        build the block's routing plan and run the step eagerly (``step`` then captures it for the steps
+        that follow: the eager run compiled and warmed up what the capture records)."""
+        # Weak references only: a buffer the cache replaced must be freed (a long cache is most of the GPU).
+        self._prepared = None
+        batch = len(layers[0]._lengths)
+        if batch != self._batch:
+            self._allocate_inputs(batch)
+        self._set_position(held)
+        self._ids.copy_(input_ids)
+        for layer in layers:
+            layer._ensure_capacity(held + 1)
+        if not self._dense:
+            blocks = held // self._block_size + 1
+            self._plan = decode_plan(self._seqlens, blocks, self._ssa, [held + 1] * batch)
+            # As the eager step: layer 0 keeps the step's plan for the next one.
+            layers[0].derived["decode_plan"] = self._plan
+        return self._run(held + 1)
+
+    def _allocate_inputs(self, batch: int) -> None:
+        config = self.model.config
+        device = self.device
+        self._batch = batch
+        self._ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self._pos = torch.zeros(1, dtype=torch.long, device=device)  # rows of one length: one position
+        self._seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
+        self._offsets = torch.arange(self._block_size, device=device)
+        # Keys a block may hold, 1 .. block_size: the divisors of the open block's summary.
+        self._counts = torch.arange(1, self._block_size + 1, dtype=torch.float32, device=device)
+        self._attention_out = None
+        if self._dense:
+            heads, dim = config.num_attention_heads, config.head_dim
+            self._attention_out = torch.zeros(batch, 1, heads, dim, dtype=self.dtype, device=device)
+
+    def _set_position(self, held: int) -> None:
+        self._pos.fill_(held)
+        self._seqlens.fill_(held + 1)
+
+    def _sdpa_context(self):
+        # The dense step's SDPA backends, as SubquadModel.forward chooses them for a decode step on CUDA.
+        backends = modeling.DENSE_DECODE_BACKENDS
+        if self._dense and self.device.type == "cuda" and backends is not None:
+            return sdpa_kernel(backends)
+        return nullcontext()
+
+    # --- the step ----------------------------------------------------------------------------------
+    def _forward(self):
+        """The step, from the static inputs to the logits ``[B, vocab]``: exactly the ops the graphs hold.
+
+        A generator: a dense twin's attention is handed out as ``(layer index, q)`` and its output sent
+        back (it runs between graphs, see the module docstring); SSA attends inline.
+        """
+        core = self.model.model
+        batch, bs = self._batch, self._block_size
+        pos = self._pos
+        hidden = core.embed_tokens(self._ids)  # [B, 1, C]
+        rope = core.layers[0].self_attn.rotary.tables(pos.view(1, 1, 1))  # [1, 1, 1, D] each
+        # The block the new token opens or fills: its index, slots, and the keys it holds after the append.
+        block = pos // bs  # [1]
+        slots = block * bs + self._offsets  # [bs]
+        count = self._counts.index_select(0, pos % bs)  # [1]
+        for i, (layer, cache_layer) in enumerate(zip(core.layers, self.cache.layers)):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = attn.q_proj(x).view(batch, 1, attn.num_heads, attn.head_dim)
+            k = attn.k_proj(x).view(batch, 1, attn.num_kv_heads, attn.head_dim)
+            v = attn.v_proj(x).view(batch, 1, attn.num_kv_heads, attn.head_dim)
+            q, k = attn.rotary.rotate(q, rope), attn.rotary.rotate(k, rope)
+            _append_at(cache_layer, k, v, pos, block, slots, count)
+            if self._dense:
+                out = yield i, q
+            else:
+                num_blocks = self._plan.num_blocks
+                keys = num_blocks * bs
+                out = attn._decode_sparse(
+                    q,
+                    cache_layer._key_buf[:, :keys],
+                    cache_layer._value_buf[:, :keys],
+                    cache_layer._means[:, :num_blocks],
+                    self._plan,
+                    cache_layer,
+                )
+            hidden = hidden + attn.o_proj(out.reshape(batch, 1, -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        # The next step's position and lengths, after this step's last read of them.
+        pos.add_(1)
+        self._seqlens.add_(1)
+        return self.model.lm_head(core.norm(hidden))[:, 0]
+
+    def _attend_dense(self, index: int, q: torch.Tensor, length: int) -> torch.Tensor:
+        """A dense twin's attention of layer ``index`` over the ``length`` keys held, into the static
+        buffer the next piece reads."""
+        layer = self.cache.layers[index]
+        scale = self.model.model.layers[index].self_attn.scale
+        out = modeling._dense_decode(q, layer._key_buf[:, :length], layer._value_buf[:, :length], scale)
+        return self._attention_out.copy_(out)
+
+    def _run(self, length: int) -> torch.Tensor:
+        """The step eagerly (``length``: tokens per row after it)."""
+        forward, sent = self._forward(), None
+        while True:
+            try:
+                request = forward.send(sent)
+            except StopIteration as done:
+                return done.value
+            sent = self._attend_dense(*request, length)
+
+    def _replay(self, length: int) -> torch.Tensor:
+        for graph, request in self._pieces:
+            graph.replay()
+            if request is not None:
+                self._attend_dense(*request, length)
+        return self._logits
+
+    def _capture(self) -> None:
+        """Record the step: one graph, or for a dense twin one per stretch between attention calls.
+
+        ``capture_begin`` / ``capture_end`` rather than ``torch.cuda.graph``, which synchronises and
+        empties the allocator's cache on entry. New graphs share the memory pool of the ones they
+        replace, which are kept until then: the pool is never freed, and re-capturing costs no allocation.
+        """
+        start = time.perf_counter()
+        pool = self._pieces[0][0].pool() if self._pieces else None
+        pieces, forward, sent, logits = [], self._forward(), None, None
+        current = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(current)
+        with torch.cuda.stream(self._stream):
+            while logits is None:
+                graph = torch.cuda.CUDAGraph()
+                graph.capture_begin(pool=pool)
+                try:
+                    request = forward.send(sent)
+                except StopIteration as done:
+                    request, logits = None, done.value
+                except BaseException:
+                    with suppress(Exception):  # the capture is void; report what broke it
+                        graph.capture_end()
+                    raise
+                graph.capture_end()
+                pool = graph.pool()
+                pieces.append((graph, request))
+                sent = self._attention_out
+        current.wait_stream(self._stream)
+        self._pieces, self._logits = pieces, logits
+        self.captures += 1
+        self.capture_seconds = time.perf_counter() - start
+
+    def _stop_tokens(self, eos_token_id, pad_token_id) -> tuple[torch.Tensor | None, int | None]:
+        """generate()'s end-of-sequence ids (a device tensor, None for none) and padding id."""
+        generation = self.model.generation_config
+        if eos_token_id is None:
+            eos_token_id = generation.eos_token_id
+        ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        if not ids:
+            return None, None
+        if pad_token_id is None:
+            pad_token_id = generation.pad_token_id if generation.pad_token_id is not None else ids[0]
+        return torch.tensor(ids, device=self.device), int(pad_token_id)
+
+
+def _append_at(
+    layer: SSACacheLayer,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    pos: torch.Tensor,
+    block: torch.Tensor,
+    slots: torch.Tensor,
+    count: torch.Tensor,
+) -> None:
+    """``SSACacheLayer.append`` of one token per row at the device position ``pos`` ([1]; rows of one
+    length), with no host state: the same writes, and the open block's summary re-summed as
+    ``_refresh_summaries`` does it (the whole block: slots past the token hold zeros)."""
+    layer._key_buf.index_copy_(1, pos, keys)
+    layer._value_buf.index_copy_(1, pos, values)
+    region = layer._summarised.index_select(1, slots).float()  # [B, bs, Hkv, D]
+    sums = region.view(region.shape[0], 1, *region.shape[1:]).sum(2)  # [B, 1, Hkv, D]
+    layer._means.index_copy_(1, block, sums / count)
+
+
+def _weak(obj):
+    """A weak reference to ``obj`` (``None``: a callable returning None)."""
+    return (lambda: None) if obj is None else weakref.ref(obj)
