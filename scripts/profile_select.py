@@ -4,6 +4,8 @@ Both exact routes: group top-k + rescore (``threshold=False``) and the two-pass 
 (the default), their agreement, and with ``--tune`` a sweep of the threshold kernel's launch knobs.
 
 GPU:  PYTHONPATH=src python scripts/profile_select.py --length 1m [--tune]
+      PYTHONPATH=src python scripts/profile_select.py --shape small --length 12m --queries 65536 --tune
+      (the last prefill chunk of a 12M-token prompt for the `small` model's attention shape)
 """
 
 import argparse
@@ -18,38 +20,48 @@ from subquad.ops.ssa.config import SSAConfig
 from subquad.ops.ssa.select import block_summaries, routing_queries, select_blocks
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by --tune.
-TUNE = list(itertools.product((64, 128), (64, 128), (4, 8), (2, 3)))
+TUNE = list(itertools.product((64, 128, 256), (32, 64, 128), (4, 8), (2, 3)))
+# Attention shapes (Hq, Hkv, D): a Llama-3-8B-like layer and the `small` flavor's.
+SHAPES = {"layer-8b": (32, 8, 128), "small": (12, 2, 64)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--length", default="1m")
+    parser.add_argument("--length", default="1m", help="keys (tokens in the context)")
+    parser.add_argument("--queries", default=None, help="route only the last this many tokens (default: all)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="layer-8b")
     parser.add_argument("--tune", action="store_true", help="sweep the threshold kernel's launch knobs")
     args = parser.parse_args()
     n = parse_length(args.length)
+    queries = n if args.queries is None else parse_length(args.queries)
+    if not 1 <= queries <= n:
+        raise SystemExit(f"--queries {args.queries}: expected 1 .. {n} (the --length)")
+    heads, heads_kv, dim = SHAPES[args.shape]
     cfg = SSAConfig()
     group = triton_select.FLAT_GROUP
-    q = torch.randn(1, n, 32, 128, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(1, n, 8, 128, device="cuda", dtype=torch.bfloat16)
+    offset = n - queries
+    q = torch.randn(1, queries, heads, dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, n, heads_kv, dim, device="cuda", dtype=torch.bfloat16)
 
     def bench(fn):
         return triton.testing.do_bench(fn, warmup=1, rep=1)
 
-    t_rq = bench(lambda: routing_queries(q, 8).bfloat16())
+    t_rq = bench(lambda: routing_queries(q, heads_kv).bfloat16())
     t_summ = bench(lambda: block_summaries(k, 64).bfloat16().contiguous())
-    rq = routing_queries(q, 8).bfloat16()
+    rq = routing_queries(q, heads_kv).bfloat16()
     summ = block_summaries(k, 64).bfloat16().contiguous()
-    groups = triton_select.top_groups(rq, summ, 0, cfg, group, True)
-    t_groups = bench(lambda: triton_select.top_groups(rq, summ, 0, cfg, group, True))
-    t_rescore = bench(lambda: triton_select.rescore_topk(rq, summ, groups, 0, cfg, group, True))
-    t_threshold = bench(lambda: triton_select.threshold_topk(rq, summ, 0, cfg, True))
+    groups = triton_select.top_groups(rq, summ, offset, cfg, group, True)
+    t_groups = bench(lambda: triton_select.top_groups(rq, summ, offset, cfg, group, True))
+    t_rescore = bench(lambda: triton_select.rescore_topk(rq, summ, groups, offset, cfg, group, True))
+    t_threshold = bench(lambda: triton_select.threshold_topk(rq, summ, offset, cfg, True))
     t_all = bench(lambda: select_blocks(q, k, cfg))
     print(
-        f"N={n}: routing queries {t_rq:.1f} ms, summaries {t_summ:.1f} ms, top groups {t_groups:.1f} ms, "
-        f"rescore {t_rescore:.1f} ms, threshold top-k {t_threshold:.1f} ms; select_blocks {t_all:.1f} ms"
+        f"{args.shape}, N={n}, last {queries} tokens: routing queries {t_rq:.1f} ms, summaries "
+        f"{t_summ:.1f} ms, top groups {t_groups:.1f} ms, rescore {t_rescore:.1f} ms, threshold top-k "
+        f"{t_threshold:.1f} ms; select_blocks {t_all:.1f} ms"
     )
-    old = triton_select.rescore_topk(rq, summ, groups, 0, cfg, group, True)
-    new, count = triton_select.threshold_topk(rq, summ, 0, cfg, True)
+    old = triton_select.rescore_topk(rq, summ, groups, offset, cfg, group, True)
+    new, count = triton_select.threshold_topk(rq, summ, offset, cfg, True)
     cap = triton_select._THRESHOLD_CAP_PER_K * 16
     same = (old.sort(-1).values == new.sort(-1).values).all(-1).float().mean().item()
     print(
@@ -65,9 +77,9 @@ def main() -> None:
             for name, value in zip(knobs, values):
                 setattr(triton_select, name, value)
             try:
-                got, _ = triton_select.threshold_topk(rq, summ, 0, cfg, True)
+                got, _ = triton_select.threshold_topk(rq, summ, offset, cfg, True)
                 ok = bool((got == new).all())
-                ms = bench(lambda: triton_select.threshold_topk(rq, summ, 0, cfg, True))
+                ms = bench(lambda: triton_select.threshold_topk(rq, summ, offset, cfg, True))
             except Exception as err:  # noqa: BLE001  (out of resources for a tile size: skip it)
                 print(f"  {values}: failed ({type(err).__name__})")
                 continue
