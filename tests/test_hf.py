@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 
 import subquad
 import subquad.hf
+from subquad.ops.ssa.triton_decode import decode_plan
 
 COMMON = dict(
     vocab_size=128,
@@ -67,10 +68,16 @@ def test_ssa_equals_eager_at_full_budget(arch):
     assert torch.equal(sparse.generate(ids, past_key_values=subquad.SSACache(sparse.config), **kw), expected)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_sparse_incremental_decoding_equals_full_forward(arch):
-    eager, sparse = pair(configs()[arch], SPARSE)
+@pytest.mark.parametrize(
+    "arch,index",
+    [("llama", "flat"), ("qwen3", "flat"), ("llama", "tree")],
+    ids=["llama", "qwen3", "llama-tree"],
+)
+def test_sparse_incremental_decoding_equals_full_forward(arch, index, monkeypatch):
+    eager, sparse = pair(configs()[arch], {**SPARSE, "index": index, "tree_group": 2})
     ids = torch.randint(0, 128, (2, 150))
+    plans = []
+    monkeypatch.setattr(subquad.hf, "decode_plan", lambda *a, **kw: plans.append(1) or decode_plan(*a, **kw))
     with torch.no_grad():
         full = sparse(ids).logits
         assert (full - eager(ids).logits).abs().max() > 1e-4  # the budget really is sparse
@@ -79,6 +86,11 @@ def test_sparse_incremental_decoding_equals_full_forward(arch):
         for i in range(100, 150):
             steps.append(sparse(ids[:, i : i + 1], past_key_values=cache, use_cache=True).logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-5, rtol=1e-4)
+    # Decode steps over the cache: one routing plan per step shared by both layers; the tree router's
+    # group bounds kept per layer.
+    assert len(plans) == 50
+    if index == "tree":
+        assert all(layer.derived["tree_bounds"].done > 0 for layer in cache.layers)
 
 
 def test_chunked_prefill_on_transformers_model():

@@ -53,10 +53,16 @@ class SSACacheLayer(DynamicLayer):
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, block_size: int = 64, reserve: int = 0, **kwargs: Any) -> None:
+    def __init__(
+        self, block_size: int = 64, reserve: int = 0, shared: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__()
         self.block_size = block_size
         self.reserve = reserve
+        # State the layers of one cache share, all holding the same lengths (a transformers model's
+        # decode-step routing plan, built by its first layer): a function of the lengths, so appends,
+        # crops and row selection never make it wrong, only unused.
+        self.shared: dict[str, Any] = {} if shared is None else shared
         self._key_buf: torch.Tensor | None = None
         self._value_buf: torch.Tensor | None = None
         self._route_buf: torch.Tensor | None = None  # routing keys, only for a learned router
@@ -394,19 +400,20 @@ class SSACache(Cache):
             num_layers = config.num_hidden_layers
         self.ssa_config = ssa
         self._reserve = max_length or 0
-
-        def make_layer() -> SSACacheLayer:
-            return SSACacheLayer(block_size=ssa.block_size, reserve=self._reserve)
-
+        self._shared: dict[str, Any] = {}
         if num_layers is None:
-            super().__init__(layer_class_to_replicate=make_layer)
+            super().__init__(layer_class_to_replicate=self._new_layer)
         else:
-            super().__init__(layers=[make_layer() for _ in range(num_layers)])
+            super().__init__(layers=[self._new_layer() for _ in range(num_layers)])
+
+    def _new_layer(self) -> SSACacheLayer:
+        block_size = self.ssa_config.block_size
+        return SSACacheLayer(block_size=block_size, reserve=self._reserve, shared=self._shared)
 
     def layer(self, layer_idx: int) -> SSACacheLayer:
         """The layer ``layer_idx``, created if the model has not touched it yet."""
         while len(self.layers) <= layer_idx:
-            self.layers.append(SSACacheLayer(block_size=self.ssa_config.block_size, reserve=self._reserve))
+            self.layers.append(self._new_layer())
         return self.layers[layer_idx]
 
     def reserve(self, max_length: int) -> None:

@@ -19,7 +19,9 @@ the caller is reduced to its key padding the same way.
 
 Sliding windows (``sliding_window`` passed by Mistral / Qwen2 layers) are kept: a selected key more
 than ``window - 1`` positions back is masked; this runs on the torch path. With an
-:class:`subquad.SSACache` the block summaries come from the cache (no per-step recomputation).
+:class:`subquad.SSACache` the block summaries come from the cache (no per-step recomputation), and a
+decode step builds its routing plan once for all layers and keeps the tree router's group bounds in
+the cache between steps, as Subquad models do.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ from typing import Any
 import torch
 
 from subquad.ops.ssa.config import SSAConfig
-from subquad.ops.ssa.interface import ssa_attention
+from subquad.ops.ssa.interface import resolve_backend, ssa_attention
 from subquad.ops.ssa.select import select_blocks
-from subquad.ops.ssa.triton_decode import ssa_decode
+from subquad.ops.ssa.triton_decode import DecodePlan, TreeBounds, decode_plan, decode_step, ssa_decode
 
 _DEFAULT: SSAConfig | None = None
 
@@ -133,6 +135,8 @@ def ssa_attention_forward(
     window = sliding_window if sliding_window is not None and sliding_window < seq_len else None
     keys = _key_padding(attention_mask, seq_len)
     if keys is None:
+        if summaries is not None and steps == 1 and causal and window is None:
+            return _decode_from_cache(q, k, v, config, scaling, layer, summaries), None
         out = _attend(q, k, v, config, scaling, causal, window, summaries)
         return out, None
     out = q.new_zeros(batch, steps, q.shape[2], v.shape[-1])
@@ -163,6 +167,25 @@ def ssa_attention_forward(
             None,
         )[0]
     return out, None
+
+
+def _decode_from_cache(q, k, v, config, scale, layer, summaries) -> torch.Tensor:
+    """One new token per row over an :class:`subquad.SSACache` layer, as ``ssa_decode`` but with the
+    step's routing plan built once for all layers (``layer.shared``) and the tree router's group bounds
+    kept in the layer across steps, as Subquad models decode."""
+    batch, seq_len = k.shape[:2]
+    key = (config, batch, seq_len, summaries.shape[1], q.device)
+    kept = layer.shared.get("hf_decode_plan")
+    if kept is not None and kept[0] == key:
+        plan = kept[1]
+    else:
+        seqlens = torch.full((batch,), seq_len, dtype=torch.int32, device=q.device)
+        previous: DecodePlan | None = None if kept is None else kept[1]
+        plan = decode_plan(seqlens, summaries.shape[1], config, [seq_len] * batch, previous=previous)
+        layer.shared["hf_decode_plan"] = (key, plan)
+    bounds = layer.derived.setdefault("tree_bounds", TreeBounds()) if config.index == "tree" else None
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return decode_step(q, k, v, summaries, plan, config, scale, resolve_backend("auto", q, v), bounds)[0]
 
 
 def _attend(q, k, v, config, scale, causal, window, summaries) -> torch.Tensor:
