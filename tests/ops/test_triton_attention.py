@@ -215,20 +215,30 @@ def _picked_scores(rq, summaries, picked):
 
 
 @pytest.mark.parametrize(
-    "top_k,causal,repeated",
-    [(3, True, False), (20, True, False), (5, False, False), (4, True, True)],
-    ids=["k3-causal", "k20-causal", "k5-full", "k4-repeated-blocks"],
+    "top_k,causal,repeated,seq_len_q",
+    [
+        (3, True, False, 40),
+        (20, True, False, 40),
+        (5, False, False, 40),
+        (4, True, True, 40),
+        (5, True, False, None),
+    ],
+    ids=["k3-causal", "k20-causal", "k5-full", "k4-repeated-blocks", "k5-from-the-first-token"],
 )
-def test_threshold_topk_is_exact(top_k, causal, repeated):
+def test_threshold_topk_is_exact(top_k, causal, repeated, seq_len_q):
     """The two-pass threshold router over several chunks of blocks picks blocks whose scores are
     exactly the reference's top-k, with ties; repeated block summaries overflow the per-token lists
-    and take the slower exact route for those tokens."""
+    and take the slower exact route for those tokens. Early tokens (fewer candidates than top_k)
+    pick all their candidates and nothing else."""
     from subquad.ops.ssa import select, triton_select
 
     torch.manual_seed(11)
     config = subquad.SSAConfig(block_size=16, top_k=top_k)
-    num_blocks, seq_len_q = 100 if DEVICE == "cpu" else 330, 40
+    num_blocks = 100 if DEVICE == "cpu" else 330
+    if seq_len_q is None:  # every token: a short sequence, the interpreter is slow
+        num_blocks = 12
     seq_len_k = num_blocks * 16 - 5
+    seq_len_q = seq_len_q or seq_len_k
     rq = torch.randn(1, seq_len_q, 2, 16, device=DEVICE)
     summaries = torch.randn(1, num_blocks, 2, 16, device=DEVICE)
     if repeated:  # every block the same: every candidate ties, late tokens have more of them than CAP
