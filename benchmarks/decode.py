@@ -685,10 +685,7 @@ def attention_table(report: dict) -> str:
         cells = [_cell(r, "ms_per_step", ".4f"), _cell(r, "bytes_read", ",.0f"), _cell(r, "gb_per_s", ".1f")]
         head = f"| {r['shape']} | {r['tokens']:,} | {r['attention']} | {r['timing']} | "
         lines.append(head + " | ".join(cells) + f" | {r.get('error', '')} |")
-    if report["summary"]:
-        lines += ["", "| ratio | value |", "| --- | ---: |"]
-        lines += [f"| {k} | {v:.2f} |" for k, v in report["summary"].items()]
-    return "\n".join(lines)
+    return "\n".join(lines + _ratio_lines(report))
 
 
 def table(report: dict) -> str:
@@ -723,10 +720,16 @@ def table(report: dict) -> str:
         ]
         head = f"| {r['kind']} | {r['attention']} | {r.get('timing', '')} | {r['tokens']:,} | "
         lines.append(head + " | ".join(cells) + f" | {r.get('error', r.get('note', ''))} |")
-    if report["summary"]:
-        lines += ["", "| ratio | value |", "| --- | ---: |"]
-        lines += [f"| {k} | {v:.2f} |" for k, v in report["summary"].items()]
-    return "\n".join(lines)
+    return "\n".join(lines + _ratio_lines(report))
+
+
+def _ratio_lines(report: dict) -> list[str]:
+    """The summary ratios as a markdown table (none: no lines)."""
+    if not report["summary"]:
+        return []
+    return ["", "| ratio | value |", "| --- | ---: |"] + [
+        f"| {k} | {v:.2f} |" for k, v in report["summary"].items()
+    ]
 
 
 def _cell(row: dict, key: str, spec: str) -> str:
