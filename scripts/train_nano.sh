@@ -159,10 +159,13 @@ PY
   log "eval retrieval: needles at $TRAIN_LEN, router ranks, recall, held-out loss, RULER $RULER_LENGTHS"
   ev() { python3 -m subquad.cli eval --model "$model" --device "$DEVICE" --no-progress "$@" >> "$elog" 2>&1; }
   mkdir -p "$res"
-  # The evaluation's needles first, then our own skill format (held-out filler): when the needles
-  # fail, does the model read back at all, and does the router find the fact?
+  # The evaluation's needles first (RULER's, then the demo's grid), then our own skill format
+  # (held-out filler): when the needles fail, does the model read back at all, and does the router
+  # find the fact?
   ev --suite ruler --tasks niah_single_1,niah_single_2,niah_single_3 --lengths "4k,$TRAIN_LEN" --samples 50 \
     --max-new-tokens 32 --batch-size 4 --out "$res/niah-single"
+  python3 -m subquad.cli demo --model "$model" --device "$DEVICE" --lengths 4k,16k,64k --depths 10,50,90 \
+    --no-progress --out "$res/demo" >> "$elog" 2>&1
   python3 scripts/skill_accuracy.py --model "$model" --corpus "$RUNS/$FT_CORPUS" --kind facts \
     --lengths "$SKILL_LENGTHS" --samples 24 --routing --device "$DEVICE" --out "$res/skill-accuracy.json" \
     >> "$elog" 2>&1

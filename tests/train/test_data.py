@@ -429,6 +429,28 @@ def test_skill_mixture(corpora):
     assert again == result and np.array_equal(np.fromfile(path / "skills.bin", dtype="<u2"), ids)
 
 
+def test_skill_mixture_shards_do_not_depend_on_workers(corpora, tmp_path):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(corpora["bpe"][0], corpus)
+    kwargs = dict(skill_fraction=0.6, doc_tokens=(64, 512), seed=5, progress=False, shard_tokens=3000)
+
+    def written(workers: int) -> tuple[dict, np.ndarray, np.ndarray]:
+        result = write_skill_mixture(corpus, 10000, workers=workers, **kwargs)
+        ids = np.fromfile(corpus / "skills.bin", dtype="<u2")
+        return result, ids, np.fromfile(corpus / "skills_answers.bin", dtype=np.uint8)
+
+    result, ids, answers = written(1)
+    assert result["shards"] == 4 and len(ids) == len(answers) == result["tokens"] >= 10000
+    assert int(answers.sum()) == result["answer_tokens"] > 0
+    again = written(2)
+    assert again[0] == result and np.array_equal(again[1], ids) and np.array_equal(again[2], answers)
+    assert sorted(p.name for p in corpus.iterdir() if ".part" in p.name) == []
+    with pytest.raises(ValueError, match="workers"):
+        write_skill_mixture(corpus, 100, workers=0, progress=False)
+    with pytest.raises(ValueError, match="shard_tokens"):
+        write_skill_mixture(corpus, 100, shard_tokens=0, progress=False)
+
+
 def test_skill_mixture_of_facts_only(corpora, tmp_path):
     corpus = tmp_path / "corpus"
     shutil.copytree(corpora["bpe"][0], corpus)

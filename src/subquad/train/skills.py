@@ -23,16 +23,21 @@ generalisation rather than template matching.
 ``write_skill_mixture`` writes ``skills.bin`` into a corpus directory: a token stream where a
 ``skill_fraction`` share of tokens are skill documents (answer appended) and the rest are slices of
 ``train.bin``, all separated by ``<|eos|>``; the filler comes from ``train.bin`` too, never from the
-held-out split.
+held-out split. It is written in shards by parallel processes; the result does not depend on their
+number.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+import os
 import random
 import re
+import shutil
 import string
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -485,58 +490,37 @@ def answers_path(tokens_path: str | Path) -> Path:
     return path.with_name(f"{path.stem}_answers.bin")
 
 
-def write_skill_mixture(
-    corpus_dir: str | Path,
-    num_tokens: int,
-    skill_fraction: float = 0.25,
-    kind_weights: dict[str, float] | None = None,
-    doc_tokens: tuple[int, int] = (256, 8192),
-    seed: int = 0,
-    out_name: str = "skills.bin",
-    progress: bool = True,
-) -> dict:
-    """Write ``corpus_dir/out_name``: about ``num_tokens`` tokens mixing skill documents and real text.
+# Skill files are written in shards of this many tokens, each from its own seed, so that the
+# output does not depend on how many processes write them.
+SHARD_TOKENS = 2_000_000
+_SHARD_COUNTS = ("skill_tokens", "answer_tokens", "text_tokens", "text_slices")
 
-    A ``skill_fraction`` share of the tokens are skill documents (kinds drawn by ``kind_weights``,
-    default equal; lengths log-uniform in ``doc_tokens``), the rest are slices of ``train.bin`` of
-    the same length range. Everything is eos-separated, in the corpus's dtype. Beside it,
-    ``<stem>_answers.bin`` (``uint8``, one per token: 1 on the tokens of every answer, for a trainer's
-    ``answer_weight``) and ``<stem>.json`` with the counts; returns that dict.
-    """
-    if not 0 <= skill_fraction <= 1:
-        raise ValueError(f"skill_fraction must be in [0, 1], got {skill_fraction!r}")
-    if num_tokens <= 0:
-        raise ValueError(f"num_tokens must be positive, got {num_tokens}")
+
+def _write_shard(
+    corpus: Path,
+    part: Path,
+    num_tokens: int,
+    skill_fraction: float,
+    weights: dict[str, float],
+    doc_tokens: tuple[int, int],
+    seed: int | str,
+) -> dict:
+    """One shard of ``write_skill_mixture``: ``num_tokens`` tokens to ``part`` and its answer mask."""
     low, high = doc_tokens
-    if not 0 < low <= high:
-        raise ValueError(f"doc_tokens must be (low, high) with 0 < low <= high, got {doc_tokens!r}")
-    weights = kind_weights or {k: 1.0 for k in SKILL_KINDS}
-    for kind in weights:
-        if kind not in SKILL_KINDS:
-            raise ValueError(f"skill kind {kind!r} is unknown; expected one of {', '.join(SKILL_KINDS)}")
-    corpus = Path(corpus_dir)
     meta = load_meta(corpus)
     train = load_split(corpus, "train")
-    if len(train) == 0:
-        raise ValueError(f"{str(corpus)!r} has an empty train split")
     tokenizer = Tokenizer.from_file(str(corpus / "tokenizer" / "tokenizer.json"))
     # Literal "<|eos|>" inside filler text stays text, as in build_corpus.
     tokenizer.encode_special_tokens = True
     eos = tokenizer.token_to_id(EOS)
     dtype = np.dtype("<u2") if meta["dtype"] == "uint16" else np.dtype("<u4")
-
     rng = random.Random(seed)
     kinds, kind_p = list(weights), list(weights.values())
     counts = {
         "skill_tokens": 0, "answer_tokens": 0, "text_tokens": 0,
         "documents": {k: 0 for k in SKILL_KINDS}, "text_slices": 0,
     }  # fmt: skip
-    out_path = corpus / out_name
-    with (
-        open(out_path, "wb") as out,
-        open(answers_path(out_path), "wb") as answers_out,
-        tqdm(total=num_tokens, desc="skills", unit="tok", disable=not progress) as bar,
-    ):
+    with open(part, "wb") as out, open(answers_path(part), "wb") as answers_out:
         written = 0
         while written < num_tokens:
             length = int(math.exp(rng.uniform(math.log(low), math.log(high))))
@@ -562,17 +546,99 @@ def write_skill_mixture(
             ids.astype(dtype).tofile(out)
             answers.tofile(answers_out)
             written += len(ids)
-            bar.update(len(ids))
+    return {"tokens": written, **counts}
+
+
+def write_skill_mixture(
+    corpus_dir: str | Path,
+    num_tokens: int,
+    skill_fraction: float = 0.25,
+    kind_weights: dict[str, float] | None = None,
+    doc_tokens: tuple[int, int] = (256, 8192),
+    seed: int = 0,
+    out_name: str = "skills.bin",
+    progress: bool = True,
+    workers: int | None = None,
+    shard_tokens: int = SHARD_TOKENS,
+) -> dict:
+    """Write ``corpus_dir/out_name``: about ``num_tokens`` tokens mixing skill documents and real text.
+
+    A ``skill_fraction`` share of the tokens are skill documents (kinds drawn by ``kind_weights``,
+    default equal; lengths log-uniform in ``doc_tokens``), the rest are slices of ``train.bin`` of
+    the same length range. Everything is eos-separated, in the corpus's dtype. Beside it,
+    ``<stem>_answers.bin`` (``uint8``, one per token: 1 on the tokens of every answer, for a trainer's
+    ``answer_weight``) and ``<stem>.json`` with the counts; returns that dict.
+
+    The file is written in shards of ``shard_tokens`` (the first seeded with ``seed``, shard ``i``
+    with ``f"{seed}/{i}"``) by ``workers`` processes (default: one per CPU core, at most one per
+    shard); the result is the same for any number of workers.
+    """
+    if not 0 <= skill_fraction <= 1:
+        raise ValueError(f"skill_fraction must be in [0, 1], got {skill_fraction!r}")
+    if num_tokens <= 0:
+        raise ValueError(f"num_tokens must be positive, got {num_tokens}")
+    low, high = doc_tokens
+    if not 0 < low <= high:
+        raise ValueError(f"doc_tokens must be (low, high) with 0 < low <= high, got {doc_tokens!r}")
+    if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens <= 0:
+        raise ValueError(f"shard_tokens must be a positive int, got {shard_tokens!r}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be a positive int or None, got {workers!r}")
+    weights = kind_weights or {k: 1.0 for k in SKILL_KINDS}
+    for kind in weights:
+        if kind not in SKILL_KINDS:
+            raise ValueError(f"skill kind {kind!r} is unknown; expected one of {', '.join(SKILL_KINDS)}")
+    corpus = Path(corpus_dir)
+    meta = load_meta(corpus)
+    if len(load_split(corpus, "train")) == 0:
+        raise ValueError(f"{str(corpus)!r} has an empty train split")
+
+    num_shards = -(-num_tokens // shard_tokens)
+    sizes = [num_tokens // num_shards + (i < num_tokens % num_shards) for i in range(num_shards)]
+    out_path = corpus / out_name
+    parts = [out_path.with_name(f"{out_path.stem}.part{i}{out_path.suffix}") for i in range(num_shards)]
+    jobs = [
+        (corpus, part, size, skill_fraction, weights, (low, high), seed if i == 0 else f"{seed}/{i}")
+        for i, (part, size) in enumerate(zip(parts, sizes))
+    ]
+    workers = min(workers or os.cpu_count() or 1, num_shards)
+    shards: list[dict] = [{}] * num_shards
+    try:
+        with tqdm(total=num_tokens, desc="skills", unit="tok", disable=not progress) as bar:
+            if workers == 1:
+                for i, job in enumerate(jobs):
+                    shards[i] = _write_shard(*job)
+                    bar.update(sizes[i])
+            else:
+                # spawn, not fork: the parent may hold a tokenizer's thread pool (build_corpus).
+                context = multiprocessing.get_context("spawn")
+                with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+                    futures = {pool.submit(_write_shard, *job): i for i, job in enumerate(jobs)}
+                    for future in as_completed(futures):
+                        shards[futures[future]] = future.result()
+                        bar.update(sizes[futures[future]])
+        with open(out_path, "wb") as out, open(answers_path(out_path), "wb") as answers_out:
+            for part in parts:
+                for src, dst in ((part, out), (answers_path(part), answers_out)):
+                    with open(src, "rb") as f:
+                        shutil.copyfileobj(f, dst, 1 << 24)
+    finally:
+        for part in parts:
+            part.unlink(missing_ok=True)
+            answers_path(part).unlink(missing_ok=True)
+    total = {key: sum(shard[key] for shard in shards) for key in ("tokens", *_SHARD_COUNTS)}
     result = {
         "file": out_name,
-        "tokens": written,
+        "tokens": total["tokens"],
         "skill_fraction": skill_fraction,
-        "measured_skill_fraction": counts["skill_tokens"] / written,
+        "measured_skill_fraction": total["skill_tokens"] / total["tokens"],
         "kind_weights": weights,
         "doc_tokens": list(doc_tokens),
         "seed": seed,
         "dtype": meta["dtype"],
-        **counts,
+        "shards": num_shards,
+        **{key: total[key] for key in _SHARD_COUNTS},
+        "documents": {k: sum(shard["documents"][k] for shard in shards) for k in SKILL_KINDS},
     }
     (corpus / f"{Path(out_name).stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
