@@ -12,6 +12,9 @@
 # Every step skips work that is already done (models saved, eval results resume), so rerunning a
 # stage after a crash or on a fresh machine continues from what exists under $RUNS.
 # Settings come from the environment; defaults are the ones used for the shipped model.
+# A GPU machine that may go back between calls: run a short stage whole in one call, e.g.
+#   timeout 560 bash scripts/train_nano.sh retrieval; bash scripts/train_nano.sh follow 0
+# (FT_MINUTES small, FT_EVALS a few; chain fine-tunes through the bf16 model each call returns).
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
 RUNS=${RUNS:-runs}
@@ -118,6 +121,9 @@ ROUTING_LOSS=${ROUTING_LOSS:-1.0}
 ANSWER_WEIGHT=${ANSWER_WEIGHT:-20}      # skill answer tokens count 1 + this in the loss
 FT_NAME=${FT_NAME:-nano-retrieval}      # run directory and results name
 FT_CORPUS=${FT_CORPUS:-corpus-ft}
+SKILLS_SEED=${SKILLS_SEED:-0}           # a new seed gives new skill documents over the same corpus
+FT_EVALS=${FT_EVALS:-"niah demo skills routing recall heldout ruler"}  # which evals the stage runs
+NIAH_LENGTHS=${NIAH_LENGTHS:-4k,$TRAIN_LEN}
 ROUTING_LENGTHS=${ROUTING_LENGTHS:-$TRAIN_LEN,1m}  # needle_routing.py: router ranks of the needle block
 SKILL_LENGTHS=${SKILL_LENGTHS:-2k,$TRAIN_LEN,128k,1m}  # skill_accuracy.py: our facts format
 ft_train() {
@@ -130,7 +136,7 @@ retrieval() {
   if [ ! -f "$RUNS/$FT_CORPUS/skills.bin" ]; then
     log "$FT_CORPUS: $CORPUS_MB MB of $SITE with $BASE_MODEL's tokenizer + $SKILLS_TOKENS skill tokens ($FT_SKILLS_KINDS, $FT_DOC_TOKENS)"
     python3 -m subquad.cli corpus --source "$SITE" --out "$RUNS/$FT_CORPUS" --tokenizer-from "$BASE_MODEL" \
-      --max-mb "$CORPUS_MB" --skills-tokens "$SKILLS_TOKENS" --skills-kinds "$FT_SKILLS_KINDS" --skills-doc-tokens "$FT_DOC_TOKENS" \
+      --max-mb "$CORPUS_MB" --skills-tokens "$SKILLS_TOKENS" --skills-kinds "$FT_SKILLS_KINDS" --skills-doc-tokens "$FT_DOC_TOKENS" --skills-seed "$SKILLS_SEED" \
       > "$RUNS/logs/$FT_CORPUS.log" 2>&1 || return 1
   fi
   if [ ! -f "$RUNS/plan-$FT_NAME.env" ]; then
@@ -156,27 +162,28 @@ PY
       --checkpoint-interval 100 --log-interval 10 > "$RUNS/logs/train-$FT_NAME.log" 2>&1 || return 1
   fi
   local model=$RUNS/$FT_NAME/final res=$RUNS/results/$FT_NAME elog=$RUNS/logs/eval-$FT_NAME.log
-  log "eval retrieval: needles at $TRAIN_LEN, router ranks, recall, held-out loss, RULER $RULER_LENGTHS"
+  log "eval retrieval: $FT_EVALS"
   ev() { python3 -m subquad.cli eval --model "$model" --device "$DEVICE" --no-progress "$@" >> "$elog" 2>&1; }
+  want() { [[ " $FT_EVALS " == *" $1 "* ]]; }
   mkdir -p "$res"
   # The evaluation's needles first (RULER's, then the demo's grid), then our own skill format
   # (held-out filler): when the needles fail, does the model read back at all, and does the router
   # find the fact?
-  ev --suite ruler --tasks niah_single_1,niah_single_2,niah_single_3 --lengths "4k,$TRAIN_LEN" --samples 50 \
-    --max-new-tokens 32 --batch-size 4 --out "$res/niah-single"
-  python3 -m subquad.cli demo --model "$model" --device "$DEVICE" --lengths 4k,16k,64k --depths 10,50,90 \
-    --no-progress --out "$res/demo" >> "$elog" 2>&1
-  python3 scripts/skill_accuracy.py --model "$model" --corpus "$RUNS/$FT_CORPUS" --kind facts \
+  want niah && ev --suite ruler --tasks niah_single_1,niah_single_2,niah_single_3 --lengths "$NIAH_LENGTHS" \
+    --samples 50 --max-new-tokens 32 --batch-size 4 --out "$res/niah-single"
+  want demo && python3 -m subquad.cli demo --model "$model" --device "$DEVICE" --lengths 4k,16k,64k \
+    --depths 10,50,90 --no-progress --out "$res/demo" >> "$elog" 2>&1
+  want skills && python3 scripts/skill_accuracy.py --model "$model" --corpus "$RUNS/$FT_CORPUS" --kind facts \
     --lengths "$SKILL_LENGTHS" --samples 24 --routing --device "$DEVICE" --out "$res/skill-accuracy.json" \
     >> "$elog" 2>&1
-  python3 scripts/needle_routing.py --model "$model" --lengths "$ROUTING_LENGTHS" --device "$DEVICE" \
-    --out "$res/needle-routing.json" >> "$elog" 2>&1
-  [ -f "$res/recall.json" ] || python3 -m subquad.eval.recall --model "$model" --corpus "$RUNS/$FT_CORPUS" \
+  want routing && python3 scripts/needle_routing.py --model "$model" --lengths "$ROUTING_LENGTHS" \
+    --device "$DEVICE" --out "$res/needle-routing.json" >> "$elog" 2>&1
+  want recall && python3 -m subquad.eval.recall --model "$model" --corpus "$RUNS/$FT_CORPUS" \
     --length "$TRAIN_LEN" --windows 4 --device "$DEVICE" --out "$res/recall.json" >> "$elog" 2>&1
-  python3 -m subquad.train.heldout --model "$model" --corpus "$RUNS/$FT_CORPUS" --seq-len "$TRAIN_LEN" --tokens 1m \
-    --device "$DEVICE" --out "$res/heldout.json" >> "$elog" 2>&1
-  ev --suite ruler --lengths "$RULER_LENGTHS" --samples "$EVAL_SAMPLES" --max-new-tokens 32 --batch-size 16 \
-    --out "$res/ruler"
+  want heldout && python3 -m subquad.train.heldout --model "$model" --corpus "$RUNS/$FT_CORPUS" \
+    --seq-len "$TRAIN_LEN" --tokens 1m --device "$DEVICE" --out "$res/heldout.json" >> "$elog" 2>&1
+  want ruler && ev --suite ruler --lengths "$RULER_LENGTHS" --samples "$EVAL_SAMPLES" --max-new-tokens 32 \
+    --batch-size 16 --out "$res/ruler"
   log "eval retrieval: done"
 }
 

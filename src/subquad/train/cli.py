@@ -160,6 +160,12 @@ def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
         help="LOW,HIGH: skill document lengths in tokens, log-uniform (default 256,8192)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--skills-seed",
+        type=int,
+        default=None,
+        help="seed of the skill documents alone (default: --seed); the corpus and its split stay the same",
+    )
 
 
 def _kind_weights(text: str) -> dict[str, float]:
@@ -205,7 +211,7 @@ def run_corpus(args: argparse.Namespace) -> int:
                 skill_fraction=1.0,
                 kind_weights=weights,
                 doc_tokens=doc_tokens,
-                seed=args.seed,
+                seed=args.seed if args.skills_seed is None else args.skills_seed,
             )
     except (ValueError, TypeError) as exc:
         print(f"subquad corpus: {exc}", file=sys.stderr)
