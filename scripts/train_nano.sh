@@ -122,6 +122,7 @@ ANSWER_WEIGHT=${ANSWER_WEIGHT:-20}      # skill answer tokens count 1 + this in 
 FT_NAME=${FT_NAME:-nano-retrieval}      # run directory and results name
 FT_CORPUS=${FT_CORPUS:-corpus-ft}
 SKILLS_SEED=${SKILLS_SEED:-0}           # a new seed gives new skill documents over the same corpus
+SKILLS_PROSE=${SKILLS_PROSE:-0}         # share of facts documents with a haystack of English prose lines
 FT_EVALS=${FT_EVALS:-"niah demo skills routing recall heldout ruler"}  # which evals the stage runs
 NIAH_LENGTHS=${NIAH_LENGTHS:-4k,$TRAIN_LEN}
 ROUTING_LENGTHS=${ROUTING_LENGTHS:-$TRAIN_LEN,1m}  # needle_routing.py: router ranks of the needle block
@@ -137,6 +138,7 @@ retrieval() {
     log "$FT_CORPUS: $CORPUS_MB MB of $SITE with $BASE_MODEL's tokenizer + $SKILLS_TOKENS skill tokens ($FT_SKILLS_KINDS, $FT_DOC_TOKENS)"
     python3 -m subquad.cli corpus --source "$SITE" --out "$RUNS/$FT_CORPUS" --tokenizer-from "$BASE_MODEL" \
       --max-mb "$CORPUS_MB" --skills-tokens "$SKILLS_TOKENS" --skills-kinds "$FT_SKILLS_KINDS" --skills-doc-tokens "$FT_DOC_TOKENS" --skills-seed "$SKILLS_SEED" \
+      --skills-prose "$SKILLS_PROSE" \
       > "$RUNS/logs/$FT_CORPUS.log" 2>&1 || return 1
   fi
   if [ ! -f "$RUNS/plan-$FT_NAME.env" ]; then

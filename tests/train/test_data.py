@@ -451,6 +451,26 @@ def test_skill_mixture_shards_do_not_depend_on_workers(corpora, tmp_path):
         write_skill_mixture(corpus, 100, shard_tokens=0, progress=False)
 
 
+def test_prose_line_keeps_sentences_and_drops_code():
+    assert skills.prose_line("    # Split the file content into smaller chunks, one per page.") == (
+        "Split the file content into smaller chunks, one per page."
+    )
+    for code in ("x = foo(bar, baz) + 1  # add one", "| a | b | c | d | e | f |", "Too short to count.", ""):
+        assert skills.prose_line(code) is None
+
+
+def test_prose_haystacks_fall_back_without_prose(corpora, tmp_path):
+    # The fixture corpus is word salad with braces and non-ASCII words: no prose line in it, so every
+    # prose haystack falls back to plain filler instead of searching forever.
+    corpus = tmp_path / "corpus"
+    shutil.copytree(corpora["bpe"][0], corpus)
+    kwargs = dict(skill_fraction=1.0, kind_weights={"facts": 1.0}, doc_tokens=(64, 256), progress=False)
+    result = write_skill_mixture(corpus, 3000, prose_share=1.0, **kwargs)
+    assert result["prose_share"] == 1.0 and result["documents"]["facts"] > 0
+    with pytest.raises(ValueError, match="prose_share"):
+        write_skill_mixture(corpus, 100, prose_share=1.5, **kwargs)
+
+
 def test_skill_mixture_of_facts_only(corpora, tmp_path):
     corpus = tmp_path / "corpus"
     shutil.copytree(corpora["bpe"][0], corpus)

@@ -161,6 +161,12 @@ def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--skills-prose",
+        type=float,
+        default=0.0,
+        help="share of facts documents whose haystack is English prose from the corpus (default 0)",
+    )
+    parser.add_argument(
         "--skills-seed",
         type=int,
         default=None,
@@ -212,6 +218,7 @@ def run_corpus(args: argparse.Namespace) -> int:
                 kind_weights=weights,
                 doc_tokens=doc_tokens,
                 seed=args.seed if args.skills_seed is None else args.skills_seed,
+                prose_share=args.skills_prose,
             )
     except (ValueError, TypeError) as exc:
         print(f"subquad corpus: {exc}", file=sys.stderr)

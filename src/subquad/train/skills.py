@@ -484,6 +484,41 @@ def _filler_from(ids: np.ndarray, tokenizer: Tokenizer, eos: int, num_tokens: in
     return "\n\n".join(tokenizer.decode([int(t) for t in p if t != eos]) for p in pieces)
 
 
+_PROSE_WORD = re.compile(r"[A-Za-z][a-z]*[.,;:!?]?")
+_PROSE_TRIES = 32  # windows read for one prose haystack before falling back to plain filler
+
+
+def prose_line(line: str) -> str | None:
+    """``line`` as English prose (comment markers stripped) if it reads like a sentence: at least six
+    words, 85% of them plain words; else None. Code, tables and data lines are rejected."""
+    text = line.strip().lstrip("#*/-> ").strip()
+    words = text.split()
+    if len(words) < 6 or sum(bool(_PROSE_WORD.fullmatch(w)) for w in words) < 0.85 * len(words):
+        return None
+    return text
+
+
+def _prose_from(ids: np.ndarray, tokenizer: Tokenizer, eos: int, num_tokens: int, rng: random.Random) -> str:
+    """About ``num_tokens`` tokens of English prose gathered from the corpus's comments, docstrings and
+    docs (``prose_line``), two to six lines to a paragraph, so that a haystack can read like essays
+    rather than code. Falls back to plain filler where the corpus holds too little prose."""
+    lines: list[str] = []
+    target = 4 * num_tokens  # characters: English runs at about 4 per token
+    for _ in range(_PROSE_TRIES):
+        window = _filler_from(ids, tokenizer, eos, 4096, rng)
+        lines += [text for text in map(prose_line, window.splitlines()) if text]
+        if sum(len(line) + 1 for line in lines) >= target:
+            break
+    else:
+        return _filler_from(ids, tokenizer, eos, num_tokens, rng)
+    paragraphs, used = [], 0
+    while used < len(lines) and sum(len(p) + 1 for p in paragraphs) < target:
+        size = rng.randint(2, 6)
+        paragraphs.append(" ".join(lines[used : used + size]))
+        used += size
+    return "\n".join(paragraphs)
+
+
 def answers_path(tokens_path: str | Path) -> Path:
     """The answer mask beside a skill token file: ``skills.bin`` -> ``skills_answers.bin``."""
     path = Path(tokens_path)
@@ -504,6 +539,7 @@ def _write_shard(
     weights: dict[str, float],
     doc_tokens: tuple[int, int],
     seed: int | str,
+    prose_share: float = 0.0,
 ) -> dict:
     """One shard of ``write_skill_mixture``: ``num_tokens`` tokens to ``part`` and its answer mask."""
     low, high = doc_tokens
@@ -527,7 +563,10 @@ def _write_shard(
             # Token-weighted: whichever side is behind its share gets the next piece, so the mix is exact.
             if counts["skill_tokens"] < skill_fraction * max(1, written) or (skill_fraction == 1):
                 kind = rng.choices(kinds, kind_p)[0]
-                filler = _filler_from(train, tokenizer, eos, length, rng)
+                # No draw at prose_share 0: mixtures without prose stay as they were.
+                prose = prose_share > 0 and kind == "facts" and rng.random() < prose_share
+                source = _prose_from if prose else _filler_from
+                filler = source(train, tokenizer, eos, length, rng)
                 # Sized by the filler's own characters: an average bytes-per-token would over- or
                 # undershoot on unusual text (non-ASCII, data files) and repeat the filler to fill up.
                 text, spans = _skill_text(kind, filler, len(filler), rng)
@@ -560,6 +599,7 @@ def write_skill_mixture(
     progress: bool = True,
     workers: int | None = None,
     shard_tokens: int = SHARD_TOKENS,
+    prose_share: float = 0.0,
 ) -> dict:
     """Write ``corpus_dir/out_name``: about ``num_tokens`` tokens mixing skill documents and real text.
 
@@ -569,12 +609,17 @@ def write_skill_mixture(
     ``<stem>_answers.bin`` (``uint8``, one per token: 1 on the tokens of every answer, for a trainer's
     ``answer_weight``) and ``<stem>.json`` with the counts; returns that dict.
 
+    A ``prose_share`` of the facts documents get a haystack of English prose lines gathered from the
+    corpus (``prose_line``) instead of a plain window of it.
+
     The file is written in shards of ``shard_tokens`` (the first seeded with ``seed``, shard ``i``
     with ``f"{seed}/{i}"``) by ``workers`` processes (default: one per CPU core, at most one per
     shard); the result is the same for any number of workers.
     """
     if not 0 <= skill_fraction <= 1:
         raise ValueError(f"skill_fraction must be in [0, 1], got {skill_fraction!r}")
+    if not 0 <= prose_share <= 1:
+        raise ValueError(f"prose_share must be in [0, 1], got {prose_share!r}")
     if num_tokens <= 0:
         raise ValueError(f"num_tokens must be positive, got {num_tokens}")
     low, high = doc_tokens
@@ -597,9 +642,10 @@ def write_skill_mixture(
     sizes = [num_tokens // num_shards + (i < num_tokens % num_shards) for i in range(num_shards)]
     out_path = corpus / out_name
     parts = [out_path.with_name(f"{out_path.stem}.part{i}{out_path.suffix}") for i in range(num_shards)]
+    seeds = [seed] + [f"{seed}/{i}" for i in range(1, num_shards)]
     jobs = [
-        (corpus, part, size, skill_fraction, weights, (low, high), seed if i == 0 else f"{seed}/{i}")
-        for i, (part, size) in enumerate(zip(parts, sizes))
+        (corpus, part, size, skill_fraction, weights, doc_tokens, shard_seed, prose_share)
+        for part, size, shard_seed in zip(parts, sizes, seeds)
     ]
     workers = min(workers or os.cpu_count() or 1, num_shards)
     shards: list[dict] = [{}] * num_shards
@@ -637,6 +683,7 @@ def write_skill_mixture(
         "seed": seed,
         "dtype": meta["dtype"],
         "shards": num_shards,
+        "prose_share": prose_share,
         **{key: total[key] for key in _SHARD_COUNTS},
         "documents": {k: sum(shard["documents"][k] for shard in shards) for k in SKILL_KINDS},
     }
