@@ -459,6 +459,19 @@ def test_prose_line_keeps_sentences_and_drops_code():
         assert skills.prose_line(code) is None
 
 
+def test_prose_haystack_keeps_only_prose_lines(monkeypatch):
+    window = "\n".join(
+        ["    # Read the file content from a path, a bytes array or a stream.", "x = load(path)"] * 40
+    )
+    monkeypatch.setattr(skills, "_filler_from", lambda *args: window)
+    text = skills._prose_from(None, None, 0, 200, random.Random(0))
+    paragraphs = text.split("\n")
+    assert len(paragraphs) > 1 and len(text) >= 800
+    for paragraph in paragraphs:
+        assert "load(" not in paragraph and "#" not in paragraph
+        assert paragraph.startswith("Read the file content")
+
+
 def test_prose_haystacks_fall_back_without_prose(corpora, tmp_path):
     # The fixture corpus is word salad with braces and non-ASCII words: no prose line in it, so every
     # prose haystack falls back to plain filler instead of searching forever.

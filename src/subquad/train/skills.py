@@ -511,10 +511,11 @@ def _prose_from(ids: np.ndarray, tokenizer: Tokenizer, eos: int, num_tokens: int
             break
     else:
         return _filler_from(ids, tokenizer, eos, num_tokens, rng)
-    paragraphs, used = [], 0
-    while used < len(lines) and sum(len(p) + 1 for p in paragraphs) < target:
+    paragraphs, used, chars = [], 0, 0
+    while chars < target:
         size = rng.randint(2, 6)
         paragraphs.append(" ".join(lines[used : used + size]))
+        chars += len(paragraphs[-1]) + 1
         used += size
     return "\n".join(paragraphs)
 
