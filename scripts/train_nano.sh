@@ -123,7 +123,7 @@ FT_NAME=${FT_NAME:-nano-retrieval}      # run directory and results name
 FT_CORPUS=${FT_CORPUS:-corpus-ft}
 SKILLS_SEED=${SKILLS_SEED:-0}           # a new seed gives new skill documents over the same corpus
 SKILLS_PROSE=${SKILLS_PROSE:-0}         # share of facts documents with a haystack of English prose lines
-FT_EVALS=${FT_EVALS:-"niah demo skills routing recall heldout ruler"}  # which evals the stage runs
+FT_EVALS=${FT_EVALS-"niah demo skills routing recall heldout ruler"}  # which evals the stage runs ("": none)
 NIAH_LENGTHS=${NIAH_LENGTHS:-4k,$TRAIN_LEN}
 ROUTING_LENGTHS=${ROUTING_LENGTHS:-$TRAIN_LEN,1m}  # needle_routing.py: router ranks of the needle block
 SKILL_LENGTHS=${SKILL_LENGTHS:-2k,$TRAIN_LEN,128k,1m}  # skill_accuracy.py: our facts format
@@ -137,8 +137,8 @@ retrieval() {
   if [ ! -f "$RUNS/$FT_CORPUS/skills.bin" ]; then
     log "$FT_CORPUS: $CORPUS_MB MB of $SITE with $BASE_MODEL's tokenizer + $SKILLS_TOKENS skill tokens ($FT_SKILLS_KINDS, $FT_DOC_TOKENS)"
     python3 -m subquad.cli corpus --source "$SITE" --out "$RUNS/$FT_CORPUS" --tokenizer-from "$BASE_MODEL" \
-      --max-mb "$CORPUS_MB" --skills-tokens "$SKILLS_TOKENS" --skills-kinds "$FT_SKILLS_KINDS" --skills-doc-tokens "$FT_DOC_TOKENS" --skills-seed "$SKILLS_SEED" \
-      --skills-prose "$SKILLS_PROSE" \
+      --max-mb "$CORPUS_MB" --skills-tokens "$SKILLS_TOKENS" --skills-kinds "$FT_SKILLS_KINDS" --skills-doc-tokens "$FT_DOC_TOKENS" \
+      --skills-seed "$SKILLS_SEED" --skills-prose "$SKILLS_PROSE" \
       > "$RUNS/logs/$FT_CORPUS.log" 2>&1 || return 1
   fi
   if [ ! -f "$RUNS/plan-$FT_NAME.env" ]; then
@@ -180,8 +180,9 @@ PY
     >> "$elog" 2>&1
   want routing && python3 scripts/needle_routing.py --model "$model" --lengths "$ROUTING_LENGTHS" \
     --device "$DEVICE" --out "$res/needle-routing.json" >> "$elog" 2>&1
-  want recall && python3 -m subquad.eval.recall --model "$model" --corpus "$RUNS/$FT_CORPUS" \
-    --length "$TRAIN_LEN" --windows 4 --device "$DEVICE" --out "$res/recall.json" >> "$elog" 2>&1
+  want recall && { [ -f "$res/recall.json" ] || python3 -m subquad.eval.recall --model "$model" \
+    --corpus "$RUNS/$FT_CORPUS" --length "$TRAIN_LEN" --windows 4 --device "$DEVICE" --out "$res/recall.json" \
+    >> "$elog" 2>&1; }
   want heldout && python3 -m subquad.train.heldout --model "$model" --corpus "$RUNS/$FT_CORPUS" \
     --seq-len "$TRAIN_LEN" --tokens 1m --device "$DEVICE" --out "$res/heldout.json" >> "$elog" 2>&1
   want ruler && ev --suite ruler --lengths "$RULER_LENGTHS" --samples "$EVAL_SAMPLES" --max-new-tokens 32 \
