@@ -4,7 +4,10 @@ Retrieval can fail in two places: the router never selects the block holding the
 does and the model cannot read the answer out of it. This prefills one needle prompt per length
 (``subquad.eval.niah``) and, in every layer, scores all earlier blocks with the last token's routing
 query (the first answer token is predicted there). It reports the needle block's rank among the
-routing candidates (1 = best; the router takes the ``top_k`` best) and whether it was selected.
+routing candidates (1 = best; the router takes the ``top_k`` best) and whether it was selected, and
+the block's rank and share in the layer's own dense softmax over the same candidates (the target the
+router loss trains towards): a needle that attention would weigh but the router ranks low is a
+routing miss; one that attention itself ignores is not the router's to find.
 
     PYTHONPATH=src python scripts/needle_routing.py --lengths 32k,1m,4m,12m --device cuda --out needle.json
 """
@@ -22,6 +25,21 @@ from subquad.demo import default_model_path
 from subquad.eval import niah
 from subquad.eval.runner import load_model
 from subquad.ops.ssa.select import block_summaries, routing_queries
+
+
+def candidate_mass(q_last, k, ssa, scale: float, last_block: int) -> torch.Tensor:
+    """Share of each block in the last token's dense softmax over the routing candidates, ``[Hkv, NB]``
+    (mean over a KV head's query heads): what the router is trained to match. Scores use the keys as
+    the layer scores routed blocks (pre-rotary under ``local_rope``); non-candidates get 0."""
+    heads_kv, group = k.shape[2], q_last.shape[2] // k.shape[2]
+    num_blocks = -(-k.shape[1] // ssa.block_size)
+    stop = (last_block - ssa.local_blocks + 1) * ssa.block_size
+    keys = k[0, ssa.sink_blocks * ssa.block_size : stop].float()  # [S', Hkv, D]
+    scores = torch.einsum("hgd,shd->hgs", q_last[0, 0].float().view(heads_kv, group, -1), keys) * scale
+    blocks = torch.softmax(scores, dim=-1).mean(1).view(heads_kv, -1, ssa.block_size).sum(-1)
+    mass = torch.zeros(heads_kv, num_blocks)
+    mass[:, ssa.sink_blocks : ssa.sink_blocks + blocks.shape[1]] = blocks
+    return mass
 
 
 def block_ranks(model, ids: torch.Tensor, target_token: int) -> dict:
@@ -50,6 +68,9 @@ def block_ranks(model, ids: torch.Tensor, target_token: int) -> dict:
                     candidates = scores[0, :, ssa.sink_blocks : last_block - ssa.local_blocks + 1]
                     target_score = candidates[:, target_block - ssa.sink_blocks]
                     rank = (candidates > target_score[:, None]).sum(-1) + 1
+                    mass = candidate_mass(q[:, -1:], k, ssa, attention.scale, last_block)
+                    row.update(attention_rank=((mass > mass[:, [target_block]]).sum(-1) + 1).tolist(),
+                               attention_mass=mass[:, target_block].tolist())  # fmt: skip
                     last_route = None if route is None else (route[0][:, -1:], route[1])
                     selected = attention.select(q[:, -1:], k, summaries, last_route).block_idx
                     row.update(rank=rank.tolist(), candidates=candidates.shape[-1],
@@ -73,9 +94,9 @@ def block_ranks(model, ids: torch.Tensor, target_token: int) -> dict:
     return {"target_block": target_block, "seconds": seconds, "layers": layers}
 
 
-def needle_ranks(model, tokenizer, length: int, depth: float, seed: int) -> dict:
+def needle_ranks(model, tokenizer, length: int, depth: float, seed: int, suffix: str = "") -> dict:
     sample = niah.generate(length, depth, tokenizer, num_samples=1, seed=seed)[0]
-    ids = tokenizer(sample.input, return_tensors="pt").input_ids.to(model.device)
+    ids = tokenizer(sample.input + suffix, return_tensors="pt").input_ids.to(model.device)
     # The needle's value is the first place its digits appear; its token index is the length of the
     # prompt's text before it, tokenized the same way.
     value_at = sample.input.index(sample.answers[0])
@@ -95,6 +116,10 @@ def main() -> None:
     parser.add_argument("--depth", type=float, default=50.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--suffix", default="",
+        help="text appended to the prompt, e.g. the words a model says before the value ('listed as')",
+    )  # fmt: skip
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     model, tokenizer = load_model(args.model, device=args.device)
@@ -102,19 +127,25 @@ def main() -> None:
         raise SystemExit(f"--model {args.model!r}: attention={model.config.attention!r}, needs an SSA model")
     results = []
     for text in args.lengths.split(","):
-        result = needle_ranks(model, tokenizer, parse_length(text), args.depth, args.seed)
+        result = needle_ranks(model, tokenizer, parse_length(text), args.depth, args.seed, args.suffix)
         results.append(result)
         layers = result["layers"]
         ranks = " ".join("local" if x["always"] else f"{min(x['rank'])}{'*' if x['selected'] else ''}"
                          for x in layers)  # fmt: skip
+        attention = " ".join(
+            "local" if x["always"] else f"{min(x['attention_rank'])}/{max(x['attention_mass']):.2f}"
+            for x in layers
+        )
         print(
             f"{text}: needle block {result['needle_block']} of {layers[0]['candidates']} candidates; "
-            f"rank per layer (* = selected): {ranks}; {result['seconds']:.1f} s",
+            f"rank per layer (* = selected): {ranks}; by the layer's dense attention (rank/mass): "
+            f"{attention}; {result['seconds']:.1f} s",
             flush=True,
         )
     if args.out:
         with open(args.out, "w") as f:
-            summary = {"model": args.model, "depth": args.depth, "seed": args.seed, "results": results}
+            summary = {"model": args.model, "depth": args.depth, "seed": args.seed, "suffix": args.suffix,
+                       "results": results}  # fmt: skip
             json.dump(summary, f, indent=2)
 
 

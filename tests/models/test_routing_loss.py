@@ -8,7 +8,7 @@ from subquad.models import SubquadConfig, SubquadForCausalLM
 from subquad.models.routing_loss import routing_distillation_loss
 
 
-def _reference(q, k, config, scale, rows):
+def _reference(q, k, config, scale, rows, temperature=1.0):
     """Row by row, head by head, with explicit candidate lists."""
     heads_q, heads_kv, bs = q.shape[2], k.shape[2], config.block_size
     group = heads_q // heads_kv
@@ -22,6 +22,7 @@ def _reference(q, k, config, scale, rows):
                 for g in range(group):
                     probs = torch.softmax(q[b, row, h * group + g].float() @ keys.T * scale, dim=0)
                     target += probs.view(len(candidates), bs).sum(1) / group
+                target = target ** (1 / temperature) / (target ** (1 / temperature)).sum()
                 summaries = torch.stack([k[b, c * bs : (c + 1) * bs, h].float().mean(0) for c in candidates])
                 route = q[b, row, h * group : (h + 1) * group].float().mean(0)
                 log_router = torch.log_softmax(summaries @ route * scale, dim=0)
@@ -30,16 +31,36 @@ def _reference(q, k, config, scale, rows):
     return total / count
 
 
-@pytest.mark.parametrize("seq_len,heads", [(100, (4, 2)), (161, (3, 1))])
-def test_matches_row_by_row_reference(seq_len, heads):
+@pytest.mark.parametrize(
+    "seq_len,heads,temperature", [(100, (4, 2), 1.0), (161, (3, 1), 1.0), (133, (4, 2), 0.4)]
+)
+def test_matches_row_by_row_reference(seq_len, heads, temperature):
     config = subquad.SSAConfig(block_size=16, top_k=2, sink_blocks=1, local_blocks=2)
-    q = torch.randn(2, seq_len, heads[0], 8)
+    q = 2 * torch.randn(2, seq_len, heads[0], 8)
     k = torch.randn(2, seq_len, heads[1], 8)
     first = (config.sink_blocks + config.local_blocks) * config.block_size
     rows = torch.linspace(first, seq_len - 1, 7).long().unique().tolist()
-    loss = routing_distillation_loss(q, k, config, scale=8**-0.5, num_queries=7)
-    assert float(loss) == pytest.approx(_reference(q, k, config, 8**-0.5, rows), rel=1e-4)
+    loss = routing_distillation_loss(q, k, config, scale=8**-0.5, num_queries=7, temperature=temperature)
+    assert float(loss) == pytest.approx(_reference(q, k, config, 8**-0.5, rows, temperature), rel=1e-4)
     assert float(loss) > 0
+
+
+def test_a_sharper_target_weighs_the_heaviest_blocks_more():
+    # One block holds keys aligned with the query: sharpening moves the target's mass onto it, so a
+    # router that scores every block alike pays more for ignoring it.
+    config = subquad.SSAConfig(block_size=16, top_k=2, sink_blocks=1, local_blocks=1)
+    q = torch.randn(1, 120, 2, 8)
+    k = torch.randn(1, 120, 1, 8)
+    k[0, 32:48, 0] = 2 * q[0, 119].mean(0)
+    flat = (torch.zeros_like(q), torch.zeros_like(k))  # a router with no preference
+    rows = torch.tensor([119])
+    losses = [
+        float(routing_distillation_loss(q, k, config, 0.35, 1, route=flat, focus=rows, temperature=t))
+        for t in (1.0, 0.5, 0.25)
+    ]
+    assert losses[0] < losses[1] < losses[2]
+    with pytest.raises(ValueError, match="temperature=0"):
+        routing_distillation_loss(q, k, config, 0.35, 1, temperature=0)
 
 
 def test_gradients_reach_q_and_k_and_short_sequences_give_none():
@@ -106,5 +127,7 @@ def test_enable_routing_loss_validates():
         model.enable_routing_loss(-1.0)
     with pytest.raises(ValueError, match="num_queries"):
         model.enable_routing_loss(0.1, num_queries=0)
+    with pytest.raises(ValueError, match="temperature=-0.5"):
+        model.enable_routing_loss(0.1, temperature=-0.5)
     with pytest.raises(ValueError, match="needs attention='ssa'"):
         _debug_model("dense").enable_routing_loss(0.1)

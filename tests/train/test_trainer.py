@@ -285,6 +285,7 @@ def test_flops_per_token_counts_attention():
         ("seq_len_schedule", "5:32"), ("seq_len_schedule", "0:32,0:64"), ("seq_len_schedule", "0:40000"),
         ("seq_len_schedule", "0:x"), ("betas", (0.9, 1.5)), ("dtype", "fp16"), ("skills_fraction", 2.0),
         ("max_minutes", 0), ("flavor", "huge"), ("attention", "flash"), ("grad_clip", -1.0),
+        ("routing_loss_temperature", 0.0), ("train_only", "lm"), ("train_only", "router"),
     ],
 )  # fmt: skip
 def test_validation_errors_name_the_field(corpus, tmp_path, field, value):
@@ -350,3 +351,27 @@ def test_fine_tune_adds_a_learned_router_that_starts_as_the_shared_one(ssa_run, 
     # The router loss trained the router.
     moved = tuned.model.layers[0].self_attn.router_k_proj.weight
     assert not torch.equal(moved, start.model.layers[0].self_attn.router_k_proj.weight)
+
+
+def test_router_only_training_leaves_the_language_model_as_it_was(ssa_run, corpus, tmp_path):
+    base = ssa_run[0] / "final"
+    out = tmp_path / "router-only"
+    config = _config(
+        corpus, out, attention=None, init_from=base, steps=3, seq_len_schedule="0:64",
+        model_overrides={"router": "learned"}, routing_loss=1.0, routing_loss_temperature=0.5,
+        train_only="router",
+    )  # fmt: skip
+    start = _build_model(config, {"vocab_size": 256})
+    assert train(config)["completed"]
+    tuned = SubquadForCausalLM.from_pretrained(out / "final")
+    router = {id(p) for p in tuned.router_parameters()}
+    names = {name for name, p in tuned.named_parameters() if id(p) in router}
+    before, after = dict(start.named_parameters()), dict(tuned.named_parameters())
+    moved = {name for name in after if not torch.equal(after[name], before[name])}
+    assert moved and moved <= names  # the router moved, nothing else did
+    assert all(m["grad_norm"] is not None for m in _metrics(out) if "loss" in m)
+    # A model without a learned router has nothing to train.
+    shared = _config(corpus, tmp_path / "shared", attention=None, init_from=base, steps=1,
+                     seq_len_schedule="0:64", routing_loss=1.0, train_only="router")  # fmt: skip
+    with pytest.raises(ValueError, match="no learned router"):
+        train(shared)

@@ -28,6 +28,7 @@ def routing_distillation_loss(
     summaries: torch.Tensor | None = None,
     route: tuple[torch.Tensor, torch.Tensor] | None = None,
     focus: torch.Tensor | None = None,
+    temperature: float = 1.0,
 ) -> torch.Tensor | None:
     """``KL(dense block mass || router distribution)`` over the routed candidates, averaged over the
     query rows that have candidates (``num_queries`` evenly spaced ones, plus the positions in
@@ -37,11 +38,16 @@ def routing_distillation_loss(
     them (the target). The router's logits are ``scale * routing query . summary`` where, by default,
     the routing query is the mean of the group's heads of q and the summaries are k's block means;
     ``route = (rq [B, T, Hkv, D], rk [B, T, Hkv, D])`` routes with a learned router's queries and keys
-    instead. Returns a scalar, or None when no row has a candidate block (sequences shorter than sinks
-    + local window + 1 block).
+    instead. ``temperature`` < 1 sharpens the target (block masses raised to ``1 / temperature``,
+    renormalised), so the loss spends the router's capacity on ranking the few blocks that carry most
+    of the mass, which is what a top-k selection needs, rather than on the long diffuse tail.
+    Returns a scalar, or None when no row has a candidate block (sequences shorter than sinks + local
+    window + 1 block).
     """
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"q, k: expected self-attention (T == S), got T={q.shape[1]}, S={k.shape[1]}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature={temperature!r}: expected a number > 0 (1 = the plain block mass)")
     batch, seq_len, heads_q, dim = q.shape
     heads_kv, block_size = k.shape[2], config.block_size
     group = heads_q // heads_kv
@@ -67,6 +73,9 @@ def routing_distillation_loss(
         scores = scores.masked_fill(~key_ok, float("-inf"))
         mass = torch.softmax(scores, dim=-1).view(batch, heads_q, len(rows), num_blocks, block_size).sum(-1)
         target = mass.view(batch, heads_kv, group, len(rows), num_blocks).mean(2)  # [B, Hkv, R, NB]
+        if temperature != 1:
+            target = target.pow(1.0 / temperature)
+            target = target / target.sum(-1, keepdim=True).clamp_min(torch.finfo(target.dtype).tiny)
 
     route_q, route_k = (q_rows, k) if route is None else (route[0][:, rows], route[1])
     summ = block_summaries(route_k, block_size) if summaries is None else summaries.float()

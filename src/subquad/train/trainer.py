@@ -71,7 +71,11 @@ class TrainConfig:
     the few tokens that need a read-back are not drowned by the text around them.
 
     ``routing_loss``: weight of the router loss (:mod:`subquad.models.routing_loss`, SSA models only;
-    0 = off) measured on ``routing_loss_queries`` query rows per sequence and layer.
+    0 = off) measured on ``routing_loss_queries`` query rows per sequence and layer;
+    ``routing_loss_temperature`` < 1 sharpens its target. ``train_only="router"`` freezes everything
+    but a learned router's projections (``router="learned"``, router loss on): the language model
+    stays bit-for-bit what it was, so any change in retrieval is the router's, and a step costs about
+    a forward.
 
     Budget: ``max_minutes`` stops cleanly (checkpoint written) before that much wall time has passed
     since ``train()`` started, so chained 10-minute jobs resume where the last one stopped.
@@ -100,6 +104,8 @@ class TrainConfig:
     answer_weight: float = 0.0
     routing_loss: float = 0.0
     routing_loss_queries: int = 64
+    routing_loss_temperature: float = 1.0
+    train_only: str = "all"
     eval_interval: int = 250
     eval_tokens: int = 262144
     checkpoint_interval: int = 250
@@ -150,6 +156,18 @@ class TrainConfig:
         if not (_is_number(self.routing_loss) and self.routing_loss >= 0):
             raise ValueError(f"routing_loss={self.routing_loss!r}: expected a float >= 0 (0 = off)")
         _check_int("routing_loss_queries", self.routing_loss_queries, minimum=1)
+        if not (_is_number(self.routing_loss_temperature) and self.routing_loss_temperature > 0):
+            raise ValueError(
+                f"routing_loss_temperature={self.routing_loss_temperature!r}: expected a float > 0 "
+                "(1 = the plain block mass)"
+            )
+        if self.train_only not in _TRAIN_ONLY:
+            raise ValueError(f"train_only={self.train_only!r}: expected one of {', '.join(_TRAIN_ONLY)}")
+        if self.train_only == "router" and self.routing_loss == 0:
+            raise ValueError(
+                "train_only='router': only the router loss trains the router, but routing_loss=0; set "
+                "routing_loss > 0"
+            )
         if self.max_minutes is not None and not (_is_number(self.max_minutes) and self.max_minutes > 0):
             raise ValueError(f"max_minutes={self.max_minutes!r}: expected a positive number or None")
         if self.peak_flops is not None and not (_is_number(self.peak_flops) and self.peak_flops > 0):
@@ -226,6 +244,10 @@ def lr_at(step: int, lr: float, warmup_steps: int, total_steps: int, min_lr_rati
     decay_steps = max(1, total_steps - 1 - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# What a run trains: every parameter, or only a learned router's projections.
+_TRAIN_ONLY = ("all", "router")
 
 
 def flops_per_token(config: SubquadConfig, seq_len: int, num_params: int) -> float:
@@ -425,9 +447,10 @@ def _build_model(config: TrainConfig, meta: dict[str, Any]) -> SubquadForCausalL
 
 
 def _make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    # Decay matrices (projections, embedding); norms' gains stay undecayed.
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    # Decay matrices (projections, embedding); norms' gains stay undecayed. Frozen weights stay out.
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     groups = [
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -554,10 +577,21 @@ def train(config: TrainConfig) -> dict[str, Any]:
     model.to(device)
     model.train()
     if config.routing_loss:
-        model.enable_routing_loss(config.routing_loss, config.routing_loss_queries)
-    optimizer = _make_optimizer(model, config, device)
+        model.enable_routing_loss(
+            config.routing_loss, config.routing_loss_queries, config.routing_loss_temperature
+        )
     router_params = model.router_parameters()
     lm_params = [p for p in model.parameters() if all(p is not r for r in router_params)]
+    if config.train_only == "router":
+        if not router_params:
+            raise ValueError(
+                "train_only='router': the model has no learned router (router='shared'); add "
+                "model_overrides router='learned'"
+            )
+        for p in lm_params:
+            p.requires_grad_(False)
+        lm_params = []
+    optimizer = _make_optimizer(model, config, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: (
@@ -644,14 +678,18 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 loss = forward_model(
                     input_ids=chunk, labels=chunk, loss_weights=weights, use_cache=False
                 ).loss
-            (loss * len(chunk) / batch).backward()
+            if loss.requires_grad:  # a router-only forward with no candidate block has nothing to learn
+                (loss * len(chunk) / batch).backward()
             loss_sum += loss.detach() * len(chunk)
         grad_norm = None
         if config.grad_clip > 0:
             # A learned router has its own loss: clipped apart, so its gradients never scale the LM's.
-            grad_norm = torch.nn.utils.clip_grad_norm_(lm_params, config.grad_clip)
+            if lm_params:
+                grad_norm = torch.nn.utils.clip_grad_norm_(lm_params, config.grad_clip)
             if router_params:
-                torch.nn.utils.clip_grad_norm_(router_params, config.grad_clip)
+                router_norm = torch.nn.utils.clip_grad_norm_(router_params, config.grad_clip)
+                if not lm_params:  # a router-only run logs the router's norm
+                    grad_norm = router_norm
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
@@ -663,6 +701,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         step_tokens = batch * seq_len
         tokens_seen += step_tokens
         step_flops = flops_per_token(model.config, seq_len, num_params) * step_tokens
+        if config.train_only == "router":
+            step_flops /= 3  # the forward alone: no backward through the frozen model
         total_flops += step_flops
         step_time = time.monotonic() - t0
         tok_s = step_tokens / step_time

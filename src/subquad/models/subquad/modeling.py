@@ -134,6 +134,7 @@ class SubquadAttention(nn.Module):
         # Router training (SubquadForCausalLM.enable_routing_loss): query rows per sequence, and the
         # last training forward's loss, collected by the LM head's forward.
         self.routing_loss_queries = 0
+        self.routing_loss_temperature = 1.0  # < 1 sharpens the router loss's target
         self.routing_loss_focus: torch.Tensor | None = None  # extra query rows, set per forward
         self.routing_loss: torch.Tensor | None = None
 
@@ -279,7 +280,8 @@ class SubquadAttention(nn.Module):
         ssa = config.ssa_config
         if self.training and self.routing_loss_queries and summaries is None:
             self.routing_loss = routing_distillation_loss(
-                q, k, ssa, self.scale, self.routing_loss_queries, route=route, focus=self.routing_loss_focus
+                q, k, ssa, self.scale, self.routing_loss_queries, route=route, focus=self.routing_loss_focus,
+                temperature=self.routing_loss_temperature,
             )
         if config.position_scheme == "rope":
             if q.shape[1] == 1 and summaries is not None:
@@ -533,23 +535,26 @@ class SubquadForCausalLM(SubquadPreTrainedModel, GenerationMixin):
         self.last_routing_loss: torch.Tensor | None = None
         self.post_init()
 
-    def enable_routing_loss(self, weight: float, num_queries: int = 64) -> None:
+    def enable_routing_loss(self, weight: float, num_queries: int = 64, temperature: float = 1.0) -> None:
         """Add ``weight`` x the layers' mean router loss (:mod:`subquad.models.routing_loss`) to the
         training loss, measured on ``num_queries`` evenly spaced query rows per sequence plus the
         rows just before each end-of-document token (``config.eos_token_id``), where long-range
         questions are answered; ``weight=0`` turns it off. ``last_routing_loss`` holds the last value
-        (detached). With ``config.router="learned"`` this loss is the only thing that trains the
-        router."""
+        (detached). ``temperature`` < 1 sharpens the loss's target (see ``routing_distillation_loss``).
+        With ``config.router="learned"`` this loss is the only thing that trains the router."""
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
             raise ValueError(f"weight={weight!r}: expected a number >= 0")
         if isinstance(num_queries, bool) or not isinstance(num_queries, int) or num_queries < 1:
             raise ValueError(f"num_queries={num_queries!r}: expected an int >= 1")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"temperature={temperature!r}: expected a number > 0 (1 = the plain block mass)")
         if weight > 0 and self.config.attention != "ssa":
             attention = self.config.attention
             raise ValueError(f"weight={weight}: the router loss needs attention='ssa', not {attention!r}")
         self.routing_loss_weight = float(weight)
         for layer in self.model.layers:
             layer.self_attn.routing_loss_queries = num_queries if weight > 0 else 0
+            layer.self_attn.routing_loss_temperature = float(temperature)
 
     def router_parameters(self) -> list[nn.Parameter]:
         """The learned router's weights (none with ``router="shared"``); only the router loss trains them."""
