@@ -1,4 +1,5 @@
-"""``router="learned"``: routing projections of their own, their cache, and their training signal."""
+"""``router="learned"`` / ``"gated"``: routing projections of their own, their cache, and their
+training signal."""
 
 import pytest
 import torch
@@ -31,6 +32,30 @@ def test_config_validation():
     names = {n for n, _ in make_model().named_parameters()}
     assert "model.layers.0.self_attn.router_q_proj.weight" in names
     assert not any("router" in n for n, _ in make_model("shared").named_parameters())
+    gated = {n for n, _ in make_model("gated").named_parameters()}
+    assert "model.layers.1.self_attn.router_k_gate.bias" in gated
+    with pytest.raises(ValueError, match="router='gated' with attention='dense'"):
+        SubquadConfig.from_flavor("debug", router="gated", attention="dense", position_scheme="rope")
+
+
+def _randomise_gates(model):
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.router_k_gate.weight.normal_(0, 2)
+            layer.self_attn.router_k_gate.bias.normal_()
+
+
+def test_an_open_gate_routes_like_the_ungated_router_and_a_closed_one_does_not():
+    learned = make_model()
+    gated = make_model("gated")
+    gated.load_state_dict(learned.state_dict(), strict=False)
+    _randomise_gates(gated)
+    ids = torch.randint(0, 256, (2, 150))
+    with torch.no_grad():
+        assert (gated(ids).logits - learned(ids).logits).abs().max() > 1e-3  # the gate changes picks
+        for layer in gated.model.layers:
+            layer.self_attn.open_router_gate()
+        torch.testing.assert_close(gated(ids).logits, learned(ids).logits, atol=2e-5, rtol=1e-4)
 
 
 def test_router_with_the_shared_weights_selects_like_the_shared_router():
@@ -46,8 +71,11 @@ def test_router_with_the_shared_weights_selects_like_the_shared_router():
         assert (learned(ids).logits - shared(ids).logits).abs().max() > 1e-3
 
 
-def test_incremental_decoding_chunked_prefill_and_padding_match_a_full_forward():
-    model = make_model()
+@pytest.mark.parametrize("router", ["learned", "gated"])
+def test_incremental_decoding_chunked_prefill_and_padding_match_a_full_forward(router):
+    model = make_model(router)
+    if router == "gated":
+        _randomise_gates(model)
     ids = torch.randint(0, 256, (2, 150))
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
@@ -86,8 +114,9 @@ def test_cache_rejects_mixing_appends_with_and_without_routing_keys():
         plain.route_keys_bshd()
 
 
-def test_only_the_router_loss_trains_the_router_and_it_leaves_attention_alone():
-    model = make_model().train()
+@pytest.mark.parametrize("router", ["learned", "gated"])
+def test_only_the_router_loss_trains_the_router_and_it_leaves_attention_alone(router):
+    model = make_model(router).train()
     ids = torch.randint(0, 256, (2, 120))
     model(input_ids=ids, labels=ids).loss.backward()
     attn = model.model.layers[0].self_attn
@@ -99,6 +128,9 @@ def test_only_the_router_loss_trains_the_router_and_it_leaves_attention_alone():
     model.model(input_ids=ids, use_cache=False)
     model._collect_routing_loss(torch.zeros(())).backward()
     assert attn.router_q_proj.weight.grad.abs().sum() > 0 and attn.router_k_proj.weight.grad.abs().sum() > 0
+    if router == "gated":
+        assert attn.router_k_gate.weight.grad.abs().sum() > 0
+        assert len(model.router_parameters()) == 4 * len(model.model.layers)
     assert attn.q_proj.weight.grad is None and attn.k_proj.weight.grad is None
     assert model.model.embed_tokens.weight.grad is None  # the router reads the layer input detached
 

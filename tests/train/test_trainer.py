@@ -334,7 +334,7 @@ def test_fine_tune_adds_a_learned_router_that_starts_as_the_shared_one(ssa_run, 
     base = ssa_run[0] / "final"
     out = tmp_path / "learned"
     config = _config(
-        corpus, out, attention=None, init_from=base, steps=4, seq_len_schedule="0:64",
+        corpus, out, attention=None, init_from=base, steps=4, seq_len_schedule="0:128",
         model_overrides={"router": "learned"}, routing_loss=1.0,
     )  # fmt: skip
     ids = torch.randint(3, 200, (1, 150))
@@ -348,7 +348,8 @@ def test_fine_tune_adds_a_learned_router_that_starts_as_the_shared_one(ssa_run, 
     tuned = SubquadForCausalLM.from_pretrained(out / "final")
     assert summary["completed"] and tuned.config.router == "learned"
     assert all(m["routing_loss"] is not None for m in _metrics(out) if "loss" in m)
-    # The router loss trained the router.
+    # The router loss trained the router (128-token windows: several candidate blocks to rank; at 64
+    # there is one, the loss is 0 and only weight decay would move the weights).
     moved = tuned.model.layers[0].self_attn.router_k_proj.weight
     assert not torch.equal(moved, start.model.layers[0].self_attn.router_k_proj.weight)
 
@@ -357,11 +358,16 @@ def test_router_only_training_leaves_the_language_model_as_it_was(ssa_run, corpu
     base = ssa_run[0] / "final"
     out = tmp_path / "router-only"
     config = _config(
-        corpus, out, attention=None, init_from=base, steps=3, seq_len_schedule="0:64",
-        model_overrides={"router": "learned"}, routing_loss=1.0, routing_loss_temperature=0.5,
+        corpus, out, attention=None, init_from=base, steps=3, seq_len_schedule="0:128",
+        model_overrides={"router": "gated"}, routing_loss=1.0, routing_loss_temperature=0.5,
         train_only="router",
     )  # fmt: skip
     start = _build_model(config, {"vocab_size": 256})
+    ids = torch.randint(3, 200, (1, 150))
+    with torch.no_grad():  # a gated router added to a shared-router model starts as the shared one
+        torch.testing.assert_close(
+            start.eval()(ids).logits, SubquadForCausalLM.from_pretrained(base).eval()(ids).logits
+        )
     assert train(config)["completed"]
     tuned = SubquadForCausalLM.from_pretrained(out / "final")
     router = {id(p) for p in tuned.router_parameters()}
@@ -369,6 +375,7 @@ def test_router_only_training_leaves_the_language_model_as_it_was(ssa_run, corpu
     before, after = dict(start.named_parameters()), dict(tuned.named_parameters())
     moved = {name for name in after if not torch.equal(after[name], before[name])}
     assert moved and moved <= names  # the router moved, nothing else did
+    assert any("router_k_gate" in name for name in moved)
     assert all(m["grad_norm"] is not None for m in _metrics(out) if "loss" in m)
     # A model without a learned router has nothing to train.
     shared = _config(corpus, tmp_path / "shared", attention=None, init_from=base, steps=1,

@@ -73,9 +73,9 @@ class TrainConfig:
     ``routing_loss``: weight of the router loss (:mod:`subquad.models.routing_loss`, SSA models only;
     0 = off) measured on ``routing_loss_queries`` query rows per sequence and layer;
     ``routing_loss_temperature`` < 1 sharpens its target. ``train_only="router"`` freezes everything
-    but a learned router's projections (``router="learned"``, router loss on): the language model
-    stays bit-for-bit what it was, so any change in retrieval is the router's, and a step costs about
-    a forward.
+    but a learned router (``router="learned"`` or ``"gated"``, router loss on): the language model
+    stays bit-for-bit what it was, so any change in retrieval is the router's, and a step costs
+    about a forward.
 
     Budget: ``max_minutes`` stops cleanly (checkpoint written) before that much wall time has passed
     since ``train()`` started, so chained 10-minute jobs resume where the last one stopped.
@@ -426,10 +426,14 @@ def _build_model(config: TrainConfig, meta: dict[str, Any]) -> SubquadForCausalL
         # would round away in bf16 parameters; autocast still runs the matmuls in bf16.
         model_config.dtype = torch.float32
         model = SubquadForCausalLM.from_pretrained(config.init_from, config=model_config, dtype=torch.float32)
-        if model_config.router == "learned" and base.router == "shared":
+        if model_config.router != "shared" and base.router == "shared":
             # The new router starts as the one the weights were trained with, not at random.
             for layer in model.model.layers:
                 layer.self_attn.init_router_from_attention()
+        elif model_config.router == "gated" and base.router != "gated":
+            # A gate added to a trained router starts open: the same picks until the router loss moves it.
+            for layer in model.model.layers:
+                layer.self_attn.open_router_gate()
         return model
     overrides.setdefault("vocab_size", vocab)
     # Special-token ids as data.py records them, so generate() stops at the corpus's eos.

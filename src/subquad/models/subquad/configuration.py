@@ -10,7 +10,7 @@ from subquad.ops.ssa.config import SSAConfig
 
 ATTENTIONS = ("ssa", "dense")
 POSITION_SCHEMES = ("rope", "local_rope")
-ROUTERS = ("shared", "learned")
+ROUTERS = ("shared", "learned", "gated")
 
 # name -> architecture. debug: CPU tests; nano: ~10M parameters (small enough to ship in the repo);
 # small: ~120M, the benchmark model. KV heads are few so a 12M-token cache of `small` fits an H200.
@@ -50,6 +50,11 @@ class SubquadConfig(PretrainedConfig):
             ``router_k_proj``, reading the layer input detached), trained only by the router loss
             (``SubquadForCausalLM.enable_routing_loss``) to rank blocks the way dense attention would
             weigh them; the language-model loss never sees them. Needs ``"local_rope"``.
+            ``"gated"``: ``"learned"`` with each routing key scaled by a learned per-token gate,
+            ``2 * sigmoid(router_k_gate(x))`` (1 at initialisation). A block summary is the mean of
+            its routing keys, so without a gate it is linear in the block's mean input and one
+            distinctive token is diluted by the other 63; the gate lets the router weigh the tokens
+            worth finding above the rest. Summaries stay means: the routing kernels are unchanged.
         rope_theta: rotary base.
         ssa: dict of :class:`subquad.SSAConfig` fields (block size, budget, index).
         prefill_chunk_tokens: prompts longer than this are prefilled chunk by chunk through the cache.
@@ -143,9 +148,9 @@ class SubquadConfig(PretrainedConfig):
             )
         if self.router not in ROUTERS:
             raise ValueError(f"router={self.router!r}: expected one of {ROUTERS}")
-        if self.router == "learned" and (self.attention != "ssa" or self.position_scheme != "local_rope"):
+        if self.router != "shared" and (self.attention != "ssa" or self.position_scheme != "local_rope"):
             raise ValueError(
-                f"router='learned' with attention={self.attention!r}, position_scheme="
+                f"router={self.router!r} with attention={self.attention!r}, position_scheme="
                 f"{self.position_scheme!r}: expected attention='ssa' and position_scheme='local_rope'"
             )
         if (

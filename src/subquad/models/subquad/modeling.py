@@ -13,6 +13,7 @@ One file, top to bottom: rotary, norm, MLP, attention, decoder layer, ``SubquadM
 
 ``router="learned"`` gives every layer a routing query/key projection of its own (reading the layer
 input detached) that replaces the pre-rotary q/k in routing only; the router loss trains it.
+``router="gated"`` adds a per-token gate on the routing keys (``SubquadConfig``).
 
 The cache (:class:`subquad.SSACache`) stores each row's real tokens only, so positions are simply
 indices in the row: a left-padded batch behaves exactly like its prompts run one at a time.
@@ -127,10 +128,12 @@ class SubquadAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         self.rotary = SubquadRotary(self.head_dim, config.rope_theta)
-        self.router_q_proj = self.router_k_proj = None
-        if config.router == "learned":
+        self.router_q_proj = self.router_k_proj = self.router_k_gate = None
+        if config.router != "shared":
             self.router_q_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
             self.router_k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        if config.router == "gated":
+            self.router_k_gate = nn.Linear(config.hidden_size, self.num_kv_heads, bias=True)
         # Router training (SubquadForCausalLM.enable_routing_loss): query rows per sequence, and the
         # last training forward's loss, collected by the LM head's forward.
         self.routing_loss_queries = 0
@@ -166,9 +169,12 @@ class SubquadAttention(nn.Module):
         if self.router_q_proj is not None:
             # Detached: the router learns from its own loss and never pushes on the residual stream.
             routed_from = hidden_states.detach()
+            route_k = self.router_k_proj(routed_from).view(batch, steps, self.num_kv_heads, self.head_dim)
+            if self.router_k_gate is not None:
+                route_k = route_k * (2 * torch.sigmoid(self.router_k_gate(routed_from)))[..., None]
             route = (
                 self.router_q_proj(routed_from).view(batch, steps, self.num_kv_heads, self.head_dim),
-                self.router_k_proj(routed_from).view(batch, steps, self.num_kv_heads, self.head_dim),
+                route_k,
             )
         if cache_layer is None:
             out = self._attend(q, k, v, None, route)
@@ -258,6 +264,15 @@ class SubquadAttention(nn.Module):
         summed = self.q_proj.weight.view(self.num_kv_heads, group, self.head_dim, -1).sum(1)
         self.router_q_proj.weight.copy_(summed.reshape_as(self.router_q_proj.weight))
         self.router_k_proj.weight.copy_(self.k_proj.weight)
+        self.open_router_gate()
+
+    @torch.no_grad()
+    def open_router_gate(self) -> None:
+        """A gated router's gate at exactly 1 for every token (zero weights and bias): the router then
+        scores as its ungated projections do, so adding the gate to a trained router loses nothing."""
+        if self.router_k_gate is not None:
+            self.router_k_gate.weight.zero_()
+            self.router_k_gate.bias.zero_()
 
     def select(self, q, k, summaries=None, route=None) -> SSASelection:
         """The blocks this layer's sparse attention attends to, for the inputs of ``_attend_sparse``.
@@ -558,10 +573,9 @@ class SubquadForCausalLM(SubquadPreTrainedModel, GenerationMixin):
 
     def router_parameters(self) -> list[nn.Parameter]:
         """The learned router's weights (none with ``router="shared"``); only the router loss trains them."""
-        projections = [
-            (layer.self_attn.router_q_proj, layer.self_attn.router_k_proj) for layer in self.model.layers
-        ]
-        return [p for pair in projections for proj in pair if proj is not None for p in proj.parameters()]
+        attentions = [layer.self_attn for layer in self.model.layers]
+        modules = [m for a in attentions for m in (a.router_q_proj, a.router_k_proj, a.router_k_gate)]
+        return [p for m in modules if m is not None for p in m.parameters()]
 
     @torch.compiler.disable  # data-dependent sizes: keep it out of a compiled graph
     def _set_routing_focus(self, input_ids: torch.Tensor | None) -> None:
