@@ -162,7 +162,7 @@ PY
   # shellcheck disable=SC1091
   source "$RUNS/plan-$FT_NAME.env"
   if [ ! -d "$RUNS/$FT_NAME/final" ]; then
-    log "fine-tune $FT_NAME: $BASE_MODEL + learned router, answer weight $ANSWER_WEIGHT, $FT_STEPS steps, $FT_SCHEDULE, skills $FT_SKILLS_FRACTION"
+    log "fine-tune $FT_NAME: $BASE_MODEL + $FT_ROUTER router (train $FT_TRAIN_ONLY, target temperature $ROUTING_TEMPERATURE), answer weight $ANSWER_WEIGHT, $FT_STEPS steps, $FT_SCHEDULE, skills $FT_SKILLS_FRACTION"
     ft_train --out "$RUNS/$FT_NAME" --steps "$FT_STEPS" --seq-len-schedule "$FT_SCHEDULE" \
       --warmup-steps $((FT_STEPS / 20 + 1)) --eval-interval $((FT_STEPS / 2)) --eval-tokens 1048576 \
       --checkpoint-interval 100 --log-interval 10 > "$RUNS/logs/train-$FT_NAME.log" 2>&1 || return 1

@@ -45,6 +45,8 @@ DEFAULT_CUDA_PEAK_FLOPS = 989e12
 # CPU fallback: an order of magnitude only (one AVX2 core: 2 FMA units x 8 fp32 lanes x 2 x ~3 GHz).
 CPU_PEAK_FLOPS_PER_CORE = 100e9
 _STATE_FILE = "trainer_state.pt"
+# What a run trains: every parameter, or only a learned router's projections.
+_TRAIN_ONLY = ("all", "router")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                     "merges.txt", "added_tokens.json", "chat_template.jinja")  # fmt: skip
 
@@ -244,10 +246,6 @@ def lr_at(step: int, lr: float, warmup_steps: int, total_steps: int, min_lr_rati
     decay_steps = max(1, total_steps - 1 - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-# What a run trains: every parameter, or only a learned router's projections.
-_TRAIN_ONLY = ("all", "router")
 
 
 def flops_per_token(config: SubquadConfig, seq_len: int, num_params: int) -> float:

@@ -556,7 +556,8 @@ class SubquadForCausalLM(SubquadPreTrainedModel, GenerationMixin):
         rows just before each end-of-document token (``config.eos_token_id``), where long-range
         questions are answered; ``weight=0`` turns it off. ``last_routing_loss`` holds the last value
         (detached). ``temperature`` < 1 sharpens the loss's target (see ``routing_distillation_loss``).
-        With ``config.router="learned"`` this loss is the only thing that trains the router."""
+        With a learned router (``config.router`` ``"learned"`` or ``"gated"``) this loss is the only
+        thing that trains it."""
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
             raise ValueError(f"weight={weight!r}: expected a number >= 0")
         if isinstance(num_queries, bool) or not isinstance(num_queries, int) or num_queries < 1:
@@ -572,7 +573,8 @@ class SubquadForCausalLM(SubquadPreTrainedModel, GenerationMixin):
             layer.self_attn.routing_loss_temperature = float(temperature)
 
     def router_parameters(self) -> list[nn.Parameter]:
-        """The learned router's weights (none with ``router="shared"``); only the router loss trains them."""
+        """The learned router's weights, gates included (none with ``router="shared"``); only the router
+        loss trains them."""
         attentions = [layer.self_attn for layer in self.model.layers]
         modules = [m for a in attentions for m in (a.router_q_proj, a.router_k_proj, a.router_k_gate)]
         return [p for m in modules if m is not None for p in m.parameters()]
