@@ -164,8 +164,9 @@ def _small_threshold_tiles(monkeypatch):
         ("flat", True, {}),
         ("flat", False, {}),
         ("flat", True, {"threshold": False}),  # group top-k in registers + rescore
-        ("flat", True, {"top_k": 20, "threshold": False}),  # group maxima + torch.topk + rescore
+        ("flat", True, {"top_k": 20, "threshold": False}),  # group maxima + torch.topk + scores + topk
         ("tree", True, {"tree_group": 2}),
+        ("tree", True, {"top_k": 20, "tree_group": 2}),  # probed scores + torch.topk
         ("tree", False, {"tree_group": 4}),
     ],
     ids=[
@@ -174,6 +175,7 @@ def _small_threshold_tiles(monkeypatch):
         "flat-causal-groups",
         "flat-causal-k20-groups",
         "tree-causal",
+        "tree-causal-k20",
         "tree-full",
     ],
 )

@@ -10,8 +10,9 @@ Both routers run in the same three steps (``select.py`` holds the plain-PyTorch 
    For ``flat`` with ``P = top_k`` this is exact: a block in the top-k has a score at least the k-th
    largest, and at most k groups hold such a block, so all of them are among the k best group maxima.
 3. **Rescore** the blocks of the probed groups (plus, for ``tree``, the token's own partial group)
-   and keep the top-k (:func:`rescore_topk`): a running top-k merged with ``tl.topk`` on packed
-   (score, block) keys.
+   and keep the top-k (:func:`rescore_topk`): for budgets up to 16, a running top-k merged with
+   ``tl.topk`` on packed (score, block) keys; above, the scores are written and ``torch.topk`` takes
+   them (the merge's sorting network compiles for minutes at larger widths).
 
 ``flat`` with a small budget takes a faster exact route instead (:func:`threshold_topk`): two passes
 over the scores, the first for a per-token threshold that the k-th best block must reach, the second
@@ -207,6 +208,27 @@ def top_groups(rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int, confi
 
 
 @triton.jit
+def _probed_scores(rq_base, summ_base, stride_sn, groups_base, row_ok, query_block, col, width, num_blocks,
+                   D: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, SINK: tl.constexpr,
+                   LOCAL: tl.constexpr, CAUSAL: tl.constexpr):
+    """Scores ``[BLOCK_M, W]`` of the blocks at positions ``col`` ``[W]`` of each row's virtual list of
+    probed blocks (block ``j`` of the row's ``i``-th group at ``i * GROUP + j``), with the block ids and
+    whether each is a candidate of the row (scores of non-candidates are 0, not -inf)."""
+    group_id = tl.load(groups_base + (col // GROUP)[None, :], mask=row_ok[:, None] & (col < width)[None, :],
+                       other=-1)
+    block = group_id * GROUP + (col % GROUP)[None, :]
+    ok = (group_id >= 0) & _is_candidate(block, query_block[:, None], SINK, LOCAL, num_blocks, CAUSAL)
+    score = tl.zeros(block.shape, tl.float32)
+    for d0 in range(0, BLOCK_D, 32):
+        d = d0 + tl.arange(0, 32)[None, None, :]
+        q = tl.load(rq_base + d, mask=row_ok[:, None, None] & (d < D), other=0.0).to(tl.float32)
+        s = tl.load(summ_base + block.to(tl.int64)[:, :, None] * stride_sn + d,
+                    mask=ok[:, :, None] & (d < D), other=0.0).to(tl.float32)
+        score += tl.sum(q * s, axis=2)
+    return score, block, ok
+
+
+@triton.jit
 def _rescore_topk_kernel(
     RQ, SUMM, GROUPS, OUT,
     stride_rb, stride_rt, stride_rh,
@@ -230,19 +252,9 @@ def _rescore_topk_kernel(
     best = tl.full([BLOCK_M, K_PAD], -1, tl.int64)
     width = num_slots * GROUP
     for start in range(0, width, K_PAD):
-        col = start + cols  # [K_PAD] position in the row's virtual list of probed blocks
-        slot_ok = col < width
-        group_id = tl.load(groups_base + (col // GROUP)[None, :], mask=row_ok[:, None] & slot_ok[None, :],
-                           other=-1)
-        block = group_id * GROUP + (col % GROUP)[None, :]  # [BLOCK_M, K_PAD]
-        ok = (group_id >= 0) & _is_candidate(block, query_block[:, None], SINK, LOCAL, num_blocks, CAUSAL)
-        score = tl.zeros([BLOCK_M, K_PAD], tl.float32)
-        for d0 in range(0, BLOCK_D, 32):
-            d = d0 + tl.arange(0, 32)[None, None, :]
-            q = tl.load(rq_base + d, mask=row_ok[:, None, None] & (d < D), other=0.0).to(tl.float32)
-            s = tl.load(summ_base + block.to(tl.int64)[:, :, None] * stride_sn + d,
-                        mask=ok[:, :, None] & (d < D), other=0.0).to(tl.float32)
-            score += tl.sum(q * s, axis=2)
+        score, block, ok = _probed_scores(rq_base, summ_base, stride_sn, groups_base, row_ok, query_block,
+                                          start + cols, width, num_blocks, D, BLOCK_D, GROUP, SINK, LOCAL,
+                                          CAUSAL)
         best = _merge_top(best, _pack_keys(score, block, ok), BLOCK_M, K_PAD)
     best = tl.sort(best, descending=True)
     picked = tl.where(best >= 0, (best & 0xFFFFFFFF).to(tl.int32), -1)
@@ -250,18 +262,61 @@ def _rescore_topk_kernel(
     tl.store(out_ptrs, picked, mask=row_ok[:, None] & (cols[None, :] < top_k))
 
 
+@triton.jit
+def _probed_scores_kernel(
+    RQ, SUMM, GROUPS, OUT,
+    stride_rb, stride_rt, stride_rh,
+    stride_sb, stride_sn, stride_sh,
+    T, pos_offset, HKV, num_blocks, num_slots, block_size,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr,
+    GROUP: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
+):
+    """Every probed block's score, ``OUT[b, h, t, i * GROUP + j]`` for block ``j`` of the row's ``i``-th
+    group; -inf where it is not a candidate."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < T
+    query_block = (rows + pos_offset) // block_size
+    cols = tl.arange(0, BLOCK_W)
+    groups_base = GROUPS + (bh.to(tl.int64) * T + rows.to(tl.int64)[:, None]) * num_slots
+    rq_base = RQ + b.to(tl.int64) * stride_rb + rows.to(tl.int64)[:, None, None] * stride_rt + h * stride_rh
+    summ_base = SUMM + b.to(tl.int64) * stride_sb + h * stride_sh
+    width = num_slots * GROUP
+    out_base = OUT + (bh.to(tl.int64) * T + rows.to(tl.int64)[:, None]) * width
+    for start in range(0, width, BLOCK_W):
+        col = start + cols
+        score, block, ok = _probed_scores(rq_base, summ_base, stride_sn, groups_base, row_ok, query_block,
+                                          col, width, num_blocks, D, BLOCK_D, GROUP, SINK, LOCAL, CAUSAL)
+        tl.store(out_base + col[None, :], tl.where(ok, score, float("-inf")),
+                 mask=row_ok[:, None] & (col < width)[None, :])
+
+
+# Largest padded budget rescored by the in-register merge: each chunk's ``tl.topk`` over ``2 K_PAD``
+# packed keys unrolls into a sorting network that Triton compiles for 10 s at ``K_PAD`` 16 (32 rows),
+# 83 s at 32 and minutes at 64 (sm_90, benchmarks/NOTES.md item 25). Larger budgets write the probed
+# scores and take ``torch.topk``.
+_MERGE_MAX_K_PAD = 16
+# Probed-score elements held at once (fp32) by the ``torch.topk`` rescore.
+_RESCORE_CHUNK_ELEMENTS = 1 << 27
+
+
 def rescore_topk(rq: torch.Tensor, summaries: torch.Tensor, groups: torch.Tensor, pos_offset: int, config,
                  group: int, causal: bool) -> torch.Tensor:
-    """Top-k candidate blocks among the probed groups: ``[B, Hkv, T, top_k]`` int32, -1 padded.
+    """Top-k candidate blocks among the probed groups: ``[B, Hkv, T, top_k]`` int32 sorted by score,
+    -1 padded.
 
     groups: ``[B, Hkv, T, P]`` int32 group ids (-1 = none); a block of a group is scored only if it is
     a routing candidate of the token.
     """
-    batch, seq_len_q, heads, dim = rq.shape
-    num_blocks = summaries.shape[1]
     top_k = config.top_k
     k_pad = max(16, triton.next_power_of_2(top_k))
-    block_m = 16 if k_pad >= 128 else 32
+    if k_pad > _MERGE_MAX_K_PAD:
+        return _rescore_topk_sorted(rq, summaries, groups, pos_offset, config, group, causal)
+    batch, seq_len_q, heads, dim = rq.shape
+    block_m = 32
     groups = groups.contiguous()
     out = torch.empty(batch, heads, seq_len_q, top_k, device=rq.device, dtype=torch.int32)
     grid = (triton.cdiv(seq_len_q, block_m), batch * heads)
@@ -269,10 +324,39 @@ def rescore_topk(rq: torch.Tensor, summaries: torch.Tensor, groups: torch.Tensor
         rq, summaries, groups, out,
         rq.stride(0), rq.stride(1), rq.stride(2),
         summaries.stride(0), summaries.stride(1), summaries.stride(2),
-        seq_len_q, pos_offset, heads, num_blocks, groups.shape[-1], config.block_size, top_k,
+        seq_len_q, pos_offset, heads, summaries.shape[1], groups.shape[-1], config.block_size, top_k,
         D=dim, BLOCK_D=max(32, triton.next_power_of_2(dim)), BLOCK_M=block_m, K_PAD=k_pad, GROUP=group,
         SINK=config.sink_blocks, LOCAL=config.local_blocks, CAUSAL=causal, num_warps=4,
     )
+    return out
+
+
+def _rescore_topk_sorted(rq, summaries, groups, pos_offset, config, group, causal) -> torch.Tensor:
+    """:func:`rescore_topk` for large budgets: the probed blocks' scores (``_probed_scores_kernel``),
+    then ``torch.topk``, a chunk of tokens at a time."""
+    batch, seq_len_q, heads, dim = rq.shape
+    groups = groups.contiguous()
+    width = groups.shape[-1] * group
+    top_k = config.top_k
+    out = torch.full((batch, heads, seq_len_q, top_k), -1, device=rq.device, dtype=torch.int32)
+    block_m, block_w = 16, 32
+    chunk = max(block_m, _RESCORE_CHUNK_ELEMENTS // max(1, batch * heads * width))
+    for start in range(0, seq_len_q, chunk):
+        stop = min(seq_len_q, start + chunk)
+        groups_c = groups[:, :, start:stop].contiguous()
+        scores = torch.empty(batch, heads, stop - start, width, device=rq.device, dtype=torch.float32)
+        grid = (triton.cdiv(stop - start, block_m), batch * heads)
+        _probed_scores_kernel[grid](
+            rq[:, start:stop], summaries, groups_c, scores,
+            rq.stride(0), rq.stride(1), rq.stride(2),
+            summaries.stride(0), summaries.stride(1), summaries.stride(2),
+            stop - start, pos_offset + start, heads, summaries.shape[1], groups.shape[-1], config.block_size,
+            D=dim, BLOCK_D=max(32, triton.next_power_of_2(dim)), BLOCK_M=block_m, BLOCK_W=block_w,
+            GROUP=group, SINK=config.sink_blocks, LOCAL=config.local_blocks, CAUSAL=causal, num_warps=4,
+        )
+        values, slots = scores.topk(min(top_k, width), dim=-1)
+        blocks = groups_c.gather(-1, slots // group) * group + slots % group
+        out[:, :, start:stop, : values.shape[-1]] = torch.where(values > float("-inf"), blocks, -1)
     return out
 
 
