@@ -42,10 +42,12 @@ def candidate_mass(q_last, k, ssa, scale: float, last_block: int) -> torch.Tenso
     return mass
 
 
-def block_ranks(model, ids: torch.Tensor, target_token: int) -> dict:
+def block_ranks(model, ids: torch.Tensor, target_token: int, sub_blocks: tuple[int, ...] = ()) -> dict:
     """Prefill ``ids`` ``[1, T]`` once; per layer, the rank (per KV head) of the block holding
     ``target_token`` among the last token's routing candidates, and whether it was attended. A block
-    among the sinks or in the local window is always attended: rank None, ``"always": True``."""
+    among the sinks or in the local window is always attended: rank None, ``"always": True``.
+    For each size ``n`` in ``sub_blocks`` also ``rank_max{n}``: the rank if a block scored as the best
+    of its ``n``-token sub-block means (same routing queries and keys)."""
     ssa = model.config.ssa_config
     target_block = target_token // ssa.block_size
     last_block = (ids.shape[1] - 1) // ssa.block_size
@@ -68,6 +70,15 @@ def block_ranks(model, ids: torch.Tensor, target_token: int) -> dict:
                     candidates = scores[0, :, ssa.sink_blocks : last_block - ssa.local_blocks + 1]
                     target_score = candidates[:, target_block - ssa.sink_blocks]
                     rank = (candidates > target_score[:, None]).sum(-1) + 1
+                    # The same ranking if a block scored as the best of its sub-block means.
+                    stop = last_block - ssa.local_blocks + 1  # candidates end before this block
+                    for sub in sub_blocks:
+                        parts = block_summaries(route_k[:, : stop * ssa.block_size], sub)
+                        sub_scores = torch.einsum("bhd,bnhd->bhn", last.float(), parts.float())
+                        best = sub_scores[0].view(sub_scores.shape[1], stop, -1).amax(-1)
+                        cand = best[:, ssa.sink_blocks :]
+                        t = cand[:, target_block - ssa.sink_blocks]
+                        row[f"rank_max{sub}"] = ((cand > t[:, None]).sum(-1) + 1).tolist()
                     mass = candidate_mass(q[:, -1:], k, ssa, attention.scale, last_block)
                     row.update(attention_rank=((mass > mass[:, [target_block]]).sum(-1) + 1).tolist(),
                                attention_mass=mass[:, target_block].tolist())  # fmt: skip
@@ -94,14 +105,15 @@ def block_ranks(model, ids: torch.Tensor, target_token: int) -> dict:
     return {"target_block": target_block, "seconds": seconds, "layers": layers}
 
 
-def needle_ranks(model, tokenizer, length: int, depth: float, seed: int, suffix: str = "") -> dict:
+def needle_ranks(model, tokenizer, length: int, depth: float, seed: int, suffix: str = "",
+                 sub_blocks: tuple[int, ...] = ()) -> dict:
     sample = niah.generate(length, depth, tokenizer, num_samples=1, seed=seed)[0]
     ids = tokenizer(sample.input + suffix, return_tensors="pt").input_ids.to(model.device)
     # The needle's value is the first place its digits appear; its token index is the length of the
     # prompt's text before it, tokenized the same way.
     value_at = sample.input.index(sample.answers[0])
     needle_token = len(tokenizer(sample.input[:value_at]).input_ids)
-    ranks = block_ranks(model, ids, needle_token)
+    ranks = block_ranks(model, ids, needle_token, sub_blocks)
     return {"length": length, "prompt_tokens": ids.shape[1], "needle_token": needle_token,
             "needle_block": ranks["target_block"], "seconds": ranks["seconds"],
             "layers": ranks["layers"]}  # fmt: skip
@@ -120,14 +132,23 @@ def main() -> None:
         "--suffix", default="",
         help="text appended to the prompt, e.g. the words a model says before the value ('listed as')",
     )  # fmt: skip
+    parser.add_argument(
+        "--sub-blocks", default="",
+        help="also rank blocks by their best sub-block mean, for these sub-block sizes (tokens, e.g. 16,4,1)",
+    )  # fmt: skip
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    sub_blocks = tuple(int(n) for n in args.sub_blocks.split(",") if n)
     model, tokenizer = load_model(args.model, device=args.device)
     if model.config.attention != "ssa":
         raise SystemExit(f"--model {args.model!r}: attention={model.config.attention!r}, needs an SSA model")
+    block_size = model.config.ssa_config.block_size
+    if any(n < 1 or block_size % n for n in sub_blocks):
+        raise SystemExit(f"--sub-blocks {args.sub_blocks!r}: expected sizes dividing block_size={block_size}")
     results = []
     for text in args.lengths.split(","):
-        result = needle_ranks(model, tokenizer, parse_length(text), args.depth, args.seed, args.suffix)
+        result = needle_ranks(model, tokenizer, parse_length(text), args.depth, args.seed, args.suffix,
+                              sub_blocks)
         results.append(result)
         layers = result["layers"]
         ranks = " ".join("local" if x["always"] else f"{min(x['rank'])}{'*' if x['selected'] else ''}"
@@ -142,10 +163,13 @@ def main() -> None:
             f"{attention}; {result['seconds']:.1f} s",
             flush=True,
         )
+        for sub in sub_blocks:
+            sub_ranks = " ".join("local" if x["always"] else str(min(x[f"rank_max{sub}"])) for x in layers)
+            print(f"  rank by the best {sub}-token sub-block mean: {sub_ranks}")
     if args.out:
         with open(args.out, "w") as f:
             summary = {"model": args.model, "depth": args.depth, "seed": args.seed, "suffix": args.suffix,
-                       "results": results}  # fmt: skip
+                       "sub_blocks": sub_blocks, "results": results}  # fmt: skip
             json.dump(summary, f, indent=2)
 
 
