@@ -208,6 +208,24 @@ def top_groups(rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int, confi
 
 
 @triton.jit
+def _probed_rows(RQ, SUMM, GROUPS, stride_rb, stride_rt, stride_rh, stride_sb, stride_sh, T, pos_offset, HKV,
+                 num_slots, block_size, BLOCK_M: tl.constexpr):
+    """A rescore program's token rows, their key blocks, and the bases of their probed group ids,
+    routing queries and (batch, KV head) summaries."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < T
+    query_block = (rows + pos_offset) // block_size
+    groups_base = GROUPS + (bh.to(tl.int64) * T + rows.to(tl.int64)[:, None]) * num_slots
+    rq_base = RQ + b.to(tl.int64) * stride_rb + rows.to(tl.int64)[:, None, None] * stride_rt + h * stride_rh
+    summ_base = SUMM + b.to(tl.int64) * stride_sb + h * stride_sh
+    return rows, row_ok, query_block, groups_base, rq_base, summ_base
+
+
+@triton.jit
 def _probed_scores(rq_base, summ_base, stride_sn, groups_base, row_ok, query_block, col, width, num_blocks,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, SINK: tl.constexpr,
                    LOCAL: tl.constexpr, CAUSAL: tl.constexpr):
@@ -237,17 +255,12 @@ def _rescore_topk_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, K_PAD: tl.constexpr,
     GROUP: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
 ):
-    tile = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // HKV
-    h = bh % HKV
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < T
-    query_block = (rows + pos_offset) // block_size
+    rows, row_ok, query_block, groups_base, rq_base, summ_base = _probed_rows(
+        RQ, SUMM, GROUPS, stride_rb, stride_rt, stride_rh, stride_sb, stride_sh, T, pos_offset, HKV,
+        num_slots, block_size, BLOCK_M,
+    )
     cols = tl.arange(0, K_PAD)
-    groups_base = GROUPS + (bh.to(tl.int64) * T + rows.to(tl.int64)[:, None]) * num_slots
-    rq_base = RQ + b.to(tl.int64) * stride_rb + rows.to(tl.int64)[:, None, None] * stride_rt + h * stride_rh
-    summ_base = SUMM + b.to(tl.int64) * stride_sb + h * stride_sh
     # Running top-k as packed keys (_pack_keys); -1 = empty.
     best = tl.full([BLOCK_M, K_PAD], -1, tl.int64)
     width = num_slots * GROUP
@@ -273,17 +286,12 @@ def _probed_scores_kernel(
 ):
     """Every probed block's score, ``OUT[b, h, t, i * GROUP + j]`` for block ``j`` of the row's ``i``-th
     group; -inf where it is not a candidate."""
-    tile = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // HKV
-    h = bh % HKV
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < T
-    query_block = (rows + pos_offset) // block_size
+    rows, row_ok, query_block, groups_base, rq_base, summ_base = _probed_rows(
+        RQ, SUMM, GROUPS, stride_rb, stride_rt, stride_rh, stride_sb, stride_sh, T, pos_offset, HKV,
+        num_slots, block_size, BLOCK_M,
+    )
     cols = tl.arange(0, BLOCK_W)
-    groups_base = GROUPS + (bh.to(tl.int64) * T + rows.to(tl.int64)[:, None]) * num_slots
-    rq_base = RQ + b.to(tl.int64) * stride_rb + rows.to(tl.int64)[:, None, None] * stride_rt + h * stride_rh
-    summ_base = SUMM + b.to(tl.int64) * stride_sb + h * stride_sh
     width = num_slots * GROUP
     out_base = OUT + (bh.to(tl.int64) * T + rows.to(tl.int64)[:, None]) * width
     for start in range(0, width, BLOCK_W):
