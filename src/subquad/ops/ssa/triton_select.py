@@ -343,7 +343,6 @@ def _rescore_topk_sorted(rq, summaries, groups, pos_offset, config, group, causa
     """:func:`rescore_topk` for large budgets: the probed blocks' scores (``_probed_scores_kernel``),
     then ``torch.topk``, a chunk of tokens at a time."""
     batch, seq_len_q, heads, dim = rq.shape
-    groups = groups.contiguous()
     width = groups.shape[-1] * group
     top_k = config.top_k
     out = torch.full((batch, heads, seq_len_q, top_k), -1, device=rq.device, dtype=torch.int32)
@@ -351,7 +350,7 @@ def _rescore_topk_sorted(rq, summaries, groups, pos_offset, config, group, causa
     chunk = max(block_m, _RESCORE_CHUNK_ELEMENTS // max(1, batch * heads * width))
     for start in range(0, seq_len_q, chunk):
         stop = min(seq_len_q, start + chunk)
-        groups_c = groups[:, :, start:stop].contiguous()
+        groups_c = groups[:, :, start:stop].contiguous()  # the kernel reads rows of num_slots ids
         scores = torch.empty(batch, heads, stop - start, width, device=rq.device, dtype=torch.float32)
         grid = (triton.cdiv(stop - start, block_m), batch * heads)
         _probed_scores_kernel[grid](
