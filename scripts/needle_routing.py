@@ -24,7 +24,7 @@ from subquad.benchmark import parse_length
 from subquad.demo import default_model_path
 from subquad.eval import niah
 from subquad.eval.runner import load_model
-from subquad.ops.ssa.select import block_summaries, routing_queries
+from subquad.ops.ssa.select import block_scores, block_summaries, routing_queries, routing_summaries
 
 
 def candidate_mass(q_last, k, ssa, scale: float, last_block: int) -> torch.Tensor:
@@ -63,9 +63,10 @@ def block_ranks(model, ids: torch.Tensor, target_token: int, sub_blocks: tuple[i
                 else:
                     # What the layer routes with: its own q/k, or its learned router's.
                     route_q, route_k = (q, k) if route is None else route
-                    summ = block_summaries(route_k, ssa.block_size) if summaries is None else summaries
+                    summ = routing_summaries(route_k, ssa) if summaries is None else summaries
                     last = routing_queries(route_q[:, -1:], k.shape[2])[:, 0]
                     scores = torch.einsum("bhd,bnhd->bhn", last.float(), summ.float())
+                    scores = block_scores(scores, ssa, -(-k.shape[1] // ssa.block_size))  # summary="max"
                     # Candidates: complete blocks after the sinks and before the local window.
                     candidates = scores[0, :, ssa.sink_blocks : last_block - ssa.local_blocks + 1]
                     target_score = candidates[:, target_block - ssa.sink_blocks]

@@ -120,6 +120,7 @@ FT_DOC_TOKENS=${FT_DOC_TOKENS:-256,32768}  # skill document lengths (log-uniform
 ROUTING_LOSS=${ROUTING_LOSS:-1.0}
 FT_ROUTER=${FT_ROUTER:-learned}         # learned, or gated (routing keys weighed by a per-token gate)
 ROUTING_TEMPERATURE=${ROUTING_TEMPERATURE:-1.0}  # < 1 sharpens the router loss's target
+FT_SSA=${FT_SSA:-}                      # SSA settings to change, e.g. summary=max,sub_block_size=4
 FT_TRAIN_ONLY=${FT_TRAIN_ONLY:-all}     # router: fine-tune only the learned router, the model frozen
 ANSWER_WEIGHT=${ANSWER_WEIGHT:-20}      # skill answer tokens count 1 + this in the loss
 FT_NAME=${FT_NAME:-nano-retrieval}      # run directory and results name
@@ -133,7 +134,7 @@ SKILL_LENGTHS=${SKILL_LENGTHS:-2k,$TRAIN_LEN,128k,1m}  # skill_accuracy.py: our 
 ft_train() {
   python3 -m subquad.train.cli --corpus "$RUNS/$FT_CORPUS" --init-from "$BASE_MODEL" --seed 0 --device "$DEVICE" \
     $COMPILE --model-override "router=$FT_ROUTER" --routing-loss "$ROUTING_LOSS" --routing-loss-queries 64 \
-    --routing-loss-temperature "$ROUTING_TEMPERATURE" --train-only "$FT_TRAIN_ONLY" \
+    --routing-loss-temperature "$ROUTING_TEMPERATURE" --train-only "$FT_TRAIN_ONLY" ${FT_SSA:+--ssa "$FT_SSA"} \
     --skills-fraction "$FT_SKILLS_FRACTION" --answer-weight "$ANSWER_WEIGHT" --tokens-per-step "$TOKENS_PER_STEP" --micro-batch-tokens 65536 \
     --lr "$FT_LR" --no-progress "$@"
 }

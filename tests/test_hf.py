@@ -69,12 +69,14 @@ def test_ssa_equals_eager_at_full_budget(arch):
 
 
 @pytest.mark.parametrize(
-    "arch,index",
-    [("llama", "flat"), ("qwen3", "flat"), ("llama", "tree")],
-    ids=["llama", "qwen3", "llama-tree"],
-)
-def test_sparse_incremental_decoding_equals_full_forward(arch, index, monkeypatch):
-    eager, sparse = pair(configs()[arch], {**SPARSE, "index": index, "tree_group": 2})
+    "arch,index,summary",
+    [("llama", "flat", {}), ("qwen3", "flat", {}), ("llama", "tree", {}),
+     ("llama", "flat", {"summary": "max", "sub_block_size": 4})],
+    ids=["llama", "qwen3", "llama-tree", "llama-max"],
+)  # fmt: skip
+def test_sparse_incremental_decoding_equals_full_forward(arch, index, summary, monkeypatch):
+    tree_group = 2 if index == "tree" else None
+    eager, sparse = pair(configs()[arch], {**SPARSE, "index": index, "tree_group": tree_group, **summary})
     ids = torch.randint(0, 128, (2, 150))
     plans = []
     monkeypatch.setattr(subquad.hf, "decode_plan", lambda *a, **kw: plans.append(1) or decode_plan(*a, **kw))

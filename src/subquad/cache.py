@@ -2,7 +2,8 @@
 
 Each layer stores keys and values in ``[B, capacity, Hkv, D]`` buffers (the layout SSA reads, so a
 million-token cache is never transposed or copied per step) that grow geometrically, plus the float32
-mean key of every block (``block_summaries``). Appending ``n`` tokens re-sums only the blocks they
+mean key of every block (``block_summaries``; with ``summary="max"`` every sub-block, and "block" below
+means the summary's ``SSAConfig.summary_size`` keys). Appending ``n`` tokens re-sums only the blocks they
 touch, from the stored keys: ``O(n + block_size)`` work per append, so a decode step costs the same at
 32K and at 12M tokens, and the summaries equal ``block_summaries(keys)`` at every length.
 
@@ -407,7 +408,8 @@ class SSACache(Cache):
             super().__init__(layers=[self._new_layer() for _ in range(num_layers)])
 
     def _new_layer(self) -> SSACacheLayer:
-        block_size = self.ssa_config.block_size
+        # A layer summarises every summary_size keys: the key blocks, or their sub-blocks (summary="max").
+        block_size = self.ssa_config.summary_size
         return SSACacheLayer(block_size=block_size, reserve=self._reserve, shared=self._shared)
 
     def layer(self, layer_idx: int) -> SSACacheLayer:

@@ -130,8 +130,8 @@ def ssa_attention_forward(
     seq_len = k.shape[1]
     layer = getattr(key, "_subquad_cache_layer", None)
     summaries = layer.summaries() if layer is not None else None
-    if summaries is not None and summaries.shape[1] != -(-seq_len // config.block_size):
-        summaries = None  # the cache's block size differs from this layer's settings
+    if summaries is not None and summaries.shape[1] != -(-seq_len // config.summary_size):
+        summaries = None  # the cache summarises other spans than this layer's settings route by
     window = sliding_window if sliding_window is not None and sliding_window < seq_len else None
     keys = _key_padding(attention_mask, seq_len)
     if keys is None:
@@ -181,7 +181,8 @@ def _decode_from_cache(q, k, v, config, scale, layer, summaries) -> torch.Tensor
     else:
         seqlens = torch.full((batch,), seq_len, dtype=torch.int32, device=q.device)
         previous: DecodePlan | None = None if kept is None else kept[1]
-        plan = decode_plan(seqlens, summaries.shape[1], config, [seq_len] * batch, previous=previous)
+        num_blocks = -(-seq_len // config.block_size)
+        plan = decode_plan(seqlens, num_blocks, config, [seq_len] * batch, previous=previous)
         layer.shared["hf_decode_plan"] = (key, plan)
     bounds = layer.derived.setdefault("tree_bounds", TreeBounds()) if config.index == "tree" else None
     scale = q.shape[-1] ** -0.5 if scale is None else scale

@@ -130,3 +130,35 @@ def test_cli_errors(tiny_model_dir, tmp_path, capsys):
     assert "num_samples must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _parse(["--model", "x", "--suite", "babi", "--out", "y"])
+
+
+def test_ssa_overrides_route_the_same_weights_otherwise(tmp_path, bpe_tokenizer, capsys):
+    import torch
+
+    import subquad
+    from subquad.models import SubquadConfig, SubquadForCausalLM
+
+    path = tmp_path / "subquad-debug"
+    config = SubquadConfig.from_flavor("debug", vocab_size=len(bpe_tokenizer), router="learned")
+    SubquadForCausalLM(config).save_pretrained(path)
+    bpe_tokenizer.save_pretrained(path)
+    saved = runner.load_causal_lm(path, device="cpu")
+    routed = runner.load_causal_lm(path, device="cpu", ssa={"summary": "max", "sub_block_size": 4})
+    assert routed.config.ssa_config == subquad.SSAConfig(
+        block_size=16, top_k=2, sink_blocks=1, local_blocks=2, summary="max", sub_block_size=4
+    )
+    assert saved.config.ssa_config.summary == "mean"
+    for (name, a), (_, b) in zip(saved.state_dict().items(), routed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="needs sub_block_size"):
+        runner.load_causal_lm(path, device="cpu", ssa={"summary": "max"})
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['topk'\]"):
+        runner.load_causal_lm(path, device="cpu", ssa={"topk": 8})
+
+    out = tmp_path / "niah"
+    argv = ["--model", str(path), "--suite", "niah", "--lengths", "1k", "--samples", "1", "--tasks", "50"]
+    argv += ["--out", str(out), "--device", "cpu", "--max-new-tokens", "2", "--no-progress"]
+    assert main(argv + ["--ssa", "summary=max,sub_block_size=4"]) == 0
+    assert json.loads((out / "summary.json").read_text())["ssa"]["summary"] == "max"
+    assert main(argv + ["--ssa", "top_k=-1"]) == 2
+    assert "top_k=-1" in capsys.readouterr().err

@@ -17,9 +17,10 @@ KINDS = [("ssa", "flat"), ("ssa", "tree"), ("dense", "flat")]
 KIND_IDS = ["ssa-flat", "ssa-tree", "dense"]
 
 
-def make_model(attention="ssa", index="flat", device="cpu", dtype=torch.float32, **over):
+def make_model(attention="ssa", index="flat", device="cpu", dtype=torch.float32, ssa=None, **over):
     # Block 16 and groups of 2: a few dozen steps cross several blocks, tree groups and buffer growths.
-    ssa = {"block_size": 16, "top_k": 2, "index": index, "tree_group": 2}
+    tree_group = 2 if index == "tree" else None
+    ssa = {"block_size": 16, "top_k": 2, "index": index, "tree_group": tree_group, **(ssa or {})}
     cfg = SubquadConfig.from_flavor("debug", position_scheme="rope", attention=attention, ssa=ssa, **over)
     return SubquadForCausalLM(cfg).to(device=device, dtype=dtype).eval()
 
@@ -299,6 +300,8 @@ def test_first_step_into_an_empty_cache_runs_the_model():
 def test_unsupported_inputs_are_refused():
     with pytest.raises(ValueError, match="position_scheme='local_rope'"):
         GraphedDecoder(SubquadForCausalLM(SubquadConfig.from_flavor("debug", position_scheme="local_rope")))
+    with pytest.raises(ValueError, match="ssa.summary='max'"):
+        GraphedDecoder(make_model(ssa={"summary": "max", "sub_block_size": 4}), capture=False)
     model = make_model()
     with pytest.raises(ValueError, match="capture=True: the model is on cpu"):
         GraphedDecoder(model)

@@ -71,9 +71,14 @@ def test_router_with_the_shared_weights_selects_like_the_shared_router():
         assert (learned(ids).logits - shared(ids).logits).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("router", ["learned", "gated"])
-def test_incremental_decoding_chunked_prefill_and_padding_match_a_full_forward(router):
-    model = make_model(router)
+MAX_SUMMARY = {"summary": "max", "sub_block_size": 4}
+
+
+@pytest.mark.parametrize("router, ssa", [("learned", {}), ("gated", {}), ("learned", MAX_SUMMARY)],
+                         ids=["learned", "gated", "learned-max"])  # fmt: skip
+def test_incremental_decoding_chunked_prefill_and_padding_match_a_full_forward(router, ssa):
+    model = make_model(router, ssa=ssa)
+    summary_size = model.config.ssa_config.summary_size
     if router == "gated":
         _randomise_gates(model)
     ids = torch.randint(0, 256, (2, 150))
@@ -87,7 +92,7 @@ def test_incremental_decoding_chunked_prefill_and_padding_match_a_full_forward(r
     layer = cache.layer(0)
     rk = model.model.layers[0].self_attn.router_k_proj
     assert layer.route_keys_bshd().shape == (2, 150, 2, 16)
-    torch.testing.assert_close(layer.summaries(), block_summaries(layer.route_keys_bshd(), 16))
+    torch.testing.assert_close(layer.summaries(), block_summaries(layer.route_keys_bshd(), summary_size))
     shared_cache = make_model("shared")(ids).past_key_values
     assert rk is not None and cache.bytes_per_token() > shared_cache.bytes_per_token()
 
@@ -154,11 +159,12 @@ def test_routing_loss_with_a_learned_route_and_focus_rows():
     assert float(focused) == pytest.approx(float(same_rows), rel=1e-5) and float(focused) > 0
 
 
-def test_training_the_router_raises_recall_of_its_own_selections():
+@pytest.mark.parametrize("ssa", [{}, MAX_SUMMARY], ids=["mean", "max"])
+def test_training_the_router_raises_recall_of_its_own_selections(ssa):
     # The attention is fixed and sharp; 60 steps of the router loss alone must make the learned
     # router's selections capture more of the dense mass than its random start did.
     torch.manual_seed(1)
-    model = make_model()
+    model = make_model(ssa=ssa)
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(30)
@@ -175,5 +181,7 @@ def test_training_the_router_raises_recall_of_its_own_selections():
         loss.backward()
         optimizer.step()
     model.eval()
-    after = recall(model, ids[:1])["mean"]
-    assert after > before + 0.05, (before, after)
+    result = recall(model, ids[:1])
+    assert result["mean"] > before + 0.05, (before, result["mean"])
+    # The tree index does not take summary="max": no agreement to report.
+    assert (result["index_agreement"] is None) == bool(ssa)

@@ -23,19 +23,24 @@ def _reference(q, k, config, scale, rows, temperature=1.0):
                     probs = torch.softmax(q[b, row, h * group + g].float() @ keys.T * scale, dim=0)
                     target += probs.view(len(candidates), bs).sum(1) / group
                 target = target ** (1 / temperature) / (target ** (1 / temperature)).sum()
-                summaries = torch.stack([k[b, c * bs : (c + 1) * bs, h].float().mean(0) for c in candidates])
                 route = q[b, row, h * group : (h + 1) * group].float().mean(0)
-                log_router = torch.log_softmax(summaries @ route * scale, dim=0)
+                sub = config.summary_size  # "max": a block scores as its best sub-block
+                sub_means = [[k[b, s : s + sub, h].float().mean(0) for s in range(c * bs, (c + 1) * bs, sub)]
+                             for c in candidates]  # fmt: skip
+                scores = torch.tensor([max(float(m @ route) for m in means) for means in sub_means])
+                log_router = torch.log_softmax(scores * scale, dim=0)
                 total += float((target * (target.log() - log_router)).sum())
                 count += 1
     return total / count
 
 
 @pytest.mark.parametrize(
-    "seq_len,heads,temperature", [(100, (4, 2), 1.0), (161, (3, 1), 1.0), (133, (4, 2), 0.4)]
+    "seq_len,heads,temperature,sub",
+    [(100, (4, 2), 1.0, None), (161, (3, 1), 1.0, None), (133, (4, 2), 0.4, None), (147, (4, 2), 1.0, 4)],
 )
-def test_matches_row_by_row_reference(seq_len, heads, temperature):
-    config = subquad.SSAConfig(block_size=16, top_k=2, sink_blocks=1, local_blocks=2)
+def test_matches_row_by_row_reference(seq_len, heads, temperature, sub):
+    summary = {} if sub is None else {"summary": "max", "sub_block_size": sub}
+    config = subquad.SSAConfig(block_size=16, top_k=2, sink_blocks=1, local_blocks=2, **summary)
     q = 2 * torch.randn(2, seq_len, heads[0], 8)
     k = torch.randn(2, seq_len, heads[1], 8)
     first = (config.sink_blocks + config.local_blocks) * config.block_size

@@ -195,3 +195,6 @@ def test_bad_inputs():
     other = subquad.SSACache({"block_size": 32})
     with pytest.raises(ValueError, match="block_size=32"):
         model(ids, past_key_values=other)
+    finer = subquad.SSACache({"block_size": 16, "summary": "max", "sub_block_size": 4})
+    with pytest.raises(ValueError, match="summarises every 4 keys, the model routes by summaries of 16"):
+        model(ids, past_key_values=finer)

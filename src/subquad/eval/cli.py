@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from subquad._args import key_values
+
 from .runner import SUITES, evaluate_path
 
 
@@ -52,16 +54,23 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="cap on tokens generated per sample (default: per task)",
     )
+    parser.add_argument(
+        "--ssa",
+        default=None,
+        help="SSA settings replacing the model's, e.g. summary=max,sub_block_size=4 or top_k=64 (or JSON)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def run_eval(args: argparse.Namespace) -> int:
     """Run ``subquad eval`` with parsed ``args``; print the summary table. Returns the exit code."""
     try:
+        ssa = key_values(args.ssa) if getattr(args, "ssa", None) else None
         summary = evaluate_path(
             args.model,
             device=args.device,
             dtype=args.dtype,
+            ssa=ssa,
             suite=args.suite,
             lengths=args.lengths,
             num_samples=args.samples,

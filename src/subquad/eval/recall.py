@@ -223,11 +223,14 @@ def _layer_recall(attn: Any, q, k, summaries, route, max_queries) -> dict[str, A
             q, k, selection, attn.rotary, ssa.sink_blocks, ssa.local_blocks, attn.scale, max_queries, "none"
         )
     # The same routing inputs through the other index (the layer's own summaries are block means of
-    # whichever keys route, as select_blocks computes them when given none).
-    route_q, route_k = (q, k) if route is None else (route[0].detach(), route[1].detach())
-    other = dataclasses.replace(ssa, index="tree" if ssa.index == "flat" else "flat")
-    other_selection = select_blocks(route_q, route_k, other, causal=True, summaries=summaries)
-    flat, tree = (selection, other_selection) if ssa.index == "flat" else (other_selection, selection)
+    # whichever keys route, as select_blocks computes them when given none); summary="max" has no tree.
+    agreement = None
+    if ssa.summary == "mean":
+        route_q, route_k = (q, k) if route is None else (route[0].detach(), route[1].detach())
+        other = dataclasses.replace(ssa, index="tree" if ssa.index == "flat" else "flat")
+        other_selection = select_blocks(route_q, route_k, other, causal=True, summaries=summaries)
+        flat, tree = (selection, other_selection) if ssa.index == "flat" else (other_selection, selection)
+        agreement = routing_agreement(flat, tree)
     from subquad.ops.ssa.triton_attention import tokens_per_tile  # imports triton: only when measuring
 
     group = q.shape[2] // k.shape[2]
@@ -236,12 +239,21 @@ def _layer_recall(attn: Any, q, k, summaries, route, max_queries) -> dict[str, A
         "keys_attended": _keys_attended(selection, k.shape[1]),
         "rows": recall.shape[1],
         "tile_overhead": tile_overhead(selection.block_idx, tokens_per_tile(group)),
-        "index_agreement": routing_agreement(flat, tree),
+        "index_agreement": agreement,
     }
 
 
 # Per-layer numbers besides the recall, averaged the same way over layers and windows.
 _OPERATOR_STATS = ("keys_attended", "tile_overhead", "index_agreement")
+
+
+def _mean_stat(values: list[float | None]) -> float | None:
+    """Mean of a per-layer number; None when a layer has none (``summary="max"`` has no tree index)."""
+    return None if any(v is None for v in values) else sum(values) / len(values)
+
+
+def _stat_cell(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def model_attention_recall(
@@ -335,7 +347,7 @@ def model_attention_recall(
     return {
         "layers": per_layer,
         "mean": sum(row["recall"] for row in per_layer) / len(per_layer),
-        **{name: sum(row[name] for row in per_layer) / len(per_layer) for name in _OPERATOR_STATS},
+        **{name: _mean_stat([row[name] for row in per_layer]) for name in _OPERATOR_STATS},
         "tokens": int(input_ids.shape[1]),
         "queries": results[chosen[0]]["rows"],
         "position_scheme": model.config.position_scheme,
@@ -422,7 +434,7 @@ def evaluate_corpus(
                 "layer": row["layer"],
                 "recall": sum(per_head) / len(per_head),
                 "per_head": per_head,
-                **{name: sum(run["layers"][i][name] for run in runs) / len(runs) for name in _OPERATOR_STATS},
+                **{name: _mean_stat([run["layers"][i][name] for run in runs]) for name in _OPERATOR_STATS},
             }
         )
     return {
@@ -436,7 +448,7 @@ def evaluate_corpus(
         "ssa": runs[0]["ssa"],
         "layers": layer_rows,
         "mean": sum(row["recall"] for row in layer_rows) / len(layer_rows),
-        **{name: sum(row[name] for row in layer_rows) / len(layer_rows) for name in _OPERATOR_STATS},
+        **{name: _mean_stat([row[name] for row in layer_rows]) for name in _OPERATOR_STATS},
         "per_window": [
             {"start": run["start"], "mean": run["mean"], "seconds": run["seconds"]} for run in runs
         ],
@@ -453,11 +465,11 @@ def recall_table(result: dict[str, Any]) -> str:
     for row in result["layers"]:
         rows.append(
             f"| {row['layer']} | {row['recall']:.4f} | {100 * row['keys_attended']:.2f}% "
-            f"| {row['tile_overhead']:.2f} | {row['index_agreement']:.3f} |"
+            f"| {row['tile_overhead']:.2f} | {_stat_cell(row['index_agreement'], 3)} |"
         )
     rows.append(
         f"| **mean** | **{result['mean']:.4f}** | **{100 * result['keys_attended']:.2f}%** "
-        f"| **{result['tile_overhead']:.2f}** | **{result['index_agreement']:.3f}** |"
+        f"| **{result['tile_overhead']:.2f}** | **{_stat_cell(result['index_agreement'], 3)}** |"
     )
     return "\n".join(rows)
 

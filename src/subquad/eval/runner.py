@@ -255,6 +255,9 @@ def evaluate(
         "seed": seed,
         "max_new_tokens": max_new_tokens,
     }
+    ssa = getattr(getattr(model, "config", None), "ssa", None)
+    if isinstance(ssa, dict):
+        settings["ssa"] = ssa  # the routing the scores were measured with (overrides included)
     return write_summary(records, settings, out)
 
 
@@ -322,14 +325,17 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     return title + "\n".join(rows) + "\n"
 
 
-def load_causal_lm(path: str | os.PathLike, device: str = "auto", dtype: str = "auto") -> Any:
+def load_causal_lm(
+    path: str | os.PathLike, device: str = "auto", dtype: str = "auto", ssa: dict[str, Any] | None = None
+) -> Any:
     """Load a causal LM with ``AutoModelForCausalLM`` (no remote code), on ``device``, in eval mode.
 
     ``dtype="auto"`` keeps the stored dtype, except that float32 weights become bfloat16 on CUDA: the
     SSA kernels run in bf16/fp16, and float32 there silently takes the PyTorch reference path, some
-    30x slower on long prompts. Ask for ``"float32"`` to keep it."""
+    30x slower on long prompts. Ask for ``"float32"`` to keep it. ``ssa``: :class:`subquad.SSAConfig`
+    fields that replace the saved model's (e.g. ``{"top_k": 64}``): the same weights, routed otherwise."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     import subquad  # noqa: F401  - registers the Subquad model types with the Auto classes
 
@@ -346,7 +352,21 @@ def load_causal_lm(path: str | os.PathLike, device: str = "auto", dtype: str = "
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=False)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    if ssa:
+        if not isinstance(ssa, dict):
+            raise TypeError(f"ssa={ssa!r}: expected a dict of SSAConfig fields")
+        if getattr(config, "attention", "ssa") != "ssa":
+            raise ValueError(
+                f"ssa={ssa!r}: the model at {os.fspath(path)!r} has dense attention, nothing routes"
+            )
+        from subquad.ops.ssa.config import SSAConfig
+
+        # Merged and validated here, so a bad field names itself before any weights load.
+        config.ssa = SSAConfig.from_dict({**(getattr(config, "ssa", None) or {}), **ssa}).to_dict()
+    model = AutoModelForCausalLM.from_pretrained(
+        path, config=config, dtype=torch_dtype, trust_remote_code=False
+    )
     if dtype == "auto" and torch_device.type == "cuda" and model.dtype == torch.float32:
         model.to(torch.bfloat16)
     model.to(torch_device)
@@ -354,18 +374,25 @@ def load_causal_lm(path: str | os.PathLike, device: str = "auto", dtype: str = "
     return model
 
 
-def load_model(path: str | os.PathLike, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
+def load_model(
+    path: str | os.PathLike, device: str = "auto", dtype: str = "auto", ssa: dict[str, Any] | None = None
+) -> tuple[Any, Any]:
     """Load a causal LM (:func:`load_causal_lm`) and its tokenizer with the transformers Auto classes."""
     from transformers import AutoTokenizer
 
-    model = load_causal_lm(path, device=device, dtype=dtype)
+    model = load_causal_lm(path, device=device, dtype=dtype, ssa=ssa)
     return model, AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
 def evaluate_path(
-    model_path: str | os.PathLike, *, device: str = "auto", dtype: str = "auto", **kwargs: Any
+    model_path: str | os.PathLike,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    ssa: dict[str, Any] | None = None,
+    **kwargs: Any,
 ) -> dict[str, Any]:
     """Load the model at ``model_path`` (see ``load_model``) and run ``evaluate`` on it."""
-    model, tokenizer = load_model(model_path, device=device, dtype=dtype)
+    model, tokenizer = load_model(model_path, device=device, dtype=dtype, ssa=ssa)
     kwargs.setdefault("model_name", Path(model_path).name or os.fspath(model_path))
     return evaluate(model, tokenizer, **kwargs)

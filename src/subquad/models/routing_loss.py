@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from subquad.ops.ssa.config import SSAConfig
-from subquad.ops.ssa.select import block_summaries, routing_queries
+from subquad.ops.ssa.select import block_scores, routing_queries, routing_summaries
 
 
 def routing_distillation_loss(
@@ -35,8 +35,9 @@ def routing_distillation_loss(
     ``focus``), batch and KV heads.
 
     q ``[B, T, Hq, D]`` and k ``[B, T, Hkv, D]`` (self-attention, ``T == S``) as the attention scores
-    them (the target). The router's logits are ``scale * routing query . summary`` where, by default,
-    the routing query is the mean of the group's heads of q and the summaries are k's block means;
+    them (the target). The router's logits are ``scale *`` the block scores routing ranks by
+    (``routing query . summary``, or its best sub-block's with ``summary="max"``) where, by default,
+    the routing query is the mean of the group's heads of q and the summaries are k's (sub-)block means;
     ``route = (rq [B, T, Hkv, D], rk [B, T, Hkv, D])`` routes with a learned router's queries and keys
     instead. ``temperature`` < 1 sharpens the target (block masses raised to ``1 / temperature``,
     renormalised), so the loss spends the router's capacity on ranking the few blocks that carry most
@@ -78,9 +79,10 @@ def routing_distillation_loss(
             target = target / target.sum(-1, keepdim=True).clamp_min(torch.finfo(target.dtype).tiny)
 
     route_q, route_k = (q_rows, k) if route is None else (route[0][:, rows], route[1])
-    summ = block_summaries(route_k, block_size) if summaries is None else summaries.float()
+    summ = routing_summaries(route_k, config) if summaries is None else summaries.float()
     router_q = routing_queries(route_q, heads_kv) / (route_q.shape[2] // heads_kv)  # [B, R, Hkv, D]
-    logits = torch.einsum("brhd,bnhd->bhrn", router_q, summ) * scale
+    logits = torch.einsum("brhd,bnhd->bhrn", router_q, summ) * scale  # [B, Hkv, R, NS]
+    logits = block_scores(logits, config, num_blocks)  # what routing ranks: [B, Hkv, R, NB]
     log_router = torch.log_softmax(logits.masked_fill(~candidate, float("-inf")), dim=-1)
     kl = torch.xlogy(target, target) - target * log_router.masked_fill(~candidate, 0.0)
     return kl.sum(-1).mean()

@@ -19,24 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
 
-
-def _key_values(text: str) -> dict[str, Any]:
-    """`top_k=8,block_size=64` or JSON `{"top_k": 8}` -> dict (values parsed as JSON when possible)."""
-    text = text.strip()
-    if text.startswith("{"):
-        return json.loads(text)
-    values: dict[str, Any] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        key, sep, raw = part.partition("=")
-        if not sep:
-            raise ValueError(f"{part!r}: expected key=value")
-        try:
-            values[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            values[key.strip()] = raw
-    return values
+from subquad._args import key_values
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,8 +84,8 @@ def run_train(args: argparse.Namespace) -> int:
     from subquad.train.trainer import TrainConfig, convert_dense_to_ssa, train
 
     try:
-        ssa = _key_values(args.ssa) if args.ssa else None
-        overrides = _key_values(args.model_override) if args.model_override else {}
+        ssa = key_values(args.ssa) if args.ssa else None
+        overrides = key_values(args.model_override) if args.model_override else {}
         betas = tuple(float(b) for b in args.betas.split(","))
         init_from = args.init_from
         if args.convert_from:
@@ -180,7 +164,7 @@ def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _kind_weights(text: str) -> dict[str, float]:
-    weights = _key_values(text)
+    weights = key_values(text)
     if not weights or not all(
         isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in weights.values()
     ):

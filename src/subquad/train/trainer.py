@@ -255,7 +255,7 @@ def flops_per_token(config: SubquadConfig, seq_len: int, num_params: int) -> flo
     tied embedding counted once as the LM head), plus attention: ``12 * layers * heads * head_dim``
     per attended key (QK^T and PV, x3 for the backward), with keys per query averaged over positions:
     ``(t + 1)`` for dense, ``min(t + 1, max_keys)`` for SSA; plus SSA routing (query against every
-    earlier block summary, forward only, ``2 * layers * heads * head_dim`` per block).
+    earlier routing summary, forward only, ``2 * layers * heads * head_dim`` per summary).
     """
     per_key = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim
     positions = np.arange(1, seq_len + 1, dtype=np.float64)
@@ -265,8 +265,8 @@ def flops_per_token(config: SubquadConfig, seq_len: int, num_params: int) -> flo
     else:
         ssa = config.ssa_config
         keys = np.minimum(positions, ssa.max_keys).mean()
-        blocks = np.ceil(positions / ssa.block_size).mean()
-        routing = 2 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * blocks
+        summaries = np.ceil(positions / ssa.summary_size).mean()
+        routing = 2 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * summaries
     return float(6 * num_params + per_key * keys + routing)
 
 

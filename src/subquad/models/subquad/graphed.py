@@ -82,6 +82,11 @@ class GraphedDecoder:
                 f"router={config.router!r}: the graphed step supports router='shared' only (a learned "
                 "router routes on the PyTorch path, outside the decode kernels)"
             )
+        if config.attention == "ssa" and config.ssa_config.summary != "mean":
+            raise ValueError(
+                f"ssa.summary={config.ssa_config.summary!r}: the graphed step supports 'mean' only (its "
+                "device-side cache update re-sums one block summary per token)"
+            )
         if config.attention == "ssa" and config.position_scheme != "rope":
             raise ValueError(
                 f"position_scheme={config.position_scheme!r}: the graphed step needs 'rope' (the decode "

@@ -228,7 +228,7 @@ class SubquadAttention(nn.Module):
     def _attend_rows(self, q, k_all, v_all, summaries, route, lengths, valid) -> torch.Tensor:
         """Rows of different lengths: each row attends over its own tokens (padded queries give 0)."""
         out = q.new_zeros(*q.shape[:3], v_all.shape[-1])
-        bs = self.config.ssa_config.block_size
+        per_summary = self.config.ssa_config.summary_size
         for row, length in enumerate(lengths):
             steps = slice(None) if valid is None else valid[row]
             q_row = q[row : row + 1][:, steps]
@@ -237,7 +237,7 @@ class SubquadAttention(nn.Module):
             route_row = None
             if route is not None:
                 route_row = (route[0][row : row + 1][:, steps], route[1][row : row + 1, :length])
-            summ = summaries[row : row + 1, : -(-length // bs)]
+            summ = summaries[row : row + 1, : -(-length // per_summary)]
             o_row = self._attend(
                 q_row, k_all[row : row + 1, :length], v_all[row : row + 1, :length], summ, route_row
             )
@@ -279,7 +279,8 @@ class SubquadAttention(nn.Module):
 
         The router scores the attention's own q/k (``rope``: rotated; ``local_rope``: pre-rotary),
         or with ``route = (routing queries [B, T, Hkv, D], routing keys [B, S, Hkv, D])`` those of a
-        learned router. ``summaries`` are precomputed block means of whichever keys route.
+        learned router. ``summaries`` are precomputed routing summaries (block or sub-block means) of
+        whichever keys route.
         """
         queries, keys = (q, k) if route is None else route
         with torch.no_grad():
@@ -527,6 +528,11 @@ def _ssa_cache_for(past_key_values: Cache | None, config: SubquadConfig) -> SSAC
             raise ValueError(
                 f"past_key_values: SSACache block_size={past_key_values.ssa_config.block_size}, expected "
                 f"{config.ssa_config.block_size} (the model's ssa.block_size)"
+            )
+        if past_key_values.ssa_config.summary_size != config.ssa_config.summary_size:
+            raise ValueError(
+                f"past_key_values: SSACache summarises every {past_key_values.ssa_config.summary_size} keys, "
+                f"the model routes by summaries of {config.ssa_config.summary_size} (its ssa.summary)"
             )
         return past_key_values
     if isinstance(past_key_values, Cache) and past_key_values.get_seq_length() == 0:

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 INDEXES = ("flat", "tree")
-SUMMARIES = ("mean",)
+SUMMARIES = ("mean", "max")
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,13 @@ class SSAConfig:
         index: ``"flat"`` scores every earlier block (exact top-k, ``O(N/block_size)`` per query);
             ``"tree"`` scores groups of blocks by an upper bound first, then only the blocks of the best
             groups (``O(sqrt(N))`` per query; see ``select.py``).
-        summary: how a block is summarised for routing (``"mean"`` of its keys).
+        summary: how a block scores for routing: ``"mean"``, the routing query against the block's
+            mean key; ``"max"``, the best score of the block's sub-blocks of ``sub_block_size`` keys,
+            each summarised by its mean key. A few distinctive keys among many ordinary ones move a
+            sub-block's mean more than the block's; routing reads ``block_size / sub_block_size``
+            times more summaries. ``"max"`` routes with ``index="flat"`` only.
+        sub_block_size: keys per sub-block for ``summary="max"`` (a power of two below
+            ``block_size``); None for ``"mean"``.
         tree_group: blocks per group for ``index="tree"``; ``None`` picks ``~sqrt(num_blocks / top_k)``.
         tree_probe: groups expanded per query for ``index="tree"``; ``None`` means ``top_k``.
     """
@@ -36,6 +42,7 @@ class SSAConfig:
     local_blocks: int = 2
     index: str = "flat"
     summary: str = "mean"
+    sub_block_size: int | None = None
     tree_group: int | None = None
     tree_probe: int | None = None
 
@@ -50,6 +57,24 @@ class SSAConfig:
             raise ValueError(f"index={self.index!r}: expected one of {INDEXES}")
         if self.summary not in SUMMARIES:
             raise ValueError(f"summary={self.summary!r}: expected one of {SUMMARIES}")
+        if self.summary == "mean" and self.sub_block_size is not None:
+            raise ValueError(
+                f"sub_block_size={self.sub_block_size!r}: only summary='max' has sub-blocks; expected None"
+            )
+        if self.summary == "max":
+            if self.sub_block_size is None:
+                raise ValueError(
+                    "summary='max' needs sub_block_size (keys per sub-block, a power of two below "
+                    f"block_size={self.block_size}), e.g. {self.block_size // 4}"
+                )
+            _check_int("sub_block_size", self.sub_block_size, minimum=1)
+            if self.sub_block_size & (self.sub_block_size - 1) or self.sub_block_size >= self.block_size:
+                raise ValueError(
+                    f"sub_block_size={self.sub_block_size!r}: expected a power of two below "
+                    f"block_size={self.block_size}"
+                )
+            if self.index != "flat":
+                raise ValueError(f"index={self.index!r}: summary='max' routes with index='flat' only")
         if self.tree_group is not None:
             _check_int("tree_group", self.tree_group, minimum=2)
         if self.tree_probe is not None:
@@ -59,6 +84,15 @@ class SSAConfig:
     def blocks_per_query(self) -> int:
         """Width K of the selection: sink + local + routed slots."""
         return self.sink_blocks + self.local_blocks + self.top_k
+
+    @property
+    def summary_size(self) -> int:
+        """Keys per routing summary: ``block_size`` (``"mean"``) or ``sub_block_size`` (``"max"``)."""
+        return self.block_size if self.sub_block_size is None else self.sub_block_size
+
+    @property
+    def summaries_per_block(self) -> int:
+        return self.block_size // self.summary_size
 
     @property
     def max_keys(self) -> int:

@@ -42,7 +42,8 @@ def ssa_attention(
             ``"auto"`` (triton on CUDA for fp16/bf16, torch otherwise).
         return_selection: also return the :class:`SSASelection` used.
         selection: reuse a selection instead of routing (e.g. from an earlier call).
-        summaries: precomputed block summaries ``[B, ceil(S / block_size), Hkv, D]`` (a KV cache's).
+        summaries: precomputed routing summaries ``[B, ceil(S / config.summary_size), Hkv, D]`` (a KV
+            cache's).
 
     Returns ``[B, T, Hq, Dv]`` in ``q.dtype`` (and the selection when asked). Gradients flow to q, k
     and v through the attention; the routing decision itself is not differentiated.
@@ -53,7 +54,7 @@ def ssa_attention(
     backend = resolve_backend(backend, q, v)
     if selection is None:
         if summaries is not None:
-            _check_summaries(summaries, k, config.block_size)
+            _check_summaries(summaries, k, config.summary_size)
         with torch.no_grad():
             selection = select_blocks(q.detach(), k.detach(), config, causal=causal, summaries=summaries)
     else:
@@ -187,8 +188,8 @@ def _check_selection(selection: SSASelection, q: torch.Tensor, k: torch.Tensor) 
         )
 
 
-def _check_summaries(summaries: torch.Tensor, k: torch.Tensor, block_size: int) -> None:
-    want = (k.shape[0], -(-k.shape[1] // block_size), k.shape[2], k.shape[3])
+def _check_summaries(summaries: torch.Tensor, k: torch.Tensor, summary_size: int) -> None:
+    want = (k.shape[0], -(-k.shape[1] // summary_size), k.shape[2], k.shape[3])
     if not isinstance(summaries, torch.Tensor) or tuple(summaries.shape) != want:
         got = tuple(summaries.shape) if isinstance(summaries, torch.Tensor) else type(summaries).__name__
         raise ValueError(f"summaries: got {got}, expected shape {want}")

@@ -16,6 +16,10 @@ Two routers produce the routed part:
   ``N/(G b) + (P + 1) G`` dot products per query, ``O(sqrt(N))`` with ``G ~ sqrt(N / (b P))``.
   A group that holds blocks at or after the token's window is never summarised for it (no leak).
 
+A block's score is its routing query against its summary: the block's mean key, or with
+``summary="max"`` the best of the means of its sub-blocks (``block_scores``), so summaries are
+``[B, ceil(S / config.summary_size), Hkv, D]`` in both cases.
+
 Scores are computed for the *routing query* of a KV head: the sum of its group's query heads, so the
 GQA heads of one KV head share a selection (``(sum_h q_h) . s == sum_h (q_h . s)``).
 """
@@ -86,6 +90,27 @@ def block_summaries(k: torch.Tensor, block_size: int) -> torch.Tensor:
     return sums / counts.view(1, -1, 1, 1)
 
 
+def routing_summaries(k: torch.Tensor, config: SSAConfig) -> torch.Tensor:
+    """The summaries ``config`` routes by: mean keys of every ``config.summary_size`` keys."""
+    return block_summaries(k, config.summary_size)
+
+
+def block_scores(scores: torch.Tensor, config: SSAConfig, num_blocks: int) -> torch.Tensor:
+    """Scores of summaries ``[..., NS]`` -> scores of key blocks ``[..., num_blocks]``.
+
+    ``"mean"`` has one summary per block; ``"max"`` takes the best of each block's sub-blocks (those a
+    partial last block holds). Summaries past ``num_blocks`` blocks are ignored.
+    """
+    per_block = config.summaries_per_block
+    if per_block == 1:
+        return scores[..., :num_blocks]
+    scores = scores[..., : num_blocks * per_block]
+    pad = num_blocks * per_block - scores.shape[-1]
+    if pad:
+        scores = torch.nn.functional.pad(scores, (0, pad), value=float("-inf"))
+    return scores.view(*scores.shape[:-1], num_blocks, per_block).amax(-1)
+
+
 def routing_queries(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """Sum of each KV head's query heads: ``[B, T, Hq, D]`` -> ``[B, T, Hkv, D]`` float32."""
     batch, seq_len, heads, dim = q.shape
@@ -107,9 +132,9 @@ def select_blocks(
 ) -> SSASelection:
     """Choose the key blocks of every query token.
 
-    q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]``; ``summaries`` (optional, ``[B, NB, Hkv, D]``) are
-    precomputed block summaries, e.g. kept up to date by a KV cache. Returns an :class:`SSASelection`
-    with ``K = config.blocks_per_query`` slots.
+    q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]``; ``summaries`` (optional,
+    ``[B, ceil(S / config.summary_size), Hkv, D]``) are precomputed routing summaries, e.g. kept up to
+    date by a KV cache. Returns an :class:`SSASelection` with ``K = config.blocks_per_query`` slots.
     """
     from subquad.ops.ssa.interface import _check_config, _check_summaries, validate_qkv
 
@@ -120,9 +145,9 @@ def select_blocks(
     block_size = config.block_size
     num_blocks = -(-seq_len_k // block_size)
     if summaries is None:
-        summaries = block_summaries(k, block_size)
+        summaries = routing_summaries(k, config)
     else:
-        _check_summaries(summaries, k, block_size)
+        _check_summaries(summaries, k, config.summary_size)
     device = q.device
     qblock = query_blocks(seq_len_q, seq_len_k, block_size, device)
 
@@ -141,7 +166,8 @@ def select_blocks(
     if config.top_k == 0:
         return SSASelection(fixed.contiguous(), block_size, fixed.shape[-1])
     rq = routing_queries(q, num_kv_heads)  # [B, T, Hkv, D]
-    if q.is_cuda and _triton_available():
+    # The Triton routers score one mean per block; "max" routes through the PyTorch router on any device.
+    if q.is_cuda and config.summary == "mean" and _triton_available():
         from subquad.ops.ssa import triton_select
 
         router = (
@@ -223,12 +249,13 @@ def _query_chunks(seq_len_q: int, seq_len_k: int, per_token: int):
 def _route_flat(rq, summaries, seq_len_k, config, causal):
     """Reference flat router: every candidate block scored, exact top-k. ``rq``: ``[B, T, Hkv, D]``."""
     batch, seq_len_q, heads, _ = rq.shape
-    num_blocks = summaries.shape[1]
-    summ_t = summaries.permute(0, 2, 3, 1)  # [B, Hkv, D, NB]
+    num_blocks = -(-seq_len_k // config.block_size)
+    summ_t = summaries.permute(0, 2, 3, 1)  # [B, Hkv, D, NS]
     all_blocks = torch.arange(num_blocks, device=rq.device)
     out = []
-    for start, stop, first_pos in _query_chunks(seq_len_q, seq_len_k, batch * heads * num_blocks):
-        scores = torch.matmul(rq[:, start:stop].transpose(1, 2), summ_t)  # [B, Hkv, Tc, NB]
+    for start, stop, first_pos in _query_chunks(seq_len_q, seq_len_k, batch * heads * summaries.shape[1]):
+        scores = torch.matmul(rq[:, start:stop].transpose(1, 2), summ_t)  # [B, Hkv, Tc, NS]
+        scores = block_scores(scores, config, num_blocks)  # [B, Hkv, Tc, NB]
         qblock = torch.arange(first_pos, first_pos + stop - start, device=rq.device) // config.block_size
         ok = is_candidate(all_blocks.expand(stop - start, -1), qblock, config, causal, num_blocks)
         scores.masked_fill_(~ok, float("-inf"))

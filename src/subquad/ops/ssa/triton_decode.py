@@ -27,6 +27,7 @@ from subquad.ops.ssa.select import (
     _own_group_slots,
     _route_tree,
     _topk_blocks,
+    block_scores,
     routing_queries,
     tree_bounds,
     tree_shape,
@@ -219,7 +220,8 @@ def decode_select(
     """Selection of each row's newest token: ``[B, Hkv, K]`` int32 block ids, ``-1`` for empty slots.
 
     q: ``[B, Hq, D]`` (the token at position ``seqlens[b] - 1`` of row ``b``); summaries:
-    ``[B, NB, Hkv, D]`` block summaries (blocks past a row's length are ignored); seqlens: ``[B]``
+    ``[B, NS, Hkv, D]`` routing summaries (``config.summary_size`` keys each; blocks past a row's
+    length are ignored); seqlens: ``[B]``
     tokens per row including the new one. Same selection as ``select_blocks`` for that token.
     ``plan``: :func:`decode_plan` of these ``seqlens`` and ``NB``, when the caller shares it across
     layers (built here otherwise). ``tree_bounds``: the :class:`TreeBounds` of the cache layer that
@@ -253,8 +255,9 @@ def decode_select(
             ]
             routed = torch.cat(rows, dim=0)[:, :, 0]
         return torch.cat([fixed, routed], dim=-1)
-    summ = summaries.transpose(1, 2)  # [B, Hkv, NB, D]
-    scores = torch.matmul(summ, rq.to(summ.dtype)[..., None])[..., 0].float()  # [B, Hkv, NB]
+    summ = summaries.transpose(1, 2)  # [B, Hkv, NS, D]
+    scores = torch.matmul(summ, rq.to(summ.dtype)[..., None])[..., 0].float()  # [B, Hkv, NS]
+    scores = block_scores(scores, config, plan.num_blocks)  # [B, Hkv, NB]
     scores.masked_fill_(plan.not_candidate, float("-inf"))
     routed = _topk_blocks(scores, None, config.top_k)
     return torch.cat([fixed, routed], dim=-1)
@@ -517,14 +520,14 @@ def ssa_decode(
     q: ``[B, 1, Hq, D]``; k: ``[B, S, Hkv, D]``; v: ``[B, S, Hkv, Dv]`` (e.g. a KV cache, the new
     token's key and value already appended). Row ``b`` holds ``seqlens[b]`` valid tokens (default
     ``S`` for every row) and its query sits at position ``seqlens[b] - 1``. ``summaries``:
-    ``[B, >= ceil(max(seqlens) / block_size), Hkv, D]`` block summaries (a cache's); computed from
-    ``k`` when omitted. ``backend``: ``"torch"``, ``"triton"`` (CUDA fp16/bf16) or ``"auto"``.
+    ``[B, >= ceil(max(seqlens) / config.summary_size), Hkv, D]`` routing summaries (a cache's);
+    computed from ``k`` when omitted. ``backend``: ``"torch"``, ``"triton"`` (CUDA fp16/bf16) or ``"auto"``.
 
     Returns ``[B, 1, Hq, Dv]``; with ``return_selection`` also the ``[B, Hkv, K]`` block ids. With
     ``seqlens`` all equal to ``S`` this equals ``ssa_attention(q, k, v, config)``.
     """
     from subquad.ops.ssa.interface import _check_config, _check_scale, resolve_backend, validate_qkv
-    from subquad.ops.ssa.select import block_summaries
+    from subquad.ops.ssa.select import routing_summaries
 
     validate_qkv(q, k, v, causal=True)
     if q.shape[1] != 1:
@@ -541,17 +544,22 @@ def ssa_decode(
         raise ValueError(f"seqlens: got {got}, expected a tensor of shape ({batch},)")
     seqlens = seqlens.to(q.device)
     if summaries is None:
-        summaries = block_summaries(k, config.block_size)
+        summaries = routing_summaries(k, config)
     else:
-        need = -(-seq_len_k // config.block_size)
-        if summaries.dim() != 4 or summaries.shape[0] != batch or summaries.shape[2:] != k.shape[2:]:
+        need = -(-seq_len_k // config.summary_size)
+        if (
+            summaries.dim() != 4
+            or summaries.shape[0] != batch
+            or summaries.shape[1] < need
+            or summaries.shape[2:] != k.shape[2:]
+        ):
             raise ValueError(
-                f"summaries: shape {tuple(summaries.shape)}, expected [{batch}, NB, {k.shape[2]}, "
-                f"{k.shape[3]}]"
+                f"summaries: shape {tuple(summaries.shape)}, expected [{batch}, >= {need}, {k.shape[2]}, "
+                f"{k.shape[3]}] (a summary per {config.summary_size} keys)"
             )
         summaries = summaries[:, :need]
     backend = resolve_backend(backend, q, v)
-    plan = decode_plan(seqlens, summaries.shape[1], config, lengths)
+    plan = decode_plan(seqlens, -(-seq_len_k // config.block_size), config, lengths)
     out, block_idx = decode_step(q, k, v, summaries, plan, config, scale, backend)
     return (out, block_idx) if return_selection else out
 
@@ -569,7 +577,7 @@ def decode_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`ssa_decode` without its checks, for callers that built the inputs themselves (a model's
     decode step, once per layer): ``(out [B, 1, Hq, Dv], block_idx [B, Hkv, K])``. ``summaries`` hold
-    ``plan.num_blocks`` blocks; ``backend`` is ``"torch"`` or ``"triton"``; ``tree_bounds`` as in
+    ``plan.num_blocks`` blocks' summaries; ``backend`` is ``"torch"`` or ``"triton"``; ``tree_bounds`` as in
     :func:`decode_select`."""
     q1 = q[:, 0]
     with torch.no_grad():
