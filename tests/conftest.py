@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import zlib
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -92,3 +94,18 @@ def selection_mask(block_idx, block_size, seq_len_k, heads_q):
 def reference():
     """``reference.attention(...)`` and ``reference.selection_mask(...)`` (see their docstrings)."""
     return SimpleNamespace(attention=attention_reference, selection_mask=selection_mask)
+
+
+@pytest.fixture
+def load_script():
+    """``load_script("scripts/oracle_routing.py")``: a repository script (not a package module) loaded
+    as a module from its path relative to the repository root."""
+
+    def load(relative: str):
+        path = Path(__file__).resolve().parents[1] / relative
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

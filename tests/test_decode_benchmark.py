@@ -1,21 +1,10 @@
 """`benchmarks/decode.py --only attention` end to end on the CPU (tiny lengths, the PyTorch paths)."""
 
-import importlib.util
 import json
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "decode.py"
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("decode_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_attention_mode_rows(tmp_path):
-    bench = _load_benchmark()
+def test_attention_mode_rows(tmp_path, load_script):
+    bench = load_script("benchmarks/decode.py")
     lengths = [2048, 4096]
     report = bench.main(
         ["--device", "cpu", "--quick", "--only", "attention", "--decode-steps", "2", "--out", str(tmp_path),
@@ -42,9 +31,9 @@ def test_attention_mode_rows(tmp_path):
     assert "| layer-8b | 4,096 | dense | graph |" in written.with_suffix(".md").read_text()
 
 
-def test_decode_mode_graph_rows(tmp_path):
+def test_decode_mode_graph_rows(tmp_path, load_script):
     # --graph adds a GraphedDecoder row per model (its ops run eagerly on the CPU) beside the eager one.
-    bench = _load_benchmark()
+    bench = load_script("benchmarks/decode.py")
     report = bench.main(
         ["--device", "cpu", "--quick", "--only", "decode", "--graph", "--decode-steps", "2",
          "--decode-lengths", "256", "--out", str(tmp_path)]

@@ -1,24 +1,12 @@
 """scripts/oracle_routing.py: the oracle router picks the blocks with the most dense attention mass."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
 import subquad
 
-_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "oracle_routing.py"
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("oracle_routing", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_oracle_picks_the_blocks_with_most_dense_mass():
-    oracle = _load_script()
+def test_oracle_picks_the_blocks_with_most_dense_mass(load_script):
+    oracle = load_script("scripts/oracle_routing.py")
     torch.manual_seed(5)
     config = subquad.SSAConfig(block_size=16, top_k=3, sink_blocks=1, local_blocks=2)
     seq_len, heads_q, heads_kv, dim, scale = 150, 4, 2, 8, 0.4
