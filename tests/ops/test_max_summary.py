@@ -142,3 +142,15 @@ def test_decode_rows_of_different_lengths_from_a_cache():
         torch.testing.assert_close(out[row : row + 1], ref)
     with pytest.raises(ValueError, match=r"expected \[3, >= 25, 2, 32\] \(a summary per 8 keys\)"):
         ssa_decode(q, cache.keys_bshd(), cache.values_bshd(), config, cache.seqlens, cache.summaries()[:, :3])
+
+
+def test_decode_select_without_a_plan_equals_the_full_router():
+    from subquad.ops.ssa.triton_decode import decode_select
+
+    config = max_config(sub=4, top_k=3)
+    q, k = torch.randn(1, 1, 4, 32), torch.randn(1, 150, 2, 32)
+    summaries = routing_summaries(k, config)  # 38 summaries of 10 blocks
+    got = decode_select(q[:, 0], summaries, torch.tensor([150]), config)
+    assert got.shape == (1, 2, config.blocks_per_query)
+    want = select_blocks(q, k, config).block_idx[:, :, 0]
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)

@@ -158,6 +158,9 @@ def _small_threshold_tiles(monkeypatch):
         monkeypatch.setattr(triton_select, "_THRESHOLD_BLOCK_N", 32)
 
 
+MAX4 = {"summary": "max", "sub_block_size": 4}
+
+
 @pytest.mark.parametrize(
     "index,causal,extra",
     [
@@ -168,6 +171,10 @@ def _small_threshold_tiles(monkeypatch):
         ("tree", True, {"tree_group": 2}),
         ("tree", True, {"top_k": 20, "tree_group": 2}),  # probed scores + torch.topk
         ("tree", False, {"tree_group": 4}),
+        ("flat", True, MAX4),
+        ("flat", False, MAX4),  # the partial last block lacks sub-blocks
+        ("flat", True, {**MAX4, "threshold": False}),
+        ("flat", False, {**MAX4, "top_k": 20, "threshold": False}),
     ],
     ids=[
         "flat-causal",
@@ -177,6 +184,10 @@ def _small_threshold_tiles(monkeypatch):
         "tree-causal",
         "tree-causal-k20",
         "tree-full",
+        "max-causal",
+        "max-full",
+        "max-causal-groups",
+        "max-full-k20-groups",
     ],
 )
 def test_triton_routing_matches_reference(index, causal, extra):
@@ -188,7 +199,7 @@ def test_triton_routing_matches_reference(index, causal, extra):
     config = subquad.SSAConfig(block_size=16, index=index, **{"top_k": 3, **extra})
     seq_len_q, seq_len_k = 40, 150
     rq = torch.randn(1, seq_len_q, 2, 16, device=DEVICE)
-    summaries = select.block_summaries(torch.randn(1, seq_len_k, 2, 16, device=DEVICE), 16)
+    summaries = select.routing_summaries(torch.randn(1, seq_len_k, 2, 16, device=DEVICE), config)
     reference = select._route_flat if index == "flat" else select._route_tree
     router = triton_select.route_flat_triton if index == "flat" else triton_select.route_tree_triton
     want = reference(rq, summaries, seq_len_k, config, causal)

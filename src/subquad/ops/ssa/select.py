@@ -166,8 +166,7 @@ def select_blocks(
     if config.top_k == 0:
         return SSASelection(fixed.contiguous(), block_size, fixed.shape[-1])
     rq = routing_queries(q, num_kv_heads)  # [B, T, Hkv, D]
-    # The Triton routers score one mean per block; "max" routes through the PyTorch router on any device.
-    if q.is_cuda and config.summary == "mean" and _triton_available():
+    if q.is_cuda and _triton_available():
         from subquad.ops.ssa import triton_select
 
         router = (

@@ -231,7 +231,7 @@ def decode_select(
     """
     num_kv_heads = summaries.shape[2]
     if plan is None:
-        plan = decode_plan(seqlens, summaries.shape[1], config)
+        plan = decode_plan(seqlens, -(-summaries.shape[1] // config.summaries_per_block), config)
     fixed = plan.fixed.expand(-1, num_kv_heads, -1)
     if config.top_k == 0 or plan.num_blocks == 0:
         return fixed.contiguous()

@@ -14,6 +14,9 @@ Both routers run in the same three steps (``select.py`` holds the plain-PyTorch 
    ``tl.topk`` on packed (score, block) keys; above, the scores are written and ``torch.topk`` takes
    them (the merge's sorting network compiles for minutes at larger widths).
 
+With ``summary="max"`` a block's score is the best of its sub-blocks' (``select.block_scores``): every
+kernel below takes it as the block's one score, computed from its ``SUBS`` summaries where it is needed.
+
 ``flat`` with a small budget takes a faster exact route instead (:func:`threshold_topk`): two passes
 over the scores, the first for a per-token threshold that the k-th best block must reach, the second
 collecting the few blocks that reach it; no per-chunk merges and no gathered rescore.
@@ -78,20 +81,36 @@ def _routing_rows(RQ, stride_rb, stride_rt, stride_rh, b, h, tile, T, pos_offset
 
 
 @triton.jit
-def _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks,
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks, num_summaries,
                       D: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
-                      IEEE: tl.constexpr):
+                      IEEE: tl.constexpr, SUBS: tl.constexpr):
     """Routing scores ``[BLOCK_M, BLOCK_N]`` of the blocks ``start + cols``, -inf where not a candidate.
 
-    ``IEEE``: float32 inputs are multiplied in full precision (not TF32), so the ranking is the
-    reference's; bf16/fp16 products are exact in the fp32 accumulator anyway."""
+    ``SUBS`` summaries per block (``SSAConfig.summaries_per_block``): a block scores as its best
+    sub-block (``summary="max"``), one ``[BLOCK_M, BLOCK_N]`` product per sub-block position, so the
+    tile stays the size of a one-summary block's. ``IEEE``: float32 inputs are multiplied in full
+    precision (not TF32), so the ranking is the reference's; bf16/fp16 products are exact in the fp32
+    accumulator anyway."""
     blocks = start + cols
-    summ = tl.load(summ_base + blocks.to(tl.int64)[None, :] * stride_sn + offs_d[:, None],
-                   mask=(blocks[None, :] < num_blocks) & (offs_d[:, None] < D), other=0.0)
-    if IEEE:
-        s = tl.dot(rq, summ, input_precision="ieee")
+    if SUBS == 1:
+        summ = tl.load(summ_base + blocks.to(tl.int64)[None, :] * stride_sn + offs_d[:, None],
+                       mask=(blocks[None, :] < num_blocks) & (offs_d[:, None] < D), other=0.0)
+        s = _dot(rq, summ, IEEE)
     else:
-        s = tl.dot(rq, summ)
+        s = tl.full([rq.shape[0], cols.shape[0]], float("-inf"), tl.float32)
+        for j in range(SUBS):
+            sub = blocks * SUBS + j
+            summ = tl.load(summ_base + sub.to(tl.int64)[None, :] * stride_sn + offs_d[:, None],
+                           mask=(sub[None, :] < num_summaries) & (offs_d[:, None] < D), other=0.0)
+            # Sub-blocks past the last key (a partial last block) take no part in the maximum.
+            s = tl.maximum(s, tl.where(sub[None, :] < num_summaries, _dot(rq, summ, IEEE), float("-inf")))
     ok = _is_candidate(blocks[None, :], query_block[:, None], SINK, LOCAL, num_blocks, CAUSAL)
     return tl.where(ok, s, float("-inf"))
 
@@ -101,9 +120,9 @@ def _group_max_kernel(
     RQ, SUMM, OUT,
     stride_rb, stride_rt, stride_rh,
     stride_sb, stride_sn, stride_sh,
-    T, pos_offset, HKV, num_blocks, num_groups, block_size,
+    T, pos_offset, HKV, num_blocks, num_summaries, num_groups, block_size,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    GROUP: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
+    GROUP: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr, SUBS: tl.constexpr,
 ):
     tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -120,10 +139,16 @@ def _group_max_kernel(
     summ_base = SUMM + b.to(tl.int64) * stride_sb + h * stride_sh
     for start in range(0, stop, BLOCK_N):
         s = _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks,
-                              D, SINK, LOCAL, CAUSAL, False)
+                              num_summaries, D, SINK, LOCAL, CAUSAL, False, SUBS)
         gmax = tl.max(tl.reshape(s, [BLOCK_M, groups_per_chunk, GROUP]), axis=2)
         groups = start // GROUP + tl.arange(0, groups_per_chunk)
         tl.store(out_base + groups[None, :], gmax, mask=row_ok[:, None] & (groups[None, :] < num_groups))
+
+
+def _summary_layout(summaries: torch.Tensor, config) -> tuple[int, int, int]:
+    """(key blocks, summaries, summaries per block) of ``[B, NS, Hkv, D]`` summaries under ``config``."""
+    per_block = config.summaries_per_block
+    return -(-summaries.shape[1] // per_block), summaries.shape[1], per_block
 
 
 def group_max_scores(rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int, config, group: int,
@@ -131,10 +156,10 @@ def group_max_scores(rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int,
     """Max routing score per group of ``group`` candidate blocks: ``[B, Hkv, T, NG]`` fp32, -inf if none.
 
     rq: ``[B, T, Hkv, D]`` routing queries of tokens at positions ``pos_offset + i``;
-    summaries: ``[B, NB, Hkv, D]`` (same dtype).
+    summaries: ``[B, NS, Hkv, D]`` routing summaries (same dtype; ``config.summaries_per_block`` a block).
     """
     batch, seq_len_q, heads, dim = rq.shape
-    num_blocks = summaries.shape[1]
+    num_blocks, num_summaries, per_block = _summary_layout(summaries, config)
     num_groups = -(-num_blocks // group)
     out = torch.full((batch, heads, seq_len_q, num_groups), float("-inf"), device=rq.device)
     block_m, block_n = 64, max(64, group)
@@ -143,9 +168,10 @@ def group_max_scores(rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int,
         rq, summaries, out,
         rq.stride(0), rq.stride(1), rq.stride(2),
         summaries.stride(0), summaries.stride(1), summaries.stride(2),
-        seq_len_q, pos_offset, heads, num_blocks, num_groups, config.block_size,
+        seq_len_q, pos_offset, heads, num_blocks, num_summaries, num_groups, config.block_size,
         D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=block_m, BLOCK_N=block_n, GROUP=group,
-        SINK=config.sink_blocks, LOCAL=config.local_blocks, CAUSAL=causal, num_warps=4, num_stages=2,
+        SINK=config.sink_blocks, LOCAL=config.local_blocks, CAUSAL=causal, SUBS=per_block, num_warps=4,
+        num_stages=2,
     )
     return out
 
@@ -155,9 +181,9 @@ def _top_groups_kernel(
     RQ, SUMM, OUT,
     stride_rb, stride_rt, stride_rh,
     stride_sb, stride_sn, stride_sh,
-    T, pos_offset, HKV, num_blocks, block_size, num_out,
+    T, pos_offset, HKV, num_blocks, num_summaries, block_size, num_out,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, GROUP: tl.constexpr,
-    K_PAD: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
+    K_PAD: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr, SUBS: tl.constexpr,
 ):
     """As ``_group_max_kernel``, but keeps each row's best ``K_PAD`` groups in registers instead of
     writing every group maximum: a chunk of ``GROUP * K_PAD`` blocks yields ``K_PAD`` group maxima,
@@ -177,7 +203,7 @@ def _top_groups_kernel(
     summ_base = SUMM + b.to(tl.int64) * stride_sb + h * stride_sh
     for start in range(0, stop, BLOCK_N):
         s = _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks,
-                              D, SINK, LOCAL, CAUSAL, False)
+                              num_summaries, D, SINK, LOCAL, CAUSAL, False, SUBS)
         gmax = tl.max(tl.reshape(s, [BLOCK_M, K_PAD, GROUP]), axis=2)
         groups = start // GROUP + tl.arange(0, K_PAD)
         best = _merge_top(best, _pack_keys(gmax, groups[None, :], gmax > float("-inf")), BLOCK_M, K_PAD)
@@ -193,6 +219,7 @@ def top_groups(rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int, confi
     """The ``top_k`` groups with the highest candidate-block maximum: ``[B, Hkv, T, top_k]`` int32."""
     batch, seq_len_q, heads, dim = rq.shape
     k_pad = max(16, triton.next_power_of_2(config.top_k))
+    num_blocks, num_summaries, per_block = _summary_layout(summaries, config)
     out = torch.empty(batch, heads, seq_len_q, config.top_k, device=rq.device, dtype=torch.int32)
     block_m = 64
     grid = (triton.cdiv(seq_len_q, block_m), batch * heads)
@@ -200,9 +227,10 @@ def top_groups(rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int, confi
         rq, summaries, out,
         rq.stride(0), rq.stride(1), rq.stride(2),
         summaries.stride(0), summaries.stride(1), summaries.stride(2),
-        seq_len_q, pos_offset, heads, summaries.shape[1], config.block_size, config.top_k,
+        seq_len_q, pos_offset, heads, num_blocks, num_summaries, config.block_size, config.top_k,
         D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=block_m, GROUP=group, K_PAD=k_pad,
-        SINK=config.sink_blocks, LOCAL=config.local_blocks, CAUSAL=causal, num_warps=8, num_stages=2,
+        SINK=config.sink_blocks, LOCAL=config.local_blocks, CAUSAL=causal, SUBS=per_block, num_warps=8,
+        num_stages=2,
     )
     return out
 
@@ -227,23 +255,29 @@ def _probed_rows(RQ, SUMM, GROUPS, stride_rb, stride_rt, stride_rh, stride_sb, s
 
 @triton.jit
 def _probed_scores(rq_base, summ_base, stride_sn, groups_base, row_ok, query_block, col, width, num_blocks,
-                   D: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, SINK: tl.constexpr,
-                   LOCAL: tl.constexpr, CAUSAL: tl.constexpr):
+                   num_summaries, D: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+                   SINK: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr, SUBS: tl.constexpr):
     """Scores ``[BLOCK_M, W]`` of the blocks at positions ``col`` ``[W]`` of each row's virtual list of
     probed blocks (block ``j`` of the row's ``i``-th group at ``i * GROUP + j``), with the block ids and
-    whether each is a candidate of the row (scores of non-candidates are 0, not -inf)."""
+    whether each is a candidate of the row (scores of non-candidates are 0, not -inf). With ``SUBS``
+    summaries per block, a block's best sub-block."""
     group_id = tl.load(groups_base + (col // GROUP)[None, :], mask=row_ok[:, None] & (col < width)[None, :],
                        other=-1)
     block = group_id * GROUP + (col % GROUP)[None, :]
     ok = (group_id >= 0) & _is_candidate(block, query_block[:, None], SINK, LOCAL, num_blocks, CAUSAL)
-    score = tl.zeros(block.shape, tl.float32)
-    for d0 in range(0, BLOCK_D, 32):
-        d = d0 + tl.arange(0, 32)[None, None, :]
-        q = tl.load(rq_base + d, mask=row_ok[:, None, None] & (d < D), other=0.0).to(tl.float32)
-        s = tl.load(summ_base + block.to(tl.int64)[:, :, None] * stride_sn + d,
-                    mask=ok[:, :, None] & (d < D), other=0.0).to(tl.float32)
-        score += tl.sum(q * s, axis=2)
-    return score, block, ok
+    best = tl.full(block.shape, float("-inf"), tl.float32)
+    for j in range(SUBS):
+        sub = block * SUBS + j
+        inside = ok & (sub < num_summaries)  # a partial last block (non-causal) lacks its last sub-blocks
+        score = tl.zeros(block.shape, tl.float32)
+        for d0 in range(0, BLOCK_D, 32):
+            d = d0 + tl.arange(0, 32)[None, None, :]
+            q = tl.load(rq_base + d, mask=row_ok[:, None, None] & (d < D), other=0.0).to(tl.float32)
+            s = tl.load(summ_base + sub.to(tl.int64)[:, :, None] * stride_sn + d,
+                        mask=inside[:, :, None] & (d < D), other=0.0).to(tl.float32)
+            score += tl.sum(q * s, axis=2)
+        best = tl.maximum(best, tl.where(inside | ~ok, score, float("-inf")))
+    return best, block, ok
 
 
 @triton.jit
@@ -251,9 +285,9 @@ def _rescore_topk_kernel(
     RQ, SUMM, GROUPS, OUT,
     stride_rb, stride_rt, stride_rh,
     stride_sb, stride_sn, stride_sh,
-    T, pos_offset, HKV, num_blocks, num_slots, block_size, top_k,
+    T, pos_offset, HKV, num_blocks, num_summaries, num_slots, block_size, top_k,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, K_PAD: tl.constexpr,
-    GROUP: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
+    GROUP: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr, SUBS: tl.constexpr,
 ):
     bh = tl.program_id(1)
     rows, row_ok, query_block, groups_base, rq_base, summ_base = _probed_rows(
@@ -266,8 +300,8 @@ def _rescore_topk_kernel(
     width = num_slots * GROUP
     for start in range(0, width, K_PAD):
         score, block, ok = _probed_scores(rq_base, summ_base, stride_sn, groups_base, row_ok, query_block,
-                                          start + cols, width, num_blocks, D, BLOCK_D, GROUP, SINK, LOCAL,
-                                          CAUSAL)
+                                          start + cols, width, num_blocks, num_summaries, D, BLOCK_D, GROUP,
+                                          SINK, LOCAL, CAUSAL, SUBS)
         best = _merge_top(best, _pack_keys(score, block, ok), BLOCK_M, K_PAD)
     best = tl.sort(best, descending=True)
     picked = tl.where(best >= 0, (best & 0xFFFFFFFF).to(tl.int32), -1)
@@ -280,9 +314,9 @@ def _probed_scores_kernel(
     RQ, SUMM, GROUPS, OUT,
     stride_rb, stride_rt, stride_rh,
     stride_sb, stride_sn, stride_sh,
-    T, pos_offset, HKV, num_blocks, num_slots, block_size,
+    T, pos_offset, HKV, num_blocks, num_summaries, num_slots, block_size,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr,
-    GROUP: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
+    GROUP: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr, SUBS: tl.constexpr,
 ):
     """Every probed block's score, ``OUT[b, h, t, i * GROUP + j]`` for block ``j`` of the row's ``i``-th
     group; -inf where it is not a candidate."""
@@ -297,7 +331,8 @@ def _probed_scores_kernel(
     for start in range(0, width, BLOCK_W):
         col = start + cols
         score, block, ok = _probed_scores(rq_base, summ_base, stride_sn, groups_base, row_ok, query_block,
-                                          col, width, num_blocks, D, BLOCK_D, GROUP, SINK, LOCAL, CAUSAL)
+                                          col, width, num_blocks, num_summaries, D, BLOCK_D, GROUP, SINK,
+                                          LOCAL, CAUSAL, SUBS)
         tl.store(out_base + col[None, :], tl.where(ok, score, float("-inf")),
                  mask=row_ok[:, None] & (col < width)[None, :])
 
@@ -324,6 +359,7 @@ def rescore_topk(rq: torch.Tensor, summaries: torch.Tensor, groups: torch.Tensor
     if k_pad > _MERGE_MAX_K_PAD:
         return _rescore_topk_sorted(rq, summaries, groups, pos_offset, config, group, causal)
     batch, seq_len_q, heads, dim = rq.shape
+    num_blocks, num_summaries, per_block = _summary_layout(summaries, config)
     block_m = 32
     groups = groups.contiguous()
     out = torch.empty(batch, heads, seq_len_q, top_k, device=rq.device, dtype=torch.int32)
@@ -332,9 +368,9 @@ def rescore_topk(rq: torch.Tensor, summaries: torch.Tensor, groups: torch.Tensor
         rq, summaries, groups, out,
         rq.stride(0), rq.stride(1), rq.stride(2),
         summaries.stride(0), summaries.stride(1), summaries.stride(2),
-        seq_len_q, pos_offset, heads, summaries.shape[1], groups.shape[-1], config.block_size, top_k,
+        seq_len_q, pos_offset, heads, num_blocks, num_summaries, groups.shape[-1], config.block_size, top_k,
         D=dim, BLOCK_D=max(32, triton.next_power_of_2(dim)), BLOCK_M=block_m, K_PAD=k_pad, GROUP=group,
-        SINK=config.sink_blocks, LOCAL=config.local_blocks, CAUSAL=causal, num_warps=4,
+        SINK=config.sink_blocks, LOCAL=config.local_blocks, CAUSAL=causal, SUBS=per_block, num_warps=4,
     )
     return out
 
@@ -343,6 +379,7 @@ def _rescore_topk_sorted(rq, summaries, groups, pos_offset, config, group, causa
     """:func:`rescore_topk` for large budgets: the probed blocks' scores (``_probed_scores_kernel``),
     then ``torch.topk``, a chunk of tokens at a time."""
     batch, seq_len_q, heads, dim = rq.shape
+    num_blocks, num_summaries, per_block = _summary_layout(summaries, config)
     width = groups.shape[-1] * group
     top_k = config.top_k
     out = torch.full((batch, heads, seq_len_q, top_k), -1, device=rq.device, dtype=torch.int32)
@@ -357,9 +394,10 @@ def _rescore_topk_sorted(rq, summaries, groups, pos_offset, config, group, causa
             rq[:, start:stop], summaries, groups_c, scores,
             rq.stride(0), rq.stride(1), rq.stride(2),
             summaries.stride(0), summaries.stride(1), summaries.stride(2),
-            stop - start, pos_offset + start, heads, summaries.shape[1], groups.shape[-1], config.block_size,
-            D=dim, BLOCK_D=max(32, triton.next_power_of_2(dim)), BLOCK_M=block_m, BLOCK_W=block_w,
-            GROUP=group, SINK=config.sink_blocks, LOCAL=config.local_blocks, CAUSAL=causal, num_warps=4,
+            stop - start, pos_offset + start, heads, num_blocks, num_summaries, groups.shape[-1],
+            config.block_size, D=dim, BLOCK_D=max(32, triton.next_power_of_2(dim)), BLOCK_M=block_m,
+            BLOCK_W=block_w, GROUP=group, SINK=config.sink_blocks, LOCAL=config.local_blocks, CAUSAL=causal,
+            SUBS=per_block, num_warps=4,
         )
         values, slots = scores.topk(min(top_k, width), dim=-1)
         blocks = groups_c.gather(-1, slots // group) * group + slots % group
@@ -372,10 +410,10 @@ def _threshold_topk_kernel(
     RQ, SUMM, COUNT, OUT,
     stride_rb, stride_rt, stride_rh,
     stride_sb, stride_sn, stride_sh,
-    T, pos_offset, HKV, num_blocks, block_size, top_k,
+    T, pos_offset, HKV, num_blocks, num_summaries, block_size, top_k,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     K_PAD: tl.constexpr, CAP: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, SUBS: tl.constexpr,
 ):
     """Exact top-k of a tile of tokens in two passes over their candidate blocks.
 
@@ -404,7 +442,7 @@ def _threshold_topk_kernel(
     colmax = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)
     for start in range(0, stop, BLOCK_N):
         s = _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks,
-                              D, SINK, LOCAL, CAUSAL, IEEE)
+                              num_summaries, D, SINK, LOCAL, CAUSAL, IEEE, SUBS)
         colmax = tl.maximum(colmax, s)
     kth = tl.topk(colmax, K_PAD)  # [BLOCK_M, K_PAD], descending
     tau = tl.max(tl.where(tl.arange(0, K_PAD)[None, :] == top_k - 1, kth, float("-inf")), axis=1)
@@ -418,7 +456,7 @@ def _threshold_topk_kernel(
     count = tl.zeros([BLOCK_M], tl.int32)
     for start in range(0, stop, BLOCK_N):
         s = _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks,
-                              D, SINK, LOCAL, CAUSAL, IEEE)
+                              num_summaries, D, SINK, LOCAL, CAUSAL, IEEE, SUBS)
         # Tokens whose list is already cut take no more (bounds the steps when many scores tie).
         s = tl.where((s >= tau[:, None]) & (count[:, None] <= CAP), s, float("-inf"))
         best, col = tl.max(s, axis=1, return_indices=True)
@@ -464,6 +502,7 @@ def threshold_topk(rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int, c
     does)."""
     batch, seq_len_q, heads, dim = rq.shape
     k_pad = max(16, triton.next_power_of_2(config.top_k))
+    num_blocks, num_summaries, per_block = _summary_layout(summaries, config)
     count = torch.empty(batch, heads, seq_len_q, device=rq.device, dtype=torch.int32)
     out = torch.empty(batch, heads, seq_len_q, config.top_k, device=rq.device, dtype=torch.int32)
     grid = (triton.cdiv(seq_len_q, _THRESHOLD_BLOCK_M), batch * heads)
@@ -471,10 +510,11 @@ def threshold_topk(rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int, c
         rq, summaries, count, out,
         rq.stride(0), rq.stride(1), rq.stride(2),
         summaries.stride(0), summaries.stride(1), summaries.stride(2),
-        seq_len_q, pos_offset, heads, summaries.shape[1], config.block_size, config.top_k,
+        seq_len_q, pos_offset, heads, num_blocks, num_summaries, config.block_size, config.top_k,
         D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=_THRESHOLD_BLOCK_M,
         BLOCK_N=max(_THRESHOLD_BLOCK_N, k_pad), K_PAD=k_pad, CAP=_THRESHOLD_CAP_PER_K * k_pad,
         SINK=config.sink_blocks, LOCAL=config.local_blocks, CAUSAL=causal, IEEE=rq.dtype == torch.float32,
+        SUBS=per_block,
         num_warps=_THRESHOLD_NUM_WARPS, num_stages=_THRESHOLD_NUM_STAGES,
     )
     return out, count
@@ -497,7 +537,8 @@ _CHUNK_ELEMENTS = 1 << 28
 
 def route_flat_triton(rq, summaries, seq_len_k, config, causal, group: int = FLAT_GROUP,
                       threshold: bool | None = None):
-    """Exact flat top-k (module docstring): rq ``[B, T, Hkv, D]``, summaries ``[B, NB, Hkv, D]``.
+    """Exact flat top-k (module docstring): rq ``[B, T, Hkv, D]``, summaries ``[B, NS, Hkv, D]`` (a block's,
+or with ``summary="max"`` its sub-blocks', scored as the best of them).
 
     ``threshold``: use :func:`threshold_topk` (default: where it measured faster, small budgets and one
     head's summaries within L2), else group top-k + rescore; tokens whose threshold list overflowed are
@@ -518,7 +559,7 @@ def route_flat_triton(rq, summaries, seq_len_k, config, causal, group: int = FLA
             span = picked[:, :, first:last]
             span.copy_(torch.where(overflow[:, :, first:last, None], slow, span))
         return picked
-    num_groups = -(-summaries.shape[1] // group)
+    num_groups = -(-_summary_layout(summaries, config)[0] // group)
     chunk = max(64, _CHUNK_ELEMENTS // max(1, batch * heads * num_groups))
     out = []
     # Small budgets keep the group top-k in registers: no group-score matrix, so no need to chunk.
