@@ -6,6 +6,10 @@
 #   decode-attention: one decode layer, SSA vs dense flash-decoding, eager and CUDA graph;
 #   decode-graph: the small model's decode step eager and through GraphedDecoder (CUDA graphs);
 #   backward: tests, routed vs query-major backward (agreement, time, knob sweep) and fwd+bwd 16K-128K
+#   max-routing: routing tests, then the Triton routers with summary="max" (best 4-token sub-block)
+#   against the PyTorch router and against summary="mean", nano's routing shape at 1M
+#   needle-ranks: the shipped model's needle ranks per layer (RULER niah_single_1/2, $SAMPLES prompts
+#   at $LENGTHS, default 5 at 1m) routed by mean and by max, and under other rules (routing_rules.py)
 # Results land in $OUT (or ./gpu_out) and benchmarks/results/ of the copy.
 set -uo pipefail
 MODE=${1:-quick}
@@ -17,6 +21,10 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1
   python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
 
+if [ "$MODE" = max-routing ]; then
+  python3 -m pytest -q tests/ops/test_triton_attention.py tests/ops/test_max_summary.py > "$OUT/tests.txt" 2>&1
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.txt"
+fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ] || [ "$MODE" = backward ]; then
   python3 -m pytest -q tests/ops tests/models/test_decode.py > "$OUT/tests.txt" 2>&1; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.txt"
 fi
@@ -46,6 +54,21 @@ case "$MODE" in
   routing)
     python3 benchmarks/attention.py --routing --lengths 64k,256k,1m --out "$OUT" --tag routing-layer-8b 2>&1 \
       | tee -a "$OUT/bench.log" ;;
+  max-routing)
+    for sub in 4 ''; do
+      python3 scripts/profile_select.py --shape nano --length 1m --queries 32k --torch ${sub:+--sub-block $sub}
+      python3 scripts/profile_select.py --shape nano --length 1m ${sub:+--sub-block $sub}
+    done 2>&1 | tee -a "$OUT/bench.log" ;;
+  needle-ranks)
+    for ssa in "" summary=max,sub_block_size=4; do
+      for task in niah_single_1 niah_single_2; do
+        tag=${ssa:+max4-}$task
+        python3 scripts/needle_routing.py --task $task --lengths "${LENGTHS:-1m}" --samples "${SAMPLES:-5}" \
+          --device cuda --suffix " listed as" ${ssa:+--ssa $ssa} --dump "$OUT/dumps/$tag" --out "$OUT/ranks-$tag.json"
+        python3 scripts/routing_rules.py "$OUT/dumps/$tag"/*.pt --out "$OUT/rules-$tag.json"
+      done
+    done 2>&1 | grep -v Loading | tee -a "$OUT/bench.log"
+    rm -rf "$OUT/dumps" ;;  # 32 MB a 1M prompt: the rules' ranks come back instead
   models)
     python3 scripts/profile_select.py --length 1m 2>&1 | tee -a "$OUT/bench.log"
     python3 benchmarks/decode.py --device cuda --only decode --out "$OUT" 2>&1 | tail -20 | tee -a "$OUT/bench.log"
