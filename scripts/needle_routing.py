@@ -48,20 +48,22 @@ def candidate_mass(q_last, k, ssa, scale: float, last_block: int) -> torch.Tenso
     return mass
 
 
-def selected_share(attention, q, k, selected: torch.Tensor, target_block: int) -> list[float]:
-    """Share of block ``target_block`` in the last token's softmax over the keys it attends to (its
-    layer's own sparse attention: sink, local and routed blocks, local ones rotated under
-    ``local_rope``), per KV head, mean over its query heads. ``selected``: ``[1, Hkv, 1, K]``."""
+def attention_shares(attention, q, k, selected: torch.Tensor, target_block: int) -> dict[str, list[float]]:
+    """Where the last token's sparse attention goes: the share of block ``target_block`` (``needle``)
+    and of the other ``sink``, ``local`` and ``routed`` blocks in its layer's own softmax over the keys
+    it attends to (local ones rotated under ``local_rope``), per KV head, mean over its query heads.
+    ``selected``: ``[1, Hkv, 1, K]``, slots as ``SSASelection`` orders them."""
     ssa = attention.config.ssa_config
     bs, last_pos = ssa.block_size, k.shape[1] - 1
     heads_kv = k.shape[2]
     group = q.shape[2] // heads_kv
     local_slots = range(ssa.sink_blocks, ssa.sink_blocks + ssa.local_blocks)
     rotated = attention.config.position_scheme == "local_rope"
-    shares = []
+    kinds = ("needle", "sink", "local", "routed")
+    shares: dict[str, list[float]] = {kind: [] for kind in kinds}
     for h in range(heads_kv):
         q_h = q[0, -1, h * group : (h + 1) * group].float()  # [G, D]
-        logits, needle = [], []
+        logits, owner = [], []
         for slot, block in enumerate(selected[0, h, 0].tolist()):
             if block < 0:
                 continue
@@ -71,9 +73,15 @@ def selected_share(attention, q, k, selected: torch.Tensor, target_block: int) -
                 keys = attention.rotary(keys, pos)
                 queries = attention.rotary(q_h, torch.full((group,), last_pos, device=k.device))
             logits.append(queries @ keys.T * attention.scale)
-            needle.append(torch.full((len(pos),), block == target_block, device=k.device))
+            if block == target_block:
+                kind = 0
+            else:
+                kind = 1 if slot < ssa.sink_blocks else 2 if slot in local_slots else 3
+            owner.append(torch.full((len(pos),), kind, device=k.device))
         probs = torch.softmax(torch.cat(logits, dim=-1), dim=-1)  # [G, keys attended]
-        shares.append(probs[:, torch.cat(needle)].sum(-1).mean().item())
+        owner = torch.cat(owner)
+        for i, kind in enumerate(kinds):
+            shares[kind].append(probs[:, owner == i].sum(-1).mean().item())
     return shares
 
 
@@ -84,8 +92,9 @@ def block_ranks(
     ``target_token`` among the last token's routing candidates, and whether it was attended. A block
     among the sinks or in the local window is always attended: rank None, ``"always": True``.
     For each size ``n`` in ``sub_blocks`` also ``rank_max{n}``: the rank if a block scored as the best
-    of its ``n``-token sub-block means (same routing queries and keys), and ``selected_share``: the
-    block's share of the layer's sparse attention (:func:`selected_share`). ``dump``: a list that gets,
+    of its ``n``-token sub-block means (same routing queries and keys), and ``share_needle`` /
+    ``_sink`` / ``_local`` / ``_routed``: where the layer's sparse attention goes
+    (:func:`attention_shares`). ``dump``: a list that gets,
     per layer, the last token's routing score against every key before its local window
     (``token_scores [Hkv, keys]`` fp32; a block's mean score is the mean of its keys') and the dense
     block mass (``mass [Hkv, NB]``), for ``scripts/routing_rules.py`` to rank blocks under other rules."""
@@ -131,9 +140,9 @@ def block_ranks(
                     last_route = None if route is None else (route[0][:, -1:], route[1])
                     selected = attention.select(q[:, -1:], k, summaries, last_route).block_idx
                     row.update(rank=rank.tolist(), candidates=candidates.shape[-1],
-                               selected=bool((selected == target_block).any()),
-                               selected_share=selected_share(attention, q, k, selected,
-                                                             target_block))  # fmt: skip
+                               selected=bool((selected == target_block).any()))  # fmt: skip
+                    shares = attention_shares(attention, q, k, selected, target_block)
+                    row.update({f"share_{kind}": value for kind, value in shares.items()})
                 layers.append(row)
             return original(q, k, v, summaries, route)
 
@@ -248,7 +257,7 @@ def main() -> None:
             "local" if x["always"] else f"{min(x['attention_rank'])}/{max(x['attention_mass']):.2f}"
             for x in layers
         )
-        shares = " ".join("-" if x["always"] else f"{max(x['selected_share']):.2f}" for x in layers)
+        shares = " ".join("-" if x["always"] else f"{max(x['share_needle']):.2f}" for x in layers)
         print(
             f"{text} #{sample.index}: needle block {result['needle_block']} of {layers[0]['candidates']} "
             f"candidates; rank per layer (* = selected): {ranks}; by the layer's dense attention "

@@ -71,9 +71,9 @@ def test_mix_routes_by_either_half_of_the_budget(load_script):
 
 
 @pytest.mark.parametrize("position_scheme", ["local_rope", "rope"])
-def test_selected_share_is_what_the_sparse_attention_reads(load_script, position_scheme):
-    """Values that are 1 on the needle block's keys and 0 elsewhere: the layer's own sparse attention
-    then outputs exactly the needle's share of its softmax."""
+def test_attention_shares_are_what_the_sparse_attention_reads(load_script, position_scheme):
+    """Values that are 1 on some keys and 0 elsewhere: the layer's own sparse attention then outputs
+    exactly those keys' share of its softmax (the needle block's, the sink block's)."""
     from subquad.models.sparse_torch import sparse_attention_torch
 
     routing = load_script("scripts/needle_routing.py")
@@ -84,14 +84,26 @@ def test_selected_share_is_what_the_sparse_attention_reads(load_script, position
     heads, heads_kv, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     q, k = torch.randn(1, 203, heads, dim), torch.randn(1, 203, heads_kv, dim)
     selected = attention.select(q[:, -1:], k).block_idx
-    for target in (selected[0, 0, 0, -1].item(), 203 // 16):  # a routed block, the last (local) block
-        shares = routing.selected_share(attention, q, k, selected, target)
+    rotary = (
+        (attention.rotary, ssa.sink_blocks, ssa.local_blocks) if position_scheme == "local_rope" else None
+    )
+
+    def read(blocks):  # share of these blocks' keys in the sparse attention, per KV head
         v = torch.zeros(1, 203, heads_kv, dim)
-        v[:, target * 16 : (target + 1) * 16, :, 0] = 1.0
-        rotary = (
-            (attention.rotary, ssa.sink_blocks, ssa.local_blocks) if position_scheme == "local_rope" else None
-        )
+        for block in blocks:
+            v[:, block * 16 : (block + 1) * 16, :, 0] = 1.0
         out = sparse_attention_torch(q[:, -1:], k, v, selected, 16, attention.scale, local_rotary=rotary)
-        want = out[0, 0, :, 0].view(heads_kv, -1).mean(-1)
-        assert torch.allclose(torch.tensor(shares), want, atol=1e-5)
-        assert 0.0 < max(shares) < 1.0  # head 0 attends the block (and others)
+        return out[0, 0, :, 0].view(heads_kv, -1).mean(-1)
+
+    for target in (selected[0, 0, 0, -1].item(), 203 // 16):  # a routed block, the last (local) block
+        shares = {
+            kind: torch.tensor(v)
+            for kind, v in routing.attention_shares(attention, q, k, selected, target).items()
+        }
+        assert torch.allclose(sum(shares.values()), torch.ones(heads_kv), atol=1e-5)
+        assert torch.allclose(shares["needle"], read([target]), atol=1e-5)
+        assert torch.allclose(shares["sink"], read([0]), atol=1e-5)
+        assert torch.allclose(
+            shares["local"] + shares["needle"] * (target == 203 // 16), read([11, 12]), atol=1e-5
+        )
+        assert 0.0 < shares["needle"].max() < 1.0  # head 0 attends the block (and others)
