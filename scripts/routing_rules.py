@@ -23,12 +23,15 @@ import argparse
 import json
 import math
 import os
+import re
 
 import torch
 
 
 def sub_block_scores(token_scores: torch.Tensor, size: int, block_size: int) -> torch.Tensor:
     """``[H, keys]`` token scores (whole blocks) -> ``[H, blocks, block_size / size]`` sub-block means."""
+    if size < 1 or block_size % size:
+        raise ValueError(f"sub-block size {size}: expected a divisor of the block size {block_size}")
     heads, keys = token_scores.shape
     return token_scores.view(heads, keys // block_size, block_size // size, size).mean(-1)
 
@@ -44,7 +47,7 @@ def rule_scores(rule: str, token_scores: torch.Tensor, block_size: int) -> torch
         sub = sub_block_scores(token_scores, int(size), block_size)
         t = float(temperature)
         return t * (torch.logsumexp(sub / t, dim=-1) - math.log(sub.shape[-1]))
-    raise ValueError(f"rule {rule!r}: expected mean, maxN, lseN@T or mixN")
+    raise ValueError(f"rule {rule!r}: expected mean, maxN or lseN@T")
 
 
 def needle_rank(scores: torch.Tensor, target: int, first: int) -> list[int]:
@@ -77,6 +80,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON file for the ranks")
     args = parser.parse_args()
     rules = [r for r in args.rules.split(",") if r]
+    for rule in rules:
+        if not re.fullmatch(r"mean|max\d+|mix\d+|lse\d+@\d*\.?\d+", rule):
+            raise SystemExit(f"--rules: {rule!r} is not mean, maxN, mixN or lseN@T (e.g. max4, lse4@0.5)")
     results = []
     for path in args.dumps:
         dump = torch.load(path, weights_only=True)

@@ -1,5 +1,6 @@
-"""scripts/needle_routing.py --dump and scripts/routing_rules.py: block ranks recomputed from the
-dumped token scores agree with the router's own, under mean and best-sub-block scoring."""
+"""scripts/needle_routing.py and scripts/routing_rules.py: block ranks recomputed from the dumped
+token scores agree with the router's own, under mean and best-sub-block scoring; the attention
+shares are what the layer's sparse attention reads."""
 
 import math
 
@@ -50,6 +51,8 @@ def test_rules_match_the_routers_block_scores(load_script):
     assert torch.allclose(cold, want, atol=1e-2) and torch.allclose(hot, keys_mean, atol=1e-2)
     with pytest.raises(ValueError, match="rule 'median'"):
         rules.rule_scores("median", token_scores, block)
+    with pytest.raises(ValueError, match="sub-block size 3: expected a divisor of the block size 16"):
+        rules.rule_scores("max3", token_scores, block)
 
 
 def test_mix_routes_by_either_half_of_the_budget(load_script):
