@@ -30,7 +30,7 @@ from subquad.benchmark import parse_length
 from subquad.demo import default_model_path
 from subquad.eval import niah, ruler
 from subquad.eval.runner import load_model
-from subquad.ops.ssa.select import block_scores, block_summaries, routing_queries, routing_summaries
+from subquad.ops.ssa.select import block_scores, routing_queries, routing_summaries
 
 
 def candidate_mass(q_last, k, ssa, scale: float, last_block: int) -> torch.Tensor:
@@ -121,12 +121,14 @@ def block_ranks(
                     candidates = scores[0, :, ssa.sink_blocks : last_block - ssa.local_blocks + 1]
                     target_score = candidates[:, target_block - ssa.sink_blocks]
                     rank = (candidates > target_score[:, None]).sum(-1) + 1
-                    # The same ranking if a block scored as the best of its sub-block means.
+                    # The last token's score against every key of the candidate blocks and before
+                    # them: a sub-block mean's score is the mean of its keys' scores.
                     stop = last_block - ssa.local_blocks + 1  # candidates end before this block
+                    keys = route_k[0, : stop * ssa.block_size].float()  # [keys, Hkv, D]
+                    token_scores = torch.einsum("hd,shd->hs", last[0].float(), keys)  # [Hkv, keys]
+                    # The same ranking if a block scored as the best of its sub-block means.
                     for sub in sub_blocks:
-                        parts = block_summaries(route_k[:, : stop * ssa.block_size], sub)
-                        sub_scores = torch.einsum("bhd,bnhd->bhn", last.float(), parts.float())
-                        best = sub_scores[0].view(sub_scores.shape[1], stop, -1).amax(-1)
+                        best = token_scores.view(token_scores.shape[0], stop, -1, sub).mean(-1).amax(-1)
                         cand = best[:, ssa.sink_blocks :]
                         t = cand[:, target_block - ssa.sink_blocks]
                         row[f"rank_max{sub}"] = ((cand > t[:, None]).sum(-1) + 1).tolist()
@@ -134,9 +136,8 @@ def block_ranks(
                     row.update(attention_rank=((mass > mass[:, [target_block]]).sum(-1) + 1).tolist(),
                                attention_mass=mass[:, target_block].tolist())  # fmt: skip
                     if dump is not None:
-                        keys = route_k[0, : stop * ssa.block_size].float()  # [keys, Hkv, D]
-                        scores = torch.einsum("hd,shd->hs", last[0].float(), keys).cpu()
-                        dump.append({"layer": attention.layer_idx, "mass": mass, "token_scores": scores})
+                        layer_scores = {"mass": mass, "token_scores": token_scores.cpu()}
+                        dump.append({"layer": attention.layer_idx, **layer_scores})
                     last_route = None if route is None else (route[0][:, -1:], route[1])
                     selected = attention.select(q[:, -1:], k, summaries, last_route).block_idx
                     row.update(rank=rank.tolist(), candidates=candidates.shape[-1],
