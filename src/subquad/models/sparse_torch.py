@@ -109,8 +109,7 @@ def _chunk(
     if local_rotary is not None:
         rotate, first_slot, local_slots = local_rotary
         lo, hi = first_slot * block_size, (first_slot + local_slots) * block_size
-        # Only the local slots are rotated: [B, Hkv, Tc, L * bs, D] keys at their own positions.
-        k_local = rotate(kg[:, :, :, lo:hi], key_pos[:, :, :, lo:hi])
+        k_local = _rotated_local_keys(k_blocks, idx[..., first_slot : first_slot + local_slots], rotate)
         q_rot = rotate(qh, query_pos.view(1, 1, chunk, 1).expand(batch, heads_kv, chunk, group))
         local_scores = torch.matmul(q_rot, k_local.transpose(-1, -2))
         scores = torch.cat([scores[..., :lo], local_scores, scores[..., hi:]], dim=-1)
@@ -118,3 +117,24 @@ def _chunk(
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     out = torch.matmul(probs, vg)  # [B, Hkv, Tc, G, Dv]
     return out.permute(0, 2, 1, 3, 4).reshape(batch, chunk, heads_q, -1).to(q.dtype)
+
+
+def _rotated_local_keys(k_blocks: torch.Tensor, local_idx: torch.Tensor, rotate: Rotate) -> torch.Tensor:
+    """Keys of the local slots rotated at their positions: ``[B, Hkv, Tc, L * bs, D]``.
+
+    A chunk's local windows overlap, so the span of blocks they name is rotated once and then copied
+    per token: rotating the copies would cost ``Tc * L * bs`` rotary angles instead of ``~(Tc + L
+    bs)``. ``k_blocks``: the :func:`key_blocks` table; ``local_idx``: ``[B, Hkv, Tc, L]`` (-1 slots read
+    the span's first block: mask them).
+    """
+    batch, heads_kv, chunk, local_slots = local_idx.shape
+    block_size, dim = k_blocks.shape[1], k_blocks.shape[2]
+    named = local_idx[local_idx >= 0]
+    first, stop = (int(named.min()), int(named.max()) + 1) if named.numel() else (0, 1)
+    span = k_blocks.view(batch * heads_kv, -1, block_size, dim)[:, first:stop]
+    positions = torch.arange(first * block_size, stop * block_size, device=k_blocks.device)
+    width = stop - first
+    rotated = rotate(span, positions.view(1, width, block_size)).reshape(-1, block_size, dim)
+    owner = torch.arange(batch * heads_kv, device=local_idx.device).view(batch, heads_kv, 1, 1) * width
+    rows = (owner + (local_idx - first).clamp(min=0)).flatten()
+    return rotated.index_select(0, rows).view(batch, heads_kv, chunk, local_slots * block_size, dim)
