@@ -125,6 +125,26 @@ def test_generate_with_and_without_cache_agree(scheme):
     assert torch.equal(with_cache, without)
 
 
+def test_prefill_progress_sets_the_default_bar(monkeypatch, capsys):
+    import importlib
+
+    from subquad.models.prefill import prefill_progress
+
+    prefill_module = importlib.import_module("subquad.models.prefill")  # the package exports the function
+
+    model = make_model("ssa", "local_rope")
+    ids = torch.randint(0, 256, (1, 40))
+    monkeypatch.setattr(prefill_module, "_PROGRESS_MIN_TOKENS", 32)  # this prompt shows a bar by default
+    with torch.no_grad():
+        for context, shown in ((prefill_progress(False), False), (prefill_progress(None), True)):
+            with context:
+                prefill(model, ids, chunk_size=16)
+            assert ("prefill" in capsys.readouterr().err) == shown
+        with prefill_progress(False):
+            prefill(model, ids, chunk_size=16, progress=True)  # an explicit argument still wins
+        assert "prefill" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("scheme", ["rope", "local_rope"])
 def test_chunked_prefill_equals_unchunked(scheme):
     model = make_model("ssa", scheme)

@@ -191,6 +191,8 @@ def evaluate(
         check_int("max_new_tokens", max_new_tokens, 1)
     from tqdm.auto import tqdm
 
+    from subquad.models.prefill import prefill_progress
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
@@ -203,7 +205,8 @@ def evaluate(
     ]
     todo = [p for p in plan if sample_id(suite, p[0], p[1], seed, p[2]) not in done]
     bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc=f"eval {suite}", disable=not progress)
-    with results_path.open("a", encoding="utf-8") as sink:
+    # --no-progress hides the per-prompt prefill bars too (generate() reaches prefill without a flag).
+    with prefill_progress(None if progress else False), results_path.open("a", encoding="utf-8") as sink:
         for length in length_list:
             for task in tasks_to_run:
                 missing = {i for t, n, i in todo if t == task and n == length}
@@ -362,8 +365,11 @@ def load_causal_lm(
             )
         from subquad.ops.ssa.config import SSAConfig
 
+        merged = {**(getattr(config, "ssa", None) or {}), **ssa}
+        if ssa.get("summary") == "mean" and "sub_block_size" not in ssa:
+            merged.pop("sub_block_size", None)  # the saved model's sub-blocks go with its "max"
         # Merged and validated here, so a bad field names itself before any weights load.
-        config.ssa = SSAConfig.from_dict({**(getattr(config, "ssa", None) or {}), **ssa}).to_dict()
+        config.ssa = SSAConfig.from_dict(merged).to_dict()
     model = AutoModelForCausalLM.from_pretrained(
         path, config=config, dtype=torch_dtype, trust_remote_code=False
     )

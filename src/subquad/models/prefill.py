@@ -8,6 +8,8 @@ for (``logits_to_keep``; the last one for generation).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -16,6 +18,23 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 # Prompts at least this long show a progress bar by default.
 _PROGRESS_MIN_TOKENS = 1 << 17
+# What ``progress=None`` means inside :func:`prefill_progress` (None: by prompt length).
+_progress_default: bool | None = None
+
+
+@contextlib.contextmanager
+def prefill_progress(show: bool | None) -> Iterator[None]:
+    """Within the block, prefills not given ``progress`` show (``True``) or hide (``False``) their bar.
+
+    For callers that reach :func:`prefill` through ``generate()`` or a model's forward, which take
+    no ``progress`` argument: ``subquad eval --no-progress`` hides the per-prompt bars this way.
+    """
+    global _progress_default
+    before, _progress_default = _progress_default, show
+    try:
+        yield
+    finally:
+        _progress_default = before
 
 
 def prefill(
@@ -37,7 +56,8 @@ def prefill(
         cache: the cache to fill (default a new :class:`subquad.SSACache` sized for the prompt).
         attention_mask: ``[B, T]`` padding mask (1 = token), optional.
         logits_to_keep: logits for the last ``n`` positions (``0`` = all positions, memory ``T * vocab``).
-        progress: show a tqdm bar (default: prompts of 128K tokens or more).
+        progress: show a tqdm bar (default: prompts of 128K tokens or more, unless set by
+            :func:`prefill_progress`).
     Returns ``CausalLMOutputWithPast(logits=[B, n, vocab], past_key_values=cache)``.
     """
     from subquad.cache import SSACache
@@ -68,6 +88,8 @@ def prefill(
         ones = attention_mask.new_ones(attention_mask.shape[0], past)
         attention_mask = torch.cat([ones, attention_mask], dim=1)
     first_kept = 0 if logits_to_keep == 0 else max(0, total - logits_to_keep)
+    if progress is None:
+        progress = _progress_default
     show = total >= _PROGRESS_MIN_TOKENS if progress is None else progress
     logits = []
     with tqdm(total=total, unit="tok", unit_scale=True, desc="prefill", disable=not show) as bar:
