@@ -60,11 +60,11 @@ case "$MODE" in
       python3 scripts/profile_select.py --shape nano --length 1m ${sub:+--sub-block $sub}
     done 2>&1 | tee -a "$OUT/bench.log" ;;
   needle-ranks)
-    for ssa in "" summary=max,sub_block_size=4; do
+    for ssa in summary=mean summary=max,sub_block_size=4; do
       for task in niah_single_1 niah_single_2; do
-        tag=${ssa:+max4-}$task
+        tag=$([ $ssa = summary=mean ] && echo mean || echo max4)-$task
         python3 scripts/needle_routing.py --task $task --lengths "${LENGTHS:-1m}" --samples "${SAMPLES:-5}" \
-          --device cuda --suffix " listed as" ${ssa:+--ssa $ssa} --dump "$OUT/dumps/$tag" --out "$OUT/ranks-$tag.json"
+          --device cuda --suffix " listed as" --ssa $ssa --dump "$OUT/dumps/$tag" --out "$OUT/ranks-$tag.json"
         python3 scripts/routing_rules.py "$OUT/dumps/$tag"/*.pt --out "$OUT/rules-$tag.json"
       done
     done 2>&1 | grep -v Loading | tee -a "$OUT/bench.log"

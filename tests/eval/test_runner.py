@@ -150,6 +150,9 @@ def test_ssa_overrides_route_the_same_weights_otherwise(tmp_path, bpe_tokenizer,
     assert saved.config.ssa_config.summary == "mean"
     for (name, a), (_, b) in zip(saved.state_dict().items(), routed.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+    routed.save_pretrained(tmp_path / "max4")  # back to "mean" from a model saved with "max"
+    back = runner.load_causal_lm(tmp_path / "max4", device="cpu", ssa={"summary": "mean"})
+    assert back.config.ssa_config == saved.config.ssa_config
     with pytest.raises(ValueError, match="needs sub_block_size"):
         runner.load_causal_lm(path, device="cpu", ssa={"summary": "max"})
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['topk'\]"):
