@@ -120,7 +120,8 @@ FT_DOC_TOKENS=${FT_DOC_TOKENS:-256,32768}  # skill document lengths (log-uniform
 ROUTING_LOSS=${ROUTING_LOSS:-1.0}
 FT_ROUTER=${FT_ROUTER:-learned}         # learned, or gated (routing keys weighed by a per-token gate)
 ROUTING_TEMPERATURE=${ROUTING_TEMPERATURE:-1.0}  # < 1 sharpens the router loss's target
-FT_SSA=${FT_SSA:-}                      # SSA settings to change, e.g. summary=max,sub_block_size=4
+FT_SSA=${FT_SSA:-}                      # SSA settings to change, e.g. summary=mean (the shipped model
+                                        # routes by summary=max; its fine-tunes p3a-c ran with mean)
 FT_TRAIN_ONLY=${FT_TRAIN_ONLY:-all}     # router: fine-tune only the learned router, the model frozen
 ANSWER_WEIGHT=${ANSWER_WEIGHT:-20}      # skill answer tokens count 1 + this in the loss
 FT_NAME=${FT_NAME:-nano-retrieval}      # run directory and results name

@@ -42,6 +42,14 @@ def test_config_validation():
     assert SSAConfig.from_dict(config.to_dict()) == config
 
 
+def test_override_back_to_mean_drops_the_sub_blocks():
+    saved = max_config(sub=4).to_dict()
+    assert SSAConfig.from_dict(SSAConfig.override(saved, {"summary": "mean"})) == SSAConfig(block_size=BLOCK)
+    assert SSAConfig.override(saved, {"top_k": 3})["sub_block_size"] == 4  # other changes keep them
+    assert SSAConfig.override(saved, {"sub_block_size": 2}) == {**saved, "sub_block_size": 2}
+    assert SSAConfig.override(None, {"top_k": 3}) == {"top_k": 3}
+
+
 def test_block_scores_take_the_best_sub_block_of_each_block_partial_last_included():
     config = max_config(sub=4)  # 4 sub-blocks per block
     scores = torch.randn(2, 3, 10)  # 10 sub-blocks: 2 whole blocks and a last one holding 2

@@ -330,6 +330,16 @@ def test_fine_tune_from_a_bf16_model_keeps_fp32_weights(ssa_run, corpus, tmp_pat
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
+def test_fine_tune_from_a_max_routed_model_can_go_back_to_mean(ssa_run, corpus, tmp_path):
+    base = tmp_path / "max4"
+    model = SubquadForCausalLM.from_pretrained(ssa_run[0] / "final")
+    model.config.ssa = {**model.config.ssa, "summary": "max", "sub_block_size": 4}
+    model.save_pretrained(base)
+    config = _config(corpus, tmp_path / "ft", attention=None, init_from=base, ssa={"summary": "mean"})
+    tuned = _build_model(config, {"vocab_size": 256})
+    assert tuned.config.ssa_config == SubquadConfig.from_pretrained(ssa_run[0] / "final").ssa_config
+
+
 def test_fine_tune_adds_a_learned_router_that_starts_as_the_shared_one(ssa_run, corpus, tmp_path):
     base = ssa_run[0] / "final"
     out = tmp_path / "learned"

@@ -365,11 +365,8 @@ def load_causal_lm(
             )
         from subquad.ops.ssa.config import SSAConfig
 
-        merged = {**(getattr(config, "ssa", None) or {}), **ssa}
-        if ssa.get("summary") == "mean" and "sub_block_size" not in ssa:
-            merged.pop("sub_block_size", None)  # the saved model's sub-blocks go with its "max"
         # Merged and validated here, so a bad field names itself before any weights load.
-        config.ssa = SSAConfig.from_dict(merged).to_dict()
+        config.ssa = SSAConfig.from_dict(SSAConfig.override(getattr(config, "ssa", None), ssa)).to_dict()
     model = AutoModelForCausalLM.from_pretrained(
         path, config=config, dtype=torch_dtype, trust_remote_code=False
     )

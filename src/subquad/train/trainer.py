@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from subquad.models.subquad import SubquadConfig, SubquadForCausalLM
+from subquad.ops.ssa.config import SSAConfig
 from subquad.train.data import load_meta, load_split
 from subquad.train.skills import answers_path
 
@@ -382,7 +383,7 @@ def convert_dense_to_ssa(
         )
     values = config.to_dict()
     values["attention"] = "ssa"
-    values["ssa"] = {**config.ssa, **(ssa or {})}
+    values["ssa"] = SSAConfig.override(config.ssa, ssa or {})
     new_config = SubquadConfig.from_dict(values)
     model = SubquadForCausalLM.from_pretrained(dense_dir, config=new_config)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -413,7 +414,7 @@ def _build_model(config: TrainConfig, meta: dict[str, Any]) -> SubquadForCausalL
         base = SubquadConfig.from_pretrained(config.init_from)
         values = {**base.to_dict(), **overrides}
         if "ssa" in overrides:
-            values["ssa"] = {**base.ssa, **overrides["ssa"]}
+            values["ssa"] = SSAConfig.override(base.ssa, overrides["ssa"])
         model_config = SubquadConfig.from_dict(values)
         if model_config.vocab_size < vocab:
             raise ValueError(

@@ -116,6 +116,18 @@ class SSAConfig:
             raise ValueError(f"ssa config: unknown field(s) {unknown}; expected some of {sorted(known)}")
         return cls(**values)
 
+    @staticmethod
+    def override(base: dict[str, Any] | None, changes: dict[str, Any]) -> dict[str, Any]:
+        """``base`` settings (a saved model's ``ssa`` dict) with ``changes`` applied, not yet validated.
+
+        Switching to ``summary="mean"`` drops the base's ``sub_block_size``, which belongs to its
+        ``"max"``: ``{"summary": "mean"}`` alone turns a ``max`` model back to mean routing.
+        """
+        merged = {**(base or {}), **changes}
+        if changes.get("summary") == "mean" and "sub_block_size" not in changes:
+            merged.pop("sub_block_size", None)
+        return merged
+
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
