@@ -251,6 +251,7 @@ def _route_flat(rq, summaries, seq_len_k, config, causal):
     num_blocks = -(-seq_len_k // config.block_size)
     summ_t = summaries.permute(0, 2, 3, 1)  # [B, Hkv, D, NS]
     all_blocks = torch.arange(num_blocks, device=rq.device)
+    per_block = config.summaries_per_block
     per_token = batch * heads * summaries.shape[1]
     if causal:  # chunks of at most 1/16 of the queries, so scoring only their earlier blocks halves the work
         per_token = max(per_token, _CHUNK_ELEMENTS // max(1, -(-seq_len_q // 16)))
@@ -260,7 +261,6 @@ def _route_flat(rq, summaries, seq_len_k, config, causal):
         if causal:  # the chunk's last token routes to blocks before its local window, no later ones
             last_block = (first_pos + stop - start - 1) // config.block_size
             width = max(0, min(num_blocks, last_block - config.local_blocks + 1))
-        per_block = config.summaries_per_block
         scores = torch.matmul(rq[:, start:stop].transpose(1, 2), summ_t[..., : width * per_block])
         scores = block_scores(scores, config, width)  # [B, Hkv, Tc, width]
         qblock = torch.arange(first_pos, first_pos + stop - start, device=rq.device) // config.block_size
