@@ -33,7 +33,7 @@ def forward(n: int, timed) -> None:
     q, k, v, idx, fixed = _inputs(n)
     with torch.no_grad():
         o1, l1, _ = triton_attention.sparse_attention_fwd(q, k, v, idx, 64, True, SCALE)
-        o2, l2 = triton_routed.sparse_attention_fwd_routed(q, k, v, idx, 64, True, SCALE, fixed)
+        o2, l2, _ = triton_routed.sparse_attention_fwd_routed(q, k, v, idx, 64, True, SCALE, fixed)
         print(
             f"forward N={n} max |out diff| {(o1.float() - o2.float()).abs().max().item():.2e}, "
             f"max |lse diff| {(l1 - l2).abs().max().item():.2e}"

@@ -6,6 +6,7 @@
 #   decode-attention: one decode layer, SSA vs dense flash-decoding, eager and CUDA graph;
 #   decode-graph: the small model's decode step eager and through GraphedDecoder (CUDA graphs);
 #   backward: tests, routed vs query-major backward (agreement, time, knob sweep) and fwd+bwd 16K-128K
+#   profile: GPU time per kernel of one attention call, fwd+bwd at 128K and forward at 1M
 #   max-routing: routing tests, then the Triton routers with summary="max" (best 4-token sub-block)
 #   against the PyTorch router and against summary="mean", nano's routing shape at 1M
 #   needle-ranks: the shipped model's needle ranks per layer (RULER niah_single_1/2, $SAMPLES prompts
@@ -25,7 +26,7 @@ if [ "$MODE" = max-routing ]; then
   python3 -m pytest -q tests/ops/test_triton_attention.py tests/ops/test_max_summary.py > "$OUT/tests.txt" 2>&1
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.txt"
 fi
-if [ "$MODE" = quick ] || [ "$MODE" = full ] || [ "$MODE" = backward ]; then
+if [ "$MODE" = quick ] || [ "$MODE" = full ] || [ "$MODE" = backward ] || [ "$MODE" = profile ]; then
   python3 -m pytest -q tests/ops tests/models/test_decode.py > "$OUT/tests.txt" 2>&1; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.txt"
 fi
 
@@ -39,6 +40,10 @@ case "$MODE" in
   backward)
     python3 scripts/compare_attention_paths.py --length '' --backward 16k,128k,1m --tune 2>&1 | tee -a "$OUT/bench.log"
     bench --shape layer-8b --lengths 16k,64k,128k --time-budget 200 --flex-max-len 0 --tag attention-layer-8b-fwd-bwd ;;
+  profile)
+    for run in "--length 128k --backward" "--length 1m"; do
+      python3 scripts/profile_attention.py $run
+    done 2>&1 | grep -v -i warn | tee -a "$OUT/bench.log" ;;
   decode-graph)
     python3 benchmarks/decode.py --device cuda --only decode --graph \
       --decode-lengths 131072 1048576 4194304 --out "$OUT" 2>&1 | tail -30 | tee -a "$OUT/bench.log" ;;

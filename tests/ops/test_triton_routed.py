@@ -71,7 +71,7 @@ def test_routed_matches_query_major_and_reference(case, dtype, holes, poison_emp
     q, k, v, idx, fixed = _setup(case, dtype, holes)
     *_, block_size, _, causal, chunk, seg = case
     scale = q.shape[-1] ** -0.5
-    out, lse = triton_routed.sparse_attention_fwd_routed(
+    out, lse, _ = triton_routed.sparse_attention_fwd_routed(
         q, k, v, idx, block_size, causal, scale, fixed, chunk_tokens=chunk, segment_tokens=seg
     )
     want_out, want_lse, _ = triton_attention.sparse_attention_fwd(q, k, v, idx, block_size, causal, scale)
@@ -100,7 +100,7 @@ def test_routed_fixed_split_edges(num_fixed, poison_empty):
     case = (1, 40, 56, 4, 2, 32, 16, 2, True, 16, 4)
     q, k, v, idx, _ = _setup(case, torch.float16, holes=False)
     scale = q.shape[-1] ** -0.5
-    out, lse = triton_routed.sparse_attention_fwd_routed(
+    out, lse, _ = triton_routed.sparse_attention_fwd_routed(
         q, k, v, idx, 16, True, scale, num_fixed, chunk_tokens=16, segment_tokens=4
     )
     want_out, want_lse, _ = triton_attention.sparse_attention_fwd(q, k, v, idx, 16, True, scale)
@@ -134,7 +134,7 @@ def test_autograd_routed_path_matches_query_major(monkeypatch):
         monkeypatch.setattr(
             triton_routed,
             f"sparse_attention_{name}_routed",
-            lambda *a, _real=real, _calls=calls[name]: _calls.append(a) or _real(*a),
+            lambda *a, _real=real, _calls=calls[name], **kw: _calls.append(a) or _real(*a, **kw),
         )
     results = []
     for min_tokens in (10**9, 1):
@@ -161,17 +161,23 @@ def _query_major_grads(q, k, v, idx, block_size, causal, scale, do):
     )
 
 
+@pytest.mark.parametrize("from_plan", [False, True], ids=["own-work", "forward-plan"])
 @pytest.mark.parametrize("holes", [False, True], ids=["select", "holes"])
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_routed_backward_matches_query_major_and_reference(case, holes, poison_empty):
+def test_routed_backward_matches_query_major_and_reference(case, holes, from_plan, poison_empty):
     dtype = DTYPES[-1]
     q, k, v, idx, fixed = _setup(case, dtype, holes)
     *_, block_size, _, causal, chunk, seg = case
     scale = q.shape[-1] ** -0.5
     do = torch.randn_like(q)
     out, lse, want = _query_major_grads(q, k, v, idx, block_size, causal, scale, do)
-    # chunk (tokens in the forward's cases) as pairs here: small chunks cross chunk edges too.
-    chunk_pairs = None if chunk is None else chunk * q.shape[0] * k.shape[2]
+    plan = None
+    if from_plan:  # the forward's tiles and per-chunk work lists (its chunk and segment sizes)
+        *_, plan = triton_routed.sparse_attention_fwd_routed(
+            q, k, v, idx, block_size, causal, scale, fixed, chunk_tokens=chunk, segment_tokens=seg,
+            keep_plan=True,
+        )
+        assert len(plan.chunks) == -(-q.shape[1] // plan.chunk_tokens)
     got = triton_routed.sparse_attention_bwd_routed(
         do,
         q,
@@ -184,8 +190,10 @@ def test_routed_backward_matches_query_major_and_reference(case, holes, poison_e
         causal,
         scale,
         fixed,
-        chunk_pairs=chunk_pairs,
+        # With a plan, its chunks (not the default single chunk) must be followed.
+        chunk_tokens=None if from_plan else chunk,
         segment_tokens=seg,
+        plan=plan,
     )
     ref_inputs = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
     ref = sparse_attention_naive(*ref_inputs, idx, block_size, causal, scale)
@@ -206,7 +214,7 @@ def test_routed_backward_fixed_split_edges(num_fixed, poison_empty):
     do = torch.randn_like(q)
     out, lse, want = _query_major_grads(q, k, v, idx, 16, True, scale, do)
     got = triton_routed.sparse_attention_bwd_routed(
-        do, q, k, v, out, lse, idx, 16, True, scale, num_fixed, chunk_pairs=64, segment_tokens=4
+        do, q, k, v, out, lse, idx, 16, True, scale, num_fixed, chunk_tokens=8, segment_tokens=4
     )
     for name, g, w in zip("qkv", got, want):
         assert (g.float() - w.float()).abs().max().item() < 2e-3 * max(1.0, w.abs().max().item()), name

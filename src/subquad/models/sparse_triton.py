@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import torch
 
-from subquad.ops.ssa.tiles import QueryTiles, build_query_tiles
+from subquad.ops.ssa.tiles import QueryTiles
 from subquad.ops.ssa.triton_attention import (
     sparse_attention_bwd,
     sparse_attention_fwd,
     use_routed_forward,
 )
-from subquad.ops.ssa.triton_routed import sparse_attention_fwd_routed
+from subquad.ops.ssa.triton_routed import sparse_attention_bwd_routed, sparse_attention_fwd_routed
 
 
 def split_local_slots(
@@ -74,32 +74,39 @@ class LocalRotaryAttentionFunction(torch.autograd.Function):
         out_a, lse_a, tiles_a = sparse_attention_fwd(
             q_rot, k_rot_tail, v_tail, local_idx, block_size, True, scale
         )
+        ctx.plan = None
         if use_routed_forward(q.shape[1], far_idx.shape[-1], num_sinks):
-            out_b, lse_b = sparse_attention_fwd_routed(q, k, v, far_idx, block_size, True, scale, num_sinks)
-            far_tiles = ()  # built by the backward (inference never pays for them)
+            # The backward goes key-major too, on the forward's work lists (kept only for training).
+            out_b, lse_b, ctx.plan = sparse_attention_fwd_routed(
+                q, k, v, far_idx, block_size, True, scale, num_sinks, keep_plan=any(ctx.needs_input_grad[:5])
+            )
+            far_tiles = ()
         else:
             out_b, lse_b, tiles_b = sparse_attention_fwd(q, k, v, far_idx, block_size, True, scale)
             far_tiles = (tiles_b.blocks, tiles_b.masks, tiles_b.count)
         out, lse = merge_partials(out_a, lse_a, out_b, lse_b)
         local_tiles = (tiles_a.blocks, tiles_a.masks, tiles_a.count)
         ctx.save_for_backward(q, k, q_rot, k_rot_tail, v, out, lse, far_idx, *local_tiles, *far_tiles)
-        ctx.meta = (tail_start, block_size, scale, tiles_a.tokens_per_tile)
+        ctx.meta = (tail_start, block_size, scale, tiles_a.tokens_per_tile, num_sinks)
         return out
 
     @staticmethod
     def backward(ctx, do):
         q, k, q_rot, k_rot_tail, v, out, lse, far_idx, *tile_tensors = ctx.saved_tensors
-        tail_start, block_size, scale, tokens = ctx.meta
+        tail_start, block_size, scale, tokens, num_sinks = ctx.meta
         tiles_a = QueryTiles(*tile_tensors[:3], tokens)
         v_tail = v[:, tail_start:]
         dq_rot, dk_rot_tail, dv_tail = sparse_attention_bwd(
             do, q_rot, k_rot_tail, v_tail, out, lse, tiles_a, block_size, True, scale
         )
-        if len(tile_tensors) > 3:
-            tiles_b = QueryTiles(*tile_tensors[3:], tokens)
+        if ctx.plan is not None:
+            dq, dk, dv = sparse_attention_bwd_routed(
+                do, q, k, v, out, lse, far_idx, block_size, True, scale, num_sinks, plan=ctx.plan
+            )
+            ctx.plan = None
         else:
-            tiles_b = build_query_tiles(far_idx, tokens)
-        dq, dk, dv = sparse_attention_bwd(do, q, k, v, out, lse, tiles_b, block_size, True, scale)
+            tiles_b = QueryTiles(*tile_tensors[3:], tokens)
+            dq, dk, dv = sparse_attention_bwd(do, q, k, v, out, lse, tiles_b, block_size, True, scale)
         dv[:, tail_start:] += dv_tail
         return dq, dk, dq_rot, dk_rot_tail, dv, None, None, None, None, None, None
 

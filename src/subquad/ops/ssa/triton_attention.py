@@ -262,9 +262,12 @@ def _sparse_attention_bwd_dkdv_kernel(
                   mask=key_ok[:, None] & (offs_dv[None, :] < DV), sem="relaxed")
 
 
-def _launch_shape(q: torch.Tensor, v: torch.Tensor, num_kv_heads: int, block_size: int) -> dict:
+def _launch_shape(
+    q: torch.Tensor, v: torch.Tensor, num_kv_heads: int, block_size: int, tokens: int | None = None
+) -> dict:
+    """Kernel shape constants; ``tokens`` per query tile (default :func:`tokens_per_tile`)."""
     group = q.shape[2] // num_kv_heads
-    tokens = tokens_per_tile(group)
+    tokens = tokens_per_tile(group) if tokens is None else tokens
     return dict(
         D=q.shape[-1],
         DV=v.shape[-1],
@@ -276,13 +279,15 @@ def _launch_shape(q: torch.Tensor, v: torch.Tensor, num_kv_heads: int, block_siz
     )
 
 
-def sparse_attention_fwd(q, k, v, block_idx, block_size, causal, scale, tiles=None):
-    """Launch the forward kernel. Returns (out ``[B, T, Hq, Dv]``, lse2 ``[B, T, Hq]`` fp32, tiles)."""
+def sparse_attention_fwd(q, k, v, block_idx, block_size, causal, scale, tiles=None, num_warps=4):
+    """Launch the forward kernel. Returns (out ``[B, T, Hq, Dv]``, lse2 ``[B, T, Hq]`` fp32, tiles).
+
+    ``tiles``: the selection's query tiles (default: built with :func:`tokens_per_tile` tokens each)."""
     batch, seq_len_q, heads_q, _ = q.shape
     seq_len_k, heads_kv = k.shape[1], k.shape[2]
-    shape = _launch_shape(q, v, heads_kv, block_size)
     if tiles is None:
-        tiles = build_query_tiles(block_idx, shape["TOKENS"])
+        tiles = build_query_tiles(block_idx, tokens_per_tile(heads_q // heads_kv))
+    shape = _launch_shape(q, v, heads_kv, block_size, tiles.tokens_per_tile)
     num_tiles, width = tiles.blocks.shape[1], tiles.blocks.shape[2]
     out = torch.empty(batch, seq_len_q, heads_q, v.shape[-1], device=q.device, dtype=q.dtype)
     lse = torch.empty(batch, seq_len_q, heads_q, device=q.device, dtype=torch.float32)
@@ -295,7 +300,7 @@ def sparse_attention_fwd(q, k, v, block_idx, block_size, causal, scale, tiles=No
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         seq_len_q, seq_len_k, heads_kv, heads_q // heads_kv, num_tiles, width, scale * _LOG2E,
-        CAUSAL=causal, num_warps=4, num_stages=2, **shape,
+        CAUSAL=causal, num_warps=num_warps, num_stages=2, **shape,
     )
     return out, lse, tiles
 
@@ -310,23 +315,49 @@ def sparse_attention_bwd(do, q, k, v, out, lse, tiles, block_size, causal, scale
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
+@triton.jit
+def _attention_delta_kernel(DO, OUT, DELTA, num_rows, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+                            BLOCK_ROWS: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_DV)
+    mask = (rows < num_rows)[:, None] & (cols < DV)[None, :]
+    offs = rows[:, None] * DV + cols[None, :]
+    do = tl.load(DO + offs, mask=mask, other=0.0).to(tl.float32)
+    out = tl.load(OUT + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + rows, tl.sum(do * out, 1), mask=rows < num_rows)
+
+
 def attention_delta(do: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``rowsum(dO * O)`` per (token, q head): ``[B, T, Hq]`` fp32, the softmax backward's correction."""
-    return (do.float() * out.float()).sum(-1)
+    """``rowsum(dO * O)`` per (token, q head): ``[B, T, Hq]`` fp32, the softmax backward's correction.
+
+    One pass over the contiguous ``do`` and ``out`` (no fp32 copies of them)."""
+    *lead, dim_v = out.shape
+    delta = torch.empty(*lead, device=out.device, dtype=torch.float32)
+    num_rows = delta.numel()
+    block_rows = 32
+    _attention_delta_kernel[(triton.cdiv(num_rows, block_rows),)](
+        do.contiguous(), out.contiguous(), delta, num_rows,
+        DV=dim_v, BLOCK_DV=max(16, triton.next_power_of_2(dim_v)), BLOCK_ROWS=block_rows,
+    )
+    return delta
 
 
-def query_major_bwd(do, q, k, v, lse, delta, tiles, block_size, causal, scale, dk_acc, dv_acc):
-    """Gradients of the attention over ``tiles``' selection: returns dq (``q.dtype``) and *adds* dK/dV
-    into the fp32 ``[B, S, Hkv, D(v)]`` buffers ``dk_acc`` / ``dv_acc``.
+def query_major_bwd(
+    do, q, k, v, lse, delta, tiles, block_size, causal, scale, dk_acc, dv_acc, dq=None, num_warps=4
+):
+    """Gradients of the attention over ``tiles``' selection: returns dq (written into ``dq`` when given,
+    e.g. an fp32 buffer; else a new ``q.dtype`` tensor) and *adds* dK/dV into the fp32
+    ``[B, S, Hkv, D(v)]`` buffers ``dk_acc`` / ``dv_acc``.
 
     ``lse`` and ``delta`` are the whole row's (log2-domain LSE, ``attention_delta``), so the selection
     may be a part of what the forward attended: each block's share of the gradient only depends on them.
     """
     batch, seq_len_q, heads_q, _ = q.shape
     seq_len_k, heads_kv = k.shape[1], k.shape[2]
-    shape = _launch_shape(q, v, heads_kv, block_size)
+    shape = _launch_shape(q, v, heads_kv, block_size, tiles.tokens_per_tile)
     num_tiles, width = tiles.blocks.shape[1], tiles.blocks.shape[2]
-    dq = torch.empty_like(q)
+    if dq is None:
+        dq = torch.empty_like(q)
     common = (
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -338,7 +369,7 @@ def query_major_bwd(do, q, k, v, lse, delta, tiles, block_size, causal, scale, d
         tiles.blocks, tiles.masks, tiles.count,
         *common,
         seq_len_q, seq_len_k, heads_kv, heads_q // heads_kv, num_tiles, width, scale * _LOG2E, scale,
-        CAUSAL=causal, num_warps=4, num_stages=2, **shape,
+        CAUSAL=causal, num_warps=num_warps, num_stages=2, **shape,
     )
     num_blocks = -(-seq_len_k // block_size)
     work = invert_tiles(tiles, num_blocks)
@@ -348,7 +379,7 @@ def query_major_bwd(do, q, k, v, lse, delta, tiles, block_size, causal, scale, d
             work.seg_block, work.seg_start, work.seg_end, work.tiles, work.masks,
             *common,
             seq_len_q, seq_len_k, heads_kv, heads_q // heads_kv, num_blocks, scale * _LOG2E, scale,
-            CAUSAL=causal, num_warps=4, num_stages=1, **shape,
+            CAUSAL=causal, num_warps=num_warps, num_stages=1, **shape,
         )
     return dq
 
@@ -361,10 +392,11 @@ class SparseAttentionFunction(torch.autograd.Function):
         if routed:
             from subquad.ops.ssa.triton_routed import sparse_attention_fwd_routed
 
-            out, lse = sparse_attention_fwd_routed(
-                q, k, v, block_idx, block_size, causal, scale, num_fixed_slots
+            # The backward goes key-major too, on the forward's work lists (``ctx.plan``).
+            out, lse, ctx.plan = sparse_attention_fwd_routed(
+                q, k, v, block_idx, block_size, causal, scale, num_fixed_slots,
+                keep_plan=any(ctx.needs_input_grad[:3]),
             )
-            # The backward goes key-major too (it builds the fixed part's tiles itself).
             tile_tensors = ()
         else:
             out, lse, tiles = sparse_attention_fwd(q, k, v, block_idx, block_size, causal, scale)
@@ -382,8 +414,9 @@ class SparseAttentionFunction(torch.autograd.Function):
             from subquad.ops.ssa.triton_routed import sparse_attention_bwd_routed
 
             dq, dk, dv = sparse_attention_bwd_routed(
-                do, q, k, v, out, lse, block_idx, block_size, causal, scale, num_fixed_slots
+                do, q, k, v, out, lse, block_idx, block_size, causal, scale, num_fixed_slots, plan=ctx.plan
             )
+            ctx.plan = None
         else:
             tiles = QueryTiles(*tile_tensors, tokens)
             dq, dk, dv = sparse_attention_bwd(do, q, k, v, out, lse, tiles, block_size, causal, scale)

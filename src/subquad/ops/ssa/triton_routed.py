@@ -38,20 +38,23 @@ pairs x 4 rows x 64 keys x 128 x 4, plus ~20% partly-filled steps) and ~4 TFLOP 
 (``dS = P * (dP - delta)`` with ``P`` from the whole row's LSE), so the fixed slots run the query-major
 dQ and dK/dV kernels of ``triton_attention`` restricted to them, and the routed pairs run key-major: one
 program per segment of a block's pairs loads K/V once, gathers the segment's q and dO rows, keeps the
-block's dK/dV in registers (one fp32 atomic add per segment) and adds each token's dQ share atomically
-into an fp32 ``[B, T, Hq, D]`` buffer. No partial buffers, so chunks are only bounded by the sort
-(``_BWD_CHUNK_PAIRS``). Per routed pair: q and dO gathers ``2 * G * D * e``, dQ atomics ``G * D * 4``;
-at 128K (layer-8b shape, 16.8M pairs) ~69 GB and ~5.5 TFLOP (five matmuls) against the query-major
+block's dK/dV in registers (one fp32 atomic add per segment) and stores each token's dQ share as a
+partial row (``q.dtype``, ``[B, Tc, Hq, top_k, D]``, chunked like the forward's partials); a second
+small kernel sums a token's partials and the fixed part's fp32 dQ into the final dq. Per routed pair:
+q and dO gathers ``2 * G * D * e``, the dQ partial written and read ``2 * G * D * e``; at 128K
+(layer-8b shape, 16.8M pairs) ~69 GB and ~5.5 TFLOP (five matmuls) against the query-major
 walk's ~11x tile overhead on random picks.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import triton
 import triton.language as tl
 
-from subquad.ops.ssa.tiles import build_query_tiles
+from subquad.ops.ssa.tiles import QueryTiles, build_query_tiles
 from subquad.ops.ssa.triton_attention import (
     _LOG2E,
     _launch_shape,
@@ -69,15 +72,18 @@ _SEGMENT_TOKENS = 256
 # Matrix rows (token x q head) per step of a routed program, and its launch knobs (tuning only).
 _ROUTED_ROWS = 64
 _ROUTED_NUM_WARPS = 4
+_ROUTED_NUM_STAGES = 1
 # (token, q head) rows per merge program.
 _MERGE_ROWS = 16
+# Fixed slots (sink + local, query-major): matrix rows per query tile and warps (tuning only).
+_FIXED_ROWS = 64
+_FIXED_NUM_WARPS = 4
 # Backward (tuning only): pairs per segment (dK/dV of a block summed in registers over a segment, one
-# atomic add per segment), matrix rows per step, warps, and routed pairs grouped per chunk (bounds the
-# sort's memory: ~16 bytes per pair).
+# atomic add per segment), matrix rows per step, warps and pipeline stages.
 _BWD_SEGMENT_TOKENS = 256
 _BWD_ROUTED_ROWS = 128
 _BWD_NUM_WARPS = 8
-_BWD_CHUNK_PAIRS = 1 << 26
+_BWD_NUM_STAGES = 1
 
 
 @triton.jit
@@ -183,19 +189,20 @@ def _merge_partials_kernel(
 
 @triton.jit
 def _routed_bwd_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ_ACC, DK_ACC, DV_ACC,
+    Q, K, V, DO, LSE, DELTA, DQ_PART, DK_ACC, DV_ACC,
     seg_block, seg_start, seg_end, pair_entry,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dot, stride_doh,
-    T, S, HKV, group, num_blocks, chunk_start, num_slots, scale_log2, scale,
+    T, S, HKV, group, num_blocks, chunk_start, chunk_len, num_slots, scale_log2, scale,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOKENS: tl.constexpr, CAUSAL: tl.constexpr,
 ):
     """One segment of a key block's routed pairs: K/V loaded once, dK/dV summed over the segment in
-    registers, each token's dQ share added to the fp32 ``DQ_ACC`` (a token's routed blocks are in
-    different segments, so its dQ is a sum of atomic adds)."""
+    registers (one fp32 atomic add per segment), each token's dQ share stored to its (token, q head,
+    slot) row of ``DQ_PART`` (``[B, Tc, Hq, num_slots, D]`` in q's dtype, summed per token by
+    ``_sum_dq_partials_kernel``)."""
     b, h, start, end, key_pos, key_ok = _segment_block(
         seg_block, seg_start, seg_end, num_blocks, HKV, S, BLOCK_N
     )
@@ -215,7 +222,9 @@ def _routed_bwd_kernel(
     for first in range(start, end, TOKENS):
         pair = first + token_in_tile
         row_ok = (token_in_tile < TOKENS) & (pair < end)
-        token = chunk_start + tl.load(pair_entry + pair, mask=row_ok, other=0) // num_slots
+        entry = tl.load(pair_entry + pair, mask=row_ok, other=0)
+        token_c = entry // num_slots
+        token = chunk_start + token_c
         row_off = (b.to(tl.int64) * stride_qb + token.to(tl.int64)[:, None] * stride_qt
                    + q_head[:, None] * stride_qh)
         q = tl.load(Q + row_off + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
@@ -236,13 +245,43 @@ def _routed_bwd_kernel(
         dv += tl.dot(tl.trans(p.to(do.dtype)), do)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
         dq = tl.dot(ds.to(k.dtype), k) * scale  # [BLOCK_M, BLOCK_D]
-        tl.atomic_add(DQ_ACC + stat[:, None] * D + offs_d[None, :], dq,
-                      mask=row_ok[:, None] & (offs_d[None, :] < D), sem="relaxed")
+        part = ((b.to(tl.int64) * chunk_len + token_c) * heads_q + q_head) * num_slots + entry % num_slots
+        tl.store(DQ_PART + part[:, None] * D + offs_d[None, :], dq.to(DQ_PART.dtype.element_ty),
+                 mask=row_ok[:, None] & (offs_d[None, :] < D))
     out_off = (b.to(tl.int64) * S + key_pos.to(tl.int64)[:, None]) * HKV + h
     tl.atomic_add(DK_ACC + out_off * D + offs_d[None, :], dk * scale,
                   mask=key_ok[:, None] & (offs_d[None, :] < D), sem="relaxed")
     tl.atomic_add(DV_ACC + out_off * DV + offs_dv[None, :], dv,
                   mask=key_ok[:, None] & (offs_dv[None, :] < DV), sem="relaxed")
+
+
+@triton.jit
+def _sum_dq_partials_kernel(
+    DQ, DQ_FIXED, DQ_PART, ROUTED,
+    stride_rb, stride_rh, stride_rt, stride_rs,
+    T, chunk_start, chunk_len, heads_q, group, num_rows,
+    NUM_SLOTS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+):
+    # A row is one (batch, token of the chunk, q head): DQ = DQ_FIXED (fp32, the fixed slots' share) +
+    # the row's routed partials, in DQ's dtype; all three laid out [B, T, Hq, D]. Slots the token left
+    # unused (ROUTED < 0) were never written, so their partials are not read.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_ok = rows < num_rows
+    per_batch = chunk_len * heads_q
+    b = rows // per_batch
+    token = chunk_start + rows % per_batch // heads_q
+    kv_head = rows % heads_q // group
+    full_row = (b * T + token) * heads_q + rows % heads_q
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < D
+    routed = ROUTED + b * stride_rb + kv_head * stride_rh + token * stride_rt
+    acc = tl.load(DQ_FIXED + full_row[:, None] * D + offs_d[None, :], mask=row_ok[:, None] & d_ok, other=0.0)
+    for slot in range(NUM_SLOTS):
+        used = row_ok & (tl.load(routed + slot * stride_rs, mask=row_ok, other=-1) >= 0)
+        acc += tl.load(DQ_PART + (rows * NUM_SLOTS + slot)[:, None] * D + offs_d[None, :],
+                       mask=used[:, None] & d_ok, other=0.0).to(tl.float32)
+    tl.store(DQ + full_row[:, None] * D + offs_d[None, :], acc.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok)
 
 
 def routed_work(routed_idx: torch.Tensor, num_blocks: int, segment_tokens: int):
@@ -263,18 +302,39 @@ def routed_work(routed_idx: torch.Tensor, num_blocks: int, segment_tokens: int):
     # Unused slots sort after every block (key ``owners``) and are dropped by the counts.
     key = torch.where(routed_idx >= 0, bh * num_blocks + routed_idx, owners).flatten()
     # Stable: a block's pairs keep their (token, slot) order.
-    _, order = torch.sort(key, stable=True)
+    sorted_key, order = torch.sort(key, stable=True)
     pair_entry = (order % (chunk_len * slots)).to(torch.int32)
-    counts = torch.bincount(key, minlength=owners + 1)[:owners]
-    starts = torch.cumsum(counts, 0) - counts
+    # Each block's range in the sorted keys (no histogram pass over the pairs).
+    bounds = torch.searchsorted(sorted_key, torch.arange(owners + 1, device=device, dtype=key.dtype))
+    starts = bounds[:-1]
+    counts = bounds[1:] - starts
     segs = -(-counts // segment_tokens)
-    seg_block = torch.repeat_interleave(torch.arange(owners, device=device), segs)
-    seg_rank = torch.arange(seg_block.numel(), device=device) - torch.repeat_interleave(
-        torch.cumsum(segs, 0) - segs, segs
+    seg_ends = torch.cumsum(segs, 0)
+    total = int(seg_ends[-1]) if owners else 0  # the one host sync: the grid size
+    seg_block = torch.repeat_interleave(torch.arange(owners, device=device), segs, output_size=total)
+    seg_rank = torch.arange(total, device=device) - torch.repeat_interleave(
+        seg_ends - segs, segs, output_size=total
     )
     seg_start = starts[seg_block] + seg_rank * segment_tokens
     seg_end = torch.minimum(seg_start + segment_tokens, starts[seg_block] + counts[seg_block])
     return seg_block.to(torch.int32), seg_start.to(torch.int32), seg_end.to(torch.int32), pair_entry
+
+
+@dataclass
+class RoutedPlan:
+    """The forward's work lists, reused by the backward: the fixed slots' query tiles and, per chunk of
+    ``chunk_tokens`` queries, :func:`routed_work`'s grouping of the routed pairs (``chunks`` is empty
+    unless the forward was asked to keep it)."""
+
+    fixed_tiles: QueryTiles | None
+    chunk_tokens: int
+    segment_tokens: int
+    chunks: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+
+
+def _fixed_part_tiles(block_idx: torch.Tensor, num_fixed_slots: int, group: int) -> QueryTiles:
+    fixed_idx = block_idx[..., :num_fixed_slots].contiguous()
+    return build_query_tiles(fixed_idx, tokens_per_tile(group, _FIXED_ROWS))
 
 
 def sparse_attention_fwd_routed(
@@ -288,15 +348,17 @@ def sparse_attention_fwd_routed(
     num_fixed_slots: int,
     chunk_tokens: int | None = None,
     segment_tokens: int = _SEGMENT_TOKENS,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    keep_plan: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, RoutedPlan]:
     """Forward with fixed slots query-major and routed slots key-major.
 
     q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]``; v: ``[B, S, Hkv, Dv]`` (fp16/bf16, contiguous);
     block_idx: ``[B, Hkv, T, K]`` int32, ``-1`` unused; slots ``[:num_fixed_slots]`` are the sink and
     local blocks, the rest routed. Returns (out ``[B, T, Hq, Dv]`` in ``q.dtype``, lse ``[B, T, Hq]``
-    fp32 in log2 units, ``+inf`` for a row that sees no key), as ``sparse_attention_fwd``.
-    ``chunk_tokens`` (default: partial buffers of ``_PARTIAL_BYTES``) and ``segment_tokens`` only
-    change the schedule, never the result.
+    fp32 in log2 units, ``+inf`` for a row that sees no key), as ``sparse_attention_fwd``, and the
+    :class:`RoutedPlan` for the backward (with the routed work lists if ``keep_plan``: 4 bytes per
+    routed pair). ``chunk_tokens`` (default: partial buffers of ``_PARTIAL_BYTES``) and
+    ``segment_tokens`` only change the schedule, never the result.
     """
     batch, seq_len_q, heads_q, _ = q.shape
     seq_len_k, heads_kv = k.shape[1], k.shape[2]
@@ -307,23 +369,24 @@ def sparse_attention_fwd_routed(
     if segment_tokens < 1:
         raise ValueError(f"segment_tokens={segment_tokens}: expected >= 1")
     num_routed = num_slots - num_fixed_slots
+    per_token = batch * heads_q * max(1, num_routed) * dim_v * q.element_size()
+    if chunk_tokens is None:
+        chunk_tokens = max(1, _PARTIAL_BYTES // per_token)
+    chunk_tokens = min(chunk_tokens, seq_len_q)
+    plan = RoutedPlan(None, chunk_tokens, segment_tokens)
     if num_fixed_slots:
-        fixed_idx = block_idx[..., :num_fixed_slots].contiguous()
-        out, lse, _ = sparse_attention_fwd(q, k, v, fixed_idx, block_size, causal, scale)
+        plan.fixed_tiles = _fixed_part_tiles(block_idx, num_fixed_slots, heads_q // heads_kv)
+        out, lse, _ = sparse_attention_fwd(
+            q, k, v, None, block_size, causal, scale, plan.fixed_tiles, num_warps=_FIXED_NUM_WARPS
+        )
     else:
         out = torch.empty(batch, seq_len_q, heads_q, dim_v, device=q.device, dtype=q.dtype)
         lse = torch.full((batch, seq_len_q, heads_q), float("inf"), device=q.device, dtype=torch.float32)
     if num_routed == 0:
-        return out, lse
+        return out, lse, plan
 
-    shape = _launch_shape(q, v, heads_kv, block_size)
-    shape["TOKENS"] = tokens_per_tile(heads_q // heads_kv, _ROUTED_ROWS)
-    shape["BLOCK_M"] = max(16, triton.next_power_of_2(shape["TOKENS"] * (heads_q // heads_kv)))
+    shape = _launch_shape(q, v, heads_kv, block_size, tokens_per_tile(heads_q // heads_kv, _ROUTED_ROWS))
     num_blocks = -(-seq_len_k // block_size)
-    per_token = batch * heads_q * num_routed * dim_v * q.element_size()
-    if chunk_tokens is None:
-        chunk_tokens = max(1, _PARTIAL_BYTES // per_token)
-    chunk_tokens = min(chunk_tokens, seq_len_q)
     o_part = torch.empty(batch * chunk_tokens * heads_q * num_routed * dim_v, device=q.device, dtype=q.dtype)
     lse_part = torch.empty(batch * chunk_tokens * heads_q * num_routed, device=q.device, dtype=torch.float32)
     routed_idx = block_idx[..., num_fixed_slots:]
@@ -332,9 +395,11 @@ def sparse_attention_fwd_routed(
         num_rows = batch * chunk_len * heads_q
         chunk_lse = lse_part[: num_rows * num_routed]
         chunk_lse.fill_(float("-inf"))
-        seg_block, seg_start, seg_end, pair_entry = routed_work(
-            routed_idx[:, :, chunk_start : chunk_start + chunk_len], num_blocks, segment_tokens
-        )
+        chunk_idx = routed_idx[:, :, chunk_start : chunk_start + chunk_len]
+        work = routed_work(chunk_idx, num_blocks, segment_tokens)
+        if keep_plan:
+            plan.chunks.append(work)
+        seg_block, seg_start, seg_end, pair_entry = work
         if seg_block.numel():
             _routed_partial_kernel[(seg_block.numel(),)](
                 q, k, v, o_part, chunk_lse,
@@ -344,7 +409,7 @@ def sparse_attention_fwd_routed(
                 v.stride(0), v.stride(1), v.stride(2),
                 seq_len_q, seq_len_k, heads_kv, heads_q // heads_kv, num_blocks, chunk_start, chunk_len,
                 num_routed, scale * _LOG2E,
-                CAUSAL=causal, num_warps=_ROUTED_NUM_WARPS, num_stages=1, **shape,
+                CAUSAL=causal, num_warps=_ROUTED_NUM_WARPS, num_stages=_ROUTED_NUM_STAGES, **shape,
             )
         _merge_partials_kernel[(triton.cdiv(num_rows, _MERGE_ROWS),)](
             out, lse, o_part, chunk_lse,
@@ -352,7 +417,7 @@ def sparse_attention_fwd_routed(
             NUM_SLOTS=num_routed, BLOCK_SLOTS=max(2, triton.next_power_of_2(num_routed)),
             DV=dim_v, BLOCK_DV=shape["BLOCK_DV"], BLOCK_ROWS=_MERGE_ROWS, num_warps=4,
         )
-    return out, lse
+    return out, lse, plan
 
 
 def sparse_attention_bwd_routed(
@@ -367,15 +432,17 @@ def sparse_attention_bwd_routed(
     causal: bool,
     scale: float,
     num_fixed_slots: int,
-    chunk_pairs: int | None = None,
+    chunk_tokens: int | None = None,
     segment_tokens: int = _BWD_SEGMENT_TOKENS,
+    plan: RoutedPlan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of :func:`sparse_attention_fwd_routed`: fixed slots query-major, routed slots key-major.
 
     Same arguments as the forward plus ``do`` (``[B, T, Hq, Dv]``) and the forward's ``out`` and
     ``lse``. Returns (dq, dk, dv) in the input dtypes, equal to ``triton_attention.sparse_attention_bwd``
-    up to fp32 summation order. ``chunk_pairs`` (routed (token, slot) pairs grouped at once; default
-    ``_BWD_CHUNK_PAIRS``) and ``segment_tokens`` only change the schedule.
+    up to fp32 summation order. ``chunk_tokens`` (default: dQ partial buffers of ``_PARTIAL_BYTES``)
+    and ``segment_tokens`` only change the schedule, never the result; a ``plan`` from the forward on
+    the same ``block_idx`` saves rebuilding its work lists (its chunks and segments are used then).
     """
     batch, seq_len_q, heads_q, dim = q.shape
     seq_len_k, heads_kv = k.shape[1], k.shape[2]
@@ -389,33 +456,54 @@ def sparse_attention_bwd_routed(
     dk = torch.zeros(*k.shape, device=k.device, dtype=torch.float32)
     dv = torch.zeros(*v.shape, device=v.device, dtype=torch.float32)
     num_routed = num_slots - num_fixed_slots
-    dq = torch.zeros(batch, seq_len_q, heads_q, dim, device=q.device, dtype=torch.float32)
+    # The fixed slots' dQ in fp32; the routed partials are added to it in the final write of dq.
     if num_fixed_slots:
-        fixed_idx = block_idx[..., :num_fixed_slots].contiguous()
-        tiles = build_query_tiles(fixed_idx, tokens_per_tile(heads_q // heads_kv))
-        dq += query_major_bwd(do, q, k, v, lse, delta, tiles, block_size, causal, scale, dk, dv)
-    shape = _launch_shape(q, v, heads_kv, block_size)
-    shape["TOKENS"] = tokens_per_tile(heads_q // heads_kv, _BWD_ROUTED_ROWS)
-    shape["BLOCK_M"] = max(16, triton.next_power_of_2(shape["TOKENS"] * (heads_q // heads_kv)))
-    num_blocks = -(-seq_len_k // block_size)
+        dq_fixed = torch.empty(batch, seq_len_q, heads_q, dim, device=q.device, dtype=torch.float32)
+        tiles = plan.fixed_tiles if plan is not None and plan.fixed_tiles is not None else None
+        if tiles is None:
+            tiles = _fixed_part_tiles(block_idx, num_fixed_slots, heads_q // heads_kv)
+        query_major_bwd(do, q, k, v, lse, delta, tiles, block_size, causal, scale, dk, dv, dq=dq_fixed,
+                        num_warps=_FIXED_NUM_WARPS)
+    else:
+        dq_fixed = torch.zeros(batch, seq_len_q, heads_q, dim, device=q.device, dtype=torch.float32)
     if num_routed == 0:
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-    chunk_tokens = max(1, (chunk_pairs or _BWD_CHUNK_PAIRS) // (batch * heads_kv * num_routed))
+        return dq_fixed.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    shape = _launch_shape(q, v, heads_kv, block_size, tokens_per_tile(heads_q // heads_kv, _BWD_ROUTED_ROWS))
+    num_blocks = -(-seq_len_k // block_size)
+    per_token = batch * heads_q * num_routed * dim * q.element_size()
+    chunks = plan.chunks if plan is not None else []
+    if chunks:
+        chunk_tokens = plan.chunk_tokens
+    elif chunk_tokens is None:
+        chunk_tokens = max(1, _PARTIAL_BYTES // per_token)
+    chunk_tokens = min(chunk_tokens, seq_len_q)
+    dq_part = torch.empty(chunk_tokens * per_token // q.element_size(), device=q.device, dtype=q.dtype)
+    dq = torch.empty_like(q)
     routed_idx = block_idx[..., num_fixed_slots:]
-    for chunk_start in range(0, seq_len_q, chunk_tokens):
-        seg_block, seg_start, seg_end, pair_entry = routed_work(
-            routed_idx[:, :, chunk_start : chunk_start + chunk_tokens], num_blocks, segment_tokens
-        )
+    for chunk, chunk_start in enumerate(range(0, seq_len_q, chunk_tokens)):
+        chunk_len = min(chunk_tokens, seq_len_q - chunk_start)
+        if chunks:
+            seg_block, seg_start, seg_end, pair_entry = chunks[chunk]
+        else:
+            seg_block, seg_start, seg_end, pair_entry = routed_work(
+                routed_idx[:, :, chunk_start : chunk_start + chunk_len], num_blocks, segment_tokens
+            )
         if seg_block.numel():
             _routed_bwd_kernel[(seg_block.numel(),)](
-                q, k, v, do, lse, delta, dq, dk, dv,
+                q, k, v, do, lse, delta, dq_part, dk, dv,
                 seg_block, seg_start, seg_end, pair_entry,
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
                 do.stride(0), do.stride(1), do.stride(2),
-                seq_len_q, seq_len_k, heads_kv, heads_q // heads_kv, num_blocks, chunk_start, num_routed,
-                scale * _LOG2E, scale,
-                CAUSAL=causal, num_warps=_BWD_NUM_WARPS, num_stages=1, **shape,
+                seq_len_q, seq_len_k, heads_kv, heads_q // heads_kv, num_blocks, chunk_start, chunk_len,
+                num_routed, scale * _LOG2E, scale,
+                CAUSAL=causal, num_warps=_BWD_NUM_WARPS, num_stages=_BWD_NUM_STAGES, **shape,
             )
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        num_rows = batch * chunk_len * heads_q
+        _sum_dq_partials_kernel[(triton.cdiv(num_rows, _MERGE_ROWS),)](
+            dq, dq_fixed, dq_part, routed_idx, *routed_idx.stride(),
+            seq_len_q, chunk_start, chunk_len, heads_q, heads_q // heads_kv, num_rows,
+            NUM_SLOTS=num_routed, D=dim, BLOCK_D=shape["BLOCK_D"], BLOCK_ROWS=_MERGE_ROWS, num_warps=4,
+        )
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
