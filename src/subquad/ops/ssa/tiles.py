@@ -98,30 +98,38 @@ def invert_tiles(tiles: QueryTiles, num_blocks: int, max_tiles_per_segment: int 
     alone; the dK/dV kernel adds the segments of one block together.
     """
     bh_count, num_tiles, width = tiles.blocks.shape
-    valid = tiles.blocks >= 0
-    bh = torch.arange(bh_count, device=valid.device).view(-1, 1, 1).expand_as(tiles.blocks)
-    tile = torch.arange(num_tiles, device=valid.device).view(1, -1, 1).expand_as(tiles.blocks)
-    owner = (bh * num_blocks + tiles.blocks.long())[valid]  # [P] flat key block id
-    order = (owner * num_tiles + tile[valid]).argsort()
-    owner = owner[order]
-    pair_tiles = tile[valid][order].to(torch.int32)
-    pair_masks = tiles.masks[valid][order]
-    counts = torch.bincount(owner, minlength=bh_count * num_blocks)
-    starts = torch.cumsum(counts, 0) - counts
-    segs = -(-counts // max_tiles_per_segment)
-    seg_block = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), segs)
-    seg_rank = torch.arange(seg_block.numel(), device=counts.device) - torch.repeat_interleave(
-        torch.cumsum(segs, 0) - segs, segs
-    )
-    seg_start = starts[seg_block] + seg_rank * max_tiles_per_segment
-    seg_end = torch.minimum(seg_start + max_tiles_per_segment, starts[seg_block] + counts[seg_block])
+    flat_blocks = tiles.blocks.flatten()
+    pos = (flat_blocks >= 0).nonzero()[:, 0]  # host sync: the number of pairs
+    bh = pos // (num_tiles * width)
+    tile = pos // width % num_tiles
+    owner = bh * num_blocks + flat_blocks[pos].long()  # [P] flat key block id
+    order = (owner * num_tiles + tile).argsort()
+    seg_block, seg_start, seg_end = segment_owners(owner[order], bh_count * num_blocks, max_tiles_per_segment)
     return KeyBlockWork(
-        seg_block.to(torch.int32),
-        seg_start.to(torch.int32),
-        seg_end.to(torch.int32),
-        pair_tiles,
-        pair_masks,
+        seg_block, seg_start, seg_end, tile[order].to(torch.int32), tiles.masks.flatten()[pos[order]]
     )
+
+
+def segment_owners(
+    sorted_owner: torch.Tensor, num_owners: int, segment_len: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cut a list sorted by owner (ids ``0 .. num_owners - 1``; larger ids are ignored) into segments of
+    at most ``segment_len`` items of one owner each: int32 ``(owner, start, end)`` per segment, owners
+    ascending. One host sync (the number of segments)."""
+    device = sorted_owner.device
+    owner_ids = torch.arange(num_owners + 1, device=device, dtype=sorted_owner.dtype)
+    bounds = torch.searchsorted(sorted_owner, owner_ids)  # each owner's range in the list
+    starts = bounds[:-1]
+    counts = bounds[1:] - starts
+    segs = -(-counts // segment_len)
+    seg_ends = torch.cumsum(segs, 0)
+    total = int(seg_ends[-1]) if num_owners else 0
+    seg_owner = torch.repeat_interleave(torch.arange(num_owners, device=device), segs, output_size=total)
+    first_seg = torch.repeat_interleave(seg_ends - segs, segs, output_size=total)
+    seg_rank = torch.arange(total, device=device) - first_seg
+    seg_start = starts[seg_owner] + seg_rank * segment_len
+    seg_end = torch.minimum(seg_start + segment_len, starts[seg_owner] + counts[seg_owner])
+    return seg_owner.to(torch.int32), seg_start.to(torch.int32), seg_end.to(torch.int32)
 
 
 def tile_overhead(block_idx: torch.Tensor, tokens_per_tile: int) -> float:

@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from subquad.ops.ssa.tiles import QueryTiles, build_query_tiles
+from subquad.ops.ssa.tiles import QueryTiles, build_query_tiles, segment_owners
 from subquad.ops.ssa.triton_attention import (
     _LOG2E,
     _launch_shape,
@@ -299,25 +299,12 @@ def routed_work(routed_idx: torch.Tensor, num_blocks: int, segment_tokens: int):
         raise ValueError(f"routed work list too large for int32 keys: {bh_count} x {num_blocks} blocks")
     device = routed_idx.device
     bh = torch.arange(bh_count, device=device, dtype=torch.int32).view(batch, heads, 1, 1)
-    # Unused slots sort after every block (key ``owners``) and are dropped by the counts.
+    # Unused slots sort after every block (key ``owners``) and fall outside every block's range.
     key = torch.where(routed_idx >= 0, bh * num_blocks + routed_idx, owners).flatten()
     # Stable: a block's pairs keep their (token, slot) order.
     sorted_key, order = torch.sort(key, stable=True)
     pair_entry = (order % (chunk_len * slots)).to(torch.int32)
-    # Each block's range in the sorted keys (no histogram pass over the pairs).
-    bounds = torch.searchsorted(sorted_key, torch.arange(owners + 1, device=device, dtype=key.dtype))
-    starts = bounds[:-1]
-    counts = bounds[1:] - starts
-    segs = -(-counts // segment_tokens)
-    seg_ends = torch.cumsum(segs, 0)
-    total = int(seg_ends[-1]) if owners else 0  # the one host sync: the grid size
-    seg_block = torch.repeat_interleave(torch.arange(owners, device=device), segs, output_size=total)
-    seg_rank = torch.arange(total, device=device) - torch.repeat_interleave(
-        seg_ends - segs, segs, output_size=total
-    )
-    seg_start = starts[seg_block] + seg_rank * segment_tokens
-    seg_end = torch.minimum(seg_start + segment_tokens, starts[seg_block] + counts[seg_block])
-    return seg_block.to(torch.int32), seg_start.to(torch.int32), seg_end.to(torch.int32), pair_entry
+    return (*segment_owners(sorted_key, owners, segment_tokens), pair_entry)
 
 
 @dataclass
