@@ -26,7 +26,7 @@ if [ "$MODE" = max-routing ]; then
   python3 -m pytest -q tests/ops/test_triton_attention.py tests/ops/test_max_summary.py > "$OUT/tests.txt" 2>&1
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.txt"
 fi
-if [ "$MODE" = quick ] || [ "$MODE" = full ] || [ "$MODE" = backward ] || [ "$MODE" = profile ]; then
+if [ "$MODE" = quick ] || [ "$MODE" = full ] || [ "$MODE" = backward ]; then
   python3 -m pytest -q tests/ops tests/models/test_decode.py > "$OUT/tests.txt" 2>&1; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.txt"
 fi
 
