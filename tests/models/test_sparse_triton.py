@@ -93,3 +93,22 @@ def test_merge_partials_handles_empty_parts():
     assert torch.allclose(out[0, 1, 0], expected, atol=1e-6)
     assert torch.allclose(lse[0, 1, 1], torch.tensor(3.0))
     assert torch.isinf(lse[0, 2]).all() and (out[0, 2] == 0).all()
+
+
+def test_key_major_backward_twice_with_retained_graph(monkeypatch):
+    # The forward's work lists are used by the first backward and then dropped; a second backward
+    # (retain_graph=True) must rebuild them, not fall back to tiles the key-major path never saved.
+    monkeypatch.setattr(triton_attention, "ROUTED_MIN_TOKENS", 1)
+    q, k, v, block_idx, config = _setup(CASES[1], torch.float16)
+    rotate = SubquadRotary(q.shape[-1], theta=10000.0)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    out = sparse_triton.sparse_attention_local_rotary_triton(
+        *leaves, block_idx, config.block_size, q.shape[-1] ** -0.5, rotate, config.sink_blocks,
+        config.local_blocks,
+    )
+    do = torch.randn_like(out)
+    out.backward(do, retain_graph=True)
+    first = [t.grad.clone() for t in leaves]
+    out.backward(do)
+    for name, once, twice in zip("qkv", first, (t.grad for t in leaves), strict=True):
+        assert torch.allclose(twice.float(), 2 * once.float(), atol=2e-3, rtol=1e-2), name

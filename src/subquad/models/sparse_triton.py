@@ -75,7 +75,8 @@ class LocalRotaryAttentionFunction(torch.autograd.Function):
             q_rot, k_rot_tail, v_tail, local_idx, block_size, True, scale
         )
         ctx.plan = None
-        if use_routed_forward(q.shape[1], far_idx.shape[-1], num_sinks):
+        routed = use_routed_forward(q.shape[1], far_idx.shape[-1], num_sinks)
+        if routed:
             # The backward goes key-major too, on the forward's work lists (kept only for training).
             out_b, lse_b, ctx.plan = sparse_attention_fwd_routed(
                 q, k, v, far_idx, block_size, True, scale, num_sinks, keep_plan=any(ctx.needs_input_grad[:5])
@@ -87,19 +88,19 @@ class LocalRotaryAttentionFunction(torch.autograd.Function):
         out, lse = merge_partials(out_a, lse_a, out_b, lse_b)
         local_tiles = (tiles_a.blocks, tiles_a.masks, tiles_a.count)
         ctx.save_for_backward(q, k, q_rot, k_rot_tail, v, out, lse, far_idx, *local_tiles, *far_tiles)
-        ctx.meta = (tail_start, block_size, scale, tiles_a.tokens_per_tile, num_sinks)
+        ctx.meta = (tail_start, block_size, scale, tiles_a.tokens_per_tile, num_sinks, routed)
         return out
 
     @staticmethod
     def backward(ctx, do):
         q, k, q_rot, k_rot_tail, v, out, lse, far_idx, *tile_tensors = ctx.saved_tensors
-        tail_start, block_size, scale, tokens, num_sinks = ctx.meta
+        tail_start, block_size, scale, tokens, num_sinks, routed = ctx.meta
         tiles_a = QueryTiles(*tile_tensors[:3], tokens)
         v_tail = v[:, tail_start:]
         dq_rot, dk_rot_tail, dv_tail = sparse_attention_bwd(
             do, q_rot, k_rot_tail, v_tail, out, lse, tiles_a, block_size, True, scale
         )
-        if ctx.plan is not None:
+        if routed:  # the plan is used once (a second backward, retain_graph=True, rebuilds it)
             dq, dk, dv = sparse_attention_bwd_routed(
                 do, q, k, v, out, lse, far_idx, block_size, True, scale, num_sinks, plan=ctx.plan
             )

@@ -416,7 +416,7 @@ class SparseAttentionFunction(torch.autograd.Function):
             dq, dk, dv = sparse_attention_bwd_routed(
                 do, q, k, v, out, lse, block_idx, block_size, causal, scale, num_fixed_slots, plan=ctx.plan
             )
-            ctx.plan = None
+            ctx.plan = None  # used once (a second backward, retain_graph=True, rebuilds it)
         else:
             tiles = QueryTiles(*tile_tensors, tokens)
             dq, dk, dv = sparse_attention_bwd(do, q, k, v, out, lse, tiles, block_size, causal, scale)
