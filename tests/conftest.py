@@ -109,3 +109,19 @@ def load_script():
         return module
 
     return load
+
+
+@pytest.fixture
+def backward_twice():
+    """``backward_twice(out, leaves)``: backward through ``out`` twice (``retain_graph`` on the first)
+    and check the second pass adds the same gradients to ``leaves`` as the first."""
+
+    def check(out: torch.Tensor, leaves: list[torch.Tensor]) -> None:
+        do = torch.randn_like(out)
+        out.backward(do, retain_graph=True)
+        first = [t.grad.clone() for t in leaves]
+        out.backward(do)
+        for name, once, twice in zip("qkv", first, (t.grad for t in leaves), strict=True):
+            assert torch.allclose(twice.float(), 2 * once.float(), atol=2e-3, rtol=1e-2), name
+
+    return check
