@@ -105,14 +105,22 @@ def _chunk(
         valid &= key_pos > query_pos[:, None] - sliding_window
     kg, vg = gather_blocks(k_blocks, v_blocks, idx)
     qh = q.float().view(batch, chunk, heads_kv, group, dim).permute(0, 2, 1, 3, 4)  # [B, Hkv, Tc, G, D]
-    scores = torch.matmul(qh, kg.transpose(-1, -2))  # [B, Hkv, Tc, G, K * bs]
-    if local_rotary is not None:
+    if local_rotary is None:
+        scores = torch.matmul(qh, kg.transpose(-1, -2))  # [B, Hkv, Tc, G, K * bs]
+    else:
+        # The local slots score rotated q against rotated keys, the others q . k: each slot once.
         rotate, first_slot, local_slots = local_rotary
         lo, hi = first_slot * block_size, (first_slot + local_slots) * block_size
         k_local = _rotated_local_keys(k_blocks, idx[..., first_slot : first_slot + local_slots], rotate)
         q_rot = rotate(qh, query_pos.view(1, 1, chunk, 1).expand(batch, heads_kv, chunk, group))
-        local_scores = torch.matmul(q_rot, k_local.transpose(-1, -2))
-        scores = torch.cat([scores[..., :lo], local_scores, scores[..., hi:]], dim=-1)
+        scores = torch.cat(
+            [
+                torch.matmul(qh, kg[..., :lo, :].transpose(-1, -2)),
+                torch.matmul(q_rot, k_local.transpose(-1, -2)),
+                torch.matmul(qh, kg[..., hi:, :].transpose(-1, -2)),
+            ],
+            dim=-1,
+        )
     scores = (scores * scale).masked_fill(~valid[:, :, :, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     out = torch.matmul(probs, vg)  # [B, Hkv, Tc, G, Dv]

@@ -315,7 +315,6 @@ class RoutedPlan:
 
     fixed_tiles: QueryTiles | None
     chunk_tokens: int
-    segment_tokens: int
     chunks: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
 
 
@@ -360,7 +359,7 @@ def sparse_attention_fwd_routed(
     if chunk_tokens is None:
         chunk_tokens = max(1, _PARTIAL_BYTES // per_token)
     chunk_tokens = min(chunk_tokens, seq_len_q)
-    plan = RoutedPlan(None, chunk_tokens, segment_tokens)
+    plan = RoutedPlan(None, chunk_tokens)
     if num_fixed_slots:
         plan.fixed_tiles = _fixed_part_tiles(block_idx, num_fixed_slots, heads_q // heads_kv)
         out, lse, _ = sparse_attention_fwd(
@@ -446,7 +445,7 @@ def sparse_attention_bwd_routed(
     # The fixed slots' dQ in fp32; the routed partials are added to it in the final write of dq.
     if num_fixed_slots:
         dq_fixed = torch.empty(batch, seq_len_q, heads_q, dim, device=q.device, dtype=torch.float32)
-        tiles = plan.fixed_tiles if plan is not None and plan.fixed_tiles is not None else None
+        tiles = plan.fixed_tiles if plan is not None else None
         if tiles is None:
             tiles = _fixed_part_tiles(block_idx, num_fixed_slots, heads_q // heads_kv)
         query_major_bwd(do, q, k, v, lse, delta, tiles, block_size, causal, scale, dk, dv, dq=dq_fixed,
