@@ -3,8 +3,10 @@
 ``subquad.ssa_attention`` on random inputs of the ``layer-8b`` shape (B=1, Hq 32, Hkv 8, D 128, bf16,
 causal, default config), forward or forward+backward, as ``benchmarks/attention.py`` times it. Prints
 the total GPU time of one call and the kernels that take it (summed over launches, most first), so a
-change can be aimed at the largest item. ``--set MODULE.NAME=VALUE`` changes a module constant of
-``subquad.ops.ssa`` before the run (A/B of launch knobs and code paths in one process).
+change can be aimed at the largest item; ``--gaps N`` adds the GPU's idle time between the call's
+kernels and its N largest gaps (host syncs, launch-bound glue). ``--set MODULE.NAME=VALUE`` changes a
+module constant of ``subquad.ops.ssa`` before the run (A/B of launch knobs and code paths in one
+process).
 
 GPU:  PYTHONPATH=src python scripts/profile_attention.py --length 128k --backward
       PYTHONPATH=src python scripts/profile_attention.py --length 1m
@@ -41,6 +43,7 @@ def main() -> None:
     parser.add_argument("--backward", action="store_true", help="forward + backward (default: forward)")
     parser.add_argument("--top", type=int, default=25, help="kernels listed")
     parser.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE")
+    parser.add_argument("--gaps", type=int, default=0, help="list this many of the largest idle gaps")
     args = parser.parse_args()
     _apply(args.set)
     n = parse_length(args.length)
@@ -51,8 +54,8 @@ def main() -> None:
     config = subquad.SSAConfig()
 
     def call():
-        if args.backward:
-            subquad.ssa_attention(q, k, v, config=config).backward(grad_out)
+        if args.backward:  # gradients returned, not accumulated into .grad (as benchmarks/attention.py)
+            torch.autograd.grad(subquad.ssa_attention(q, k, v, config=config), (q, k, v), grad_out)
         else:
             with torch.no_grad():
                 subquad.ssa_attention(q, k, v, config=config)
@@ -68,6 +71,27 @@ def main() -> None:
     print(f"{mode} N={n}: {ms:.1f} ms per call (median of 5); profiled call: {total:.1f} ms of kernels")
     for e in kernels[: args.top]:
         print(f"  {e.device_time_total / 1e3:8.2f} ms {e.count:6d} x  {e.key[:100]}")
+    if args.gaps:
+        _print_gaps(prof, args.gaps)
+
+
+def _print_gaps(prof, top: int) -> None:
+    """Where the GPU sat idle between the call's kernels (host syncs, launch-bound glue), largest first,
+    with the kernels on either side."""
+    on_gpu = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    launches = sorted((e for e in on_gpu if e.time_range.elapsed_us() > 0), key=lambda e: e.time_range.start)
+    if not launches:
+        return
+    gaps, end = [], launches[0].time_range.end
+    for before, after in zip(launches, launches[1:]):
+        end = max(end, before.time_range.end)
+        if after.time_range.start > end:
+            gaps.append((after.time_range.start - end, before.name, after.name))
+    span = (max(e.time_range.end for e in launches) - launches[0].time_range.start) / 1e3
+    idle = sum(g for g, _, _ in gaps) / 1e3
+    print(f"kernel span {span:.1f} ms, idle between kernels {idle:.1f} ms in {len(gaps)} gaps; largest:")
+    for gap, before, after in sorted(gaps, reverse=True)[:top]:
+        print(f"  {gap / 1e3:6.2f} ms  after {before[:50]}  before {after[:50]}")
 
 
 if __name__ == "__main__":

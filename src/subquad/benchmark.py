@@ -303,19 +303,19 @@ def _measure(
 
 
 def _measure_backward(row, q, k, v, qt, kt, vt, config, timed):
+    # Both steps return dq, dk, dv (``autograd.grad``) rather than adding them into leaf ``.grad``
+    # tensors: inside a model nothing accumulates there, and the adds are not the attention's work.
     grads = [t.detach().requires_grad_(True) for t in (q, k, v)]
     grad_out = torch.randn_like(q)
 
     def ssa_step():
-        out = ssa_attention(*grads, config=config)
-        out.backward(grad_out)
+        torch.autograd.grad(ssa_attention(*grads, config=config), grads, grad_out)
 
     dense = [t.detach().requires_grad_(True) for t in (qt, kt, vt)]
     grad_dense = grad_out.transpose(1, 2)
 
     def flash_step():
-        out = _sdpa("flash")(*dense)
-        out.backward(grad_dense)
+        torch.autograd.grad(_sdpa("flash")(*dense), dense, grad_dense)
 
     row.fwd_bwd_ms = timed(ssa_step)
     row.flash_fwd_bwd_ms = timed(flash_step)

@@ -271,3 +271,42 @@ def test_threshold_topk_is_exact(top_k, causal, repeated, seq_len_q):
         assert torch.equal(got, routed)
         assert torch.equal(got.sort(-1).values, want.sort(-1).values)
         assert (count >= (want >= 0).sum(-1)).all()
+
+
+def test_threshold_overflow_reroutes_only_the_rows_around_it(monkeypatch):
+    """Tokens whose threshold list overflowed are routed again the slower way in short spans around
+    them, not in one span from the first to the last (all of a 1M sequence for two distant tokens)."""
+    from subquad.ops.ssa import select, triton_select
+
+    spans = [(3, 6), (600, 602), (5000, 5001)]
+    assert triton_select.overflow_spans([3, 5, 600, 601, 5000], gap=256, max_spans=32) == spans
+    assert triton_select.overflow_spans(list(range(0, 100, 10)), gap=5, max_spans=3) == [(0, 91)]
+
+    torch.manual_seed(5)
+    config = subquad.SSAConfig(block_size=16, top_k=3)
+    seq_len = 600
+    rq = torch.randn(1, seq_len, 2, 16, device=DEVICE)
+    summaries = torch.randn(1, seq_len // 16, 2, 16, device=DEVICE)
+    bad_rows = [40, 590]
+    want = select._route_flat(rq, summaries, seq_len, config, True)
+    route_flat_triton = triton_select.route_flat_triton
+
+    def overflowing(*args):  # the right picks, but KV head 1 of two tokens: a cut list and wrong picks
+        picked = want.to(torch.int32, copy=True)
+        count = torch.zeros(want.shape[:-1], dtype=torch.int32, device=DEVICE)
+        picked[:, 1, bad_rows] = 0
+        count[:, 1, bad_rows] = 1000
+        return picked, count
+
+    rerouted = []
+
+    def recording(rq_part, *args, **kwargs):
+        if kwargs.get("threshold") is False:
+            rerouted.append(rq_part.shape[1])
+        return route_flat_triton(rq_part, *args, **kwargs)
+
+    monkeypatch.setattr(triton_select, "threshold_topk", overflowing)
+    monkeypatch.setattr(triton_select, "route_flat_triton", recording)
+    got = route_flat_triton(rq, summaries, seq_len, config, True)
+    assert rerouted == [1, 1]
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)

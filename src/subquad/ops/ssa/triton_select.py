@@ -90,29 +90,36 @@ def _dot(a, b, IEEE: tl.constexpr):
 @triton.jit
 def _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks, num_summaries,
                       D: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
-                      IEEE: tl.constexpr, SUBS: tl.constexpr):
+                      IEEE: tl.constexpr, SUBS: tl.constexpr, MASK: tl.constexpr = True):
     """Routing scores ``[BLOCK_M, BLOCK_N]`` of the blocks ``start + cols``, -inf where not a candidate.
 
     ``SUBS`` summaries per block (``SSAConfig.summaries_per_block``): a block scores as its best
     sub-block (``summary="max"``), one ``[BLOCK_M, BLOCK_N]`` product per sub-block position, so the
     tile stays the size of a one-summary block's. ``IEEE``: float32 inputs are multiplied in full
     precision (not TF32), so the ranking is the reference's; bf16/fp16 products are exact in the fp32
-    accumulator anyway."""
+    accumulator anyway. ``MASK=False``: the caller knows every block of the range is a candidate of
+    every row (and complete), so no bounds or candidate masks are applied."""
     blocks = start + cols
     if SUBS == 1:
         summ = tl.load(summ_base + blocks.to(tl.int64)[None, :] * stride_sn + offs_d[:, None],
-                       mask=(blocks[None, :] < num_blocks) & (offs_d[:, None] < D), other=0.0)
+                       mask=((blocks[None, :] < num_blocks) | (not MASK)) & (offs_d[:, None] < D), other=0.0)
         s = _dot(rq, summ, IEEE)
     else:
         s = tl.full([rq.shape[0], cols.shape[0]], float("-inf"), tl.float32)
         for j in range(SUBS):
             sub = blocks * SUBS + j
             summ = tl.load(summ_base + sub.to(tl.int64)[None, :] * stride_sn + offs_d[:, None],
-                           mask=(sub[None, :] < num_summaries) & (offs_d[:, None] < D), other=0.0)
+                           mask=((sub[None, :] < num_summaries) | (not MASK)) & (offs_d[:, None] < D),
+                           other=0.0)
             # Sub-blocks past the last key (a partial last block) take no part in the maximum.
-            s = tl.maximum(s, tl.where(sub[None, :] < num_summaries, _dot(rq, summ, IEEE), float("-inf")))
-    ok = _is_candidate(blocks[None, :], query_block[:, None], SINK, LOCAL, num_blocks, CAUSAL)
-    return tl.where(ok, s, float("-inf"))
+            if MASK:
+                s = tl.maximum(s, tl.where(sub[None, :] < num_summaries, _dot(rq, summ, IEEE), float("-inf")))
+            else:
+                s = tl.maximum(s, _dot(rq, summ, IEEE))
+    if MASK:
+        ok = _is_candidate(blocks[None, :], query_block[:, None], SINK, LOCAL, num_blocks, CAUSAL)
+        s = tl.where(ok, s, float("-inf"))
+    return s
 
 
 @triton.jit
@@ -406,6 +413,25 @@ def _rescore_topk_sorted(rq, summaries, groups, pos_offset, config, group, causa
 
 
 @triton.jit
+def _append_passing(s, tau, start, cols, slots, vals, ids, count, CAP: tl.constexpr):
+    """Move a chunk's blocks scoring ``>= tau`` into the per-token lists ``vals``/``ids`` (``count``
+    entries each), one per token per step. The steps are counted first: one tile-wide reduction per
+    chunk, not a tile-wide test after every step (that cost more than the steps themselves)."""
+    # Tokens whose list is already cut take no more (bounds the steps when many scores tie).
+    passing = (s >= tau[:, None]) & (count[:, None] <= CAP)
+    s = tl.where(passing, s, float("-inf"))
+    for _ in range(tl.max(tl.sum(passing.to(tl.int32), axis=1))):
+        best, col = tl.max(s, axis=1, return_indices=True)
+        found = best > float("-inf")  # this token has no more passing blocks
+        put = found[:, None] & (slots[None, :] == count[:, None])
+        vals = tl.where(put, best[:, None], vals)
+        ids = tl.where(put, start + col[:, None], ids)
+        count += found.to(tl.int32)
+        s = tl.where(cols[None, :] == col[:, None], float("-inf"), s)
+    return vals, ids, count
+
+
+@triton.jit
 def _threshold_topk_kernel(
     RQ, SUMM, COUNT, OUT,
     stride_rb, stride_rt, stride_rh,
@@ -426,6 +452,9 @@ def _threshold_topk_kernel(
     a per-token list of ``CAP`` in registers, one per token per step; the top-k of the list is the
     answer. ``COUNT`` gets each list's length: above ``CAP`` the list was cut (many near-equal
     scores) and the caller recomputes those tokens.
+
+    Causal: the chunks that hold only candidates of every token of the tile (after the sink chunk,
+    before the first token's local window; most of them) are scored without masks.
     """
     tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -438,9 +467,23 @@ def _threshold_topk_kernel(
     )
     cols = tl.arange(0, BLOCK_N)
     summ_base = SUMM + b.to(tl.int64) * stride_sb + h * stride_sh
+    # Chunks [0, head_end) and [mid_end, stop) are masked, [head_end, mid_end) are all candidates.
+    head_end = tl.minimum((SINK + BLOCK_N - 1) // BLOCK_N * BLOCK_N, tl.maximum(stop, 0))
+    mid_end = head_end
+    if CAUSAL:
+        first_free = tl.maximum((tile * BLOCK_M + pos_offset) // block_size - LOCAL + 1, 0)
+        mid_end = tl.maximum(head_end, first_free // BLOCK_N * BLOCK_N)
 
     colmax = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)
-    for start in range(0, stop, BLOCK_N):
+    for start in range(0, head_end, BLOCK_N):
+        s = _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks,
+                              num_summaries, D, SINK, LOCAL, CAUSAL, IEEE, SUBS)
+        colmax = tl.maximum(colmax, s)
+    for start in range(head_end, mid_end, BLOCK_N):
+        s = _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks,
+                              num_summaries, D, SINK, LOCAL, CAUSAL, IEEE, SUBS, MASK=False)
+        colmax = tl.maximum(colmax, s)
+    for start in range(mid_end, stop, BLOCK_N):
         s = _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks,
                               num_summaries, D, SINK, LOCAL, CAUSAL, IEEE, SUBS)
         colmax = tl.maximum(colmax, s)
@@ -449,25 +492,25 @@ def _threshold_topk_kernel(
     # Slack against the two passes rounding one score differently (they run the same dot, so they
     # should not): it only lets a few more blocks into the lists.
     tau = tau - (tl.abs(tau) + 1.0) * 1e-5
+    # A token with fewer than k candidates (tau = -inf) takes every finite score, and no -inf.
+    tau = tl.maximum(tau, -3.4028234663852886e38)
 
     slots = tl.arange(0, CAP)
     vals = tl.full([BLOCK_M, CAP], float("-inf"), tl.float32)
     ids = tl.full([BLOCK_M, CAP], -1, tl.int32)
     count = tl.zeros([BLOCK_M], tl.int32)
-    for start in range(0, stop, BLOCK_N):
+    for start in range(0, head_end, BLOCK_N):
         s = _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks,
                               num_summaries, D, SINK, LOCAL, CAUSAL, IEEE, SUBS)
-        # Tokens whose list is already cut take no more (bounds the steps when many scores tie).
-        s = tl.where((s >= tau[:, None]) & (count[:, None] <= CAP), s, float("-inf"))
-        best, col = tl.max(s, axis=1, return_indices=True)
-        while tl.max(best) > float("-inf"):
-            found = best > float("-inf")
-            put = found[:, None] & (slots[None, :] == count[:, None])
-            vals = tl.where(put, best[:, None], vals)
-            ids = tl.where(put, start + col[:, None], ids)
-            count += found.to(tl.int32)
-            s = tl.where((cols[None, :] == col[:, None]) | (count[:, None] > CAP), float("-inf"), s)
-            best, col = tl.max(s, axis=1, return_indices=True)
+        vals, ids, count = _append_passing(s, tau, start, cols, slots, vals, ids, count, CAP)
+    for start in range(head_end, mid_end, BLOCK_N):
+        s = _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks,
+                              num_summaries, D, SINK, LOCAL, CAUSAL, IEEE, SUBS, MASK=False)
+        vals, ids, count = _append_passing(s, tau, start, cols, slots, vals, ids, count, CAP)
+    for start in range(mid_end, stop, BLOCK_N):
+        s = _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks,
+                              num_summaries, D, SINK, LOCAL, CAUSAL, IEEE, SUBS)
+        vals, ids, count = _append_passing(s, tau, start, cols, slots, vals, ids, count, CAP)
     tl.store(COUNT + bh.to(tl.int64) * T + rows, count, mask=row_ok)
 
     top = tl.topk(_pack_keys(vals, ids, ids >= 0), K_PAD)
@@ -478,14 +521,17 @@ def _threshold_topk_kernel(
 
 
 # Threshold top-k launch: tokens per program, blocks per chunk, list length per token (x K_PAD),
-# warps, pipeline stages (swept by scripts/profile_select.py --tune at 1M on an H200); the largest
-# budget it takes: at top_k=64 (lists of 128 per token) it was slower than top groups + rescore (64K
-# tokens: 118 vs 93 ms), at 16 twice as fast (1M: 187 vs 405 ms; benchmarks/NOTES.md item 19).
-_THRESHOLD_BLOCK_M = 128
+# warps, pipeline stages (swept on an H200, benchmarks/NOTES.md items 19 and 36); blocks scored by
+# several sub-block summaries take tiles of ``_THRESHOLD_SUBS_TILE_SCALE`` times the tokens (each
+# chunk loads that many summary tiles, shared by more rows: nano `max4` at 1M 4.6 vs 6.8 ms). The
+# largest budget it takes: at top_k=64 (lists of 128 per token) it was slower than top groups +
+# rescore (64K tokens: 118 vs 93 ms), at 16 twice as fast (1M: 187 vs 405 ms; item 19).
+_THRESHOLD_BLOCK_M = 64
+_THRESHOLD_SUBS_TILE_SCALE = 2
 _THRESHOLD_BLOCK_N = 64
 _THRESHOLD_CAP_PER_K = 2
 _THRESHOLD_NUM_WARPS = 4
-_THRESHOLD_NUM_STAGES = 2
+_THRESHOLD_NUM_STAGES = 3
 _THRESHOLD_MAX_TOP_K = 16
 # Its two passes read the summaries twice. Programs run one KV head at a time (tiles vary fastest), so
 # one head's summaries are the working set: while they fit in L2 the second read is cheap (4 MB at 1M
@@ -505,13 +551,14 @@ def threshold_topk(rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int, c
     num_blocks, num_summaries, per_block = _summary_layout(summaries, config)
     count = torch.empty(batch, heads, seq_len_q, device=rq.device, dtype=torch.int32)
     out = torch.empty(batch, heads, seq_len_q, config.top_k, device=rq.device, dtype=torch.int32)
-    grid = (triton.cdiv(seq_len_q, _THRESHOLD_BLOCK_M), batch * heads)
+    block_m = _THRESHOLD_BLOCK_M * (_THRESHOLD_SUBS_TILE_SCALE if per_block > 1 else 1)
+    grid = (triton.cdiv(seq_len_q, block_m), batch * heads)
     _threshold_topk_kernel[grid](
         rq, summaries, count, out,
         rq.stride(0), rq.stride(1), rq.stride(2),
         summaries.stride(0), summaries.stride(1), summaries.stride(2),
         seq_len_q, pos_offset, heads, num_blocks, num_summaries, config.block_size, config.top_k,
-        D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=_THRESHOLD_BLOCK_M,
+        D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=block_m,
         BLOCK_N=max(_THRESHOLD_BLOCK_N, k_pad), K_PAD=k_pad, CAP=_THRESHOLD_CAP_PER_K * k_pad,
         SINK=config.sink_blocks, LOCAL=config.local_blocks, CAUSAL=causal, IEEE=rq.dtype == torch.float32,
         SUBS=per_block,
@@ -535,6 +582,28 @@ _FUSED_MAX_BLOCKS = 256
 _CHUNK_ELEMENTS = 1 << 28
 
 
+# Rows recomputed after a threshold list overflowed: runs of rows closer than this share one call
+# (a call costs about what routing a few hundred rows does), in at most _OVERFLOW_MAX_SPANS calls.
+_OVERFLOW_GAP = 256
+_OVERFLOW_MAX_SPANS = 32
+
+
+def overflow_spans(rows: list[int], gap: int, max_spans: int) -> list[tuple[int, int]]:
+    """``[first, last)`` ranges covering the sorted ``rows``: rows at most ``gap`` apart share a range,
+    and ``gap`` doubles until there are at most ``max_spans`` ranges. (One range over the first to the
+    last row would reroute a whole 1M-token sequence for two far-apart tokens: +290 ms.)"""
+    while True:
+        spans = []
+        for row in rows:
+            if spans and row - spans[-1][1] < gap:
+                spans[-1][1] = row + 1
+            else:
+                spans.append([row, row + 1])
+        if len(spans) <= max_spans:
+            return [(first, last) for first, last in spans]
+        gap *= 2
+
+
 def route_flat_triton(rq, summaries, seq_len_k, config, causal, group: int = FLAT_GROUP,
                       threshold: bool | None = None):
     """Exact flat top-k (module docstring): rq ``[B, T, Hkv, D]``, summaries ``[B, NS, Hkv, D]`` (a block's,
@@ -552,12 +621,12 @@ or with ``summary="max"`` its sub-blocks', scored as the best of them).
         picked, count = threshold_topk(rq, summaries, seq_len_k - seq_len_q, config, causal)
         overflow = count > _THRESHOLD_CAP_PER_K * k_pad
         if bool(overflow.any()):  # near-equal scores (e.g. repeated text): those tokens the slower way
-            rows = overflow.any(0).any(0).nonzero()[:, 0]
-            first, last = int(rows[0]), int(rows[-1]) + 1
-            slow = route_flat_triton(rq[:, first:last], summaries, seq_len_k - seq_len_q + last, config,
-                                     causal, group, threshold=False)
-            span = picked[:, :, first:last]
-            span.copy_(torch.where(overflow[:, :, first:last, None], slow, span))
+            rows = overflow.any(0).any(0).nonzero()[:, 0].tolist()
+            for first, last in overflow_spans(rows, _OVERFLOW_GAP, _OVERFLOW_MAX_SPANS):
+                slow = route_flat_triton(rq[:, first:last], summaries, seq_len_k - seq_len_q + last, config,
+                                         causal, group, threshold=False)
+                span = picked[:, :, first:last]
+                span.copy_(torch.where(overflow[:, :, first:last, None], slow, span))
         return picked
     num_groups = -(-_summary_layout(summaries, config)[0] // group)
     chunk = max(64, _CHUNK_ELEMENTS // max(1, batch * heads * num_groups))
