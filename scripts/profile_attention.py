@@ -11,7 +11,7 @@ process).
 GPU:  PYTHONPATH=src python scripts/profile_attention.py --length 128k --backward
       PYTHONPATH=src python scripts/profile_attention.py --length 1m
       PYTHONPATH=src python scripts/profile_attention.py --length 128k --backward \
-          --set triton_routed._BWD_DQ_PARTIALS=0
+          --set triton_routed._FIXED_ROWS=128
 """
 
 import argparse
