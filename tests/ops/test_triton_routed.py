@@ -161,6 +161,42 @@ def test_routed_backward_twice_with_retained_graph(monkeypatch, backward_twice):
     backward_twice(out, leaves)
 
 
+def test_fixed_part_work_lists_are_reused_per_layout(monkeypatch):
+    """Selections of one ``select_blocks`` layout and shape share the fixed slots' tiles and dK/dV lists
+    (built by the first call); another key length builds its own; the results are the uncached ones."""
+    from collections import OrderedDict
+
+    monkeypatch.setattr(triton_attention, "ROUTED_MIN_TOKENS", 1)
+    monkeypatch.setattr(triton_routed, "_FIXED_CACHE", OrderedDict())
+    inverted = []
+    invert_tiles = triton_routed.invert_tiles
+
+    def counting_invert(*args, **kwargs):
+        inverted.append(1)
+        return invert_tiles(*args, **kwargs)
+
+    monkeypatch.setattr(triton_routed, "invert_tiles", counting_invert)
+    config = subquad.SSAConfig(block_size=16, top_k=2)
+    for seq_len_k in (60, 60, 75):
+        q = torch.randn(1, 50, 4, 32, device=DEVICE, dtype=torch.float16)
+        k, v = (torch.randn(1, seq_len_k, 2, 32, device=DEVICE, dtype=torch.float16) for _ in range(2))
+        sel = subquad.select_blocks(q, k, config)
+        assert sel.fixed_layout == (config.sink_blocks, config.local_blocks, True)
+        grad = torch.randn_like(q)
+        results = []
+        for layout in (sel.fixed_layout, None):
+            leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+            out = triton_attention.sparse_attention_triton(
+                *leaves, sel.block_idx, 16, True, None, sel.num_fixed_slots, layout
+            )
+            results.append((out, *torch.autograd.grad(out, leaves, grad)))
+        for name, cached, fresh in zip(("out", "dq", "dk", "dv"), *results):
+            assert torch.equal(cached, fresh), name
+    assert len(triton_routed._FIXED_CACHE) == 2
+    # Cached: built for S=60 and S=75, reused by the second S=60 call; uncached: every call.
+    assert len(inverted) == 2 + 3
+
+
 def _query_major_grads(q, k, v, idx, block_size, causal, scale, do):
     out, lse, tiles = triton_attention.sparse_attention_fwd(q, k, v, idx, block_size, causal, scale)
     return (

@@ -47,11 +47,15 @@ class SSASelection:
     num_fixed_slots: how many leading slots hold sink and local blocks (``None`` when unknown, e.g.
         a hand-made selection); the kernels treat the rest as routed blocks, which lets them process
         those key-major.
+    fixed_layout: set by :func:`select_blocks`: ``(sink_blocks, local_blocks, causal)``, which with the
+        shapes fixes those slots' content, so the kernels may reuse their work lists across calls
+        (``None``: unknown; leave it ``None`` when changing the fixed slots by hand).
     """
 
     block_idx: torch.Tensor
     block_size: int
     num_fixed_slots: int | None = None
+    fixed_layout: tuple | None = None
 
     def num_selected_keys(self, seq_len_k: int, causal: bool = False) -> torch.Tensor:
         """Keys in the selected blocks per (batch, kv head, token): ``[B, Hkv, T]`` int64.
@@ -163,8 +167,9 @@ def select_blocks(
     fixed = torch.cat([sink, local], dim=1).to(torch.int32)
     fixed = fixed.view(1, 1, seq_len_q, -1).expand(batch, num_kv_heads, -1, -1)
 
+    layout = (config.sink_blocks, config.local_blocks, causal)
     if config.top_k == 0:
-        return SSASelection(fixed.contiguous(), block_size, fixed.shape[-1])
+        return SSASelection(fixed.contiguous(), block_size, fixed.shape[-1], layout)
     rq = routing_queries(q, num_kv_heads)  # [B, T, Hkv, D]
     if q.is_cuda and _triton_available():
         from subquad.ops.ssa import triton_select
@@ -176,7 +181,7 @@ def select_blocks(
     else:
         router = _route_flat if config.index == "flat" else _route_tree
         routed = router(rq, summaries.float(), seq_len_k, config, causal)
-    return SSASelection(torch.cat([fixed, routed], dim=-1).contiguous(), block_size, fixed.shape[-1])
+    return SSASelection(torch.cat([fixed, routed], dim=-1).contiguous(), block_size, fixed.shape[-1], layout)
 
 
 def routing_agreement(reference: SSASelection, other: SSASelection) -> float:

@@ -343,7 +343,7 @@ def attention_delta(do: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 def query_major_bwd(
-    do, q, k, v, lse, delta, tiles, block_size, causal, scale, dk_acc, dv_acc, dq=None, num_warps=4
+    do, q, k, v, lse, delta, tiles, block_size, causal, scale, dk_acc, dv_acc, dq=None, num_warps=4, work=None
 ):
     """Gradients of the attention over ``tiles``' selection: returns dq (written into ``dq`` when given,
     e.g. an fp32 buffer; else a new ``q.dtype`` tensor) and *adds* dK/dV into the fp32
@@ -351,6 +351,7 @@ def query_major_bwd(
 
     ``lse`` and ``delta`` are the whole row's (log2-domain LSE, ``attention_delta``), so the selection
     may be a part of what the forward attended: each block's share of the gradient only depends on them.
+    ``work``: ``tiles``' key-major dK/dV lists (``invert_tiles``), when already built.
     """
     batch, seq_len_q, heads_q, _ = q.shape
     seq_len_k, heads_kv = k.shape[1], k.shape[2]
@@ -372,7 +373,8 @@ def query_major_bwd(
         CAUSAL=causal, num_warps=num_warps, num_stages=2, **shape,
     )
     num_blocks = -(-seq_len_k // block_size)
-    work = invert_tiles(tiles, num_blocks)
+    if work is None:
+        work = invert_tiles(tiles, num_blocks)
     if work.seg_block.numel():
         _sparse_attention_bwd_dkdv_kernel[(work.seg_block.numel(),)](
             q, k, v, do, lse, delta, dk_acc, dv_acc,
@@ -386,7 +388,7 @@ def query_major_bwd(
 
 class SparseAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, block_idx, block_size, causal, scale, num_fixed_slots=None):
+    def forward(ctx, q, k, v, block_idx, block_size, causal, scale, num_fixed_slots=None, fixed_layout=None):
         q, k, v = (t.contiguous() for t in (q, k, v))
         routed = use_routed_forward(q.shape[1], block_idx.shape[-1], num_fixed_slots)
         if routed:
@@ -395,7 +397,7 @@ class SparseAttentionFunction(torch.autograd.Function):
             # The backward goes key-major too, on the forward's work lists (``ctx.plan``).
             out, lse, ctx.plan = sparse_attention_fwd_routed(
                 q, k, v, block_idx, block_size, causal, scale, num_fixed_slots,
-                keep_plan=any(ctx.needs_input_grad[:3]),
+                keep_plan=any(ctx.needs_input_grad[:3]), fixed_layout=fixed_layout,
             )
             tile_tensors = ()
         else:
@@ -420,7 +422,7 @@ class SparseAttentionFunction(torch.autograd.Function):
         else:
             tiles = QueryTiles(*tile_tensors, tokens)
             dq, dk, dv = sparse_attention_bwd(do, q, k, v, out, lse, tiles, block_size, causal, scale)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def use_routed_forward(seq_len_q: int, num_slots: int, num_fixed_slots: int | None) -> bool:
@@ -443,6 +445,7 @@ def sparse_attention_triton(
     causal: bool = True,
     scale: float | None = None,
     num_fixed_slots: int | None = None,
+    fixed_layout: tuple | None = None,
 ) -> torch.Tensor:
     """Exact softmax attention restricted to each token's selected key blocks (Triton).
 
@@ -451,6 +454,10 @@ def sparse_attention_triton(
     Same semantics as :func:`subquad.ops.ssa.naive.sparse_attention_naive`.
     ``num_fixed_slots``: the leading slots holding sink and local blocks (``select_blocks`` layout);
     when given, long sequences run the routed slots key-major (``triton_routed``), same result.
+    ``fixed_layout`` (``SSASelection.fixed_layout``): the fixed slots are ``select_blocks``' for this
+    layout, so their work lists may be reused from an earlier call.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return SparseAttentionFunction.apply(q, k, v, block_idx, block_size, causal, scale, num_fixed_slots)
+    return SparseAttentionFunction.apply(
+        q, k, v, block_idx, block_size, causal, scale, num_fixed_slots, fixed_layout
+    )

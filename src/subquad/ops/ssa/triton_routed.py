@@ -48,13 +48,14 @@ walk's ~11x tile overhead on random picks.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 import triton
 import triton.language as tl
 
-from subquad.ops.ssa.tiles import QueryTiles, build_query_tiles, segment_owners
+from subquad.ops.ssa.tiles import KeyBlockWork, QueryTiles, build_query_tiles, invert_tiles, segment_owners
 from subquad.ops.ssa.triton_attention import (
     _LOG2E,
     _launch_shape,
@@ -318,19 +319,56 @@ def routed_work(routed_idx: torch.Tensor, num_blocks: int, segment_tokens: int):
 
 
 @dataclass
+class FixedPart:
+    """The fixed slots' work lists: query tiles for the forward and dQ, and the key-major dK/dV
+    segments (built by the first backward that needs them)."""
+
+    tiles: QueryTiles
+    work: KeyBlockWork | None = None
+
+    def key_major(self, num_blocks: int) -> KeyBlockWork:
+        if self.work is None:
+            self.work = invert_tiles(self.tiles, num_blocks)
+        return self.work
+
+
+@dataclass
 class RoutedPlan:
-    """The forward's work lists, reused by the backward: the fixed slots' query tiles and, per chunk of
+    """The forward's work lists, reused by the backward: the fixed slots' and, per chunk of
     ``chunk_tokens`` queries, :func:`routed_work`'s grouping of the routed pairs (``chunks`` is empty
     unless the forward was asked to keep it)."""
 
-    fixed_tiles: QueryTiles | None
+    fixed: FixedPart | None
     chunk_tokens: int
     chunks: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
 
 
-def _fixed_part_tiles(block_idx: torch.Tensor, num_fixed_slots: int, group: int) -> QueryTiles:
+# The fixed parts of the last few ``select_blocks`` layouts. Every layer of a model, and every step at
+# one length, routes the same sink and local blocks (the way FlexAttention reuses one block mask), so
+# their tiles and dK/dV lists (a sort, ~40 small ops and three host syncs) are built once, not per call.
+_FIXED_CACHE: OrderedDict = OrderedDict()
+_FIXED_CACHE_SIZE = 2
+
+
+def fixed_part(
+    block_idx: torch.Tensor, num_fixed_slots: int, group: int, seq_len_k: int, block_size: int,
+    layout: tuple | None = None,
+) -> FixedPart:
+    """The fixed slots' :class:`FixedPart`. ``layout``: what determines their content besides the shapes
+    (``SSASelection.fixed_layout``: ``select_blocks`` built them); with it the result is cached."""
+    key = None
+    if layout is not None:
+        key = (block_idx.device, *block_idx.shape[:3], num_fixed_slots, group, seq_len_k, block_size, layout)
+        if key in _FIXED_CACHE:
+            _FIXED_CACHE.move_to_end(key)
+            return _FIXED_CACHE[key]
     fixed_idx = block_idx[..., :num_fixed_slots].contiguous()
-    return build_query_tiles(fixed_idx, tokens_per_tile(group, _FIXED_ROWS))
+    part = FixedPart(build_query_tiles(fixed_idx, tokens_per_tile(group, _FIXED_ROWS)))
+    if key is not None:
+        _FIXED_CACHE[key] = part
+        while len(_FIXED_CACHE) > _FIXED_CACHE_SIZE:
+            _FIXED_CACHE.popitem(last=False)
+    return part
 
 
 def sparse_attention_fwd_routed(
@@ -345,6 +383,7 @@ def sparse_attention_fwd_routed(
     chunk_tokens: int | None = None,
     segment_tokens: int = _SEGMENT_TOKENS,
     keep_plan: bool = False,
+    fixed_layout: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, RoutedPlan]:
     """Forward with fixed slots query-major and routed slots key-major.
 
@@ -354,7 +393,8 @@ def sparse_attention_fwd_routed(
     fp32 in log2 units, ``+inf`` for a row that sees no key), as ``sparse_attention_fwd``, and the
     :class:`RoutedPlan` for the backward (with the routed work lists if ``keep_plan``: 4 bytes per
     routed pair). ``chunk_tokens`` (default: partial buffers of ``_PARTIAL_BYTES``) and
-    ``segment_tokens`` only change the schedule, never the result.
+    ``segment_tokens`` only change the schedule, never the result. ``fixed_layout``
+    (``SSASelection.fixed_layout``) lets the fixed slots' work lists come from a cache (:func:`fixed_part`).
     """
     batch, seq_len_q, heads_q, _ = q.shape
     seq_len_k, heads_kv = k.shape[1], k.shape[2]
@@ -371,9 +411,10 @@ def sparse_attention_fwd_routed(
     chunk_tokens = min(chunk_tokens, seq_len_q)
     plan = RoutedPlan(None, chunk_tokens)
     if num_fixed_slots:
-        plan.fixed_tiles = _fixed_part_tiles(block_idx, num_fixed_slots, heads_q // heads_kv)
+        plan.fixed = fixed_part(block_idx, num_fixed_slots, heads_q // heads_kv, seq_len_k, block_size,
+                                fixed_layout)
         out, lse, _ = sparse_attention_fwd(
-            q, k, v, None, block_size, causal, scale, plan.fixed_tiles, num_warps=_FIXED_NUM_WARPS
+            q, k, v, None, block_size, causal, scale, plan.fixed.tiles, num_warps=_FIXED_NUM_WARPS
         )
     else:
         out = torch.empty(batch, seq_len_q, heads_q, dim_v, device=q.device, dtype=q.dtype)
@@ -455,11 +496,11 @@ def sparse_attention_bwd_routed(
     # The fixed slots' dQ in fp32; the routed partials are added to it in the final write of dq.
     if num_fixed_slots:
         dq_fixed = torch.empty(batch, seq_len_q, heads_q, dim, device=q.device, dtype=torch.float32)
-        tiles = plan.fixed_tiles if plan is not None else None
-        if tiles is None:
-            tiles = _fixed_part_tiles(block_idx, num_fixed_slots, heads_q // heads_kv)
-        query_major_bwd(do, q, k, v, lse, delta, tiles, block_size, causal, scale, dk, dv, dq=dq_fixed,
-                        num_warps=_FIXED_NUM_WARPS)
+        fixed = plan.fixed if plan is not None else None
+        if fixed is None:
+            fixed = fixed_part(block_idx, num_fixed_slots, heads_q // heads_kv, seq_len_k, block_size)
+        query_major_bwd(do, q, k, v, lse, delta, fixed.tiles, block_size, causal, scale, dk, dv, dq=dq_fixed,
+                        num_warps=_FIXED_NUM_WARPS, work=fixed.key_major(-(-seq_len_k // block_size)))
     else:
         dq_fixed = torch.zeros(batch, seq_len_q, heads_q, dim, device=q.device, dtype=torch.float32)
     if num_routed == 0:
