@@ -345,7 +345,7 @@ class RoutedPlan:
 
 # The fixed parts of the last few ``select_blocks`` layouts. Every layer of a model, and every step at
 # one length, routes the same sink and local blocks (the way FlexAttention reuses one block mask), so
-# their tiles and dK/dV lists (a sort, ~40 small ops and three host syncs) are built once, not per call.
+# their tiles and dK/dV lists (two sorts, ~40 small ops and four host syncs) are built once, not per call.
 _FIXED_CACHE: OrderedDict = OrderedDict()
 _FIXED_CACHE_SIZE = 2
 

@@ -582,7 +582,7 @@ _FUSED_MAX_BLOCKS = 256
 _CHUNK_ELEMENTS = 1 << 28
 
 
-# Rows recomputed after a threshold list overflowed: runs of rows closer than this share one call
+# Rows recomputed after a threshold list overflowed: rows at most this far apart share one call
 # (a call costs about what routing a few hundred rows does), in at most _OVERFLOW_MAX_SPANS calls.
 _OVERFLOW_GAP = 256
 _OVERFLOW_MAX_SPANS = 32
