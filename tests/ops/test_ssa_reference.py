@@ -189,8 +189,9 @@ def test_chunked_paths_equal_unchunked(monkeypatch):
     configs = [SSAConfig(block_size=BLOCK, top_k=3, index=i) for i in ("flat", "tree")]
     before = [ssa_attention(q, k, v, c, return_selection=True) for c in configs]
     # One query per chunk everywhere: the chunk loops and their position offsets are exercised.
-    monkeypatch.setattr(naive_module, "_CHUNK_ELEMENTS", 1)
-    monkeypatch.setattr(select_module, "_CHUNK_ELEMENTS", 1)
+    for module in (naive_module, select_module):
+        monkeypatch.setattr(module, "_CHUNK_ELEMENTS", 1)
+        monkeypatch.setattr(module, "_CPU_CHUNK_ELEMENTS", 1)
     after = [ssa_attention(q, k, v, c, return_selection=True) for c in configs]
     for (out, sel), (out2, sel2) in zip(before, after):
         assert torch.equal(sel.block_idx, sel2.block_idx)

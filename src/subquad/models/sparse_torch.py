@@ -19,10 +19,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from subquad.ops.ssa.naive import gather_blocks, key_blocks
-
-# Per-chunk gathers of ~32 MB: larger ones cost more in page faults than they save in calls.
-_CHUNK_ELEMENTS = 1 << 23
+from subquad.ops.ssa.naive import chunk_elements, gather_blocks, key_blocks
 
 # rotate(x, positions) -> x rotated: x [..., N, D], positions broadcastable to [..., N].
 Rotate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -51,7 +48,8 @@ def sparse_attention_torch(
     """
     batch, seq_len_q, _, dim = q.shape
     keys_per_token = block_idx.shape[-1] * block_size
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * k.shape[2] * keys_per_token * max(dim, v.shape[-1])))
+    per_token = batch * k.shape[2] * keys_per_token * max(dim, v.shape[-1])
+    chunk = max(1, chunk_elements(q.device) // max(1, per_token))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     # Whole blocks are copied per selected slot (rows of block_size x D), not single elements.
     k_blocks, v_blocks = key_blocks(k, block_size), key_blocks(v, block_size)

@@ -10,8 +10,17 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-# Gathered key elements per chunk of queries (fp32): about 256 MiB for keys and as much for values.
+# Gathered key elements per chunk of queries (fp32). On a GPU, large chunks (256 MiB for keys and as
+# much for values) save launches. On the CPU a temporary of 32 MiB or more gets an mmap of its own
+# (glibc's largest mmap threshold) and every chunk page-faults it afresh: 8 MiB chunks stay in the
+# heap (16K tokens: 7.6-10.9 s with 2^26 against 2.7-3.5 s; benchmarks/NOTES.md item 38).
 _CHUNK_ELEMENTS = 1 << 26
+_CPU_CHUNK_ELEMENTS = 1 << 21
+
+
+def chunk_elements(device: torch.device) -> int:
+    """Gathered elements per chunk of queries on ``device``."""
+    return _CPU_CHUNK_ELEMENTS if device.type == "cpu" else _CHUNK_ELEMENTS
 
 
 def sparse_attention_naive(
@@ -32,9 +41,8 @@ def sparse_attention_naive(
     """
     batch, seq_len_q, heads_q, dim = q.shape
     num_slots = block_idx.shape[-1]
-    chunk = max(
-        1, _CHUNK_ELEMENTS // max(1, batch * k.shape[2] * num_slots * block_size * max(dim, v.shape[-1]))
-    )
+    per_token = batch * k.shape[2] * num_slots * block_size * max(dim, v.shape[-1])
+    chunk = max(1, chunk_elements(q.device) // max(1, per_token))
     scale = dim**-0.5 if scale is None else scale
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     # Keys and values as [B * Hkv * NB, block_size, D] rows, converted once for all chunks.

@@ -34,7 +34,14 @@ import torch
 from subquad.ops.ssa.config import SSAConfig, _check_int
 
 # Elements of the largest temporary a chunk may allocate (fp32: 1 GiB); bounds memory at any length.
+# On the CPU 32 MiB: larger temporaries are fresh mmaps, page-faulted per chunk (the nano router at
+# 64K: 1.8 s a layer with 2^28, 1.3 s with 2^23; benchmarks/NOTES.md item 38).
 _CHUNK_ELEMENTS = 1 << 28
+_CPU_CHUNK_ELEMENTS = 1 << 23
+
+
+def _chunk_elements(device: torch.device) -> int:
+    return _CPU_CHUNK_ELEMENTS if device.type == "cpu" else _CHUNK_ELEMENTS
 
 
 @dataclass
@@ -243,9 +250,10 @@ def _topk_blocks(scores: torch.Tensor, blocks: torch.Tensor | None, top_k: int) 
     return picked
 
 
-def _query_chunks(seq_len_q: int, seq_len_k: int, per_token: int):
-    """(start, stop, position of the first token) for chunks holding ``_CHUNK_ELEMENTS`` elements."""
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, per_token))
+def _query_chunks(seq_len_q: int, seq_len_k: int, per_token: int, device: torch.device):
+    """(start, stop, position of the first token) for chunks holding ``_chunk_elements(device)``
+    elements."""
+    chunk = max(1, _chunk_elements(device) // max(1, per_token))
     for start in range(0, seq_len_q, chunk):
         yield start, min(seq_len_q, start + chunk), seq_len_k - seq_len_q + start
 
@@ -259,9 +267,9 @@ def _route_flat(rq, summaries, seq_len_k, config, causal):
     per_block = config.summaries_per_block
     per_token = batch * heads * summaries.shape[1]
     if causal:  # chunks of at most 1/16 of the queries, so scoring only their earlier blocks halves the work
-        per_token = max(per_token, _CHUNK_ELEMENTS // max(1, -(-seq_len_q // 16)))
+        per_token = max(per_token, _chunk_elements(rq.device) // max(1, -(-seq_len_q // 16)))
     out = []
-    for start, stop, first_pos in _query_chunks(seq_len_q, seq_len_k, per_token):
+    for start, stop, first_pos in _query_chunks(seq_len_q, seq_len_k, per_token, rq.device):
         width = num_blocks
         if causal:  # the chunk's last token routes to blocks before its local window, no later ones
             last_block = (first_pos + stop - start - 1) // config.block_size
@@ -361,7 +369,7 @@ def _route_tree(rq, summaries, seq_len_k, config, causal):
     width = (min(probe, bounds[0].shape[2]) + _own_group_slots(config, group)) * group
     per_token = batch * heads * (width * dim + 2 * bounds[0].shape[2])
     out = []
-    for start, stop, first_pos in _query_chunks(seq_len_q, seq_len_k, per_token):
+    for start, stop, first_pos in _query_chunks(seq_len_q, seq_len_k, per_token, rq.device):
         groups = tree_probe_groups(rq[:, start:stop], bounds, num_blocks, first_pos, config, causal).long()
         blocks = (groups[..., None] * group + offsets).flatten(-2)  # [B, Hkv, Tc, M]
         qblock = torch.arange(first_pos, first_pos + stop - start, device=rq.device) // config.block_size
