@@ -37,7 +37,8 @@ def oracle_routed_blocks(q: torch.Tensor, k: torch.Tensor, config, scale: float)
     keys = keys.repeat_interleave(group, dim=2).permute(0, 2, 3, 1)  # [B, Hq, D, NB * bs]
     blocks = torch.arange(num_blocks, device=q.device)
     out = []
-    for start, stop, first_pos in _query_chunks(seq_len_q, seq_len_k, batch * heads_q * num_blocks * bs):
+    per_token = batch * heads_q * num_blocks * bs
+    for start, stop, first_pos in _query_chunks(seq_len_q, seq_len_k, per_token, q.device):
         qblock = torch.arange(first_pos, first_pos + stop - start, device=q.device) // bs
         candidate = is_candidate(blocks.expand(stop - start, -1), qblock, config, True, num_blocks)
         scores = torch.matmul(q[:, start:stop].float().transpose(1, 2) * scale, keys)  # [B, Hq, Tc, S']
