@@ -493,6 +493,7 @@ def sparse_attention_bwd_routed(
     dk = torch.zeros(*k.shape, device=k.device, dtype=torch.float32)
     dv = torch.zeros(*v.shape, device=v.device, dtype=torch.float32)
     num_routed = num_slots - num_fixed_slots
+    num_blocks = -(-seq_len_k // block_size)
     # The fixed slots' dQ in fp32; the routed partials are added to it in the final write of dq.
     if num_fixed_slots:
         dq_fixed = torch.empty(batch, seq_len_q, heads_q, dim, device=q.device, dtype=torch.float32)
@@ -500,13 +501,12 @@ def sparse_attention_bwd_routed(
         if fixed is None:
             fixed = fixed_part(block_idx, num_fixed_slots, heads_q // heads_kv, seq_len_k, block_size)
         query_major_bwd(do, q, k, v, lse, delta, fixed.tiles, block_size, causal, scale, dk, dv, dq=dq_fixed,
-                        num_warps=_FIXED_NUM_WARPS, work=fixed.key_major(-(-seq_len_k // block_size)))
+                        num_warps=_FIXED_NUM_WARPS, work=fixed.key_major(num_blocks))
     else:
         dq_fixed = torch.zeros(batch, seq_len_q, heads_q, dim, device=q.device, dtype=torch.float32)
     if num_routed == 0:
         return dq_fixed.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
     shape = _launch_shape(q, v, heads_kv, block_size, tokens_per_tile(heads_q // heads_kv, _BWD_ROUTED_ROWS))
-    num_blocks = -(-seq_len_k // block_size)
     per_token = batch * heads_q * num_routed * dim * q.element_size()
     chunks = plan.chunks if plan is not None else []
     if chunks:
