@@ -37,6 +37,7 @@ from subquad.models.routing_loss import routing_distillation_loss
 from subquad.models.sparse_torch import sparse_attention_torch
 from subquad.models.sparse_triton import sparse_attention_local_rotary_triton
 from subquad.models.subquad.configuration import SubquadConfig
+from subquad.ops import fused
 from subquad.ops.ssa.interface import resolve_backend, ssa_attention
 from subquad.ops.ssa.select import SSASelection, select_blocks
 from subquad.ops.ssa.triton_decode import DecodePlan, TreeBounds, decode_plan, decode_step, ssa_decode
@@ -79,12 +80,11 @@ class SubquadRotary:
 
     @staticmethod
     def rotate(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Rotate ``x [..., D]`` by ``tables`` (from :meth:`tables`, broadcastable to ``x``)."""
-        cos, sin = tables
-        half = x.shape[-1] // 2
-        xf = x.float()
-        swapped = torch.cat([xf[..., half:], xf[..., :half]], dim=-1)
-        return (xf * cos + swapped * sin).to(x.dtype)
+        """Rotate ``x [..., D]`` by ``tables`` (from :meth:`tables`, broadcastable to ``x``); one
+        kernel on CUDA at inference (``subquad.ops.fused``)."""
+        if x.dim() == 4 and tables[0].dim() == 4:
+            return fused.rotate(x, *tables)
+        return fused.rotate_reference(x, *tables)
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate ``x [..., D]`` by ``positions`` (broadcastable to ``x.shape[:-1]``), in float32."""
@@ -98,9 +98,8 @@ class SubquadRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # One kernel on CUDA at inference, the PyTorch ops elsewhere (subquad.ops.fused).
+        return fused.rms_norm(x, self.weight, self.eps)
 
 
 class SubquadMLP(nn.Module):
