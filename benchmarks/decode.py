@@ -218,10 +218,12 @@ def run_prefill(model, length, chunk, device, timer):
     return result
 
 
-def fill_cache(model, length, device) -> subquad.SSACache:
-    """A cache holding ``length`` random keys/values per layer (appended in slices to bound temporaries)."""
+def fill_cache(model, length, device, room: int) -> subquad.SSACache:
+    """A cache holding ``length`` random keys/values per layer (appended in slices to bound temporaries),
+    with ``room`` more tokens allocated: the decode timings append up to that many before they crop
+    back, and a buffer grown mid-run (by a quarter, a copy of the whole cache) does not fit at 12M."""
     cfg = model.config
-    cache = subquad.SSACache(cfg, max_length=length + 256)
+    cache = subquad.SSACache(cfg, max_length=length + room)
     dtype = next(model.parameters()).dtype
     step = 1 << 20
     for i in range(cfg.num_hidden_layers):
@@ -515,7 +517,9 @@ def main(argv: list[str] | None = None) -> dict:
         if args.only in (None, "decode"):
             for length in args.decode_lengths:
                 try:
-                    cache = fill_cache(sparse, length, device)
+                    # run_decode_graph's prepares and steps, then its reserve of 2 x 2 blocks.
+                    room = args.decode_steps + 3 + 4 * cfg.ssa_config.block_size + 1
+                    cache = fill_cache(sparse, length, device, room)
                 except (RuntimeError, torch.OutOfMemoryError) as err:
                     if not is_oom(err):
                         raise

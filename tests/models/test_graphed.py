@@ -35,26 +35,33 @@ def eager_step(model, cache, token):
         return model(token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
 
 
+def assert_same(got, want, msg=None):
+    # The graphed step runs q/k/v and gate/up as one matmul each and adds the residuals inside the
+    # matmuls: the model's math, which a CPU BLAS may round differently in the last bit (seen on a
+    # 16-core machine; equal to the bit on 2 cores).
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=msg)
+
+
 def assert_same_cache(cache, reference):
     for layer, ref in zip(cache.layers, reference.layers, strict=True):
         assert layer.lengths == ref.lengths and layer._lengths_dev is None and ref._lengths_dev is None
-        assert torch.equal(layer.keys_bshd(), ref.keys_bshd())
-        assert torch.equal(layer.values_bshd(), ref.values_bshd())
-        assert torch.equal(layer.summaries(), ref.summaries())
+        assert_same(layer.keys_bshd(), ref.keys_bshd())
+        assert_same(layer.values_bshd(), ref.values_bshd())
+        assert_same(layer.summaries(), ref.summaries())
         want = subquad.block_summaries(layer.keys_bshd().float(), layer.block_size)
         torch.testing.assert_close(layer.summaries(), want, atol=1e-2, rtol=1e-2)
         bounds, ref_bounds = layer.derived.get("tree_bounds"), ref.derived.get("tree_bounds")
         assert (bounds is None) == (ref_bounds is None)
         if bounds is not None:
             assert bounds.done == ref_bounds.done and bounds.key == ref_bounds.key
-            assert torch.equal(bounds.hi[:, :, : bounds.done], ref_bounds.hi[:, :, : bounds.done])
-            assert torch.equal(bounds.lo[:, :, : bounds.done], ref_bounds.lo[:, :, : bounds.done])
+            assert_same(bounds.hi[:, :, : bounds.done], ref_bounds.hi[:, :, : bounds.done])
+            assert_same(bounds.lo[:, :, : bounds.done], ref_bounds.lo[:, :, : bounds.done])
 
 
 @pytest.mark.parametrize("batch", [1, 2], ids=["B1", "B2"])
 @pytest.mark.parametrize("attention, index", KINDS, ids=KIND_IDS)
 def test_device_step_equals_eager_step(attention, index, batch):
-    # capture=False runs the ops the graphs hold: the same logits and cache, to the bit, over 70 steps
+    # capture=False runs the ops the graphs hold: the same logits and cache (up to BLAS rounding), 70 steps
     # (4 key blocks, 2 tree groups, 3 buffer growths), and the same host bookkeeping.
     model = make_model(attention, index)
     prompt = torch.randint(0, 256, (batch, 37))
@@ -65,7 +72,7 @@ def test_device_step_equals_eager_step(attention, index, batch):
     for _ in range(70):
         want = eager_step(model, reference, token)
         got = decoder.step(token)
-        assert torch.equal(got, want)
+        assert_same(got, want)
         growths += cache.layers[0]._key_buf is not buffer
         buffer = cache.layers[0]._key_buf
         token = want.argmax(-1, keepdim=True)
@@ -74,6 +81,22 @@ def test_device_step_equals_eager_step(attention, index, batch):
     if attention == "ssa":
         plans = [c.layers[0].derived["decode_plan"] for c in (cache, reference)]
         assert plans[0].blocks_key == plans[1].blocks_key
+
+
+def test_steps_follow_weights_changed_in_place():
+    # The step reads the q/k/v and gate/up projections from concatenated copies: a weight updated in
+    # place (an optimizer step, load_state_dict) must reach them before the next step.
+    model = make_model("ssa", "flat")
+    prompt = torch.randint(0, 256, (1, 20))
+    cache, reference = prefilled(model, prompt), prefilled(model, prompt)
+    decoder = GraphedDecoder(model, cache, capture=False)
+    token = torch.randint(0, 256, (1, 1))
+    assert_same(decoder.step(token), eager_step(model, reference, token))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.k_proj.weight.mul_(1.5)
+            layer.mlp.up_proj.weight.add_(0.1)
+    assert_same(decoder.step(token), eager_step(model, reference, token))
 
 
 def test_steps_interleave_with_eager_calls_and_crop():
@@ -94,7 +117,7 @@ def test_steps_interleave_with_eager_calls_and_crop():
             continue
         want = eager_step(model, reference, token)
         got = decoder.step(token) if action == "graph" else eager_step(model, cache, token)
-        assert torch.equal(got, want), action
+        assert_same(got, want, msg=action)
         token = want.argmax(-1, keepdim=True)
     assert_same_cache(cache, reference)
 
@@ -253,7 +276,7 @@ def test_emulated_capture_replays_equal_eager_steps(monkeypatch, attention, inde
             blocks.add(cache.get_seq_length() // 16)
         want = eager_step(model, reference, token)
         got = decoder.step(token) if action == "graph" else eager_step(model, cache, token)
-        assert torch.equal(got, want), (step, action)
+        assert_same(got, want, msg=f"step {step}, {action}")
         if step < 100:
             growths += cache.layers[0]._key_buf is not buffer
             buffer = cache.layers[0]._key_buf
@@ -293,7 +316,7 @@ def test_first_step_into_an_empty_cache_runs_the_model():
     token = torch.randint(0, 256, (1, 1))
     for _ in range(20):
         want = eager_step(model, reference, token)
-        assert torch.equal(decoder.step(token), want)
+        assert_same(decoder.step(token), want)
         token = want.argmax(-1, keepdim=True)
 
 

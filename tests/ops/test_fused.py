@@ -74,3 +74,84 @@ def test_training_and_cpu_keep_the_pytorch_ops():
     cos, sin = SubquadRotary(16, 10_000.0).tables(torch.arange(3, device=DEVICE)[None, :, None])
     fused.rotate(q, cos, sin).square().sum().backward()
     assert q.grad is not None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 5, 100), (1, 1, 2816), (7, 33)])
+def test_silu_mul_matches_reference(shape, dtype, poison_empty):
+    # gate and up as the halves of one projection's output, as the graphed decode step passes them.
+    both = (torch.randn(*shape[:-1], 2 * shape[-1], device=DEVICE) * 3).to(dtype)
+    gate, up = both[..., : shape[-1]], both[..., shape[-1] :]
+    want = fused.silu_mul_reference(gate, up)
+    got = fused.silu_mul_triton(gate, up)
+    assert got.dtype == dtype and got.shape == want.shape and got.is_contiguous()
+    # One rounding step of the dtype at most (the exponential's last bit can flip the silu's rounding).
+    tol = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * 0.1)
+
+
+def test_silu_mul_validates_and_keeps_autograd():
+    gate = torch.randn(2, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="gate, up"):
+        fused.silu_mul_triton(gate, gate[:, :7])
+    with pytest.raises(ValueError, match="gate, up"):
+        fused.silu_mul_triton(gate, gate.half())
+    gate.requires_grad_(True)
+    fused.silu_mul(gate, torch.randn(2, 8, device=DEVICE)).sum().backward()
+    assert gate.grad is not None
+
+
+def _cache_buffers(batch, capacity, heads, dim, dim_v, block_size, held, dtype):
+    """Buffers as a cache layer holds them: ``held`` tokens written, zeros after, block means of them."""
+    keys = torch.randn(batch, capacity, heads, dim, device=DEVICE).to(dtype)
+    values = torch.randn(batch, capacity, heads, dim_v, device=DEVICE).to(dtype)
+    keys[:, held:], values[:, held:] = 0, 0
+    blocks = -(-capacity // block_size)
+    padded = torch.zeros(batch, blocks * block_size, heads, dim, device=DEVICE)
+    padded[:, :capacity] = keys.float()
+    counts = (held - torch.arange(blocks, device=DEVICE) * block_size).clamp(1, block_size)
+    means = padded.view(batch, blocks, block_size, heads, dim).sum(2) / counts.float().view(1, -1, 1, 1)
+    return keys, values, means
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "batch,heads,dim,dim_v,block_size,held",
+    [(1, 2, 64, 64, 16, 0), (2, 3, 24, 40, 16, 37), (3, 1, 128, 128, 64, 63), (1, 2, 16, 16, 8, 40)],
+)
+def test_append_decode_token_matches_reference(batch, heads, dim, dim_v, block_size, held, dtype):
+    # held = 0, 37: a new block opened / one partly full; 63: the token fills its block; 40 with
+    # block 8: it opens one. The buffers are a slice of longer ones (strided rows), the new token's
+    # key a view of a wider projection output, as in the graphed step.
+    capacity = (held // block_size + 2) * block_size
+    bufs = _cache_buffers(batch, capacity + 8, heads, dim, dim_v, block_size, held, dtype)
+    key_buf, value_buf, means = bufs[0][:, :capacity], bufs[1][:, :capacity], bufs[2]
+    wide = torch.randn(batch, 1, heads + 2, dim, device=DEVICE).to(dtype)
+    keys = wide[:, :, 1 : heads + 1]
+    values = torch.randn(batch, 1, heads, dim_v, device=DEVICE).to(dtype)
+    pos = torch.tensor([held], device=DEVICE)
+    want = [t.clone() for t in (key_buf, value_buf, means)]
+    fused.append_decode_token_reference(*want, keys, values, pos, block_size)
+    fused.append_decode_token_triton(key_buf, value_buf, means, keys, values, pos, block_size)
+    assert torch.equal(key_buf, want[0]) and torch.equal(value_buf, want[1])
+    assert torch.equal(key_buf[:, held], keys[:, 0])
+    torch.testing.assert_close(means, want[2], rtol=1e-5, atol=1e-6)
+    block = held // block_size
+    expected = key_buf[:, block * block_size : held + 1].float().mean(1)
+    torch.testing.assert_close(means[:, block], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_append_decode_token_validates():
+    key_buf, value_buf, means = _cache_buffers(1, 32, 2, 16, 16, 16, 5, torch.float32)
+    keys, values = torch.randn(1, 1, 2, 16, device=DEVICE), torch.randn(1, 1, 2, 16, device=DEVICE)
+    pos = torch.tensor([5], device=DEVICE)
+    args = [key_buf, value_buf, means, keys, values, pos, 16]
+    for index, bad, match in [
+        (3, keys[:, :, :1], "keys"),
+        (4, values.half(), "values"),
+        (2, means[:, :1], "means"),
+        (5, pos.int(), "pos"),
+        (5, torch.tensor([5, 6], device=DEVICE), "pos"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            fused.append_decode_token_triton(*args[:index], bad, *args[index + 1 :])

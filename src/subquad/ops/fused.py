@@ -1,11 +1,13 @@
-"""RMSNorm and rotary embedding for inference, one Triton launch each.
+"""Inference kernels for the model's small ops: RMSNorm, rotary embedding, SwiGLU's product and a
+decode step's cache append, one Triton launch each.
 
 In PyTorch a model's RMSNorm is about eight elementwise kernels (cast, square, mean, add, rsqrt,
 product, cast, weight) and a rotary embedding about six per tensor, each with float32 temporaries
 the size of its input. In a decode step those launches were most of the step (~650 kernels for the
 12-layer ``small`` model, whose attention was ~0.3 of its 1.58 ms at 1M tokens; 1.05 ms with these
 kernels, ``benchmarks/NOTES.md`` item 40), and in a long prefill they are memory passes. Here each is
-one kernel reading its input once.
+one kernel reading its input once. The graphed decode step's cache append (``append_decode_token``)
+replaces seven: two index copies and the open block's summary re-summed (item 41).
 
 The ``*_reference`` functions are the PyTorch definitions (the model's own math) and what
 :func:`rms_norm` and :func:`rotate` run wherever the kernels do not apply: on the CPU, and when a
@@ -15,6 +17,7 @@ gradient is needed (training keeps the autograd ops, which ``torch.compile`` fus
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -143,3 +146,173 @@ def rotate_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
             enable_fp_fusion=False,  # x * cos + swapped * sin rounded as PyTorch rounds it
         )
     return out
+
+
+def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's ``silu(gate) * up``, as the model's MLP computes it (two rounded ops)."""
+    return F.silu(gate) * up
+
+
+@triton.jit
+def _silu_mul_kernel(GATE, UP, OUT, n_cols, stride_g, stride_u, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < n_cols
+    g = tl.load(GATE + row * stride_g + cols, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(UP + row * stride_u + cols, mask=ok, other=0.0).to(tl.float32)
+    # Rounded to the input dtype between the two ops, as F.silu(gate) * up rounds.
+    act = (g / (1.0 + tl.exp(-g))).to(GATE.dtype.element_ty).to(tl.float32)
+    tl.store(OUT + row * n_cols + cols, (act * u).to(OUT.dtype.element_ty), mask=ok)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up``: :func:`silu_mul_triton` on CUDA without gradients, else the reference."""
+    if gate.is_cuda and not _needs_grad(gate, up):
+        return silu_mul_triton(gate, up)
+    return silu_mul_reference(gate, up)
+
+
+def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """:func:`silu_mul_reference` in one kernel. ``gate`` and ``up`` may be views of one tensor (the
+    halves of a fused gate/up projection); the output is contiguous. The exponential may differ from
+    PyTorch's in its last bit, so an output may differ from the reference's by one rounding step."""
+    if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
+        raise ValueError(
+            f"gate, up: shapes {tuple(gate.shape)}, {tuple(up.shape)}, dtypes {gate.dtype}, {up.dtype}, "
+            f"devices {gate.device}, {up.device}; expected one shape, dtype and device"
+        )
+    cols = gate.shape[-1]
+    gate_rows, up_rows = gate.reshape(-1, cols), up.reshape(-1, cols)
+    if gate_rows.stride(-1) != 1:
+        gate_rows = gate_rows.contiguous()
+    if up_rows.stride(-1) != 1:
+        up_rows = up_rows.contiguous()
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    if out.numel():
+        block = min(1024, triton.next_power_of_2(cols))
+        _silu_mul_kernel[(gate_rows.shape[0], triton.cdiv(cols, block))](
+            gate_rows, up_rows, out, cols, gate_rows.stride(0), up_rows.stride(0),
+            BLOCK=block, num_warps=max(1, min(8, block // 256)),
+        )
+    return out
+
+
+def append_decode_token_reference(
+    key_buf: torch.Tensor,
+    value_buf: torch.Tensor,
+    means: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    pos: torch.Tensor,
+    block_size: int,
+) -> None:
+    """Store one token per row at the device position ``pos`` (``[1]`` int64, every row's) and re-sum
+    the summary of the block it lands in, in place: ``key_buf [B, S, Hkv, D]`` / ``value_buf [B, S,
+    Hkv, Dv]`` get ``keys [B, 1, Hkv, D]`` / ``values [B, 1, Hkv, Dv]`` at ``pos``; ``means [B, NB, Hkv,
+    D]`` float32 gets that block's mean key. Slots past ``pos`` must hold zeros (the cache's invariant),
+    so the whole block is summed and divided by the keys it holds."""
+    key_buf.index_copy_(1, pos, keys)
+    value_buf.index_copy_(1, pos, values)
+    block = torch.div(pos, block_size, rounding_mode="floor")
+    slots = block * block_size + torch.arange(block_size, device=pos.device)
+    sums = key_buf.index_select(1, slots).float().sum(1, keepdim=True)
+    means.index_copy_(1, block, sums / (pos - block * block_size + 1).float())
+
+
+@triton.jit
+def _append_decode_token_kernel(
+    KEY_BUF, VALUE_BUF, MEANS, KEYS, VALUES, POS, H,
+    s_kb_b, s_kb_s, s_kb_h, s_vb_b, s_vb_s, s_vb_h, s_m_b, s_m_n, s_m_h,
+    s_k_b, s_k_h, s_v_b, s_v_h,
+    D: tl.constexpr, DV: tl.constexpr, BS: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    # One program per (row, KV head).
+    b = (tl.program_id(0) // H).to(tl.int64)
+    h = (tl.program_id(0) % H).to(tl.int64)
+    pos = tl.load(POS)
+    block = pos // BS
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    key = tl.load(KEYS + b * s_k_b + h * s_k_h + d, mask=d < D, other=0.0)
+    value = tl.load(VALUES + b * s_v_b + h * s_v_h + dv, mask=dv < DV, other=0.0)
+    tl.store(KEY_BUF + b * s_kb_b + pos * s_kb_s + h * s_kb_h + d, key, mask=d < D)
+    tl.store(VALUE_BUF + b * s_vb_b + pos * s_vb_s + h * s_vb_h + dv, value, mask=dv < DV)
+    # The block's earlier keys from the buffer (not the slot just written, which another thread of
+    # this program may not see yet), the new one from registers.
+    slots = block * BS + tl.arange(0, BLOCK_S)
+    earlier = tl.load(
+        KEY_BUF + b * s_kb_b + slots[:, None] * s_kb_s + h * s_kb_h + d[None, :],
+        mask=(slots[:, None] < pos) & (d[None, :] < D), other=0.0,
+    )
+    sums = tl.sum(earlier.to(tl.float32), axis=0) + key.to(tl.float32)
+    count = (pos - block * BS + 1).to(tl.float32)
+    tl.store(MEANS + b * s_m_b + block * s_m_n + h * s_m_h + d, sums / count, mask=d < D)
+
+
+def append_decode_token(
+    key_buf: torch.Tensor,
+    value_buf: torch.Tensor,
+    means: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    pos: torch.Tensor,
+    block_size: int,
+) -> None:
+    """:func:`append_decode_token_reference`: one kernel on CUDA, the PyTorch ops elsewhere."""
+    if key_buf.is_cuda:
+        append_decode_token_triton(key_buf, value_buf, means, keys, values, pos, block_size)
+    else:
+        append_decode_token_reference(key_buf, value_buf, means, keys, values, pos, block_size)
+
+
+def append_decode_token_triton(
+    key_buf: torch.Tensor,
+    value_buf: torch.Tensor,
+    means: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    pos: torch.Tensor,
+    block_size: int,
+) -> None:
+    """:func:`append_decode_token_reference` in one kernel (no host sync: ``pos`` is read on the
+    device); the block's keys are summed in another order, so a mean may differ in its last bit."""
+    batch, _, heads, dim = key_buf.shape
+    dim_v = value_buf.shape[-1]
+    expected = {
+        "value_buf": (value_buf, (batch, key_buf.shape[1], heads, dim_v)),
+        "keys": (keys, (batch, 1, heads, dim)),
+        "values": (values, (batch, 1, heads, dim_v)),
+    }
+    for name, (tensor, shape) in expected.items():
+        if tuple(tensor.shape) != shape or tensor.dtype != key_buf.dtype or tensor.stride(-1) != 1:
+            raise ValueError(
+                f"{name}: shape {tuple(tensor.shape)}, dtype {tensor.dtype}; expected {shape}, "
+                f"{key_buf.dtype} (key_buf's) with a contiguous last dim"
+            )
+    if (
+        means.dim() != 4
+        or means.dtype != torch.float32
+        or (means.shape[0], means.shape[2], means.shape[3]) != (batch, heads, dim)
+        or means.shape[1] * block_size < key_buf.shape[1]
+    ):
+        raise ValueError(
+            f"means: shape {tuple(means.shape)}, dtype {means.dtype}; expected float32 [{batch}, "
+            f">= {-(-key_buf.shape[1] // block_size)}, {heads}, {dim}]"
+        )
+    if pos.shape != (1,) or pos.dtype != torch.int64 or pos.device != key_buf.device:
+        raise ValueError(
+            f"pos: shape {tuple(pos.shape)}, dtype {pos.dtype}, device {pos.device}; expected a [1] int64 "
+            f"tensor on {key_buf.device}"
+        )
+    if key_buf.stride(-1) != 1 or value_buf.stride(-1) != 1 or means.stride(-1) != 1:
+        raise ValueError("key_buf, value_buf, means: expected a contiguous last dim")
+    _append_decode_token_kernel[(batch * heads,)](
+        key_buf, value_buf, means, keys, values, pos, heads,
+        key_buf.stride(0), key_buf.stride(1), key_buf.stride(2),
+        value_buf.stride(0), value_buf.stride(1), value_buf.stride(2),
+        means.stride(0), means.stride(1), means.stride(2),
+        keys.stride(0), keys.stride(2), values.stride(0), values.stride(2),
+        D=dim, DV=dim_v, BS=block_size, BLOCK_S=triton.next_power_of_2(block_size),
+        BLOCK_D=triton.next_power_of_2(dim), BLOCK_DV=triton.next_power_of_2(dim_v),
+    )

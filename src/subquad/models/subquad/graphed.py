@@ -38,12 +38,14 @@ import weakref
 from contextlib import nullcontext, suppress
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
 from subquad.cache import SSACache, SSACacheLayer
 from subquad.models.prefill import prefill
 from subquad.models.subquad import modeling
 from subquad.models.subquad.modeling import SubquadForCausalLM
+from subquad.ops import fused
 from subquad.ops.ssa.triton_decode import DecodePlan, decode_plan
 
 # generate() with end-of-sequence tokens asks whether every row has stopped this often: each question
@@ -68,7 +70,9 @@ class GraphedDecoder:
     (clone it to keep it). Until the cache holds a token, a step runs the model's own forward (which
     creates the cache's buffers). ``generate`` decodes greedily. ``captures`` counts the captures and
     ``capture_seconds`` is the host time of the last one (recording and instantiation). The model's
-    weights are read in place: update them in place, never replace them, while a decoder holds graphs.
+    weights are read in place, or for the q/k/v and gate/up projections from concatenated copies that
+    each step refreshes if a weight changed: update them in place, never replace them, while a decoder
+    holds graphs.
     """
 
     def __init__(
@@ -117,6 +121,7 @@ class GraphedDecoder:
         self.captures = 0
         self.capture_seconds = 0.0
         self._dense = config.attention == "dense"
+        self._weights = _ProjectionWeights(model)
         self._ssa = config.ssa_config
         self._block_size = self._ssa.block_size
         self._num_layers = config.num_hidden_layers
@@ -140,6 +145,7 @@ class GraphedDecoder:
             return out.logits[:, -1]
         held = self._held_length(layers, input_ids)
         prepare = not self._is_prepared(layers, held)
+        self._weights.refresh()
         with torch.no_grad(), self._sdpa_context():
             if prepare:
                 logits = self._prepare_and_run(layers, held, input_ids)
@@ -312,9 +318,6 @@ class GraphedDecoder:
         self._ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self._pos = torch.zeros(1, dtype=torch.long, device=device)  # rows of one length: one position
         self._seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
-        self._offsets = torch.arange(self._block_size, device=device)
-        # Keys a block may hold, 1 .. block_size: the divisors of the open block's summary.
-        self._counts = torch.arange(1, self._block_size + 1, dtype=torch.float32, device=device)
         self._attention_out = None
         if self._dense:
             heads, dim = config.num_attention_heads, config.head_dim
@@ -343,18 +346,17 @@ class GraphedDecoder:
         pos = self._pos
         hidden = core.embed_tokens(self._ids)  # [B, 1, C]
         rope = core.layers[0].self_attn.rotary.tables(pos.view(1, 1, 1))  # [1, 1, 1, D] each
-        # The block the new token opens or fills: its index, slots, and the keys it holds after the append.
-        block = pos // bs  # [1]
-        slots = block * bs + self._offsets  # [bs]
-        count = self._counts.index_select(0, pos % bs)  # [1]
+        heads_q, heads_kv = core.layers[0].self_attn.num_heads, core.layers[0].self_attn.num_kv_heads
+        residual = hidden.view(batch, -1)  # the residual adds run in place, inside the matmuls
         for i, (layer, cache_layer) in enumerate(zip(core.layers, self.cache.layers)):
             attn = layer.self_attn
             x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(batch, 1, attn.num_heads, attn.head_dim)
-            k = attn.k_proj(x).view(batch, 1, attn.num_kv_heads, attn.head_dim)
-            v = attn.v_proj(x).view(batch, 1, attn.num_kv_heads, attn.head_dim)
-            q, k = attn.rotary.rotate(q, rope), attn.rotary.rotate(k, rope)
-            _append_at(cache_layer, k, v, pos, block, slots, count)
+            qkv = F.linear(x, self._weights.qkv[i]).view(batch, 1, heads_q + 2 * heads_kv, attn.head_dim)
+            qk = attn.rotary.rotate(qkv[:, :, : heads_q + heads_kv], rope)
+            q, k, v = qk[:, :, :heads_q], qk[:, :, heads_q:], qkv[:, :, heads_q + heads_kv :]
+            fused.append_decode_token(
+                cache_layer._key_buf, cache_layer._value_buf, cache_layer._means, k, v, pos, bs
+            )
             if self._dense:
                 out = yield i, q
             else:
@@ -368,8 +370,11 @@ class GraphedDecoder:
                     self._plan,
                     cache_layer,
                 )
-            hidden = hidden + attn.o_proj(out.reshape(batch, 1, -1))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            residual.addmm_(out.reshape(batch, -1), attn.o_proj.weight.t())
+            gate_up = F.linear(layer.post_attention_layernorm(hidden), self._weights.gate_up[i])
+            inner = gate_up.shape[-1] // 2
+            act = fused.silu_mul(gate_up[..., :inner], gate_up[..., inner:])
+            residual.addmm_(act.view(batch, -1), layer.mlp.down_proj.weight.t())
         # The next step's position and lengths, after this step's last read of them.
         pos.add_(1)
         self._seqlens.add_(1)
@@ -446,23 +451,34 @@ class GraphedDecoder:
         return torch.tensor(ids, device=self.device), int(pad_token_id)
 
 
-def _append_at(
-    layer: SSACacheLayer,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    pos: torch.Tensor,
-    block: torch.Tensor,
-    slots: torch.Tensor,
-    count: torch.Tensor,
-) -> None:
-    """``SSACacheLayer.append`` of one token per row at the device position ``pos`` ([1]; rows of one
-    length), with no host state: the same writes, and the open block's summary re-summed as
-    ``_refresh_summaries`` does it (the whole block: slots past the token hold zeros)."""
-    layer._key_buf.index_copy_(1, pos, keys)
-    layer._value_buf.index_copy_(1, pos, values)
-    region = layer._summarised.index_select(1, slots).float()  # [B, bs, Hkv, D]
-    sums = region.view(region.shape[0], 1, *region.shape[1:]).sum(2)  # [B, 1, Hkv, D]
-    layer._means.index_copy_(1, block, sums / count)
+class _ProjectionWeights:
+    """Each layer's q/k/v and gate/up projection weights concatenated, so the step runs one matmul for
+    each group (the MLP's product then reads the two halves of one output). Copies of the model's
+    weights: :meth:`refresh` rewrites them in place (so recorded graphs read the new values) whenever a
+    source weight was changed in place or replaced since the last copy."""
+
+    def __init__(self, model: SubquadForCausalLM) -> None:
+        groups = []
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            groups.append((attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight))
+            groups.append((mlp.gate_proj.weight, mlp.up_proj.weight))
+        with torch.no_grad():
+            self._copies = [(group, torch.cat(group)) for group in groups]
+        self.qkv = [target for _, target in self._copies[0::2]]
+        self.gate_up = [target for _, target in self._copies[1::2]]
+        self._stamp = self._stamp_now()
+
+    def _stamp_now(self) -> tuple:
+        return tuple((w.data_ptr(), w._version) for group, _ in self._copies for w in group)
+
+    def refresh(self) -> None:
+        stamp = self._stamp_now()
+        if stamp != self._stamp:
+            with torch.no_grad():
+                for group, target in self._copies:
+                    torch.cat(group, out=target)
+            self._stamp = stamp
 
 
 def _weak(obj):
