@@ -155,3 +155,72 @@ def test_append_decode_token_validates():
     ]:
         with pytest.raises(ValueError, match=match):
             fused.append_decode_token_triton(*args[:index], bad, *args[index + 1 :])
+
+
+GEMV_SHAPES = [(1, 100, 37), (3, 768, 1000), (2, 130, 2100), (1, 2200, 24)]  # (rows, K, N): odd sizes
+
+
+def _gemv_inputs(rows, k_in, n_out, dtype, in_width=None):
+    x = torch.randn(rows, in_width or k_in, device=DEVICE).to(dtype)
+    weight = (torch.randn(n_out, k_in, device=DEVICE) / k_in**0.5).to(dtype)
+    return x, weight
+
+
+def _close(got, want, dtype):
+    # Products summed in another order, in float32: up to one rounding of the output dtype, relative
+    # to the largest output (sums of K terms cancel).
+    tol = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,k_in,n_out", GEMV_SHAPES)
+def test_norm_linear_matches_reference(rows, k_in, n_out, dtype, poison_empty):
+    x, weight = _gemv_inputs(rows, k_in, n_out, dtype)
+    x = x * 3
+    norm_weight = (1 + torch.randn(k_in, device=DEVICE) / 4).to(dtype)
+    want = fused.norm_linear_reference(x, norm_weight, 1e-6, weight)
+    got = fused.norm_linear_triton(x, norm_weight, 1e-6, weight)
+    assert got.dtype == dtype and got.shape == (rows, n_out)
+    _close(got, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,k_in,n_out", GEMV_SHAPES)
+def test_linear_add_matches_reference(rows, k_in, n_out, dtype):
+    x, weight = _gemv_inputs(rows, k_in, n_out, dtype)
+    residual = torch.randn(rows, n_out + 5, device=DEVICE).to(dtype)[:, :n_out]  # strided rows
+    want = fused.linear_add_reference(residual.clone(), x, weight)
+    got = fused.linear_add_triton(residual, x, weight)
+    assert got is residual
+    _close(residual, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,k_in,n_out", GEMV_SHAPES)
+def test_swiglu_linear_add_matches_reference(rows, k_in, n_out, dtype):
+    gate_up, weight = _gemv_inputs(rows, k_in, n_out, dtype, in_width=2 * k_in)
+    gate_up = gate_up * 2
+    residual = torch.randn(rows, n_out, device=DEVICE).to(dtype)
+    want = fused.swiglu_linear_add_reference(residual.clone(), gate_up, weight)
+    fused.swiglu_linear_add_triton(residual, gate_up, weight)
+    _close(residual, want, dtype)
+
+
+def test_gemv_kernels_validate():
+    x, weight = _gemv_inputs(2, 16, 8, torch.float32)
+    norm_weight = torch.ones(16, device=DEVICE)
+    with pytest.raises(ValueError, match="weight"):
+        fused.norm_linear_triton(x, norm_weight, 1e-6, weight[:, :15])
+    with pytest.raises(ValueError, match="weight"):
+        fused.norm_linear_triton(x, norm_weight, 1e-6, weight.half())
+    with pytest.raises(ValueError, match="norm_weight"):
+        fused.norm_linear_triton(x, norm_weight[:15], 1e-6, weight)
+    with pytest.raises(ValueError, match="x, weight"):
+        fused.norm_linear_triton(x[None], norm_weight, 1e-6, weight)
+    with pytest.raises(ValueError, match="residual"):
+        fused.linear_add_triton(torch.zeros(2, 7, device=DEVICE), x, weight)
+    with pytest.raises(ValueError, match="gate_up"):
+        fused.swiglu_linear_add_triton(torch.zeros(2, 8, device=DEVICE), x[:, :15], weight)
+    with pytest.raises(ValueError, match="weight"):
+        fused.swiglu_linear_add_triton(torch.zeros(2, 8, device=DEVICE), x, weight)

@@ -1,5 +1,5 @@
-"""Inference kernels for the model's small ops: RMSNorm, rotary embedding, SwiGLU's product and a
-decode step's cache append, one Triton launch each.
+"""Inference kernels for the model's small ops: RMSNorm, rotary embedding, SwiGLU's product, a decode
+step's cache append and its matrix-vector products with their neighbours folded in, one launch each.
 
 In PyTorch a model's RMSNorm is about eight elementwise kernels (cast, square, mean, add, rsqrt,
 product, cast, weight) and a rotary embedding about six per tensor, each with float32 temporaries
@@ -7,11 +7,14 @@ the size of its input. In a decode step those launches were most of the step (~6
 12-layer ``small`` model, whose attention was ~0.3 of its 1.58 ms at 1M tokens; 1.05 ms with these
 kernels, ``benchmarks/NOTES.md`` item 40), and in a long prefill they are memory passes. Here each is
 one kernel reading its input once. The graphed decode step's cache append (``append_decode_token``)
-replaces seven: two index copies and the open block's summary re-summed (item 41).
+replaces seven: two index copies and the open block's summary re-summed (item 41); its products
+(``norm_linear``, ``linear_add_``, ``swiglu_linear_add_``) each replace cuBLAS and the norm, SwiGLU or
+residual add beside it (item 42).
 
-The ``*_reference`` functions are the PyTorch definitions (the model's own math) and what
-:func:`rms_norm` and :func:`rotate` run wherever the kernels do not apply: on the CPU, and when a
-gradient is needed (training keeps the autograd ops, which ``torch.compile`` fuses there).
+The ``*_reference`` functions are the PyTorch definitions (the model's own math). The dispatching
+functions (:func:`rms_norm`, :func:`rotate`, :func:`silu_mul`, :func:`norm_linear`, ...) run PyTorch's
+ops wherever their kernel does not apply: on the CPU, and when a gradient is needed (training keeps the
+autograd ops, which ``torch.compile`` fuses there).
 """
 
 from __future__ import annotations
@@ -316,3 +319,192 @@ def append_decode_token_triton(
         D=dim, DV=dim_v, BS=block_size, BLOCK_S=triton.next_power_of_2(block_size),
         BLOCK_D=triton.next_power_of_2(dim), BLOCK_DV=triton.next_power_of_2(dim_v),
     )
+
+
+# --- decode-step matmuls: one token per row, the weights read once ---------------------------------------
+# At a decode step each projection is a matrix-vector product: cuBLAS takes 4-6 us for `small`'s
+# (1.2-8.6 MB of weights, 0.3-2 TB/s), plus a kernel each for the RMSNorm before it, SwiGLU's product
+# and the residual add around it. These kernels fold those into the product's loads and store.
+# Above GEMV_MAX_ROWS rows the weights' reuse favours cuBLAS, and the references run.
+GEMV_MAX_ROWS = 8
+_NO_PROLOGUE, _NORM, _SWIGLU = 0, 1, 2
+
+
+@triton.jit
+def _gemv_kernel(
+    X, NORM_W, W, OUT, RES, n_out, stride_x, stride_w, stride_out, stride_res, eps,
+    N_IN: tl.constexpr, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Program (output block, row): OUT[row, n] (+)= sum_k f(X)[row, k] * W[n, k], with f the prologue:
+    # none, RMSNorm (NORM_W, eps) or SwiGLU's silu(gate) * up over X's two halves (N_IN each). The
+    # loops over K are unrolled, so every chunk's loads are in flight at once: a rolled loop waits for
+    # each load in turn.
+    row = tl.program_id(1).to(tl.int64)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < n_out
+    x_row = X + row * stride_x
+    dtype = X.dtype.element_ty
+    rstd = 0.0
+    if PROLOGUE == 1:
+        squares = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in tl.static_range(0, N_IN, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            xk = tl.load(x_row + k, mask=k < N_IN, other=0.0).to(tl.float32)
+            squares += xk * xk
+        rstd = tl.math.rsqrt(tl.sum(squares, axis=0) / N_IN + eps)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in tl.static_range(0, N_IN, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < N_IN
+        w = tl.load(
+            W + offs_n[:, None].to(tl.int64) * stride_w + k[None, :],
+            mask=n_ok[:, None] & k_ok[None, :], other=0.0,
+        )
+        xk = tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32)
+        # Each prologue rounds where the model's PyTorch ops round (rms_norm_reference, silu_mul_reference).
+        if PROLOGUE == 1:
+            normed = (xk * rstd).to(dtype).to(tl.float32)
+            nw = tl.load(NORM_W + k, mask=k_ok, other=0.0).to(tl.float32)
+            xk = (nw * normed).to(W.dtype.element_ty).to(tl.float32)
+        elif PROLOGUE == 2:
+            up = tl.load(x_row + N_IN + k, mask=k_ok, other=0.0).to(tl.float32)
+            act = (xk / (1.0 + tl.exp(-xk))).to(dtype).to(tl.float32)
+            xk = (act * up).to(dtype).to(tl.float32)
+        acc += tl.sum(w.to(tl.float32) * xk[None, :], axis=1)
+    if HAS_RES:
+        acc += tl.load(RES + row * stride_res + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(OUT + row * stride_out + offs_n, acc.to(OUT.dtype.element_ty), mask=n_ok)
+
+
+def _gemv(x, norm_weight, weight, out, residual, eps, prologue, n_in) -> None:
+    rows, n_out = x.shape[0], weight.shape[0]
+    # One warp and 2-4 output rows per program: many small programs keep the most loads in flight
+    # (a sweep on the H200, NOTES item 42: 1.7-3.0 us for `small`'s products, cuBLAS 4-7 us).
+    block_n = 2 if n_out <= 2048 else 4
+    _gemv_kernel[(triton.cdiv(n_out, block_n), rows)](
+        x, norm_weight if norm_weight is not None else weight, weight, out,
+        residual if residual is not None else out, n_out,
+        x.stride(0), weight.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0,
+        eps, N_IN=n_in, PROLOGUE=prologue, HAS_RES=residual is not None, BLOCK_N=block_n,
+        BLOCK_K=min(256, triton.next_power_of_2(n_in)), num_warps=1,
+    )
+
+
+def _check_gemv(name: str, x: torch.Tensor, weight: torch.Tensor, halves: bool = False) -> None:
+    if x.dim() != 2 or x.stride(-1) != 1 or weight.dim() != 2 or weight.stride(-1) != 1:
+        raise ValueError(
+            f"{name}, weight: shapes {tuple(x.shape)}, {tuple(weight.shape)}; expected 2-D with a "
+            "contiguous last dim"
+        )
+    if halves and x.shape[1] % 2:
+        raise ValueError(f"{name}: shape {tuple(x.shape)}, expected [rows, 2 * I] (gate, then up)")
+    n_in = x.shape[1] // 2 if halves else x.shape[1]
+    if weight.shape[1] != n_in or x.dtype != weight.dtype or x.device != weight.device:
+        raise ValueError(
+            f"weight: shape {tuple(weight.shape)}, {weight.dtype} on {weight.device}; expected "
+            f"[N, {n_in}] in {name}'s dtype {x.dtype} on {x.device}"
+        )
+
+
+def _check_residual(residual: torch.Tensor, rows: int, n_out: int, dtype: torch.dtype) -> None:
+    if tuple(residual.shape) != (rows, n_out) or residual.stride(-1) != 1 or residual.dtype != dtype:
+        raise ValueError(
+            f"residual: shape {tuple(residual.shape)}, {residual.dtype}; expected [{rows}, {n_out}] in "
+            f"{dtype} with a contiguous last dim"
+        )
+
+
+def _use_gemv(x: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """The kernel's case: CUDA, few 2-D rows, one dtype, no gradient (anything else: PyTorch's ops)."""
+    return (
+        x.is_cuda
+        and x.dim() == 2
+        and x.shape[0] <= GEMV_MAX_ROWS
+        and all(t.dtype == x.dtype for t in tensors)
+        and not _needs_grad(x, *tensors)
+    )
+
+
+def norm_linear_reference(
+    x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor
+) -> torch.Tensor:
+    """``F.linear(rms_norm(x), weight)``: a pre-norm projection, ``x [rows, C]``, ``weight [N, C]``."""
+    return F.linear(rms_norm_reference(x, norm_weight, eps), weight)
+
+
+def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor) -> torch.Tensor:
+    """:func:`norm_linear_triton` on CUDA for at most ``GEMV_MAX_ROWS`` rows without gradients, else
+    the reference."""
+    if _use_gemv(x, norm_weight, weight):
+        return norm_linear_triton(x, norm_weight, eps, weight)
+    return F.linear(rms_norm(x, norm_weight, eps), weight)
+
+
+def norm_linear_triton(
+    x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor
+) -> torch.Tensor:
+    """:func:`norm_linear_reference` in one kernel (the RMSNorm recomputed by every output block: the
+    row is a few KB). Sums in another order than the references: the last bit may differ."""
+    _check_gemv("x", x, weight)
+    if norm_weight.shape != (x.shape[1],) or norm_weight.dtype != weight.dtype or norm_weight.stride(0) != 1:
+        raise ValueError(
+            f"norm_weight: shape {tuple(norm_weight.shape)}, {norm_weight.dtype}; expected "
+            f"({x.shape[1]},) in {weight.dtype}"
+        )
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    if out.numel():
+        _gemv(x, norm_weight, weight, out, None, eps, _NORM, x.shape[1])
+    return out
+
+
+def linear_add_reference(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``residual += x @ weight.T`` in place (one rounding, as ``addmm_``), ``x [rows, K]``,
+    ``weight [N, K]``, ``residual [rows, N]``; returns ``residual``."""
+    return residual.addmm_(x, weight.t())
+
+
+def linear_add_(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """:func:`linear_add_triton` on CUDA for at most ``GEMV_MAX_ROWS`` rows without gradients, else
+    the reference."""
+    if _use_gemv(x, weight, residual):
+        return linear_add_triton(residual, x, weight)
+    return linear_add_reference(residual, x, weight)
+
+
+def linear_add_triton(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """:func:`linear_add_reference` in one kernel."""
+    _check_gemv("x", x, weight)
+    _check_residual(residual, x.shape[0], weight.shape[0], x.dtype)
+    if residual.numel():
+        _gemv(x, None, weight, residual, residual, 0.0, _NO_PROLOGUE, x.shape[1])
+    return residual
+
+
+def swiglu_linear_add_reference(
+    residual: torch.Tensor, gate_up: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    """``residual += silu_mul(gate, up) @ weight.T`` in place, with ``gate_up [rows, 2I]`` the gate and
+    up projections side by side and ``weight [N, I]`` (SwiGLU's down projection); returns ``residual``."""
+    inner = gate_up.shape[-1] // 2
+    return residual.addmm_(silu_mul_reference(gate_up[:, :inner], gate_up[:, inner:]), weight.t())
+
+
+def swiglu_linear_add_(residual: torch.Tensor, gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """:func:`swiglu_linear_add_triton` on CUDA for at most ``GEMV_MAX_ROWS`` rows without gradients,
+    else the reference."""
+    if _use_gemv(gate_up, weight, residual):
+        return swiglu_linear_add_triton(residual, gate_up, weight)
+    inner = gate_up.shape[-1] // 2
+    return residual.addmm_(silu_mul(gate_up[:, :inner], gate_up[:, inner:]), weight.t())
+
+
+def swiglu_linear_add_triton(
+    residual: torch.Tensor, gate_up: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    """:func:`swiglu_linear_add_reference` in one kernel: the product computed as the weights stream."""
+    _check_gemv("gate_up", gate_up, weight, halves=True)
+    _check_residual(residual, gate_up.shape[0], weight.shape[0], gate_up.dtype)
+    if residual.numel():
+        _gemv(gate_up, None, weight, residual, residual, 0.0, _SWIGLU, gate_up.shape[1] // 2)
+    return residual

@@ -38,7 +38,6 @@ import weakref
 from contextlib import nullcontext, suppress
 
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
 from subquad.cache import SSACache, SSACacheLayer
@@ -347,11 +346,11 @@ class GraphedDecoder:
         hidden = core.embed_tokens(self._ids)  # [B, 1, C]
         rope = core.layers[0].self_attn.rotary.tables(pos.view(1, 1, 1))  # [1, 1, 1, D] each
         heads_q, heads_kv = core.layers[0].self_attn.num_heads, core.layers[0].self_attn.num_kv_heads
-        residual = hidden.view(batch, -1)  # the residual adds run in place, inside the matmuls
+        residual = hidden.view(batch, -1)  # updated in place by the matmuls after attention and MLP
         for i, (layer, cache_layer) in enumerate(zip(core.layers, self.cache.layers)):
-            attn = layer.self_attn
-            x = layer.input_layernorm(hidden)
-            qkv = F.linear(x, self._weights.qkv[i]).view(batch, 1, heads_q + 2 * heads_kv, attn.head_dim)
+            attn, norm, post_norm = layer.self_attn, layer.input_layernorm, layer.post_attention_layernorm
+            qkv = fused.norm_linear(residual, norm.weight, norm.eps, self._weights.qkv[i])
+            qkv = qkv.view(batch, 1, heads_q + 2 * heads_kv, attn.head_dim)
             qk = attn.rotary.rotate(qkv[:, :, : heads_q + heads_kv], rope)
             q, k, v = qk[:, :, :heads_q], qk[:, :, heads_q:], qkv[:, :, heads_q + heads_kv :]
             fused.append_decode_token(
@@ -370,11 +369,9 @@ class GraphedDecoder:
                     self._plan,
                     cache_layer,
                 )
-            residual.addmm_(out.reshape(batch, -1), attn.o_proj.weight.t())
-            gate_up = F.linear(layer.post_attention_layernorm(hidden), self._weights.gate_up[i])
-            inner = gate_up.shape[-1] // 2
-            act = fused.silu_mul(gate_up[..., :inner], gate_up[..., inner:])
-            residual.addmm_(act.view(batch, -1), layer.mlp.down_proj.weight.t())
+            fused.linear_add_(residual, out.reshape(batch, -1), attn.o_proj.weight)
+            gate_up = fused.norm_linear(residual, post_norm.weight, post_norm.eps, self._weights.gate_up[i])
+            fused.swiglu_linear_add_(residual, gate_up, layer.mlp.down_proj.weight)
         # The next step's position and lengths, after this step's last read of them.
         pos.add_(1)
         self._seqlens.add_(1)
