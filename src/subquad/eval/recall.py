@@ -13,6 +13,12 @@ is ever formed).
   rule for *all* causal keys (window keys rotated, the rest unrotated); the local window is always
   selected. See :func:`local_rope_recall`.
 
+The **oracle recall** (``oracle_recall``, :func:`oracle_recall`) comes from the same dense pass: the
+recall of the best selection of the same budget, the sink and local blocks the config forces plus,
+per token and KV head, the ``top_k`` other causal blocks holding the most dense mass (mean over the
+KV head's query heads, which share a selection). No router can do better at that budget, so
+``recall / oracle_recall`` is the share of the reachable mass the router gets.
+
 Two numbers about the operator on these real routing inputs come with it, per layer: the **tile
 overhead** of the query-major kernel (blocks visited for all tokens of a query tile over blocks the
 tokens chose; ``subquad.ops.ssa.tiles.tile_overhead``, i.i.d. random inputs being the worst case)
@@ -22,7 +28,7 @@ picks (``routing_agreement``), whichever index the model itself uses.
 Command line::
 
     python -m subquad.eval.recall --model DIR --corpus CORPUS_DIR --length 32k --windows 4 \\
-        --out recall.json [--device cuda] [--max-queries 512]
+        --out recall.json [--device cuda] [--max-queries 512] [--ssa summary=mean]
 """
 
 from __future__ import annotations
@@ -38,11 +44,11 @@ from typing import Any
 
 import torch
 
+from subquad._args import key_values
 from subquad.eval import runner
 from subquad.ops.ssa.interface import (
     _check_scale,
     _check_selection,
-    attention_recall,
     check_max_queries,
     query_rows,
     validate_qkv,
@@ -59,12 +65,140 @@ __all__ = [
     "evaluate_corpus",
     "local_rope_recall",
     "model_attention_recall",
+    "oracle_recall",
     "query_rows",
     "recall_table",
     "window_starts",
 ]
 
 Rotate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _check_inputs(q, k, selection, reduction: str, local_rotary) -> None:
+    validate_qkv(q, k, k, causal=True)
+    _check_selection(selection, q, k)
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction={reduction!r}: expected 'mean' or 'none'")
+    if local_rotary is None:
+        return
+    _, sink_blocks, local_blocks = local_rotary
+    for name, value in (("sink_blocks", sink_blocks), ("local_blocks", local_blocks)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name}={value!r}: expected an int >= 0")
+    width = selection.block_idx.shape[-1]
+    if sink_blocks + local_blocks > width or (
+        selection.num_fixed_slots is not None and selection.num_fixed_slots != sink_blocks + local_blocks
+    ):
+        raise ValueError(
+            f"sink_blocks={sink_blocks}, local_blocks={local_blocks}: the selection has {width} slots, "
+            f"{selection.num_fixed_slots} of them fixed; expected sink + local fixed slots"
+        )
+
+
+def _recalls(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    selection: SSASelection,
+    scale: float | None,
+    max_queries: int | None,
+    local_rotary: tuple[Rotate, int, int] | None = None,
+    oracle: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Recall of ``selection`` and, with ``oracle``, the oracle recall at its budget, both
+    ``[B, T', Hq]``, from one blockwise dense pass (inputs already checked).
+
+    ``local_rotary``: ``(rotate, sink_blocks, local_blocks)`` for ``local_rope`` scores
+    (:func:`local_rope_recall`); None: every key scored ``q . k``.
+    """
+    batch, seq_len_q, heads_q, dim = q.shape
+    seq_len_k, heads_kv = k.shape[1], k.shape[2]
+    group = heads_q // heads_kv
+    scale = _check_scale(scale, dim)
+    bs = selection.block_size
+    num_blocks = -(-seq_len_k // bs)
+    rows = query_rows(seq_len_q, max_queries, q.device)
+    positions = rows + (seq_len_k - seq_len_q)
+    rotate, sink_blocks, local_blocks = local_rotary if local_rotary is not None else (None, 0, 0)
+    if oracle:
+        fixed_slots = selection.num_fixed_slots
+        if fixed_slots is None:
+            raise ValueError(
+                "selection.num_fixed_slots is None: the oracle recall keeps the selection's fixed (sink "
+                "and local) slots and fills its routed ones; use a selection from select_blocks"
+            )
+        top_k = selection.block_idx.shape[-1] - fixed_slots
+
+    pad = num_blocks * bs - seq_len_k
+    kf = torch.nn.functional.pad(k.float(), (0, 0, 0, 0, 0, pad))
+    kf_t = kf.permute(0, 2, 3, 1)  # [B, Hkv, D, S']
+    k_heads = k.float().transpose(1, 2) if local_blocks else None  # [B, Hkv, S, D]
+    key_pos = torch.arange(num_blocks * bs, device=q.device)
+    block_start = key_pos[::bs]  # [NB]
+    key_chunk_blocks = max(1, _KEY_CHUNK // bs)
+    local_keys = local_blocks * bs
+    per_row = batch * heads_q * max(key_chunk_blocks * bs, num_blocks + 1, local_keys)
+    per_row = max(per_row, batch * heads_kv * local_keys * dim)
+    query_chunk = max(1, _CHUNK_ELEMENTS // per_row)
+    local_offsets = torch.arange(bs, device=q.device)
+    out, out_oracle = [], []
+    for start in range(0, rows.numel(), query_chunk):
+        r = rows[start : start + query_chunk]
+        p = positions[start : start + query_chunk]
+        tc = r.numel()
+        qc = q[:, r].float().view(batch, tc, heads_kv, group, dim).permute(0, 2, 3, 1, 4)  # [B,Hkv,G,Tc,D]
+
+        # Unrotated scores: one log-sum-exp per key block, [B, Hkv, G, Tc, NB].
+        block_lse = []
+        for kb in range(0, num_blocks, key_chunk_blocks):
+            ke = min(num_blocks, kb + key_chunk_blocks)
+            s = torch.matmul(qc, kf_t[:, :, None, :, kb * bs : ke * bs]) * scale
+            kp = key_pos[kb * bs : ke * bs]
+            s = s.masked_fill((kp >= seq_len_k) | (kp > p[:, None]), float("-inf"))
+            block_lse.append(s.view(*s.shape[:-1], ke - kb, bs).logsumexp(-1))
+        lse = torch.cat(block_lse, dim=-1)
+
+        # Local window: rotated q against rotated keys of the local slots, [B, Hkv, G, Tc, L].
+        if local_blocks:
+            slots = slice(sink_blocks, sink_blocks + local_blocks)
+            local = selection.block_idx[:, :, r, slots].long()  # [B, Hkv, Tc, L]
+            lpos = (local[..., None] * bs + local_offsets).flatten(-2)  # [B, Hkv, Tc, L * bs]
+            lvalid = (local >= 0).repeat_interleave(bs, dim=-1) & (lpos < seq_len_k) & (lpos <= p[:, None])
+            gather = lpos.clamp(0, seq_len_k - 1)
+            kg = k_heads.gather(2, gather.flatten(2)[..., None].expand(-1, -1, -1, dim))
+            kg = rotate(kg.view(batch, heads_kv, tc, local_keys, dim), gather)
+            q_rot = rotate(qc, p.view(1, 1, 1, tc))
+            s = torch.einsum("bhgtd,bhtkd->bhgtk", q_rot, kg) * scale
+            s = s.masked_fill(~lvalid[:, :, None], float("-inf"))
+            local_lse = s.view(*s.shape[:-1], local_blocks, bs).logsumexp(-1)
+            # Unused slots (-1) scatter into a spare column that is dropped afterwards.
+            target = torch.where(local >= 0, local, num_blocks)[:, :, None].expand(-1, -1, group, -1, -1)
+            lse = torch.nn.functional.pad(lse, (0, 1)).scatter(-1, target, local_lse)[..., :num_blocks]
+
+        total = lse.logsumexp(-1)  # [B, Hkv, G, Tc]
+        idx = selection.block_idx[:, :, r].long()[:, :, None].expand(-1, -1, group, -1, -1)
+        picked = lse.gather(-1, idx.clamp(min=0)).masked_fill(idx < 0, float("-inf"))
+        recall = (picked.logsumexp(-1) - total).exp()
+        out.append(recall.permute(0, 3, 1, 2).reshape(batch, tc, heads_q))
+        if not oracle:
+            continue
+
+        # Oracle: the selection's fixed slots, plus the top_k other causal blocks by the mean share of
+        # dense mass over the KV head's query heads (they share one selection), [B, Hkv, Tc, NB].
+        fixed = selection.block_idx[:, :, r, :fixed_slots].long()
+        fixed = torch.where(fixed >= 0, fixed, num_blocks)
+        chosen = torch.zeros(batch, heads_kv, tc, num_blocks + 1, dtype=torch.bool, device=q.device)
+        chosen = chosen.scatter_(-1, fixed, True)[..., :num_blocks]
+        k_eff = min(top_k, num_blocks)
+        if k_eff:
+            share = (lse - total[..., None]).exp().mean(2)
+            causal_block = block_start <= p[:, None]  # [Tc, NB]: blocks holding a key the token sees
+            share = share.masked_fill(chosen | ~causal_block, float("-inf"))
+            values, order = share.topk(k_eff, dim=-1)
+            chosen = chosen | torch.zeros_like(chosen).scatter_(-1, order, values > float("-inf"))
+        kept = lse.masked_fill(~chosen[:, :, None], float("-inf"))
+        best = (kept.logsumexp(-1) - total).exp()
+        out_oracle.append(best.permute(0, 3, 1, 2).reshape(batch, tc, heads_q))
+    return torch.cat(out, dim=1), torch.cat(out_oracle, dim=1) if oracle else None
 
 
 def local_rope_recall(
@@ -92,80 +226,36 @@ def local_rope_recall(
     ``max_queries``: an evenly spaced subset of query rows. ``reduction="mean"`` returns a scalar,
     ``"none"`` ``[B, T', Hq]`` for the evaluated rows.
     """
-    validate_qkv(q, k, k, causal=True)
-    _check_selection(selection, q, k)
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"reduction={reduction!r}: expected 'mean' or 'none'")
-    for name, value in (("sink_blocks", sink_blocks), ("local_blocks", local_blocks)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name}={value!r}: expected an int >= 0")
-    width = selection.block_idx.shape[-1]
-    if sink_blocks + local_blocks > width or (
-        selection.num_fixed_slots is not None and selection.num_fixed_slots != sink_blocks + local_blocks
-    ):
-        raise ValueError(
-            f"sink_blocks={sink_blocks}, local_blocks={local_blocks}: the selection has {width} slots, "
-            f"{selection.num_fixed_slots} of them fixed; expected sink + local fixed slots"
-        )
-    batch, seq_len_q, heads_q, dim = q.shape
-    seq_len_k, heads_kv = k.shape[1], k.shape[2]
-    group = heads_q // heads_kv
-    scale = _check_scale(scale, dim)
-    bs = selection.block_size
-    num_blocks = -(-seq_len_k // bs)
-    rows = query_rows(seq_len_q, max_queries, q.device)
-    positions = rows + (seq_len_k - seq_len_q)
+    local_rotary = (rotate, sink_blocks, local_blocks)
+    _check_inputs(q, k, selection, reduction, local_rotary)
+    result, _ = _recalls(q, k, selection, scale, max_queries, local_rotary)
+    return result.mean() if reduction == "mean" else result
 
-    pad = num_blocks * bs - seq_len_k
-    kf = torch.nn.functional.pad(k.float(), (0, 0, 0, 0, 0, pad))
-    kf_t = kf.permute(0, 2, 3, 1)  # [B, Hkv, D, S']
-    k_heads = k.float().transpose(1, 2)  # [B, Hkv, S, D]
-    key_pos = torch.arange(num_blocks * bs, device=q.device)
-    key_chunk_blocks = max(1, _KEY_CHUNK // bs)
-    local_keys = local_blocks * bs
-    per_row = batch * heads_q * max(key_chunk_blocks * bs, num_blocks + 1, local_keys)
-    per_row = max(per_row, batch * heads_kv * local_keys * dim)
-    query_chunk = max(1, _CHUNK_ELEMENTS // per_row)
-    local_offsets = torch.arange(bs, device=q.device)
-    out = []
-    for start in range(0, rows.numel(), query_chunk):
-        r = rows[start : start + query_chunk]
-        p = positions[start : start + query_chunk]
-        tc = r.numel()
-        qc = q[:, r].float().view(batch, tc, heads_kv, group, dim).permute(0, 2, 3, 1, 4)  # [B,Hkv,G,Tc,D]
 
-        # Unrotated scores: one log-sum-exp per key block, [B, Hkv, G, Tc, NB].
-        block_lse = []
-        for kb in range(0, num_blocks, key_chunk_blocks):
-            ke = min(num_blocks, kb + key_chunk_blocks)
-            s = torch.matmul(qc, kf_t[:, :, None, :, kb * bs : ke * bs]) * scale
-            kp = key_pos[kb * bs : ke * bs]
-            s = s.masked_fill((kp >= seq_len_k) | (kp > p[:, None]), float("-inf"))
-            block_lse.append(s.view(*s.shape[:-1], ke - kb, bs).logsumexp(-1))
-        lse = torch.cat(block_lse, dim=-1)
+def oracle_recall(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    selection: SSASelection,
+    scale: float | None = None,
+    max_queries: int | None = None,
+    reduction: str = "mean",
+    local_rotary: tuple[Rotate, int, int] | None = None,
+) -> torch.Tensor:
+    """Recall of the best causal selection with ``selection``'s budget: the upper bound of any router.
 
-        # Local window: rotated q against rotated keys of the local slots, [B, Hkv, G, Tc, L].
-        local = selection.block_idx[:, :, r, sink_blocks : sink_blocks + local_blocks].long()  # [B,Hkv,Tc,L]
-        if local_blocks:
-            lpos = (local[..., None] * bs + local_offsets).flatten(-2)  # [B, Hkv, Tc, L * bs]
-            lvalid = (local >= 0).repeat_interleave(bs, dim=-1) & (lpos < seq_len_k) & (lpos <= p[:, None])
-            gather = lpos.clamp(0, seq_len_k - 1)
-            kg = k_heads.gather(2, gather.flatten(2)[..., None].expand(-1, -1, -1, dim))
-            kg = rotate(kg.view(batch, heads_kv, tc, local_keys, dim), gather)
-            q_rot = rotate(qc, p.view(1, 1, 1, tc))
-            s = torch.einsum("bhgtd,bhtkd->bhgtk", q_rot, kg) * scale
-            s = s.masked_fill(~lvalid[:, :, None], float("-inf"))
-            local_lse = s.view(*s.shape[:-1], local_blocks, bs).logsumexp(-1)
-            # Unused slots (-1) scatter into a spare column that is dropped afterwards.
-            target = torch.where(local >= 0, local, num_blocks)[:, :, None].expand(-1, -1, group, -1, -1)
-            lse = torch.nn.functional.pad(lse, (0, 1)).scatter(-1, target, local_lse)[..., :num_blocks]
+    Per token and KV head the selection's fixed slots (sink and local blocks, ``num_fixed_slots``
+    leading slots) are kept and its ``top_k = K - num_fixed_slots`` routed slots are filled with the
+    ``top_k`` other causal blocks that hold the most dense softmax mass, averaged over the KV head's
+    query heads (they share one selection, as the model's do): this maximises the heads' mean recall,
+    so per (token, KV head) the mean over its query heads is at least the recall of ``selection``
+    (one head alone may lose). Computed blockwise from the same per-block log-sum-exps as the recall.
 
-        total = lse.logsumexp(-1)  # [B, Hkv, G, Tc]
-        idx = selection.block_idx[:, :, r].long()[:, :, None].expand(-1, -1, group, -1, -1)
-        picked = lse.gather(-1, idx.clamp(min=0)).masked_fill(idx < 0, float("-inf"))
-        recall = (picked.logsumexp(-1) - total).exp()
-        out.append(recall.permute(0, 3, 1, 2).reshape(batch, tc, heads_q))
-    result = torch.cat(out, dim=1)
+    q, k, ``scale``, ``max_queries``, ``reduction`` as :func:`subquad.attention_recall` (causal);
+    ``local_rotary=(rotate, sink_blocks, local_blocks)`` scores keys as :func:`local_rope_recall` does
+    (q and k then unrotated), None scores every key ``q . k``.
+    """
+    _check_inputs(q, k, selection, reduction, local_rotary)
+    _, result = _recalls(q, k, selection, scale, max_queries, local_rotary, oracle=True)
     return result.mean() if reduction == "mean" else result
 
 
@@ -208,20 +298,19 @@ def _keys_attended(selection: SSASelection, seq_len_k: int) -> float:
 
 
 def _layer_recall(attn: Any, q, k, summaries, route, max_queries) -> dict[str, Any]:
-    """One layer's attention inputs: per-head recall ``[Hq]`` (``"per_head"``), ``"keys_attended"``,
-    ``"rows"`` evaluated, ``"tile_overhead"`` and ``"index_agreement"`` (module docstring)."""
+    """One layer's attention inputs: per-head recall ``[Hq]`` (``"per_head"``) and oracle recall
+    (``"oracle_per_head"``), ``"keys_attended"``, ``"rows"`` evaluated, ``"tile_overhead"`` and
+    ``"index_agreement"`` (module docstring)."""
     config = attn.config
     ssa = config.ssa_config
     q, k = q.detach(), k.detach()
     selection = attn.select(q, k, summaries, route)
-    if config.position_scheme == "rope":
-        recall = attention_recall(
-            q, k, selection, causal=True, scale=attn.scale, max_queries=max_queries, reduction="none"
-        )
-    else:
-        recall = local_rope_recall(
-            q, k, selection, attn.rotary, ssa.sink_blocks, ssa.local_blocks, attn.scale, max_queries, "none"
-        )
+    # rope: q/k arrive rotated, every key scored q . k; local_rope: see local_rope_recall.
+    local_rotary = None
+    if config.position_scheme == "local_rope":
+        local_rotary = (attn.rotary, ssa.sink_blocks, ssa.local_blocks)
+    _check_inputs(q, k, selection, "none", local_rotary)
+    recall, oracle = _recalls(q, k, selection, attn.scale, max_queries, local_rotary, oracle=True)
     # The same routing inputs through the other index (the layer's own summaries are block means of
     # whichever keys route, as select_blocks computes them when given none); summary="max" has no tree.
     agreement = None
@@ -236,6 +325,7 @@ def _layer_recall(attn: Any, q, k, summaries, route, max_queries) -> dict[str, A
     group = q.shape[2] // k.shape[2]
     return {
         "per_head": recall.float().mean(dim=(0, 1)).cpu(),
+        "oracle_per_head": oracle.float().mean(dim=(0, 1)).cpu(),
         "keys_attended": _keys_attended(selection, k.shape[1]),
         "rows": recall.shape[1],
         "tile_overhead": tile_overhead(selection.block_idx, tokens_per_tile(group)),
@@ -269,18 +359,20 @@ def model_attention_recall(
     captured, the selection is recomputed the way the layer routes (``SubquadAttention.select``: its
     own q/k, or its learned router's), and the
     share of dense causal softmax mass on the selected keys is measured (``rope``: rotated q/k,
-    :func:`subquad.attention_recall`; ``local_rope``: :func:`local_rope_recall`). Each layer is
+    :func:`subquad.attention_recall`; ``local_rope``: :func:`local_rope_recall`), with the
+    oracle recall of the same budget (:func:`oracle_recall`) from the same dense pass. Each layer is
     measured during the forward, so only one layer's q/k are held at a time.
 
     ``layers``: layer indices (default all). ``max_queries``: evaluate an evenly spaced subset of
     query positions (dense mass costs ``O(T^2)`` per layer).
 
-    Returns ``{"layers": [{"layer", "recall", "per_head", "keys_attended", "tile_overhead",
-    "index_agreement"}], "mean", "keys_attended", "tile_overhead", "index_agreement", "tokens",
-    "queries", "position_scheme", "ssa"}``: ``recall`` is a layer's mean over its query heads,
-    ``mean`` the mean over layers, ``keys_attended`` the selected causal (token, key) pairs over all
-    causal pairs (every token of the sequence counted); the other two as in the module docstring,
-    means over layers at the top level.
+    Returns ``{"layers": [{"layer", "recall", "per_head", "oracle_recall", "oracle_per_head",
+    "keys_attended", "tile_overhead", "index_agreement"}], "mean", "oracle_recall", "keys_attended",
+    "tile_overhead", "index_agreement", "tokens", "queries", "position_scheme", "ssa"}``: ``recall``
+    is a layer's mean over its query heads, ``mean`` the mean over layers, ``oracle_recall`` the same
+    for the oracle selection (a layer's, then the mean over layers), ``keys_attended`` the selected
+    causal (token, key) pairs over all causal pairs (every token of the sequence counted); the other
+    two as in the module docstring, means over layers at the top level.
     """
     modules = _attention_modules(model)
     chosen = _check_layers(layers, len(modules))
@@ -341,12 +433,15 @@ def model_attention_recall(
                 "layer": layer,
                 "recall": float(found["per_head"].mean()),
                 "per_head": [float(x) for x in found["per_head"]],
+                "oracle_recall": float(found["oracle_per_head"].mean()),
+                "oracle_per_head": [float(x) for x in found["oracle_per_head"]],
                 **{name: found[name] for name in _OPERATOR_STATS},
             }
         )
     return {
         "layers": per_layer,
         "mean": sum(row["recall"] for row in per_layer) / len(per_layer),
+        "oracle_recall": sum(row["oracle_recall"] for row in per_layer) / len(per_layer),
         **{name: _mean_stat([row[name] for row in per_layer]) for name in _OPERATOR_STATS},
         "tokens": int(input_ids.shape[1]),
         "queries": results[chosen[0]]["rows"],
@@ -369,12 +464,13 @@ def window_starts(num_tokens: int, length: int, windows: int) -> list[int]:
     return [round(i * span / (windows - 1)) for i in range(windows)]
 
 
-def _load_model(path: str, device: str, dtype: str):
-    """The ``--model`` directory through the eval runner's loader (no tokenizer needed)."""
+def _load_model(path: str, device: str, dtype: str, ssa: dict[str, Any] | None = None):
+    """The ``--model`` directory through the eval runner's loader (no tokenizer needed); ``ssa``:
+    SSA settings replacing the saved ones."""
     if not Path(path).is_dir():
         raise ValueError(f"--model {path!r}: not a directory; expected a model saved with save_pretrained")
     try:
-        return runner.load_causal_lm(path, device=device, dtype=dtype)
+        return runner.load_causal_lm(path, device=device, dtype=dtype, ssa=ssa)
     except (OSError, KeyError) as error:
         raise ValueError(f"--model {path!r}: cannot load a model from it ({error})") from error
 
@@ -390,8 +486,8 @@ def evaluate_corpus(
 ) -> dict[str, Any]:
     """Recall over ``windows`` evenly spaced ``length``-token windows of ``corpus``'s held-out split.
 
-    Per-layer and per-head recalls are means over the windows. Returns the JSON the CLI writes (less
-    the run's paths and device).
+    Per-layer and per-head recalls (router and oracle) are means over the windows. Returns the JSON
+    the CLI writes (less the run's paths and device).
     """
     import numpy as np
 
@@ -422,18 +518,26 @@ def evaluate_corpus(
         if progress:
             print(
                 f"window {number}/{len(starts)} (tokens {start}..{start + length}): mean recall "
-                f"{result['mean']:.4f} ({result['seconds']:.1f} s)",
+                f"{result['mean']:.4f}, oracle {result['oracle_recall']:.4f} ({result['seconds']:.1f} s)",
                 file=sys.stderr,
             )
+
+    def window_mean(i: int, key: str) -> list[float]:
+        """Layer row ``i``'s per-head list ``key`` averaged over the windows."""
+        heads = len(runs[0]["layers"][i][key])
+        return [sum(run["layers"][i][key][h] for run in runs) / len(runs) for h in range(heads)]
+
     layer_rows = []
     for i, row in enumerate(runs[0]["layers"]):
-        per_head = [sum(run["layers"][i]["per_head"][h] for run in runs) / len(runs)
-                    for h in range(len(row["per_head"]))]  # fmt: skip
+        per_head = window_mean(i, "per_head")
+        oracle_per_head = window_mean(i, "oracle_per_head")
         layer_rows.append(
             {
                 "layer": row["layer"],
                 "recall": sum(per_head) / len(per_head),
                 "per_head": per_head,
+                "oracle_recall": sum(oracle_per_head) / len(oracle_per_head),
+                "oracle_per_head": oracle_per_head,
                 **{name: _mean_stat([run["layers"][i][name] for run in runs]) for name in _OPERATOR_STATS},
             }
         )
@@ -448,27 +552,41 @@ def evaluate_corpus(
         "ssa": runs[0]["ssa"],
         "layers": layer_rows,
         "mean": sum(row["recall"] for row in layer_rows) / len(layer_rows),
+        "oracle_recall": sum(row["oracle_recall"] for row in layer_rows) / len(layer_rows),
         **{name: _mean_stat([row[name] for row in layer_rows]) for name in _OPERATOR_STATS},
         "per_window": [
-            {"start": run["start"], "mean": run["mean"], "seconds": run["seconds"]} for run in runs
+            {
+                "start": run["start"],
+                "mean": run["mean"],
+                "oracle_recall": run["oracle_recall"],
+                "seconds": run["seconds"],
+            }
+            for run in runs
         ],
     }
 
 
+def _ratio(part: float, whole: float) -> str:
+    return f"{part / whole:.3f}" if whole > 0 else "n/a"
+
+
 def recall_table(result: dict[str, Any]) -> str:
-    """A markdown table: one row per layer (recall, keys attended, tile overhead, index agreement),
-    the mean last."""
+    """A markdown table: one row per layer (recall, oracle recall, their ratio, keys attended, tile
+    overhead, index agreement), the mean last."""
     rows = [
-        "| layer | recall | keys attended | tile overhead | flat picks the tree also picks |",
-        "|---:|---:|---:|---:|---:|",
+        "| layer | recall | oracle recall | recall / oracle | keys attended | tile overhead "
+        "| flat picks the tree also picks |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["layers"]:
         rows.append(
-            f"| {row['layer']} | {row['recall']:.4f} | {100 * row['keys_attended']:.2f}% "
+            f"| {row['layer']} | {row['recall']:.4f} | {row['oracle_recall']:.4f} "
+            f"| {_ratio(row['recall'], row['oracle_recall'])} | {100 * row['keys_attended']:.2f}% "
             f"| {row['tile_overhead']:.2f} | {_stat_cell(row['index_agreement'], 3)} |"
         )
     rows.append(
-        f"| **mean** | **{result['mean']:.4f}** | **{100 * result['keys_attended']:.2f}%** "
+        f"| **mean** | **{result['mean']:.4f}** | **{result['oracle_recall']:.4f}** "
+        f"| **{_ratio(result['mean'], result['oracle_recall'])}** | **{100 * result['keys_attended']:.2f}%** "
         f"| **{result['tile_overhead']:.2f}** | **{_stat_cell(result['index_agreement'], 3)}** |"
     )
     return "\n".join(rows)
@@ -488,7 +606,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="python -m subquad.eval.recall",
-        description="Attention recall of an SSA model's own selections on held-out corpus text.",
+        description="Attention recall of an SSA model's own selections on held-out corpus text, and "
+        "the oracle recall: the dense mass the best selection of the same budget (the forced sink and "
+        "local blocks plus, per token and KV head, the top_k other blocks holding the most mass) "
+        "captures, an upper bound for any router at that budget.",
     )
     parser.add_argument("--model", required=True, metavar="DIR", help="saved Subquad model directory")
     parser.add_argument("--corpus", required=True, metavar="DIR", help="corpus built with build_corpus")
@@ -504,13 +625,19 @@ def main(argv: list[str] | None = None) -> int:
         help="evaluate N evenly spaced query positions per window (default: all; O(T^2) per layer)",
     )  # fmt: skip
     parser.add_argument("--layers", default=None, help="comma-separated layer indices (default: all)")
+    parser.add_argument(
+        "--ssa", default=None,
+        help="SSA settings replacing the model's, e.g. summary=mean or top_k=32 (or JSON); the JSON's "
+        "ssa field records the settings measured",
+    )  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no per-window lines on stderr")
     args = parser.parse_args(argv)
     began = time.perf_counter()
     try:
         length = parse_length(args.length)
         layers = _parse_layers(args.layers)
-        model = _load_model(args.model, args.device, args.dtype)
+        ssa = key_values(args.ssa) if args.ssa else None
+        model = _load_model(args.model, args.device, args.dtype, ssa)
         result = evaluate_corpus(
             model,
             args.corpus,
@@ -520,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
             layers=layers,
             progress=not args.no_progress,
         )
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError) as error:  # a bad --ssa JSON is a ValueError too
         print(f"subquad recall: error: {error}", file=sys.stderr)
         return 2
     device = next(model.parameters()).device
