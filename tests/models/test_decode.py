@@ -79,6 +79,16 @@ TRITON_CHECK = textwrap.dedent(
             plan = decode_plan(lens, summ.shape[1], cfg, lens.tolist())
             out3, idx3 = decode_step(q[:, None], k, v, summ, plan, cfg, d**-0.5, "triton")
             assert torch.equal(idx3, idx) and torch.equal(out3[:, 0], out)
+    # More than 32 splits: the merge takes its partials 32 at a time and rescales the first chunk's
+    # when a later one holds the largest score (a key planted in block 42, slot 42: the second chunk).
+    q = torch.randn(1, 2, 16).half()
+    k, v = torch.randn(1, 700, 1, 16).half(), torch.randn(1, 700, 1, 16).half()
+    k[0, 42 * 16 + 3, 0] = q[0, 0] * 3
+    idx, lens = torch.arange(43, dtype=torch.int32).view(1, 1, 43), torch.tensor([700])
+    out = sparse_decode_triton(q, k, v, idx, lens, 16, slots_per_split=1)
+    ref = sparse_decode_naive(q.float(), k.float(), v.float(), idx, lens, 16)
+    low = sparse_decode_naive(q, k, v, idx, lens, 16).float()
+    assert (out.float() - ref).abs().max().item() <= 2 * (low - ref).abs().max().item() + 1e-3
     print("ok")
     """
 )

@@ -416,26 +416,35 @@ if triton is not None:
         M_IN, L_IN, ACC_IN, OUT,
         stride_ob, stride_oh, stride_od,
         num_kv_heads,
-        NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, SPLITS_CHUNK: tl.constexpr,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
     ):  # fmt: skip
-        # One program per query head: every split's partials in one load each (a loop over the splits
-        # made the merge a chain of dependent loads, ~7 us for 19 splits on an H200).
+        # One program per query head, the splits' partials loaded SPLITS_CHUNK at a time (one chunk for
+        # up to 32 splits): a loop over single splits made the merge a chain of dependent loads, ~7 us
+        # for 19 splits on an H200.
         pid_bh = tl.program_id(0)
         g = tl.program_id(1)
         b = (pid_bh // num_kv_heads).to(tl.int64)
         h = (pid_bh % num_kv_heads).to(tl.int64)
-        splits = tl.arange(0, SPLITS_PAD)
         offs_dv = tl.arange(0, BLOCK_DV)
-        rows = (pid_bh.to(tl.int64) * NUM_SPLITS + splits) * BLOCK_G + g
-        real = splits < NUM_SPLITS
-        m = tl.load(M_IN + rows, mask=real, other=float("-inf"))
-        m_max = tl.max(m, 0)
-        w = tl.exp(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # padded splits: 0
-        l_sum = tl.sum(w * tl.load(L_IN + rows, mask=real, other=0.0), 0)
-        acc = tl.load(ACC_IN + rows[:, None] * BLOCK_DV + offs_dv[None, :], mask=real[:, None], other=0.0)
+        m_run = tl.full([1], float("-inf"), dtype=tl.float32)
+        l_run = tl.zeros([1], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
+        for first in tl.static_range(0, NUM_SPLITS, SPLITS_CHUNK):
+            splits = first + tl.arange(0, SPLITS_CHUNK)
+            rows = (pid_bh.to(tl.int64) * NUM_SPLITS + splits) * BLOCK_G + g
+            real = splits < NUM_SPLITS
+            m = tl.load(M_IN + rows, mask=real, other=float("-inf"))
+            m_new = tl.maximum(m_run, tl.max(m, 0))
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key seen yet: weights stay 0
+            keep = tl.exp(m_run - shift)
+            w = tl.exp(m - shift)
+            l_run = l_run * keep + tl.sum(w * tl.load(L_IN + rows, mask=real, other=0.0), 0)
+            part = ACC_IN + rows[:, None] * BLOCK_DV + offs_dv[None, :]
+            acc = acc * keep + tl.sum(w[:, None] * tl.load(part, mask=real[:, None], other=0.0), 0)
+            m_run = m_new
         # A row that saw no key (cannot happen for a valid selection) writes zeros, as the reference does.
-        out = tl.sum(w[:, None] * acc, 0) / tl.where(l_sum == 0.0, 1.0, l_sum)
+        out = acc / tl.where(l_run == 0.0, 1.0, l_run)
         o_ptrs = OUT + b * stride_ob + (h * GROUP + g) * stride_oh + offs_dv * stride_od
         tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=offs_dv < HEAD_DIM_V)
 
@@ -492,7 +501,7 @@ def sparse_decode_triton(
         m_part, l_part, acc_part, out,
         out.stride(0), out.stride(1), out.stride(2),
         heads_kv,
-        NUM_SPLITS=num_splits, SPLITS_PAD=max(2, _next_pow2(num_splits)),
+        NUM_SPLITS=num_splits, SPLITS_CHUNK=min(32, max(2, _next_pow2(num_splits))),
         GROUP=group, BLOCK_G=block_g, HEAD_DIM_V=dim_v, BLOCK_DV=block_dv,
     )  # fmt: skip
     return out
