@@ -380,7 +380,7 @@ def _gemv_kernel(
 def _gemv(x, norm_weight, weight, out, residual, eps, prologue, n_in) -> None:
     rows, n_out = x.shape[0], weight.shape[0]
     # One warp and 2-4 output rows per program: many small programs keep the most loads in flight
-    # (a sweep on the H200, NOTES item 42: 1.7-3.0 us for `small`'s products, cuBLAS 4-7 us).
+    # (a sweep on the H200, NOTES item 42: 1.7-4.1 us for `small`'s products alone, the cuBLAS path 4-7 us).
     block_n = 2 if n_out <= 2048 else 4
     _gemv_kernel[(triton.cdiv(n_out, block_n), rows)](
         x, norm_weight if norm_weight is not None else weight, weight, out,
