@@ -249,6 +249,12 @@ def run_decode(model, cache, steps, device, timer):
     return dict(ms_per_token=1e3 * statistics.median(times))
 
 
+def graph_decode_room(steps: int, block_size: int) -> int:
+    """Tokens :func:`run_decode_graph` appends past the cache's length before it crops back: 3 prepared
+    steps, ``steps`` timed ones, then room reserved for 2 runs of 2 key blocks (and one more)."""
+    return 3 + steps + 2 * (2 * block_size) + 1
+
+
 def run_decode_graph(model, cache, steps, device, timer):
     """``--graph``: the decode step through ``GraphedDecoder`` (on the CPU, ``capture=False``): median ms
     of a replayed step (``ms_per_token``); ms per token over 2 key blocks back to back, re-captures
@@ -271,11 +277,12 @@ def run_decode_graph(model, cache, steps, device, timer):
         for _ in range(steps):
             seconds, _ = timer.time(lambda: decoder.step(token))
             times.append(seconds)
-        run = 2 * model.config.ssa_config.block_size
+        block_size = model.config.ssa_config.block_size
+        run = 2 * block_size
         # Steady decoding, as generate() runs it: room reserved, so no buffer grows (a one-off copy of
         # the whole cache) inside the timed run; and 2 blocks untimed first, which compile the Triton
         # variants new block counts ask for (integer arguments are specialised by divisibility).
-        cache.reserve(cache.get_seq_length() + 2 * run + 1)
+        cache.reserve(start + graph_decode_room(steps, block_size))
         for _ in range(run):
             decoder.step(token)
         captures = decoder.captures
@@ -517,8 +524,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.only in (None, "decode"):
             for length in args.decode_lengths:
                 try:
-                    # run_decode_graph's prepares and steps, then its reserve of 2 x 2 blocks.
-                    room = args.decode_steps + 3 + 4 * cfg.ssa_config.block_size + 1
+                    room = graph_decode_room(args.decode_steps, cfg.ssa_config.block_size)
                     cache = fill_cache(sparse, length, device, room)
                 except (RuntimeError, torch.OutOfMemoryError) as err:
                     if not is_oom(err):
