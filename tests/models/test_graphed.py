@@ -10,6 +10,7 @@ from torch.utils._pytree import tree_flatten
 
 import subquad
 from subquad.models import GraphedDecoder, SubquadConfig, SubquadForCausalLM
+from subquad.ops import pdl
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 # (attention, index): the two SSA routers and the dense twin.
@@ -201,7 +202,7 @@ class _EmulatedGraph:
     def __init__(self):
         self.calls = []
 
-    def capture_begin(self, pool=None):
+    def capture_begin(self, pool=None, capture_error_mode="global"):
         self._recording = _Recording(self.calls)
         self._recording.__enter__()
 
@@ -284,6 +285,57 @@ def test_emulated_capture_replays_equal_eager_steps(monkeypatch, attention, inde
             assert decoder.captures == (len(blocks) if attention == "ssa" else 1 + growths)
         token = want.argmax(-1, keepdim=True)
     assert growths == 2 and len(decoder._pieces) == (1 if attention == "ssa" else 3)
+    assert_same_cache(cache, reference)
+
+
+class _FailingOnce(_EmulatedGraph):
+    """An emulated graph whose first capture in relaxed mode fails at its end, as CUDA reports a capture
+    that something invalidated (e.g. a kernel that had to compile under it)."""
+
+    failures = 1
+    recorded: list[int] = []  # calls per successful capture
+
+    def capture_begin(self, pool=None, capture_error_mode="global"):
+        self.mode = capture_error_mode
+        super().capture_begin(pool)
+
+    def capture_end(self):
+        super().capture_end()
+        if self.mode == "relaxed" and _FailingOnce.failures:
+            _FailingOnce.failures -= 1
+            raise RuntimeError("operation not permitted when stream is capturing")
+        _FailingOnce.recorded.append(len(self.calls))
+
+
+@pytest.mark.parametrize("index", ["flat", "tree"])
+def test_recaptures_skip_the_eager_step_and_fall_back_to_it(monkeypatch, index):
+    # After the first capture, a new key block is captured and replayed without an eager step first; the
+    # tree router's kept bounds are brought up to the block before that capture (else the graph would
+    # record their update). One re-capture fails: that step runs eagerly and captures as the first.
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FailingOnce)
+    monkeypatch.setattr(_FailingOnce, "failures", 1)
+    monkeypatch.setattr(_FailingOnce, "recorded", [])
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: nullcontext())
+    model = make_model("ssa", index)
+    prompt = torch.randint(0, 256, (2, 150))
+    cache, reference = prefilled(model, prompt), prefilled(model, prompt)
+    decoder = GraphedDecoder(model, cache, capture=False)
+    decoder.capture, decoder._stream = True, _Stream()
+    eager_runs = []
+    run = decoder._run
+    decoder._run = lambda length: eager_runs.append(length) or run(length)
+    token = torch.randint(0, 256, (2, 1))
+    for step in range(60):  # 150 -> 210 tokens: key blocks 9..13
+        want = eager_step(model, reference, token)
+        assert_same(decoder.step(token), want, msg=f"step {step}")
+        token = want.argmax(-1, keepdim=True)
+    assert decoder.captures == 5 and _FailingOnce.failures == 0
+    # The first block's step and the one whose capture failed ran eagerly; the other re-captures did not.
+    assert eager_runs == [151, 161]
+    # Every graph holds the same calls: none recorded a kept-bounds update (a tree group fills every
+    # 2 blocks here), which each replay would redo.
+    assert len(_FailingOnce.recorded) == 5 and len(set(_FailingOnce.recorded)) == 1
     assert_same_cache(cache, reference)
 
 
@@ -386,6 +438,32 @@ def test_cuda_graph_replays_equal_eager_steps(attention, index, batch):
         assert layer.lengths == ref.lengths
         torch.testing.assert_close(layer.keys_bshd(), ref.keys_bshd(), atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(layer.summaries(), ref.summaries(), atol=2e-2, rtol=2e-2)
+
+
+@needs_cuda
+def test_cuda_steps_with_and_without_pdl_are_equal(monkeypatch):
+    # With programmatic dependent launch each decode kernel starts while the one before it runs and
+    # waits on the device for it (subquad.ops.pdl): a wait missing or misplaced would read a value
+    # before its write. The same tokens give the same logits, bit for bit, with and without it.
+    model = make_model("ssa", "tree", device="cuda", dtype=torch.bfloat16)
+    prompt = torch.randint(0, 256, (2, 150), device="cuda")
+    tokens = torch.randint(0, 256, (60, 2, 1), device="cuda")
+    logits = {}
+    for on in (False, True):
+        monkeypatch.setattr(pdl, "ENABLED", on)
+        assert pdl.enabled(torch.device("cuda")) == (on and torch.cuda.get_device_capability() >= (9, 0))
+        decoder = GraphedDecoder(model, prefilled(model, prompt))
+        logits[on] = torch.stack([decoder.step(token) for token in tokens])
+    assert torch.equal(logits[True], logits[False])
+
+
+def test_pdl_is_off_where_it_cannot_run(monkeypatch):
+    assert not pdl.enabled(torch.device("cpu"))
+    monkeypatch.setattr(pdl, "ENABLED", False)
+    assert not pdl.enabled(torch.device("cuda")) and pdl.launch_args(torch.device("cuda")) == {
+        "PDL": False,
+        "launch_pdl": False,
+    }
 
 
 @needs_cuda

@@ -157,7 +157,9 @@ def test_append_decode_token_validates():
             fused.append_decode_token_triton(*args[:index], bad, *args[index + 1 :])
 
 
-GEMV_SHAPES = [(1, 100, 37), (3, 768, 1000), (2, 130, 2100), (1, 2200, 24)]  # (rows, K, N): odd sizes
+# (rows, K, N), odd sizes: weights loaded before the PDL wait and after it in 1-10 chunks; all before it
+# (K a power of two); the prefetch capped (K 4500: 2048 columns, then 10 chunks)
+GEMV_SHAPES = [(1, 100, 37), (3, 768, 1000), (2, 130, 2100), (1, 2200, 24), (2, 256, 45), (1, 4500, 9)]
 
 
 def _gemv_inputs(rows, k_in, n_out, dtype, in_width=None):

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from subquad.ops import pdl
+
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``weight * (x / sqrt(mean(x^2) + eps))`` over the last dim, the norm in float32 and cast back
@@ -48,7 +50,8 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
 
 
 @triton.jit
-def _rms_norm_kernel(X, W, OUT, n_cols, stride_x, eps, BLOCK: tl.constexpr):
+def _rms_norm_kernel(X, W, OUT, n_cols, stride_x, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl.wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n_cols
@@ -82,15 +85,17 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
         block = triton.next_power_of_2(cols)
         _rms_norm_kernel[(rows.shape[0],)](
             rows, weight, out, cols, rows.stride(0), eps,
-            BLOCK=block, num_warps=min(16, max(1, block // 256)),
+            BLOCK=block, num_warps=min(16, max(1, block // 256)), **pdl.launch_args(x.device),
         )
     return out
 
 
 @triton.jit
 def _rotate_kernel(X, COS, SIN, OUT, T, H, stride_xb, stride_xt, stride_xh, stride_cb, stride_ct,
-                   stride_ch, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                   stride_ch, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                   PDL: tl.constexpr):
     # One program per (row, token): all its heads. The tables broadcast over heads (stride_ch = 0) or not.
+    pdl.wait(PDL)
     bt = tl.program_id(0)
     b = (bt // T).to(tl.int64)
     t = (bt % T).to(tl.int64)
@@ -147,6 +152,7 @@ def rotate_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
             cos.stride(0), cos.stride(1), head_stride,
             D=dim, BLOCK_H=triton.next_power_of_2(heads), BLOCK_D=triton.next_power_of_2(dim),
             enable_fp_fusion=False,  # x * cos + swapped * sin rounded as PyTorch rounds it
+            **pdl.launch_args(x.device),
         )
     return out
 
@@ -228,9 +234,10 @@ def _append_decode_token_kernel(
     s_kb_b, s_kb_s, s_kb_h, s_vb_b, s_vb_s, s_vb_h, s_m_b, s_m_n, s_m_h,
     s_k_b, s_k_h, s_v_b, s_v_h,
     D: tl.constexpr, DV: tl.constexpr, BS: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PDL: tl.constexpr,
 ):
     # One program per (row, KV head).
+    pdl.wait(PDL)
     b = (tl.program_id(0) // H).to(tl.int64)
     h = (tl.program_id(0) % H).to(tl.int64)
     pos = tl.load(POS)
@@ -318,6 +325,7 @@ def append_decode_token_triton(
         keys.stride(0), keys.stride(2), values.stride(0), values.stride(2),
         D=dim, DV=dim_v, BS=block_size, BLOCK_S=triton.next_power_of_2(block_size),
         BLOCK_D=triton.next_power_of_2(dim), BLOCK_DV=triton.next_power_of_2(dim_v),
+        **pdl.launch_args(key_buf.device),
     )
 
 
@@ -331,50 +339,65 @@ _NO_PROLOGUE, _NORM, _SWIGLU = 0, 1, 2
 
 
 @triton.jit
+def _gemv_input(x_row, NORM_W, W, k, k_ok, rstd, N_IN: tl.constexpr, PROLOGUE: tl.constexpr):
+    """f(X)[row, k] in float32, f the prologue: none, RMSNorm (``rstd``, NORM_W) or SwiGLU's silu(gate)
+    * up over the row's two halves (N_IN each); rounded where the model's PyTorch ops round
+    (rms_norm_reference, silu_mul_reference)."""
+    dtype = x_row.dtype.element_ty
+    xk = tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32)
+    if PROLOGUE == 1:
+        normed = (xk * rstd).to(dtype).to(tl.float32)
+        nw = tl.load(NORM_W + k, mask=k_ok, other=0.0).to(tl.float32)
+        xk = (nw * normed).to(W.dtype.element_ty).to(tl.float32)
+    elif PROLOGUE == 2:
+        up = tl.load(x_row + N_IN + k, mask=k_ok, other=0.0).to(tl.float32)
+        act = (xk / (1.0 + tl.exp(-xk))).to(dtype).to(tl.float32)
+        xk = (act * up).to(dtype).to(tl.float32)
+    return xk
+
+
+@triton.jit
 def _gemv_kernel(
     X, NORM_W, W, OUT, RES, n_out, stride_x, stride_w, stride_out, stride_res, eps,
     N_IN: tl.constexpr, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, K_PRE: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
-    # Program (output block, row): OUT[row, n] (+)= sum_k f(X)[row, k] * W[n, k], with f the prologue:
-    # none, RMSNorm (NORM_W, eps) or SwiGLU's silu(gate) * up over X's two halves (N_IN each). The
-    # loops over K are unrolled, so every chunk's loads are in flight at once: a rolled loop waits for
-    # each load in turn.
+    # Program (output block, row): OUT[row, n] (+)= sum_k f(X)[row, k] * W[n, k] (f: _gemv_input).
+    # The first K_PRE columns' weights (a power of two <= N_IN) are loaded before the PDL wait, so they
+    # stream while the previous kernel still runs; the rest after it, in BLOCK_K chunks. The chunk
+    # loops are unrolled, so every chunk's loads are in flight at once (a rolled loop waits for each).
     row = tl.program_id(1).to(tl.int64)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < n_out
+    w_rows = W + offs_n[:, None].to(tl.int64) * stride_w
+    k_pre = tl.arange(0, K_PRE)
+    w_pre = tl.load(w_rows + k_pre[None, :], mask=n_ok[:, None], other=0.0)
+    pdl.wait(PDL)
     x_row = X + row * stride_x
-    dtype = X.dtype.element_ty
     rstd = 0.0
     if PROLOGUE == 1:
-        squares = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for k0 in tl.static_range(0, N_IN, BLOCK_K):
+        x = tl.load(x_row + k_pre).to(tl.float32)
+        squares = tl.sum(x * x, axis=0)
+        for k0 in tl.static_range(K_PRE, N_IN, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            xk = tl.load(x_row + k, mask=k < N_IN, other=0.0).to(tl.float32)
-            squares += xk * xk
-        rstd = tl.math.rsqrt(tl.sum(squares, axis=0) / N_IN + eps)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k0 in tl.static_range(0, N_IN, BLOCK_K):
+            x = tl.load(x_row + k, mask=k < N_IN, other=0.0).to(tl.float32)
+            squares += tl.sum(x * x, axis=0)
+        rstd = tl.math.rsqrt(squares / N_IN + eps)
+    xk = _gemv_input(x_row, NORM_W, W, k_pre, k_pre < N_IN, rstd, N_IN, PROLOGUE)
+    acc = tl.sum(w_pre.to(tl.float32) * xk[None, :], axis=1)
+    for k0 in tl.static_range(K_PRE, N_IN, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < N_IN
-        w = tl.load(
-            W + offs_n[:, None].to(tl.int64) * stride_w + k[None, :],
-            mask=n_ok[:, None] & k_ok[None, :], other=0.0,
-        )
-        xk = tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32)
-        # Each prologue rounds where the model's PyTorch ops round (rms_norm_reference, silu_mul_reference).
-        if PROLOGUE == 1:
-            normed = (xk * rstd).to(dtype).to(tl.float32)
-            nw = tl.load(NORM_W + k, mask=k_ok, other=0.0).to(tl.float32)
-            xk = (nw * normed).to(W.dtype.element_ty).to(tl.float32)
-        elif PROLOGUE == 2:
-            up = tl.load(x_row + N_IN + k, mask=k_ok, other=0.0).to(tl.float32)
-            act = (xk / (1.0 + tl.exp(-xk))).to(dtype).to(tl.float32)
-            xk = (act * up).to(dtype).to(tl.float32)
+        w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        xk = _gemv_input(x_row, NORM_W, W, k, k_ok, rstd, N_IN, PROLOGUE)
         acc += tl.sum(w.to(tl.float32) * xk[None, :], axis=1)
     if HAS_RES:
         acc += tl.load(RES + row * stride_res + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(OUT + row * stride_out + offs_n, acc.to(OUT.dtype.element_ty), mask=n_ok)
+
+
+# Weight elements a program loads before its PDL wait: 4096 bf16 are 64 registers a thread of its warp.
+GEMV_PREFETCH = 4096
 
 
 def _gemv(x, norm_weight, weight, out, residual, eps, prologue, n_in) -> None:
@@ -382,12 +405,14 @@ def _gemv(x, norm_weight, weight, out, residual, eps, prologue, n_in) -> None:
     # One warp and 2-4 output rows per program: many small programs keep the most loads in flight
     # (a sweep on the H200, NOTES item 42: 1.7-4.1 us for `small`'s products alone, the cuBLAS path 4-7 us).
     block_n = 2 if n_out <= 2048 else 4
+    k_pre = min(1 << (n_in.bit_length() - 1), GEMV_PREFETCH // block_n)
     _gemv_kernel[(triton.cdiv(n_out, block_n), rows)](
         x, norm_weight if norm_weight is not None else weight, weight, out,
         residual if residual is not None else out, n_out,
         x.stride(0), weight.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0,
-        eps, N_IN=n_in, PROLOGUE=prologue, HAS_RES=residual is not None, BLOCK_N=block_n,
-        BLOCK_K=min(256, triton.next_power_of_2(n_in)), num_warps=1,
+        eps, N_IN=n_in, PROLOGUE=prologue, HAS_RES=residual is not None, BLOCK_N=block_n, K_PRE=k_pre,
+        BLOCK_K=min(256, triton.next_power_of_2(max(16, n_in - k_pre))), num_warps=1,
+        **pdl.launch_args(x.device),
     )
 
 

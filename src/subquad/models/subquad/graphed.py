@@ -16,8 +16,9 @@ and writes buffers that stay put:
   values and summaries are read through views of the step's whole blocks (``num_blocks * block_size``
   keys; the kernels mask by ``seqlens``). The step is re-captured when the new token opens a key block
   (every ``block_size`` tokens), when a cache buffer is reallocated (growth) or when the cache changed
-  under the decoder (``crop``, row selection, eager steps into another block). That step runs eagerly
-  first, the same ops: its result is the step's, and it compiles and warms up what the capture needs.
+  under the decoder (``crop``, row selection, eager steps into another block). The first such step runs
+  eagerly first, the same ops: its result is the step's, and it compiles and warms up what the capture
+  needs; later ones capture and replay at once (``_prepare_and_run``).
 * The dense twin (``attention="dense"``) reads every key it holds, and SDPA's flash path (the one that
   splits a long key range across the GPU for a single query) takes no key-length mask: a fixed-length
   read masked by the lengths would fall to another backend. So its step is captured in pieces, one
@@ -45,7 +46,7 @@ from subquad.models.prefill import prefill
 from subquad.models.subquad import modeling
 from subquad.models.subquad.modeling import SubquadForCausalLM
 from subquad.ops import fused
-from subquad.ops.ssa.triton_decode import DecodePlan, decode_plan
+from subquad.ops.ssa.triton_decode import DecodePlan, TreeBounds, decode_plan, tree_step_bounds
 
 # generate() with end-of-sequence tokens asks whether every row has stopped this often: each question
 # is a host sync, and between them the host runs ahead of the GPU (which also hides re-captures).
@@ -146,8 +147,9 @@ class GraphedDecoder:
         prepare = not self._is_prepared(layers, held)
         self._weights.refresh()
         with torch.no_grad(), self._sdpa_context():
+            captured = False
             if prepare:
-                logits = self._prepare_and_run(layers, held, input_ids)
+                logits, captured = self._prepare_and_run(layers, held, input_ids)
             else:
                 if held != self._held:  # the cache moved within the block (eager steps, crop)
                     self._set_position(held)
@@ -161,7 +163,7 @@ class GraphedDecoder:
             if prepare:
                 # After the bookkeeping, so the cache stays consistent if capturing fails; after the eager
                 # run, which creates the tree router's kept bounds when they are missing.
-                if self.capture:
+                if self.capture and not captured:
                     self._capture()
                 key, objects = self._preparation(layers, held)
                 capacity = min(layer._key_buf.shape[1] for layer in layers)
@@ -290,13 +292,19 @@ class GraphedDecoder:
 
     def _prepare_and_run(
         self, layers: list[SSACacheLayer], held: int, input_ids: torch.Tensor
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, bool]:
         """A step in a new key block (or over changed cache objects): set the static inputs, make room,
-        build the block's routing plan and run the step eagerly (``step`` then captures it for the steps
-        that follow: the eager run compiled and warmed up what the capture records)."""
+        build the block's routing plan and run the step: ``(logits, captured)``.
+
+        The first time, and for the dense twin, the step runs eagerly (``step`` then captures it for the
+        steps that follow: the eager run compiled and warmed up what the capture records). An SSA step
+        re-captured in a later key block skips that eager run, which cost as much host time as the
+        capture (~8 ms for ``small``): it captures, then replays. If that capture fails (a kernel that
+        still had to compile, say), the step runs eagerly and captures as the first time."""
         # Weak references only: a buffer the cache replaced must be freed (a long cache is most of the GPU).
         self._prepared = None
         batch = len(layers[0]._lengths)
+        warm = self.capture and not self._dense and bool(self._pieces) and batch == self._batch
         if batch != self._batch:
             self._allocate_inputs(batch)
         self._set_position(held)
@@ -308,7 +316,25 @@ class GraphedDecoder:
             self._plan = decode_plan(self._seqlens, blocks, self._ssa, [held + 1] * batch)
             # As the eager step: layer 0 keeps the step's plan for the next one.
             layers[0].derived["decode_plan"] = self._plan
-        return self._run(held + 1)
+        if warm:
+            self._keep_tree_bounds(layers)
+            try:
+                self._capture(capture_error_mode="relaxed")  # relaxed: a Triton module may still load
+            except RuntimeError:
+                self._set_position(held)  # nothing ran; the eager step below starts from the same state
+            else:
+                return self._replay(held + 1), True
+        return self._run(held + 1), False
+
+    def _keep_tree_bounds(self, layers: list[SSACacheLayer]) -> None:
+        """Bring each layer's kept tree-router bounds (``TreeBounds``) up to the new key block, as the
+        step's routing does on its way: before a capture, so that the graph records no bounds update
+        (PyTorch ops over the groups that became probe-able, which every replay would redo)."""
+        if self._ssa.index != "tree" or self._plan.tree is None:
+            return
+        for layer in layers:
+            kept = layer.derived.setdefault("tree_bounds", TreeBounds())
+            tree_step_bounds(layer._means[:, : self._plan.num_blocks], self._plan.tree, self._ssa, kept)
 
     def _allocate_inputs(self, batch: int) -> None:
         config = self.model.config
@@ -402,7 +428,7 @@ class GraphedDecoder:
                 self._attend_dense(*request, length)
         return self._logits
 
-    def _capture(self) -> None:
+    def _capture(self, capture_error_mode: str = "global") -> None:
         """Record the step: one graph, or for a dense twin one per stretch between attention calls.
 
         ``capture_begin`` / ``capture_end`` rather than ``torch.cuda.graph``, which synchronises and
@@ -417,7 +443,7 @@ class GraphedDecoder:
         with torch.cuda.stream(self._stream):
             while logits is None:
                 graph = torch.cuda.CUDAGraph()
-                graph.capture_begin(pool=pool)
+                graph.capture_begin(pool=pool, capture_error_mode=capture_error_mode)
                 try:
                     request = forward.send(sent)
                 except StopIteration as done:

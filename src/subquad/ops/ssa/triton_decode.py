@@ -36,6 +36,8 @@ from subquad.ops.ssa.select import (
 try:
     import triton
     import triton.language as tl
+
+    from subquad.ops import pdl
 except ImportError:  # pragma: no cover - triton is optional on CPU machines
     triton = None
     tl = None
@@ -239,7 +241,7 @@ def decode_select(
     if config.index == "tree" and plan.tree is not None and backend == "triton":
         from subquad.ops.ssa.triton_select import decode_route_tree
 
-        hi, lo = _tree_step_bounds(summaries, plan.tree, config, tree_bounds)
+        hi, lo = tree_step_bounds(summaries, plan.tree, config, tree_bounds)
         return decode_route_tree(q, summaries, hi, lo, plan.fixed, plan.tree, config)
     rq = routing_queries(q[:, None], num_kv_heads)[:, 0]  # [B, Hkv, D] fp32
     if config.index == "tree":
@@ -263,7 +265,7 @@ def decode_select(
     return torch.cat([fixed, routed], dim=-1)
 
 
-def _tree_step_bounds(
+def tree_step_bounds(
     summaries: torch.Tensor, step: _TreeStep, config: SSAConfig, kept: TreeBounds | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Group bounds ``[B, Hkv, NG, D]`` float32 of ``summaries [B, NB, Hkv, D]``: the cache layer's kept
@@ -286,7 +288,7 @@ def _route_tree_step(
     group = step.group
     summ = summaries.transpose(1, 2)  # [B, Hkv, NB, D]
     batch, heads, num_blocks, dim = summ.shape
-    hi, lo = _tree_step_bounds(summaries, step, config, kept)
+    hi, lo = tree_step_bounds(summaries, step, config, kept)
     # Groups to expand (select.tree_probe_groups).
     q = rq[:, :, None]  # [B, Hkv, 1, D]
     bound = torch.matmul(q.clamp(min=0), hi.transpose(-1, -2)) + torch.matmul(
@@ -344,7 +346,7 @@ def sparse_decode_naive(
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_splits", "seq_len_k"])  # as triton_select's decode kernels
     def _sparse_decode_split_kernel(
         Q, K, V, IDX, LENS, M_OUT, L_OUT, ACC_OUT,
         stride_qb, stride_qh, stride_qd,
@@ -354,8 +356,9 @@ if triton is not None:
         num_kv_heads, num_slots, num_splits, seq_len_k, scale,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
-        SLOTS_PER_SPLIT: tl.constexpr,
+        SLOTS_PER_SPLIT: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        pdl.wait(PDL)
         pid_bh = tl.program_id(0)
         split = tl.program_id(1)
         b = (pid_bh // num_kv_heads).to(tl.int64)
@@ -418,10 +421,12 @@ if triton is not None:
         num_kv_heads,
         NUM_SPLITS: tl.constexpr, SPLITS_CHUNK: tl.constexpr,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
         # One program per query head, the splits' partials loaded SPLITS_CHUNK at a time (one chunk for
         # up to 32 splits): a loop over single splits made the merge a chain of dependent loads, ~7 us
         # for 19 splits on an H200.
+        pdl.wait(PDL)
         pid_bh = tl.program_id(0)
         g = tl.program_id(1)
         b = (pid_bh // num_kv_heads).to(tl.int64)
@@ -495,14 +500,14 @@ def sparse_decode_triton(
         block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
         heads_kv, num_slots, num_splits, k.shape[1], scale,
         GROUP=group, BLOCK_G=block_g, BLOCK_SIZE=block_size, HEAD_DIM=dim, BLOCK_D=block_d,
-        HEAD_DIM_V=dim_v, BLOCK_DV=block_dv, SLOTS_PER_SPLIT=slots_per_split,
+        HEAD_DIM_V=dim_v, BLOCK_DV=block_dv, SLOTS_PER_SPLIT=slots_per_split, **pdl.launch_args(q.device),
     )  # fmt: skip
     _sparse_decode_merge_kernel[(batch * heads_kv, group)](
         m_part, l_part, acc_part, out,
         out.stride(0), out.stride(1), out.stride(2),
         heads_kv,
         NUM_SPLITS=num_splits, SPLITS_CHUNK=min(32, max(2, _next_pow2(num_splits))),
-        GROUP=group, BLOCK_G=block_g, HEAD_DIM_V=dim_v, BLOCK_DV=block_dv,
+        GROUP=group, BLOCK_G=block_g, HEAD_DIM_V=dim_v, BLOCK_DV=block_dv, **pdl.launch_args(q.device),
     )  # fmt: skip
     return out
 

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from subquad.ops import pdl
 from subquad.ops.ssa import triton_attention  # noqa: F401  (interpreter fix for CPU checks)
 
 
@@ -671,17 +672,20 @@ def route_tree_triton(rq, summaries, seq_len_k, config, causal):
 # more than its work at any context length. Here: (A) group bounds and a top-``probe`` per split of the
 # probe-able groups, (B) one program per probed or window group scores its blocks, (C) one program per
 # (row, KV head) merges B's lists and writes the whole selection, sink and local slots included.
+# The integers that move with the context are not specialised on (Triton would compile a variant for
+# each new pattern of them being 1 or a multiple of 16, mid-generation; a graphed step re-captures
+# without an eager step first, and a compile there would have to run under the capture).
 _DECODE_MAX_SPLITS = 32
 _DECODE_MAX_CHUNK = 64
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_probeable", "num_splits"])
 def _decode_group_bounds_kernel(
     Q, HI, LO, RQ, PART,
     stride_qb, stride_qh, stride_hb, stride_hh, stride_hg,
     HKV, num_probeable, sink_blocks, group, num_splits,
     GROUP_Q: tl.constexpr, BLOCK_GQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    CHUNK: tl.constexpr, K_PAD: tl.constexpr,
+    CHUNK: tl.constexpr, K_PAD: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (row x KV head, split): routing query (split 0 stores it), upper bounds of ``CHUNK``
     groups, their best ``K_PAD`` as packed keys into ``PART [B * Hkv, num_splits, K_PAD]``."""
@@ -691,19 +695,22 @@ def _decode_group_bounds_kernel(
     h = bh % HKV
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
+    groups = split * CHUNK + tl.arange(0, CHUNK)
+    # Probe-able: before the token's window, and not made of sink blocks only.
+    ok = (groups < num_probeable) & ((groups + 1) * group > sink_blocks)
+    base = (b.to(tl.int64) * stride_hb + h * stride_hh + groups.to(tl.int64)[:, None] * stride_hg
+            + offs_d[None, :])
+    # The bounds before the PDL wait: no kernel of a decode step writes them (the cache layer updates
+    # its kept bounds with PyTorch ops before the step's routing, and only when a group fills).
+    hi = tl.load(HI + base, mask=ok[:, None] & d_ok[None, :], other=0.0)
+    lo = tl.load(LO + base, mask=ok[:, None] & d_ok[None, :], other=0.0)
+    pdl.wait(PDL)
     qh = tl.arange(0, BLOCK_GQ)
     q = tl.load(Q + b.to(tl.int64) * stride_qb + (h * GROUP_Q + qh)[:, None] * stride_qh + offs_d[None, :],
                 mask=(qh < GROUP_Q)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     rq = tl.sum(q, 0)  # select.routing_queries: the sum of the KV head's query heads
     if split == 0:
         tl.store(RQ + bh.to(tl.int64) * D + offs_d, rq, mask=d_ok)
-    groups = split * CHUNK + tl.arange(0, CHUNK)
-    # Probe-able: before the token's window, and not made of sink blocks only.
-    ok = (groups < num_probeable) & ((groups + 1) * group > sink_blocks)
-    base = (b.to(tl.int64) * stride_hb + h * stride_hh + groups.to(tl.int64)[:, None] * stride_hg
-            + offs_d[None, :])
-    hi = tl.load(HI + base, mask=ok[:, None] & d_ok[None, :], other=0.0)
-    lo = tl.load(LO + base, mask=ok[:, None] & d_ok[None, :], other=0.0)
     bound = tl.sum(tl.maximum(rq, 0.0)[None, :] * hi + tl.minimum(rq, 0.0)[None, :] * lo, 1)
     keys = _pack_keys(bound, groups, ok)[None, :]
     if CHUNK > K_PAD:
@@ -712,17 +719,20 @@ def _decode_group_bounds_kernel(
     tl.store(PART + (bh.to(tl.int64) * num_splits + split) * K_PAD + cols[None, :], keys)
 
 
-@triton.jit
+@triton.jit(
+    do_not_specialize=["num_splits", "probe", "window_first", "window_last", "last_candidate", "num_blocks"]
+)
 def _decode_rescore_kernel(
     RQ, SUMM, PART_A, PART_B,
     stride_sb, stride_sn, stride_sh,
     HKV, num_splits, probe, group, window_first, window_last, last_candidate, sink_blocks, num_blocks,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, K_PAD: tl.constexpr,
-    SPLITS_PAD: tl.constexpr, NUM_GROUP_SLOTS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, NUM_GROUP_SLOTS: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (row x KV head, slot): slot < ``probe`` takes the slot-th best group of A's merged lists,
     the others the groups touching the token's window; scores that group's candidate blocks and writes
     their best ``K_PAD`` as packed keys into ``PART_B [B * Hkv, NUM_GROUP_SLOTS, K_PAD]``."""
+    pdl.wait(PDL)
     bh = tl.program_id(0)
     slot = tl.program_id(1)
     b = bh // HKV
@@ -761,9 +771,10 @@ def _decode_pick_kernel(
     stride_fb, stride_ob, stride_oh,
     HKV, top_k,
     NUM_FIXED: tl.constexpr, FIXED_PAD: tl.constexpr, K_PAD: tl.constexpr,
-    NUM_GROUP_SLOTS: tl.constexpr, SLOTS_PAD: tl.constexpr,
+    NUM_GROUP_SLOTS: tl.constexpr, SLOTS_PAD: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (row x KV head): the sink and local slots, then the ``top_k`` best of B's lists."""
+    pdl.wait(PDL)
     bh = tl.program_id(0)
     b = bh // HKV
     h = bh % HKV
@@ -812,7 +823,7 @@ def decode_route_tree(q, summaries, hi, lo, fixed, step, config) -> torch.Tensor
         q.stride(0), q.stride(1), hi.stride(0), hi.stride(1), hi.stride(2),
         heads_kv, num_probeable, config.sink_blocks, step.group, num_splits,
         GROUP_Q=heads_q // heads_kv, BLOCK_GQ=max(2, triton.next_power_of_2(heads_q // heads_kv)), D=dim,
-        BLOCK_D=block_d, CHUNK=chunk, K_PAD=k_pad, num_warps=4,
+        BLOCK_D=block_d, CHUNK=chunk, K_PAD=k_pad, num_warps=4, **pdl.launch_args(q.device),
     )
     window_last = (step.last_candidate + config.local_blocks) // step.group  # the token's own group
     _decode_rescore_kernel[(bh, group_slots)](
@@ -822,7 +833,7 @@ def decode_route_tree(q, summaries, hi, lo, fixed, step, config) -> torch.Tensor
         step.last_candidate, config.sink_blocks, num_blocks,
         D=dim, BLOCK_D=block_d, BLOCK_G=max(k_pad, triton.next_power_of_2(step.group)), K_PAD=k_pad,
         SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), NUM_GROUP_SLOTS=group_slots,
-        num_warps=4 if step.group <= 32 else 8,
+        num_warps=4 if step.group <= 32 else 8, **pdl.launch_args(q.device),
     )
     fixed = fixed.contiguous()
     _decode_pick_kernel[(bh,)](
@@ -831,5 +842,6 @@ def decode_route_tree(q, summaries, hi, lo, fixed, step, config) -> torch.Tensor
         heads_kv, config.top_k,
         NUM_FIXED=num_fixed, FIXED_PAD=max(2, triton.next_power_of_2(num_fixed)), K_PAD=k_pad,
         NUM_GROUP_SLOTS=group_slots, SLOTS_PAD=max(2, triton.next_power_of_2(group_slots)), num_warps=4,
+        **pdl.launch_args(q.device),
     )
     return out
