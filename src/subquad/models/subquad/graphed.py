@@ -321,7 +321,7 @@ class GraphedDecoder:
             try:
                 self._capture(capture_error_mode="relaxed")  # relaxed: a Triton module may still load
             except RuntimeError:
-                self._set_position(held)  # nothing ran; the eager step below starts from the same state
+                pass  # a capture runs nothing: the eager step below starts from the same state
             else:
                 return self._replay(held + 1), True
         return self._run(held + 1), False
