@@ -116,50 +116,74 @@ def _cache_buffers(batch, capacity, heads, dim, dim_v, block_size, held, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    "batch,heads,dim,dim_v,block_size,held",
-    [(1, 2, 64, 64, 16, 0), (2, 3, 24, 40, 16, 37), (3, 1, 128, 128, 64, 63), (1, 2, 16, 16, 8, 40)],
+    "batch,heads_q,heads_kv,dim,block_size,held",
+    [(1, 4, 2, 64, 16, 0), (2, 3, 3, 24, 16, 37), (3, 5, 1, 128, 64, 63), (1, 6, 2, 16, 8, 40)],
 )
-def test_append_decode_token_matches_reference(batch, heads, dim, dim_v, block_size, held, dtype):
+def test_rotate_append_decode_token_matches_reference(
+    batch, heads_q, heads_kv, dim, block_size, held, dtype, poison_empty
+):
     # held = 0, 37: a new block opened / one partly full; 63: the token fills its block; 40 with
-    # block 8: it opens one. The buffers are a slice of longer ones (strided rows), the new token's
-    # key a view of a wider projection output, as in the graphed step.
+    # block 8: it opens one. The buffers are a slice of longer ones (strided rows), qkv a view of a
+    # wider projection output; the tables are the model's for the token's key block.
     capacity = (held // block_size + 2) * block_size
-    bufs = _cache_buffers(batch, capacity + 8, heads, dim, dim_v, block_size, held, dtype)
+    bufs = _cache_buffers(batch, capacity + 8, heads_kv, dim, dim, block_size, held, dtype)
     key_buf, value_buf, means = bufs[0][:, :capacity], bufs[1][:, :capacity], bufs[2]
-    wide = torch.randn(batch, 1, heads + 2, dim, device=DEVICE).to(dtype)
-    keys = wide[:, :, 1 : heads + 1]
-    values = torch.randn(batch, 1, heads, dim_v, device=DEVICE).to(dtype)
+    width = heads_q + 2 * heads_kv
+    qkv = torch.randn(batch, 1, width + 1, dim, device=DEVICE).to(dtype)[:, :, 1:]
+    first = held // block_size * block_size
+    cos, sin = SubquadRotary(dim, 10_000.0).tables(torch.arange(first, first + block_size, device=DEVICE))
     pos = torch.tensor([held], device=DEVICE)
     want = [t.clone() for t in (key_buf, value_buf, means)]
-    fused.append_decode_token_reference(*want, keys, values, pos, block_size)
-    fused.append_decode_token_triton(key_buf, value_buf, means, keys, values, pos, block_size)
+    want_q = fused.rotate_append_decode_token_reference(qkv, cos, sin, pos, *want)
+    got_q = fused.rotate_append_decode_token_triton(qkv, cos, sin, pos, key_buf, value_buf, means)
+    # The rotation as the model's: its tables at the token's own position.
+    own_cos, own_sin = SubquadRotary(dim, 10_000.0).tables(pos.view(1, 1, 1))
+    rotated = fused.rotate_reference(qkv[:, :, : heads_q + heads_kv], own_cos, own_sin)
+    assert torch.equal(got_q, want_q) and torch.equal(got_q, rotated[:, :, :heads_q])
     assert torch.equal(key_buf, want[0]) and torch.equal(value_buf, want[1])
-    assert torch.equal(key_buf[:, held], keys[:, 0])
+    assert torch.equal(key_buf[:, held], rotated[:, 0, heads_q:])
+    assert torch.equal(value_buf[:, held], qkv[:, 0, heads_q + heads_kv :])
     torch.testing.assert_close(means, want[2], rtol=1e-5, atol=1e-6)
     block = held // block_size
     expected = key_buf[:, block * block_size : held + 1].float().mean(1)
     torch.testing.assert_close(means[:, block], expected, rtol=1e-5, atol=1e-6)
 
 
-def test_append_decode_token_validates():
+def test_rotate_append_decode_token_validates():
     key_buf, value_buf, means = _cache_buffers(1, 32, 2, 16, 16, 16, 5, torch.float32)
-    keys, values = torch.randn(1, 1, 2, 16, device=DEVICE), torch.randn(1, 1, 2, 16, device=DEVICE)
+    qkv = torch.randn(1, 1, 8, 16, device=DEVICE)
+    cos, sin = SubquadRotary(16, 10_000.0).tables(torch.arange(16, device=DEVICE))
     pos = torch.tensor([5], device=DEVICE)
-    args = [key_buf, value_buf, means, keys, values, pos, 16]
+    args = [qkv, cos, sin, pos, key_buf, value_buf, means]
     for index, bad, match in [
-        (3, keys[:, :, :1], "keys"),
-        (4, values.half(), "values"),
-        (2, means[:, :1], "means"),
-        (5, pos.int(), "pos"),
-        (5, torch.tensor([5, 6], device=DEVICE), "pos"),
+        (0, qkv[:, :, :7], "qkv"),  # 3 query heads for 2 KV heads
+        (0, qkv.half(), "qkv"),
+        (1, cos[:, :8], "cos"),
+        (2, sin.double(), "sin"),
+        (3, pos.int(), "pos"),
+        (3, torch.tensor([5, 6], device=DEVICE), "pos"),
+        (5, value_buf[..., :8], "value_buf"),
+        (6, means[:, :1], "means"),
     ]:
         with pytest.raises(ValueError, match=match):
-            fused.append_decode_token_triton(*args[:index], bad, *args[index + 1 :])
+            fused.rotate_append_decode_token_triton(*args[:index], bad, *args[index + 1 :])
 
 
-# (rows, K, N), odd sizes: weights loaded before the PDL wait and after it in 1-10 chunks; all before it
-# (K a power of two); the prefetch capped (K 4500: 2048 columns, then 10 chunks)
-GEMV_SHAPES = [(1, 100, 37), (3, 768, 1000), (2, 130, 2100), (1, 2200, 24), (2, 256, 45), (1, 4500, 9)]
+# (rows, K, N), odd sizes: weights loaded before the PDL wait in one to three power-of-two tiles (K 256;
+# 768; 100), three tiles short of K (1000: 896 columns, then one chunk), the prefetch capped (K 4500:
+# 3072 columns, then 6 chunks; 2200: 2192, then a chunk of 8)
+GEMV_SHAPES = [
+    (1, 100, 37), (3, 768, 1000), (2, 130, 2100), (1, 2200, 24), (2, 256, 45), (1, 4500, 9), (2, 1000, 33)
+]  # fmt: skip
+
+
+def test_gemv_prefetch_tiles():
+    # Powers of two, largest first, at most three, within the budget: `small`'s K (768, 2816) whole.
+    assert fused._prefetch_tiles(768, 1536) == [512, 256, 0]
+    assert fused._prefetch_tiles(2816, 3072) == [2048, 512, 256]
+    assert fused._prefetch_tiles(1000, 3072) == [512, 256, 128]
+    assert fused._prefetch_tiles(4500, 3072) == [2048, 1024, 0]
+    assert fused._prefetch_tiles(37, 3072) == [32, 4, 1]
 
 
 def _gemv_inputs(rows, k_in, n_out, dtype, in_width=None):

@@ -1,15 +1,18 @@
 """Inference kernels for the model's small ops: RMSNorm, rotary embedding, SwiGLU's product, a decode
-step's cache append and its matrix-vector products with their neighbours folded in, one launch each.
+step's rotary embedding and cache append, and its matrix-vector products with their neighbours folded
+in, one launch each.
 
 In PyTorch a model's RMSNorm is about eight elementwise kernels (cast, square, mean, add, rsqrt,
 product, cast, weight) and a rotary embedding about six per tensor, each with float32 temporaries
 the size of its input. In a decode step those launches were most of the step (~650 kernels for the
 12-layer ``small`` model, whose attention was ~0.3 of its 1.58 ms at 1M tokens; 1.05 ms with these
 kernels, ``benchmarks/NOTES.md`` item 40), and in a long prefill they are memory passes. Here each is
-one kernel reading its input once. The graphed decode step's cache append (``append_decode_token``)
-replaces seven: two index copies and the open block's summary re-summed (item 41); its products
-(``norm_linear``, ``linear_add_``, ``swiglu_linear_add_``) each replace cuBLAS and the norm, SwiGLU or
-residual add beside it (item 42).
+one kernel reading its input once. The graphed decode step's rotation and cache append
+(``rotate_append_decode_token``) are one kernel a layer, reading rotary tables its caller computes once
+per key block (items 41, 45: they were ~10 PyTorch ops for the tables a step, then a rotation, two index
+copies and the open block's summary re-summed a layer); its products (``norm_linear``,
+``linear_add_``, ``swiglu_linear_add_``) each replace cuBLAS and the norm, SwiGLU or residual add
+beside it (item 42).
 
 The ``*_reference`` functions are the PyTorch definitions (the model's own math). The dispatching
 functions (:func:`rms_norm`, :func:`rotate`, :func:`silu_mul`, :func:`norm_linear`, ...) run PyTorch's
@@ -206,109 +209,154 @@ def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def append_decode_token_reference(
+def rotate_append_decode_token_reference(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    pos: torch.Tensor,
     key_buf: torch.Tensor,
     value_buf: torch.Tensor,
     means: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    pos: torch.Tensor,
-    block_size: int,
-) -> None:
-    """Store one token per row at the device position ``pos`` (``[1]`` int64, every row's) and re-sum
-    the summary of the block it lands in, in place: ``key_buf [B, S, Hkv, D]`` / ``value_buf [B, S,
-    Hkv, Dv]`` get ``keys [B, 1, Hkv, D]`` / ``values [B, 1, Hkv, Dv]`` at ``pos``; ``means [B, NB, Hkv,
-    D]`` float32 gets that block's mean key. Slots past ``pos`` must hold zeros (the cache's invariant),
-    so the whole block is summed and divided by the keys it holds."""
-    key_buf.index_copy_(1, pos, keys)
-    value_buf.index_copy_(1, pos, values)
+) -> torch.Tensor:
+    """A decode step's rotary embedding and cache append, in place: returns the rotated queries.
+
+    ``qkv [B, 1, Hq + 2 Hkv, D]``: the step's q, k and v heads side by side (one projection's output).
+    ``pos``: ``[1]`` int64 on the device, every row's new position. ``cos``, ``sin``: float32 ``[S, D]``
+    rotary tables (``SubquadRotary.tables``) of the ``S = block_size`` positions of ``pos``'s key block,
+    read at row ``pos % S``. q and k are rotated as :func:`rotate_reference`; the rotated key and the
+    value go to ``key_buf [B, N, Hkv, D]`` / ``value_buf [B, N, Hkv, D]`` at ``pos``, and ``means [B, NB,
+    Hkv, D]`` float32 gets the mean key of the block ``pos`` lands in. Slots past ``pos`` must hold zeros
+    (the cache's invariant), so the whole block is summed and divided by the keys it holds. Returns
+    ``[B, 1, Hq, D]``."""
+    heads_kv = key_buf.shape[2]
+    heads_q = qkv.shape[2] - 2 * heads_kv
+    block_size = cos.shape[0]
+    row = torch.remainder(pos, block_size)
+    qk = rotate_reference(qkv[:, :, : heads_q + heads_kv], cos[row], sin[row])
+    key_buf.index_copy_(1, pos, qk[:, :, heads_q:])
+    value_buf.index_copy_(1, pos, qkv[:, :, heads_q + heads_kv :])
     block = torch.div(pos, block_size, rounding_mode="floor")
     slots = block * block_size + torch.arange(block_size, device=pos.device)
     sums = key_buf.index_select(1, slots).float().sum(1, keepdim=True)
     means.index_copy_(1, block, sums / (pos - block * block_size + 1).float())
+    return qk[:, :, :heads_q]
 
 
 @triton.jit
-def _append_decode_token_kernel(
-    KEY_BUF, VALUE_BUF, MEANS, KEYS, VALUES, POS, H,
-    s_kb_b, s_kb_s, s_kb_h, s_vb_b, s_vb_s, s_vb_h, s_m_b, s_m_n, s_m_h,
-    s_k_b, s_k_h, s_v_b, s_v_h,
-    D: tl.constexpr, DV: tl.constexpr, BS: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PDL: tl.constexpr,
+def _rotate_append_kernel(
+    QKV, COS, SIN, Q_OUT, KEY_BUF, VALUE_BUF, MEANS, POS, HKV,
+    s_x_b, s_x_h, s_kb_b, s_kb_s, s_kb_h, s_vb_b, s_vb_s, s_vb_h, s_m_b, s_m_n, s_m_h,
+    GROUP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
-    # One program per (row, KV head).
+    # One program per (row, KV head): its GROUP query heads, its key and value.
     pdl.wait(PDL)
-    b = (tl.program_id(0) // H).to(tl.int64)
-    h = (tl.program_id(0) % H).to(tl.int64)
+    b = (tl.program_id(0) // HKV).to(tl.int64)
+    h = (tl.program_id(0) % HKV).to(tl.int64)
     pos = tl.load(POS)
     block = pos // BS
     d = tl.arange(0, BLOCK_D)
-    dv = tl.arange(0, BLOCK_DV)
-    key = tl.load(KEYS + b * s_k_b + h * s_k_h + d, mask=d < D, other=0.0)
-    value = tl.load(VALUES + b * s_v_b + h * s_v_h + dv, mask=dv < DV, other=0.0)
-    tl.store(KEY_BUF + b * s_kb_b + pos * s_kb_s + h * s_kb_h + d, key, mask=d < D)
-    tl.store(VALUE_BUF + b * s_vb_b + pos * s_vb_s + h * s_vb_h + dv, value, mask=dv < DV)
+    d_ok = d < D
+    partner = tl.where(d < D // 2, d + D // 2, d - D // 2)
+    table = (pos - block * BS) * D + d
+    cos = tl.load(COS + table, mask=d_ok, other=0.0)
+    sin = tl.load(SIN + table, mask=d_ok, other=0.0)
+    # Rotated as rotate_reference: x * cos + swapped * sin, three roundings (no FMA: see the launch).
+    g = tl.arange(0, BLOCK_G)[:, None]
+    q_ok = (g < GROUP) & d_ok[None, :]
+    x_q = QKV + b * s_x_b + (h * GROUP + g) * s_x_h
+    xq = tl.load(x_q + d[None, :], mask=q_ok, other=0.0).to(tl.float32)
+    swapped = tl.load(x_q + partner[None, :], mask=q_ok, other=0.0).to(tl.float32)
+    q = xq * cos[None, :] + swapped * sin[None, :]
+    tl.store(Q_OUT + ((b * HKV + h) * GROUP + g) * D + d[None, :], q.to(Q_OUT.dtype.element_ty), mask=q_ok)
+    x_k = QKV + b * s_x_b + (HKV * GROUP + h) * s_x_h
+    xk = tl.load(x_k + d, mask=d_ok, other=0.0).to(tl.float32)
+    key = (xk * cos + tl.load(x_k + partner, mask=d_ok, other=0.0).to(tl.float32) * sin)
+    key = key.to(KEY_BUF.dtype.element_ty)
+    value = tl.load(QKV + b * s_x_b + (HKV * GROUP + HKV + h) * s_x_h + d, mask=d_ok, other=0.0)
+    tl.store(KEY_BUF + b * s_kb_b + pos * s_kb_s + h * s_kb_h + d, key, mask=d_ok)
+    tl.store(VALUE_BUF + b * s_vb_b + pos * s_vb_s + h * s_vb_h + d, value, mask=d_ok)
     # The block's earlier keys from the buffer (not the slot just written, which another thread of
     # this program may not see yet), the new one from registers.
     slots = block * BS + tl.arange(0, BLOCK_S)
     earlier = tl.load(
         KEY_BUF + b * s_kb_b + slots[:, None] * s_kb_s + h * s_kb_h + d[None, :],
-        mask=(slots[:, None] < pos) & (d[None, :] < D), other=0.0,
+        mask=(slots[:, None] < pos) & d_ok[None, :], other=0.0,
     )
     sums = tl.sum(earlier.to(tl.float32), axis=0) + key.to(tl.float32)
     count = (pos - block * BS + 1).to(tl.float32)
-    tl.store(MEANS + b * s_m_b + block * s_m_n + h * s_m_h + d, sums / count, mask=d < D)
+    tl.store(MEANS + b * s_m_b + block * s_m_n + h * s_m_h + d, sums / count, mask=d_ok)
 
 
-def append_decode_token(
+def rotate_append_decode_token(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    pos: torch.Tensor,
     key_buf: torch.Tensor,
     value_buf: torch.Tensor,
     means: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    pos: torch.Tensor,
-    block_size: int,
-) -> None:
-    """:func:`append_decode_token_reference`: one kernel on CUDA, the PyTorch ops elsewhere."""
+) -> torch.Tensor:
+    """:func:`rotate_append_decode_token_reference`: one kernel on CUDA, the PyTorch ops elsewhere."""
     if key_buf.is_cuda:
-        append_decode_token_triton(key_buf, value_buf, means, keys, values, pos, block_size)
-    else:
-        append_decode_token_reference(key_buf, value_buf, means, keys, values, pos, block_size)
+        return rotate_append_decode_token_triton(qkv, cos, sin, pos, key_buf, value_buf, means)
+    return rotate_append_decode_token_reference(qkv, cos, sin, pos, key_buf, value_buf, means)
 
 
-def append_decode_token_triton(
+def rotate_append_decode_token_triton(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    pos: torch.Tensor,
     key_buf: torch.Tensor,
     value_buf: torch.Tensor,
     means: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    pos: torch.Tensor,
-    block_size: int,
-) -> None:
-    """:func:`append_decode_token_reference` in one kernel (no host sync: ``pos`` is read on the
-    device); the block's keys are summed in another order, so a mean may differ in its last bit."""
-    batch, _, heads, dim = key_buf.shape
-    dim_v = value_buf.shape[-1]
-    expected = {
-        "value_buf": (value_buf, (batch, key_buf.shape[1], heads, dim_v)),
-        "keys": (keys, (batch, 1, heads, dim)),
-        "values": (values, (batch, 1, heads, dim_v)),
-    }
-    for name, (tensor, shape) in expected.items():
-        if tuple(tensor.shape) != shape or tensor.dtype != key_buf.dtype or tensor.stride(-1) != 1:
-            raise ValueError(
-                f"{name}: shape {tuple(tensor.shape)}, dtype {tensor.dtype}; expected {shape}, "
-                f"{key_buf.dtype} (key_buf's) with a contiguous last dim"
-            )
+) -> torch.Tensor:
+    """:func:`rotate_append_decode_token_reference` in one kernel (no host sync: ``pos`` is read on the
+    device). Rotations and stores are the reference's to the bit; the block's keys are summed in another
+    order, so a mean may differ in its last bit."""
+    batch, capacity, heads_kv, dim = key_buf.shape
+    width = qkv.shape[2] if qkv.dim() == 4 else 0
+    heads_q = width - 2 * heads_kv
+    if (
+        qkv.dim() != 4
+        or (qkv.shape[0], qkv.shape[1], qkv.shape[3]) != (batch, 1, dim)
+        or heads_q < heads_kv
+        or heads_q % heads_kv
+        or qkv.dtype != key_buf.dtype
+        or qkv.stride(-1) != 1
+    ):
+        raise ValueError(
+            f"qkv: shape {tuple(qkv.shape)}, dtype {qkv.dtype}; expected [{batch}, 1, Hq + {2 * heads_kv}, "
+            f"{dim}] in {key_buf.dtype} (key_buf's), Hq a multiple of {heads_kv}, with a contiguous last dim"
+        )
+    block_size = cos.shape[0] if cos.dim() == 2 else 0
+    if (
+        cos.shape != (block_size, dim)
+        or sin.shape != cos.shape
+        or cos.dtype != torch.float32
+        or sin.dtype != torch.float32
+        or not (cos.is_contiguous() and sin.is_contiguous())
+        or block_size < 1
+    ):
+        raise ValueError(
+            f"cos, sin: shapes {tuple(cos.shape)}, {tuple(sin.shape)}, dtypes {cos.dtype}, {sin.dtype}; "
+            f"expected contiguous float32 [block_size, {dim}] tables"
+        )
+    if tuple(value_buf.shape) != (batch, capacity, heads_kv, dim) or value_buf.dtype != key_buf.dtype:
+        raise ValueError(
+            f"value_buf: shape {tuple(value_buf.shape)}, dtype {value_buf.dtype}; expected "
+            f"{(batch, capacity, heads_kv, dim)} in {key_buf.dtype} (key_buf's)"
+        )
     if (
         means.dim() != 4
         or means.dtype != torch.float32
-        or (means.shape[0], means.shape[2], means.shape[3]) != (batch, heads, dim)
-        or means.shape[1] * block_size < key_buf.shape[1]
+        or (means.shape[0], means.shape[2], means.shape[3]) != (batch, heads_kv, dim)
+        or means.shape[1] * block_size < capacity
     ):
         raise ValueError(
             f"means: shape {tuple(means.shape)}, dtype {means.dtype}; expected float32 [{batch}, "
-            f">= {-(-key_buf.shape[1] // block_size)}, {heads}, {dim}]"
+            f">= {-(-capacity // block_size)}, {heads_kv}, {dim}]"
         )
     if pos.shape != (1,) or pos.dtype != torch.int64 or pos.device != key_buf.device:
         raise ValueError(
@@ -317,16 +365,19 @@ def append_decode_token_triton(
         )
     if key_buf.stride(-1) != 1 or value_buf.stride(-1) != 1 or means.stride(-1) != 1:
         raise ValueError("key_buf, value_buf, means: expected a contiguous last dim")
-    _append_decode_token_kernel[(batch * heads,)](
-        key_buf, value_buf, means, keys, values, pos, heads,
+    q = torch.empty(batch, 1, heads_q, dim, dtype=qkv.dtype, device=qkv.device)
+    _rotate_append_kernel[(batch * heads_kv,)](
+        qkv, cos, sin, q, key_buf, value_buf, means, pos, heads_kv,
+        qkv.stride(0), qkv.stride(2),
         key_buf.stride(0), key_buf.stride(1), key_buf.stride(2),
         value_buf.stride(0), value_buf.stride(1), value_buf.stride(2),
         means.stride(0), means.stride(1), means.stride(2),
-        keys.stride(0), keys.stride(2), values.stride(0), values.stride(2),
-        D=dim, DV=dim_v, BS=block_size, BLOCK_S=triton.next_power_of_2(block_size),
-        BLOCK_D=triton.next_power_of_2(dim), BLOCK_DV=triton.next_power_of_2(dim_v),
+        GROUP=heads_q // heads_kv, D=dim, BS=block_size, BLOCK_G=triton.next_power_of_2(heads_q // heads_kv),
+        BLOCK_S=triton.next_power_of_2(block_size), BLOCK_D=triton.next_power_of_2(dim),
+        enable_fp_fusion=False,  # the rotation rounded as PyTorch rounds it
         **pdl.launch_args(key_buf.device),
     )
+    return q
 
 
 # --- decode-step matmuls: one token per row, the weights read once ---------------------------------------
@@ -357,35 +408,59 @@ def _gemv_input(x_row, NORM_W, W, k, k_ok, rstd, N_IN: tl.constexpr, PROLOGUE: t
 
 
 @triton.jit
+def _gemv_tile(w, x_row, NORM_W, W, start, SIZE: tl.constexpr, rstd, N_IN: tl.constexpr,
+               PROLOGUE: tl.constexpr):
+    """``sum_k f(X)[row, k] * w[:, k]`` over the ``SIZE`` columns from ``start``, ``w`` already loaded."""
+    k = start + tl.arange(0, SIZE)
+    xk = _gemv_input(x_row, NORM_W, W, k, k < N_IN, rstd, N_IN, PROLOGUE)
+    return tl.sum(w.to(tl.float32) * xk[None, :], axis=1)
+
+
+@triton.jit
+def _squares(x_row, start, SIZE: tl.constexpr, N_IN: tl.constexpr):
+    k = start + tl.arange(0, SIZE)
+    x = tl.load(x_row + k, mask=k < N_IN, other=0.0).to(tl.float32)
+    return tl.sum(x * x, axis=0)
+
+
+@triton.jit
 def _gemv_kernel(
     X, NORM_W, W, OUT, RES, n_out, stride_x, stride_w, stride_out, stride_res, eps,
-    N_IN: tl.constexpr, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr,
-    BLOCK_N: tl.constexpr, K_PRE: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    N_IN: tl.constexpr, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRE0: tl.constexpr, PRE1: tl.constexpr, PRE2: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
     # Program (output block, row): OUT[row, n] (+)= sum_k f(X)[row, k] * W[n, k] (f: _gemv_input).
-    # The first K_PRE columns' weights (a power of two <= N_IN) are loaded before the PDL wait, so they
-    # stream while the previous kernel still runs; the rest after it, in BLOCK_K chunks. The chunk
-    # loops are unrolled, so every chunk's loads are in flight at once (a rolled loop waits for each).
+    # The weights of the first PRE0 + PRE1 + PRE2 columns (tiles of powers of two, PRE1 and PRE2 may be
+    # 0) are loaded before the PDL wait, so they stream while the previous kernel still runs; the rest
+    # after it, in BLOCK_K chunks. The chunk loops are unrolled, so every chunk's loads are in flight at
+    # once (a rolled loop waits for each).
     row = tl.program_id(1).to(tl.int64)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < n_out
     w_rows = W + offs_n[:, None].to(tl.int64) * stride_w
-    k_pre = tl.arange(0, K_PRE)
-    w_pre = tl.load(w_rows + k_pre[None, :], mask=n_ok[:, None], other=0.0)
+    w0 = tl.load(w_rows + tl.arange(0, PRE0)[None, :], mask=n_ok[:, None], other=0.0)
+    if PRE1 > 0:
+        w1 = tl.load(w_rows + PRE0 + tl.arange(0, PRE1)[None, :], mask=n_ok[:, None], other=0.0)
+    if PRE2 > 0:
+        w2 = tl.load(w_rows + PRE0 + PRE1 + tl.arange(0, PRE2)[None, :], mask=n_ok[:, None], other=0.0)
     pdl.wait(PDL)
     x_row = X + row * stride_x
     rstd = 0.0
-    if PROLOGUE == 1:
-        x = tl.load(x_row + k_pre).to(tl.float32)
-        squares = tl.sum(x * x, axis=0)
-        for k0 in tl.static_range(K_PRE, N_IN, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_row + k, mask=k < N_IN, other=0.0).to(tl.float32)
-            squares += tl.sum(x * x, axis=0)
+    if PROLOGUE == 1:  # the row's RMS, over the same tiles and chunks
+        squares = _squares(x_row, 0, PRE0, N_IN)
+        if PRE1 > 0:
+            squares += _squares(x_row, PRE0, PRE1, N_IN)
+        if PRE2 > 0:
+            squares += _squares(x_row, PRE0 + PRE1, PRE2, N_IN)
+        for k0 in tl.static_range(PRE0 + PRE1 + PRE2, N_IN, BLOCK_K):
+            squares += _squares(x_row, k0, BLOCK_K, N_IN)
         rstd = tl.math.rsqrt(squares / N_IN + eps)
-    xk = _gemv_input(x_row, NORM_W, W, k_pre, k_pre < N_IN, rstd, N_IN, PROLOGUE)
-    acc = tl.sum(w_pre.to(tl.float32) * xk[None, :], axis=1)
-    for k0 in tl.static_range(K_PRE, N_IN, BLOCK_K):
+    acc = _gemv_tile(w0, x_row, NORM_W, W, 0, PRE0, rstd, N_IN, PROLOGUE)
+    if PRE1 > 0:
+        acc += _gemv_tile(w1, x_row, NORM_W, W, PRE0, PRE1, rstd, N_IN, PROLOGUE)
+    if PRE2 > 0:
+        acc += _gemv_tile(w2, x_row, NORM_W, W, PRE0 + PRE1, PRE2, rstd, N_IN, PROLOGUE)
+    for k0 in tl.static_range(PRE0 + PRE1 + PRE2, N_IN, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < N_IN
         w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
@@ -396,8 +471,19 @@ def _gemv_kernel(
     tl.store(OUT + row * stride_out + offs_n, acc.to(OUT.dtype.element_ty), mask=n_ok)
 
 
-# Weight elements a program loads before its PDL wait: 4096 bf16 are 64 registers a thread of its warp.
-GEMV_PREFETCH = 4096
+# Weight elements a program loads before its PDL wait: `small`'s products (K 768 and 2816) whole; 6144
+# bf16 are 96 registers a thread of its one warp.
+GEMV_PREFETCH = 6144
+
+
+def _prefetch_tiles(n_in: int, budget: int) -> list[int]:
+    """Up to three power-of-two column tiles, largest first, covering ``min(n_in, budget)`` columns or
+    as many as three tiles can (the rest is loaded after the wait); 0 for a tile not used."""
+    tiles, left = [], min(n_in, budget)
+    while left and len(tiles) < 3:
+        tiles.append(1 << (left.bit_length() - 1))
+        left -= tiles[-1]
+    return tiles + [0] * (3 - len(tiles))
 
 
 def _gemv(x, norm_weight, weight, out, residual, eps, prologue, n_in) -> None:
@@ -405,13 +491,14 @@ def _gemv(x, norm_weight, weight, out, residual, eps, prologue, n_in) -> None:
     # One warp and 2-4 output rows per program: many small programs keep the most loads in flight
     # (a sweep on the H200, NOTES item 42: 1.7-4.1 us for `small`'s products alone, the cuBLAS path 4-7 us).
     block_n = 2 if n_out <= 2048 else 4
-    k_pre = min(1 << (n_in.bit_length() - 1), GEMV_PREFETCH // block_n)
+    tiles = _prefetch_tiles(n_in, GEMV_PREFETCH // block_n)
     _gemv_kernel[(triton.cdiv(n_out, block_n), rows)](
         x, norm_weight if norm_weight is not None else weight, weight, out,
         residual if residual is not None else out, n_out,
         x.stride(0), weight.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0,
-        eps, N_IN=n_in, PROLOGUE=prologue, HAS_RES=residual is not None, BLOCK_N=block_n, K_PRE=k_pre,
-        BLOCK_K=min(256, triton.next_power_of_2(max(16, n_in - k_pre))), num_warps=1,
+        eps, N_IN=n_in, PROLOGUE=prologue, HAS_RES=residual is not None, BLOCK_N=block_n,
+        PRE0=tiles[0], PRE1=tiles[1], PRE2=tiles[2],
+        BLOCK_K=min(256, triton.next_power_of_2(max(16, n_in - sum(tiles)))), num_warps=1,
         **pdl.launch_args(x.device),
     )
 

@@ -9,8 +9,10 @@ A graph bakes in every Python number, shape and pointer of the step it recorded,
 and writes buffers that stay put:
 
 * What changes every token lives on the device: the new tokens (``_ids``), their position (``_pos``:
-  the rotary angle, the cache slot the key and value go to, the block summary re-summed) and the
-  rows' lengths the routing reads (the plan's ``seqlens``); the graph ends by advancing them.
+  the row of the rotary tables, the cache slot the key and value go to, the block summary re-summed)
+  and the rows' lengths the routing reads (the plan's ``seqlens``); the graph ends by advancing them.
+  The rotary tables hold the positions of the new token's key block: the host recomputes them, with
+  the model's own ops, when a token enters a new block (``_set_rotary_tables``).
 * What changes once per key block stays on the host: the routing plan's sink and local slots, the
   flat router's candidates, the tree router's group layout (launch arguments of its kernels). Keys,
   values and summaries are read through views of the step's whole blocks (``num_blocks * block_size``
@@ -131,6 +133,8 @@ class GraphedDecoder:
         self._held: int | None = None  # tokens per row that _pos encodes
         self._prepared: tuple | None = None  # (key, capacity, weak references): see _preparation
         self._plan: DecodePlan | None = None
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [block_size, D] float32
+        self._rope_block: int | None = None  # the key block they hold
         self._pieces: list[tuple[torch.cuda.CUDAGraph, tuple | None]] = []
         self._logits: torch.Tensor | None = None
 
@@ -146,6 +150,7 @@ class GraphedDecoder:
         held = self._held_length(layers, input_ids)
         prepare = not self._is_prepared(layers, held)
         self._weights.refresh()
+        self._set_rotary_tables(held)
         with torch.no_grad(), self._sdpa_context():
             captured = False
             if prepare:
@@ -352,6 +357,23 @@ class GraphedDecoder:
         self._pos.fill_(held)
         self._seqlens.fill_(held + 1)
 
+    def _set_rotary_tables(self, held: int) -> None:
+        """The rotary tables ``(cos, sin)`` of the key block the token at position ``held`` lands in, one
+        row per position (the step reads row ``pos % block_size``): computed by the model's own ops, so
+        the rotation is the eager step's to the bit, into buffers that stay put (graphs read them)."""
+        block = held // self._block_size
+        if block == self._rope_block:
+            return
+        first = block * self._block_size
+        positions = torch.arange(first, first + self._block_size, device=self.device)
+        tables = self.model.model.layers[0].self_attn.rotary.tables(positions)
+        if self._rope is None:
+            self._rope = tuple(table.contiguous() for table in tables)
+        else:
+            for buffer, table in zip(self._rope, tables):
+                buffer.copy_(table)
+        self._rope_block = block
+
     def _sdpa_context(self):
         # The dense step's SDPA backends, as SubquadModel.forward chooses them for a decode step on CUDA.
         backends = modeling.DENSE_DECODE_BACKENDS
@@ -370,17 +392,18 @@ class GraphedDecoder:
         batch, bs = self._batch, self._block_size
         pos = self._pos
         hidden = core.embed_tokens(self._ids)  # [B, 1, C]
-        rope = core.layers[0].self_attn.rotary.tables(pos.view(1, 1, 1))  # [1, 1, 1, D] each
         heads_q, heads_kv = core.layers[0].self_attn.num_heads, core.layers[0].self_attn.num_kv_heads
         residual = hidden.view(batch, -1)  # updated in place by the matmuls after attention and MLP
         for i, (layer, cache_layer) in enumerate(zip(core.layers, self.cache.layers)):
             attn, norm, post_norm = layer.self_attn, layer.input_layernorm, layer.post_attention_layernorm
             qkv = fused.norm_linear(residual, norm.weight, norm.eps, self._weights.qkv[i])
-            qkv = qkv.view(batch, 1, heads_q + 2 * heads_kv, attn.head_dim)
-            qk = attn.rotary.rotate(qkv[:, :, : heads_q + heads_kv], rope)
-            q, k, v = qk[:, :, :heads_q], qk[:, :, heads_q:], qkv[:, :, heads_q + heads_kv :]
-            fused.append_decode_token(
-                cache_layer._key_buf, cache_layer._value_buf, cache_layer._means, k, v, pos, bs
+            q = fused.rotate_append_decode_token(
+                qkv.view(batch, 1, heads_q + 2 * heads_kv, attn.head_dim),
+                *self._rope,
+                pos,
+                cache_layer._key_buf,
+                cache_layer._value_buf,
+                cache_layer._means,
             )
             if self._dense:
                 out = yield i, q
