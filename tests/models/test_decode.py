@@ -269,3 +269,70 @@ def test_model_decode_step_matches_full_forward_without_host_syncs(index, ragged
         for r, (row, n) in enumerate(zip(rows, lengths)):
             ref = model(row[:, : n - 15], use_cache=False).logits[:, -1]
             torch.testing.assert_close(out.logits[r, -1], ref[0], atol=2e-5, rtol=1e-4)
+
+
+def _fused_step_inputs(batch, heads, dim, block_size, held, dtype, device):
+    """A cache of ``held`` random tokens a row (zeros after, block means as a cache keeps them), the q/k/v
+    projection of the next token and rotary tables of its key block."""
+    heads_q, heads_kv = heads
+    capacity = (held // block_size + 2) * block_size
+    key_buf = torch.zeros(batch, capacity, heads_kv, dim, dtype=dtype, device=device)
+    value_buf = torch.zeros_like(key_buf)
+    key_buf[:, :held] = torch.randn(batch, held, heads_kv, dim, device=device).to(dtype)
+    value_buf[:, :held] = torch.randn(batch, held, heads_kv, dim, device=device).to(dtype)
+    blocks = -(-capacity // block_size)
+    sums = key_buf.float().view(batch, blocks, block_size, heads_kv, dim).sum(2)
+    counts = (held - torch.arange(blocks, device=device) * block_size).clamp(1, block_size)
+    means = sums / counts.view(1, -1, 1, 1)
+    qkv = torch.randn(batch, 1, heads_q + 2 * heads_kv, dim, device=device).to(dtype)
+    angles = torch.rand(block_size, dim // 2, device=device) * 6.3
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    pos = torch.tensor([held], device=device)
+    return qkv, cos, sin, pos, key_buf, value_buf, means
+
+
+@pytest.mark.parametrize("index", ["flat", "tree"])
+@pytest.mark.parametrize(
+    "heads, top_k, held, lists, tile",
+    [((4, 2), 3, 700, 2, 16), ((3, 1), 20, 300, 4, 32), ((4, 2), 3, 704, 1, 16), ((2, 2), 2, 20, 3, 16)],
+    ids=["two-tiles-a-list", "fewer-candidates-than-k", "block-opens", "no-candidates"],
+)
+def test_fused_decode_step_matches_reference(index, heads, top_k, held, lists, tile, poison_empty):
+    # The fused step (the append in the routing's first kernel, split-K attention picking the selection
+    # from the routing's lists, merge) against the append reference and the PyTorch decode step: the
+    # same cache writes and selection, the attention output to kernel precision. fp16 on the CPU (the
+    # interpreter's bf16 tl.dot is wrong). lists and tile shape the flat router's launch.
+    pytest.importorskip("triton")
+    from subquad.ops.ssa.triton_decode import decode_plan, fused_decode_step
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs Triton's interpreter
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    config = subquad.SSAConfig(block_size=16, top_k=top_k, sink_blocks=1, local_blocks=2, index=index)
+    inputs = _fused_step_inputs(2, heads, 16, 16, held, dtype, device)
+    ref_inputs = [t.clone() for t in inputs]
+    seqlens = torch.full((2,), held + 1, device=device, dtype=torch.int32)
+    plan = decode_plan(seqlens, held // 16 + 1, config, [held + 1] * 2)
+    out, idx = fused_decode_step(*inputs, plan, config, 0.3, "triton", route_lists=lists, route_tile=tile)
+    want, want_idx = fused_decode_step(*ref_inputs, plan, config, 0.3, "torch")
+    for got_buf, want_buf in zip(inputs[4:6], ref_inputs[4:6]):
+        assert torch.equal(got_buf, want_buf)
+    torch.testing.assert_close(inputs[6], ref_inputs[6], atol=1e-6, rtol=1e-6)
+    assert torch.equal(idx, want_idx)
+    torch.testing.assert_close(out.float(), want.float(), atol=3e-3, rtol=1e-2)
+
+
+def test_fused_decode_step_rejects_bad_arguments():
+    pytest.importorskip("triton")
+    from subquad.ops.ssa.triton_decode import decode_plan, fused_decode_step
+
+    config = subquad.SSAConfig(block_size=16, top_k=3, sink_blocks=1, local_blocks=2)
+    inputs = _fused_step_inputs(1, (2, 1), 16, 16, 100, torch.float16, "cpu")
+    plan = decode_plan(torch.full((1,), 101, dtype=torch.int32), 7, config, [101])
+    for tile in (24, 8):
+        with pytest.raises(ValueError, match=f"route_tile={tile}: expected a power of two >= 16"):
+            fused_decode_step(*inputs, plan, config, 0.3, "triton", route_tile=tile)
+    with pytest.raises(ValueError, match="route_lists=0"):
+        fused_decode_step(*inputs, plan, config, 0.3, "triton", route_lists=0)
+    short = (inputs[0], inputs[1][:8], inputs[2][:8], *inputs[3:])
+    with pytest.raises(ValueError, match=r"cos: shape \(8, 16\), expected 16 rows"):
+        fused_decode_step(*short, plan, config, 0.3, "triton")

@@ -10,7 +10,8 @@ kernels, ``benchmarks/NOTES.md`` item 40), and in a long prefill they are memory
 one kernel reading its input once. The graphed decode step's rotation and cache append
 (``rotate_append_decode_token``) are one kernel a layer, reading rotary tables its caller computes once
 per key block (items 41, 45: they were ~10 PyTorch ops for the tables a step, then a rotation, two index
-copies and the open block's summary re-summed a layer); its products (``norm_linear``,
+copies and the open block's summary re-summed a layer); an SSA step runs the same program
+(``_rotate_append_program``) inside its router's first kernel (item 46); its products (``norm_linear``,
 ``linear_add_``, ``swiglu_linear_add_``) each replace cuBLAS and the norm, SwiGLU or residual add
 beside it (item 42).
 
@@ -243,49 +244,77 @@ def rotate_append_decode_token_reference(
 
 
 @triton.jit
+def _token_tables(POS, COS, SIN, d, d_ok, D: tl.constexpr, BS: tl.constexpr):
+    """The new token's position, its key block, and its rows of the rotary tables (``[BLOCK_D]`` each)."""
+    pos = tl.load(POS)
+    block = pos // BS
+    table = (pos - block * BS) * D + d
+    return pos, block, tl.load(COS + table, mask=d_ok, other=0.0), tl.load(SIN + table, mask=d_ok, other=0.0)
+
+
+@triton.jit
+def _rotated_heads(X, cos, sin, d, ok, D: tl.constexpr):
+    """The heads at ``X`` (a pointer, or ``[R, 1]`` pointers to R heads) rotated as rotate_reference, in
+    float32 ``[R, BLOCK_D]``: x * cos + swapped * sin, three roundings (kernels calling this launch with
+    ``enable_fp_fusion=False``)."""
+    partner = tl.where(d < D // 2, d + D // 2, d - D // 2)
+    x = tl.load(X + d[None, :], mask=ok, other=0.0).to(tl.float32)
+    swapped = tl.load(X + partner[None, :], mask=ok, other=0.0).to(tl.float32)
+    return x * cos[None, :] + swapped * sin[None, :]
+
+
+@triton.jit
+def _rotate_append_program(
+    QKV, COS, SIN, Q_OUT, KEY_BUF, VALUE_BUF, MEANS, POS, b, h, HKV,
+    s_x_b, s_x_h, s_kb_b, s_kb_s, s_kb_h, s_vb_b, s_vb_s, s_vb_h, s_m_b, s_m_n, s_m_h,
+    GROUP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
+):
+    """Row ``b``, KV head ``h`` of rotate_append_decode_token: its GROUP query heads, its key and value.
+
+    Before the PDL wait: the position, its table rows and the block's earlier keys. A decode step writes
+    them only in kernels at least two launches back (the position after the last layer; a key a step
+    before), which had finished when this kernel could start. The q/k/v heads after the wait."""
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    pos, block, cos, sin = _token_tables(POS, COS, SIN, d, d_ok, D, BS)
+    # The block's earlier keys from the buffer, the new one from registers.
+    slots = block * BS + tl.arange(0, BLOCK_S)
+    earlier = tl.load(
+        KEY_BUF + b * s_kb_b + slots[:, None] * s_kb_s + h * s_kb_h + d[None, :],
+        mask=(slots[:, None] < pos) & d_ok[None, :], other=0.0,
+    )
+    pdl.wait(PDL)
+    g = tl.arange(0, BLOCK_G)[:, None]
+    q_ok = (g < GROUP) & d_ok[None, :]
+    q = _rotated_heads(QKV + b * s_x_b + (h * GROUP + g) * s_x_h, cos, sin, d, q_ok, D)
+    tl.store(Q_OUT + ((b * HKV + h) * GROUP + g) * D + d[None, :], q.to(Q_OUT.dtype.element_ty), mask=q_ok)
+    x_k = QKV + b * s_x_b + (HKV * GROUP + h) * s_x_h
+    key = tl.reshape(_rotated_heads(x_k, cos, sin, d, d_ok[None, :], D), [BLOCK_D])
+    key = key.to(KEY_BUF.dtype.element_ty)
+    value = tl.load(QKV + b * s_x_b + (HKV * GROUP + HKV + h) * s_x_h + d, mask=d_ok, other=0.0)
+    tl.store(KEY_BUF + b * s_kb_b + pos * s_kb_s + h * s_kb_h + d, key, mask=d_ok)
+    tl.store(VALUE_BUF + b * s_vb_b + pos * s_vb_s + h * s_vb_h + d, value, mask=d_ok)
+    sums = tl.sum(earlier.to(tl.float32), axis=0) + key.to(tl.float32)
+    count = (pos - block * BS + 1).to(tl.float32)
+    tl.store(MEANS + b * s_m_b + block * s_m_n + h * s_m_h + d, sums / count, mask=d_ok)
+
+
+@triton.jit
 def _rotate_append_kernel(
     QKV, COS, SIN, Q_OUT, KEY_BUF, VALUE_BUF, MEANS, POS, HKV,
     s_x_b, s_x_h, s_kb_b, s_kb_s, s_kb_h, s_vb_b, s_vb_s, s_vb_h, s_m_b, s_m_n, s_m_h,
     GROUP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
-    # One program per (row, KV head): its GROUP query heads, its key and value.
-    pdl.wait(PDL)
+    # One program per (row, KV head).
     b = (tl.program_id(0) // HKV).to(tl.int64)
     h = (tl.program_id(0) % HKV).to(tl.int64)
-    pos = tl.load(POS)
-    block = pos // BS
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    partner = tl.where(d < D // 2, d + D // 2, d - D // 2)
-    table = (pos - block * BS) * D + d
-    cos = tl.load(COS + table, mask=d_ok, other=0.0)
-    sin = tl.load(SIN + table, mask=d_ok, other=0.0)
-    # Rotated as rotate_reference: x * cos + swapped * sin, three roundings (no FMA: see the launch).
-    g = tl.arange(0, BLOCK_G)[:, None]
-    q_ok = (g < GROUP) & d_ok[None, :]
-    x_q = QKV + b * s_x_b + (h * GROUP + g) * s_x_h
-    xq = tl.load(x_q + d[None, :], mask=q_ok, other=0.0).to(tl.float32)
-    swapped = tl.load(x_q + partner[None, :], mask=q_ok, other=0.0).to(tl.float32)
-    q = xq * cos[None, :] + swapped * sin[None, :]
-    tl.store(Q_OUT + ((b * HKV + h) * GROUP + g) * D + d[None, :], q.to(Q_OUT.dtype.element_ty), mask=q_ok)
-    x_k = QKV + b * s_x_b + (HKV * GROUP + h) * s_x_h
-    xk = tl.load(x_k + d, mask=d_ok, other=0.0).to(tl.float32)
-    key = (xk * cos + tl.load(x_k + partner, mask=d_ok, other=0.0).to(tl.float32) * sin)
-    key = key.to(KEY_BUF.dtype.element_ty)
-    value = tl.load(QKV + b * s_x_b + (HKV * GROUP + HKV + h) * s_x_h + d, mask=d_ok, other=0.0)
-    tl.store(KEY_BUF + b * s_kb_b + pos * s_kb_s + h * s_kb_h + d, key, mask=d_ok)
-    tl.store(VALUE_BUF + b * s_vb_b + pos * s_vb_s + h * s_vb_h + d, value, mask=d_ok)
-    # The block's earlier keys from the buffer (not the slot just written, which another thread of
-    # this program may not see yet), the new one from registers.
-    slots = block * BS + tl.arange(0, BLOCK_S)
-    earlier = tl.load(
-        KEY_BUF + b * s_kb_b + slots[:, None] * s_kb_s + h * s_kb_h + d[None, :],
-        mask=(slots[:, None] < pos) & d_ok[None, :], other=0.0,
+    _rotate_append_program(
+        QKV, COS, SIN, Q_OUT, KEY_BUF, VALUE_BUF, MEANS, POS, b, h, HKV,
+        s_x_b, s_x_h, s_kb_b, s_kb_s, s_kb_h, s_vb_b, s_vb_s, s_vb_h, s_m_b, s_m_n, s_m_h,
+        GROUP, D, BS, BLOCK_G, BLOCK_S, BLOCK_D, PDL,
     )
-    sums = tl.sum(earlier.to(tl.float32), axis=0) + key.to(tl.float32)
-    count = (pos - block * BS + 1).to(tl.float32)
-    tl.store(MEANS + b * s_m_b + block * s_m_n + h * s_m_h + d, sums / count, mask=d_ok)
 
 
 def rotate_append_decode_token(
@@ -303,18 +332,9 @@ def rotate_append_decode_token(
     return rotate_append_decode_token_reference(qkv, cos, sin, pos, key_buf, value_buf, means)
 
 
-def rotate_append_decode_token_triton(
-    qkv: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    pos: torch.Tensor,
-    key_buf: torch.Tensor,
-    value_buf: torch.Tensor,
-    means: torch.Tensor,
-) -> torch.Tensor:
-    """:func:`rotate_append_decode_token_reference` in one kernel (no host sync: ``pos`` is read on the
-    device). Rotations and stores are the reference's to the bit; the block's keys are summed in another
-    order, so a mean may differ in its last bit."""
+def check_rotate_append(qkv, cos, sin, pos, key_buf, value_buf, means) -> int:
+    """Validate :func:`rotate_append_decode_token_triton`'s arguments (a kernel would read out of bounds
+    on bad ones); returns the number of query heads."""
     batch, capacity, heads_kv, dim = key_buf.shape
     width = qkv.shape[2] if qkv.dim() == 4 else 0
     heads_q = width - 2 * heads_kv
@@ -365,6 +385,24 @@ def rotate_append_decode_token_triton(
         )
     if key_buf.stride(-1) != 1 or value_buf.stride(-1) != 1 or means.stride(-1) != 1:
         raise ValueError("key_buf, value_buf, means: expected a contiguous last dim")
+    return heads_q
+
+
+def rotate_append_decode_token_triton(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    pos: torch.Tensor,
+    key_buf: torch.Tensor,
+    value_buf: torch.Tensor,
+    means: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`rotate_append_decode_token_reference` in one kernel (no host sync: ``pos`` is read on the
+    device). Rotations and stores are the reference's to the bit; the block's keys are summed in another
+    order, so a mean may differ in its last bit."""
+    heads_q = check_rotate_append(qkv, cos, sin, pos, key_buf, value_buf, means)
+    batch, _, heads_kv, dim = key_buf.shape
+    block_size = cos.shape[0]
     q = torch.empty(batch, 1, heads_q, dim, dtype=qkv.dtype, device=qkv.device)
     _rotate_append_kernel[(batch * heads_kv,)](
         qkv, cos, sin, q, key_buf, value_buf, means, pos, heads_kv,

@@ -6,9 +6,12 @@ the launch and the first loads' latency in full. A kernel launched with PDL (``l
 starts while the one before it still runs and waits on the device (``griddepcontrol.wait``) until
 that kernel has finished and its writes are visible. The rules every kernel here keeps:
 
-* before its wait it only loads what no kernel of a step writes: model weights (the decode GEMVs start
-  streaming theirs this way) and the tree router's kept group bounds (PyTorch ops update them, and a
-  PyTorch kernel lets the next one start only when it has finished). It stores nothing;
+* before its wait it only loads what the kernel just before it cannot be writing: what no kernel of a
+  step writes (model weights: the decode GEMVs start streaming theirs this way; the tree router's kept
+  group bounds, which PyTorch ops update, and a PyTorch kernel lets the next one start only when it has
+  finished; the host-built sink and local slots), or what only kernels at least two launches back
+  write (they finished before this one could start, see the next rule: the token's position, its
+  rotary table rows, the open block's earlier keys, the summaries of complete blocks). It stores nothing;
 * right after its wait it lets the next kernel launch (``griddepcontrol.launch_dependents``). At that
   point every kernel before it has finished, so the next kernel's weight loads overlap this one alone.
 

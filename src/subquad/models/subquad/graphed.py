@@ -14,7 +14,7 @@ and writes buffers that stay put:
   The rotary tables hold the positions of the new token's key block: the host recomputes them, with
   the model's own ops, when a token enters a new block (``_set_rotary_tables``).
 * What changes once per key block stays on the host: the routing plan's sink and local slots, the
-  flat router's candidates, the tree router's group layout (launch arguments of its kernels). Keys,
+  routing kernels' launch arguments (the tree router's group layout). Keys,
   values and summaries are read through views of the step's whole blocks (``num_blocks * block_size``
   keys; the kernels mask by ``seqlens``). The step is re-captured when the new token opens a key block
   (every ``block_size`` tokens), when a cache buffer is reallocated (growth) or when the cache changed
@@ -389,7 +389,7 @@ class GraphedDecoder:
         back (it runs between graphs, see the module docstring); SSA attends inline.
         """
         core = self.model.model
-        batch, bs = self._batch, self._block_size
+        batch = self._batch
         pos = self._pos
         hidden = core.embed_tokens(self._ids)  # [B, 1, C]
         heads_q, heads_kv = core.layers[0].self_attn.num_heads, core.layers[0].self_attn.num_kv_heads
@@ -397,27 +397,12 @@ class GraphedDecoder:
         for i, (layer, cache_layer) in enumerate(zip(core.layers, self.cache.layers)):
             attn, norm, post_norm = layer.self_attn, layer.input_layernorm, layer.post_attention_layernorm
             qkv = fused.norm_linear(residual, norm.weight, norm.eps, self._weights.qkv[i])
-            q = fused.rotate_append_decode_token(
-                qkv.view(batch, 1, heads_q + 2 * heads_kv, attn.head_dim),
-                *self._rope,
-                pos,
-                cache_layer._key_buf,
-                cache_layer._value_buf,
-                cache_layer._means,
-            )
+            qkv = qkv.view(batch, 1, heads_q + 2 * heads_kv, attn.head_dim)
             if self._dense:
-                out = yield i, q
+                buffers = cache_layer._key_buf, cache_layer._value_buf, cache_layer._means
+                out = yield i, fused.rotate_append_decode_token(qkv, *self._rope, pos, *buffers)
             else:
-                num_blocks = self._plan.num_blocks
-                keys = num_blocks * bs
-                out = attn._decode_sparse(
-                    q,
-                    cache_layer._key_buf[:, :keys],
-                    cache_layer._value_buf[:, :keys],
-                    cache_layer._means[:, :num_blocks],
-                    self._plan,
-                    cache_layer,
-                )
+                out = attn._decode_from_projection(qkv, self._rope, pos, self._plan, cache_layer)
             fused.linear_add_(residual, out.reshape(batch, -1), attn.o_proj.weight)
             gate_up = fused.norm_linear(residual, post_norm.weight, post_norm.eps, self._weights.gate_up[i])
             fused.swiglu_linear_add_(residual, gate_up, layer.mlp.down_proj.weight)

@@ -40,7 +40,14 @@ from subquad.models.subquad.configuration import SubquadConfig
 from subquad.ops import fused
 from subquad.ops.ssa.interface import resolve_backend, ssa_attention
 from subquad.ops.ssa.select import SSASelection, select_blocks
-from subquad.ops.ssa.triton_decode import DecodePlan, TreeBounds, decode_plan, decode_step, ssa_decode
+from subquad.ops.ssa.triton_decode import (
+    DecodePlan,
+    TreeBounds,
+    decode_plan,
+    decode_step,
+    fused_decode_step,
+    ssa_decode,
+)
 
 # SDPA with an explicit bottom-right mask: queries per call so the mask stays under 2^28 elements.
 _DENSE_MASK_ELEMENTS = 1 << 28
@@ -223,6 +230,18 @@ class SubquadAttention(nn.Module):
         backend = resolve_backend("auto", q, v)
         bounds = cache_layer.derived.setdefault("tree_bounds", TreeBounds()) if ssa.index == "tree" else None
         return decode_step(q, k, v, summaries, plan, ssa, self.scale, backend, bounds)[0]
+
+    @torch.compiler.disable
+    def _decode_from_projection(self, qkv, rope, pos, plan: DecodePlan, cache_layer: SSACacheLayer):
+        """The graphed decode step's attention (``GraphedDecoder``): from the q/k/v projection's output
+        ``[B, 1, Hq + 2 Hkv, D]``, the rotary tables ``rope`` of the token's key block and its position
+        ``pos`` (rows of one length), the token's rotation, cache append, routing and attention
+        (``fused_decode_step``: on CUDA three kernels for the flat index, four for the tree)."""
+        ssa = self.config.ssa_config
+        buffers = cache_layer._key_buf, cache_layer._value_buf, cache_layer._means
+        backend = resolve_backend("auto", qkv, buffers[1])
+        bounds = cache_layer.derived.setdefault("tree_bounds", TreeBounds()) if ssa.index == "tree" else None
+        return fused_decode_step(qkv, *rope, pos, *buffers, plan, ssa, self.scale, backend, bounds)[0]
 
     def _attend_rows(self, q, k_all, v_all, summaries, route, lengths, valid) -> torch.Tensor:
         """Rows of different lengths: each row attends over its own tokens (padded queries give 0)."""

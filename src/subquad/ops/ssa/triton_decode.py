@@ -14,6 +14,11 @@ blocks. Two attention paths with one signature:
 
 Rows may hold different numbers of tokens (``seqlens``); keys at or after a row's length are never
 read, so a cache stored right-padded serves a batch of prompts of different lengths.
+
+A graphed model step (rows of one length) runs :func:`fused_decode_step` from the q/k/v projection's
+output: the token's rotation and cache append run inside the router's first kernel, and the split-K
+programs pick the selection from the router's candidate lists themselves (three kernels a layer for
+the flat index, four for the tree, against six).
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ try:
     import triton
     import triton.language as tl
 
-    from subquad.ops import pdl
+    from subquad.ops import fused, pdl
+    from subquad.ops.ssa.triton_select import _merge_top, _pack_keys
 except ImportError:  # pragma: no cover - triton is optional on CPU machines
     triton = None
     tl = None
@@ -346,23 +352,33 @@ def sparse_decode_naive(
 
 if triton is not None:
 
-    @triton.jit(do_not_specialize=["num_splits", "seq_len_k"])  # as triton_select's decode kernels
+    # Context-moving ints not specialised on, as triton_select's decode kernels.
+    @triton.jit(do_not_specialize=["num_splits", "seq_len_k", "num_lists"])
     def _sparse_decode_split_kernel(
-        Q, K, V, IDX, LENS, M_OUT, L_OUT, ACC_OUT,
+        Q, K, V, IDX, LENS, M_OUT, L_OUT, ACC_OUT, PART, FIXED,
         stride_qb, stride_qh, stride_qd,
         stride_kb, stride_ks, stride_kh, stride_kd,
         stride_vb, stride_vs, stride_vh, stride_vd,
-        stride_ib, stride_ih, stride_ik,
-        num_kv_heads, num_slots, num_splits, seq_len_k, scale,
+        stride_ib, stride_ih, stride_ik, stride_fb,
+        num_kv_heads, num_slots, num_splits, seq_len_k, scale, num_lists,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
-        SLOTS_PER_SPLIT: tl.constexpr, PDL: tl.constexpr,
+        SLOTS_PER_SPLIT: tl.constexpr, PICK: tl.constexpr, NUM_FIXED: tl.constexpr, FIXED_PAD: tl.constexpr,
+        LISTS_PAD: tl.constexpr, K_PAD: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        pdl.wait(PDL)
+        # Program (row x KV head, split): slots SLOTS_PER_SPLIT * split.. of the selection IDX [B, Hkv, K],
+        # or with PICK, of the selection it picks itself and writes to IDX (split 0): the sink and local
+        # slots FIXED [B, 1, NUM_FIXED], then the best of the candidate lists PART [B * Hkv, num_lists,
+        # K_PAD] (packed keys, triton_select._pack_keys). Every split picks the same: a kernel fewer than
+        # picking in its own launch, for one top-k of the lists a program.
         pid_bh = tl.program_id(0)
         split = tl.program_id(1)
         b = (pid_bh // num_kv_heads).to(tl.int64)
         h = (pid_bh % num_kv_heads).to(tl.int64)
+        if PICK:  # the host writes FIXED before the step: loaded before the PDL wait
+            fcols = tl.arange(0, FIXED_PAD)
+            fixed = tl.load(FIXED + b * stride_fb + fcols, mask=fcols < NUM_FIXED, other=-1)
+        pdl.wait(PDL)
         seqlen = tl.minimum(tl.load(LENS + b).to(tl.int64), seq_len_k)
         offs_g = tl.arange(0, BLOCK_G)
         offs_d = tl.arange(0, BLOCK_D)
@@ -372,15 +388,33 @@ if triton is not None:
         heads = h * GROUP + offs_g
         q_ptrs = Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd
         q = tl.load(q_ptrs, mask=g_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)  # [BG, BD]
+        idx_row = IDX + b * stride_ib + h * stride_ih
+        if PICK:
+            lists = tl.arange(0, LISTS_PAD)
+            cols = tl.arange(0, K_PAD)
+            keys = tl.load(PART + (pid_bh.to(tl.int64) * num_lists + lists[:, None]) * K_PAD + cols[None, :],
+                           mask=(lists < num_lists)[:, None], other=-1)
+            keys = tl.reshape(keys, [1, LISTS_PAD * K_PAD])
+            if LISTS_PAD > 1:
+                keys = tl.topk(keys, K_PAD)
+            top = tl.sort(keys, descending=True)
+            picked = tl.where(top >= 0, (top & 0xFFFFFFFF).to(tl.int32), -1)  # [1, K_PAD]
+            routed = cols[None, :] + NUM_FIXED  # the slot each pick fills
+            if split == 0:
+                tl.store(idx_row + fcols * stride_ik, fixed, mask=fcols < NUM_FIXED)
+                tl.store(idx_row + routed * stride_ik, picked, mask=routed < num_slots)
 
         m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_DV], dtype=tl.float32)
         for s in range(SLOTS_PER_SPLIT):
             slot = split * SLOTS_PER_SPLIT + s
-            blk = tl.load(
-                IDX + b * stride_ib + h * stride_ih + slot * stride_ik, mask=slot < num_slots, other=-1
-            )
+            if PICK:  # the slot's block from registers (+1 / -1: a slot matched by neither gives -1)
+                blk = tl.sum(tl.where(fcols == slot, fixed + 1, 0))
+                blk += tl.sum(tl.where(routed == slot, picked + 1, 0))
+                blk = tl.where(slot < num_slots, blk - 1, -1)
+            else:
+                blk = tl.load(idx_row + slot * stride_ik, mask=slot < num_slots, other=-1)
             if blk >= 0:
                 pos = blk.to(tl.int64) * BLOCK_SIZE + offs_n  # [BN]
                 k_mask = pos < seqlen
@@ -454,6 +488,70 @@ if triton is not None:
         tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=offs_dv < HEAD_DIM_V)
 
 
+    @triton.jit
+    def _flat_tile_keys(rq, summ, blocks, last_candidate, SINK: tl.constexpr, K_PAD: tl.constexpr,
+                        TILE: tl.constexpr):
+        """The best ``K_PAD`` candidates of a tile of summaries ``[TILE, BLOCK_D]`` as packed keys ``[1,
+        K_PAD]``: blocks after the sinks, up to ``last_candidate`` (the flat router's), scored by ``rq``."""
+        score = tl.sum(rq[None, :] * summ, 1)
+        ok = (blocks >= SINK) & (blocks <= last_candidate)
+        keys = _pack_keys(score, blocks, ok)[None, :]
+        if TILE > K_PAD:
+            keys = tl.topk(keys, K_PAD)
+        return keys
+
+    @triton.jit(do_not_specialize=["num_blocks", "num_splits", "tiles_per_split"])
+    def _flat_route_append_kernel(
+        QKV, COS, SIN, Q_OUT, KEY_BUF, VALUE_BUF, MEANS, POS, PART,
+        s_x_b, s_x_h, s_kb_b, s_kb_s, s_kb_h, s_vb_b, s_vb_s, s_vb_h, s_m_b, s_m_n, s_m_h,
+        HKV, num_blocks, num_splits, tiles_per_split,
+        GROUP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr,
+        BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
+        K_PAD: tl.constexpr, PDL: tl.constexpr,
+    ):  # fmt: skip
+        # Program (row x KV head, split). Split num_splits rotates the new token's q and k heads and appends
+        # it to the cache (fused.rotate_append_decode_token). The others route: each scores the summaries of
+        # tiles_per_split tiles of TILE blocks with the routing query (the sum of the rotated query heads,
+        # rounded as the heads the reference routes with) and writes its best K_PAD candidates as packed
+        # keys into PART [B * Hkv, num_splits, K_PAD]. The first tile is loaded before the PDL wait: the
+        # summaries of candidate blocks (complete, before the window) are written by no kernel of the step.
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = (bh // HKV).to(tl.int64)
+        h = (bh % HKV).to(tl.int64)
+        if split == num_splits:
+            fused._rotate_append_program(
+                QKV, COS, SIN, Q_OUT, KEY_BUF, VALUE_BUF, MEANS, POS, b, h, HKV,
+                s_x_b, s_x_h, s_kb_b, s_kb_s, s_kb_h, s_vb_b, s_vb_s, s_vb_h, s_m_b, s_m_n, s_m_h,
+                GROUP, D, BS, BLOCK_G, BLOCK_S, BLOCK_D, PDL,
+            )
+        else:
+            d = tl.arange(0, BLOCK_D)
+            d_ok = d < D
+            summ_base = MEANS + b * s_m_b + h * s_m_h + d[None, :]
+            first = split.to(tl.int64) * tiles_per_split * TILE
+            blocks = first + tl.arange(0, TILE)
+            summ = tl.load(summ_base + blocks[:, None] * s_m_n,
+                           mask=(blocks < num_blocks)[:, None] & d_ok[None, :], other=0.0)
+            # Loaded before the wait as in fused._rotate_append_program (see there).
+            pos, block, cos, sin = fused._token_tables(POS, COS, SIN, d, d_ok, D, BS)
+            last_candidate = block - LOCAL
+            pdl.wait(PDL)
+            g = tl.arange(0, BLOCK_G)[:, None]
+            q = fused._rotated_heads(QKV + b * s_x_b + (h * GROUP + g) * s_x_h, cos, sin, d,
+                                     (g < GROUP) & d_ok[None, :], D)
+            rq = tl.sum(q.to(QKV.dtype.element_ty).to(tl.float32), axis=0)  # select.routing_queries
+            best = _flat_tile_keys(rq, summ, blocks, last_candidate, SINK, K_PAD, TILE)
+            for t in range(1, tiles_per_split):
+                blocks = first + t * TILE + tl.arange(0, TILE)
+                summ = tl.load(summ_base + blocks[:, None] * s_m_n,
+                               mask=(blocks < num_blocks)[:, None] & d_ok[None, :], other=0.0)
+                keys = _flat_tile_keys(rq, summ, blocks, last_candidate, SINK, K_PAD, TILE)
+                best = _merge_top(best, keys, 1, K_PAD)
+            cols = tl.arange(0, K_PAD)
+            tl.store(PART + (bh.to(tl.int64) * num_splits + split) * K_PAD + cols[None, :], best)
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
@@ -475,11 +573,29 @@ def sparse_decode_triton(
     """
     if triton is None:
         raise ValueError("sparse_decode_triton: triton is not installed (pip install 'subquad[triton]')")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _split_merge(q, k, v, block_idx.to(torch.int32), seqlens, block_size, scale, slots_per_split)
+
+
+@dataclass
+class _Pick:
+    """The split kernel's ``PICK`` mode: candidate lists ``part [B * Hkv, num_lists, k_pad]`` (packed keys,
+    ``triton_select._pack_keys``) and the sink and local slots ``fixed [B, 1, F]`` int32, from which it
+    writes the selection itself."""
+
+    part: torch.Tensor
+    num_lists: int
+    k_pad: int
+    fixed: torch.Tensor
+
+
+def _split_merge(q, k, v, block_idx, seqlens, block_size, scale, slots_per_split=None, pick=None):
+    """Launch the split-K kernel and its merge: ``[B, Hq, Dv]``. ``block_idx [B, Hkv, K]`` int32 is read, or
+    written with ``pick`` (:class:`_Pick`)."""
     batch, heads_q, dim = q.shape
     heads_kv, dim_v = k.shape[2], v.shape[-1]
     group = heads_q // heads_kv
     num_slots = block_idx.shape[-1]
-    scale = dim**-0.5 if scale is None else scale
     if slots_per_split is None:
         # About 256 programs: enough to cover the SMs of an H200 at batch 1 without tiny splits.
         slots_per_split = max(1, min(num_slots, -(-num_slots * batch * heads_kv // 256)))
@@ -487,20 +603,25 @@ def sparse_decode_triton(
     block_g = max(16, _next_pow2(group))
     block_d, block_dv = max(16, _next_pow2(dim)), max(16, _next_pow2(dim_v))
     seqlens = seqlens.to(device=q.device, dtype=torch.int32).contiguous()
-    block_idx = block_idx.to(torch.int32)
     m_part = torch.empty(batch * heads_kv * num_splits * block_g, device=q.device, dtype=torch.float32)
     l_part = torch.empty_like(m_part)
     acc_part = torch.empty(m_part.numel() * block_dv, device=q.device, dtype=torch.float32)
     out = torch.empty(batch, heads_q, dim_v, device=q.device, dtype=q.dtype)
+    picking = pick is not None
+    if not picking:  # PICK's arguments unused: block_idx in the tensors' places, sizes 1
+        pick = _Pick(block_idx, 1, 1, block_idx)
+    num_fixed = pick.fixed.shape[-1] if picking else 1
     _sparse_decode_split_kernel[(batch * heads_kv, num_splits)](
-        q, k, v, block_idx, seqlens, m_part, l_part, acc_part,
+        q, k, v, block_idx, seqlens, m_part, l_part, acc_part, pick.part, pick.fixed,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         v.stride(0), v.stride(1), v.stride(2), v.stride(3),
-        block_idx.stride(0), block_idx.stride(1), block_idx.stride(2),
-        heads_kv, num_slots, num_splits, k.shape[1], scale,
+        block_idx.stride(0), block_idx.stride(1), block_idx.stride(2), pick.fixed.stride(0),
+        heads_kv, num_slots, num_splits, k.shape[1], scale, pick.num_lists,
         GROUP=group, BLOCK_G=block_g, BLOCK_SIZE=block_size, HEAD_DIM=dim, BLOCK_D=block_d,
-        HEAD_DIM_V=dim_v, BLOCK_DV=block_dv, SLOTS_PER_SPLIT=slots_per_split, **pdl.launch_args(q.device),
+        HEAD_DIM_V=dim_v, BLOCK_DV=block_dv, SLOTS_PER_SPLIT=slots_per_split, PICK=picking,
+        NUM_FIXED=num_fixed, FIXED_PAD=max(2, _next_pow2(num_fixed)), LISTS_PAD=_next_pow2(pick.num_lists),
+        K_PAD=pick.k_pad, **pdl.launch_args(q.device),
     )  # fmt: skip
     _sparse_decode_merge_kernel[(batch * heads_kv, group)](
         m_part, l_part, acc_part, out,
@@ -595,3 +716,121 @@ def decode_step(
     else:
         out = sparse_decode_naive(q1, k, v, block_idx, plan.seqlens, config.block_size, scale)
     return out[:, None], block_idx
+
+
+# The fused flat step's routing (fused_decode_step): at most this many candidate lists per (row, KV head),
+# each the best K_PAD of its blocks; every split-K program picks from all of them (64 x 16 = 1,024 keys).
+_FLAT_MAX_LISTS = 64
+# Summary elements (float32) of one routing tile, held in registers from before the PDL wait.
+_FLAT_TILE_ELEMENTS = 16384
+
+
+def fused_decode_step(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    pos: torch.Tensor,
+    key_buf: torch.Tensor,
+    value_buf: torch.Tensor,
+    means: torch.Tensor,
+    plan: DecodePlan,
+    config: SSAConfig,
+    scale: float,
+    backend: str,
+    tree_bounds: TreeBounds | None = None,
+    route_lists: int | None = None,
+    route_tile: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode step's attention from its q/k/v projection: rotary embedding, cache append, routing and
+    sparse attention of one new token per row, every row at position ``pos``.
+
+    ``qkv``, ``cos``, ``sin``, ``pos`` and the cache's ``key_buf``, ``value_buf``, ``means`` as
+    :func:`fused.rotate_append_decode_token_reference`; ``plan`` (for ``pos + 1`` tokens a row), ``config``,
+    ``scale``, ``backend``, ``tree_bounds`` as :func:`decode_step`, which this equals over the cache's first
+    ``plan.num_blocks`` blocks after the append: ``(out [B, 1, Hq, Dv], block_idx [B, Hkv, K])``.
+
+    With ``backend="triton"``, the append runs inside the router's first kernel and the split-K
+    attention picks the selection from the router's candidate lists itself (``_Pick``). Flat index (mean
+    summaries), three kernels: :func:`_flat_route_append_kernel` (the append, and the candidate blocks
+    scored tile by tile into lists of each split's best), the split-K attention, its merge. Tree index
+    (rows of one length), four: ``triton_select.decode_tree_lists``' bounds kernel (with the append) and
+    rescore kernel, the split-K attention, its merge. Otherwise the append, then :func:`decode_step`.
+    ``route_lists`` (the flat router's lists per row and KV head at most; default: enough to fill the
+    GPU) and ``route_tile`` (blocks a flat routing program scores at once, a power of two) are for tuning
+    and tests.
+    """
+    from subquad.ops import fused as fused_ops  # needs triton (the reference lives beside the kernel)
+
+    num_blocks = plan.num_blocks
+    keys = num_blocks * config.block_size
+    routed = backend == "triton" and config.top_k > 0 and num_blocks > 0
+    tree = routed and config.index == "tree" and plan.tree is not None
+    flat = routed and config.index == "flat" and config.summaries_per_block == 1
+    if not (tree or flat):
+        if backend == "triton":
+            q = fused_ops.rotate_append_decode_token_triton(qkv, cos, sin, pos, key_buf, value_buf, means)
+        else:
+            q = fused_ops.rotate_append_decode_token_reference(qkv, cos, sin, pos, key_buf, value_buf, means)
+        k, v, summaries = key_buf[:, :keys], value_buf[:, :keys], means[:, :num_blocks]
+        return decode_step(q, k, v, summaries, plan, config, scale, backend, tree_bounds)
+
+    block_size = config.block_size
+    if cos.dim() != 2 or cos.shape[0] != block_size:
+        raise ValueError(
+            f"cos: shape {tuple(cos.shape)}, expected {block_size} rows (a key block's tables)"
+        )
+    heads_q = fused_ops.check_rotate_append(qkv, cos, sin, pos, key_buf, value_buf, means)
+    batch, _, heads_kv, dim = key_buf.shape
+    q = torch.empty(batch, 1, heads_q, dim, dtype=qkv.dtype, device=qkv.device)
+    append = (cos, sin, pos, q, key_buf, value_buf, means)
+    if tree:
+        from subquad.ops.ssa.triton_select import decode_tree_lists
+
+        summaries = means[:, :num_blocks]
+        hi, lo = tree_step_bounds(summaries, plan.tree, config, tree_bounds)
+        part, lists, k_pad = decode_tree_lists(qkv, summaries, hi, lo, plan.tree, config, append)
+    else:
+        part, lists, k_pad = _flat_lists(qkv, append, num_blocks, config, route_lists, route_tile)
+    block_idx = torch.empty(batch, heads_kv, plan.fixed.shape[-1] + config.top_k, dtype=torch.int32,
+                            device=qkv.device)  # fmt: skip
+    out = _split_merge(q[:, 0], key_buf[:, :keys], value_buf[:, :keys], block_idx, plan.seqlens, block_size,
+                       scale, pick=_Pick(part, lists, k_pad, plan.fixed))  # fmt: skip
+    return out[:, None], block_idx
+
+
+def _flat_lists(qkv, append, num_blocks, config, route_lists, route_tile) -> tuple[torch.Tensor, int, int]:
+    """The flat router's candidate lists and the token's append, one kernel (:func:`fused_decode_step`):
+    ``(part [B * Hkv, lists, k_pad] packed keys, lists, k_pad)``."""
+    cos, sin, pos, q, key_buf, value_buf, means = append
+    batch, _, heads_kv, dim = key_buf.shape
+    heads_q, block_size = q.shape[2], config.block_size
+    k_pad = max(16, _next_pow2(config.top_k))
+    block_d = _next_pow2(dim)
+    if route_tile is None:
+        route_tile = max(k_pad, _FLAT_TILE_ELEMENTS // block_d)
+    elif route_tile < k_pad or route_tile & (route_tile - 1):
+        raise ValueError(f"route_tile={route_tile!r}: expected a power of two >= {k_pad} (a list's length)")
+    if route_lists is None:
+        sms = torch.cuda.get_device_properties(qkv.device).multi_processor_count if qkv.is_cuda else 4
+        route_lists = max(1, min(_FLAT_MAX_LISTS, sms // (batch * heads_kv)))
+    elif route_lists < 1:
+        raise ValueError(f"route_lists={route_lists!r}: expected a positive int")
+    tiles = -(-num_blocks // route_tile)
+    tiles_per_split = -(-tiles // min(route_lists, tiles))
+    num_splits = -(-tiles // tiles_per_split)  # every split scores at least one tile
+    group = heads_q // heads_kv
+    part = torch.empty(batch * heads_kv * num_splits * k_pad, dtype=torch.int64, device=qkv.device)
+    _flat_route_append_kernel[(batch * heads_kv, num_splits + 1)](
+        qkv, cos, sin, q, key_buf, value_buf, means, pos, part,
+        qkv.stride(0), qkv.stride(2),
+        key_buf.stride(0), key_buf.stride(1), key_buf.stride(2),
+        value_buf.stride(0), value_buf.stride(1), value_buf.stride(2),
+        means.stride(0), means.stride(1), means.stride(2),
+        heads_kv, num_blocks, num_splits, tiles_per_split,
+        GROUP=group, D=dim, BS=block_size, SINK=config.sink_blocks, LOCAL=config.local_blocks,
+        BLOCK_G=_next_pow2(group), BLOCK_S=_next_pow2(block_size), BLOCK_D=block_d, TILE=route_tile,
+        K_PAD=k_pad, num_warps=max(4, min(16, route_tile * block_d // 2048)),  # ~64 summary floats a thread
+        enable_fp_fusion=False,  # the rotation rounded as PyTorch rounds it (fused._rotated_heads)
+        **pdl.launch_args(qkv.device),
+    )  # fmt: skip
+    return part, num_splits, k_pad

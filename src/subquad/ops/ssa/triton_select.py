@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from subquad.ops import pdl
+from subquad.ops import fused, pdl
 from subquad.ops.ssa import triton_attention  # noqa: F401  (interpreter fix for CPU checks)
 
 
@@ -679,20 +679,15 @@ _DECODE_MAX_SPLITS = 32
 _DECODE_MAX_CHUNK = 64
 
 
-@triton.jit(do_not_specialize=["num_probeable", "num_splits"])
-def _decode_group_bounds_kernel(
-    Q, HI, LO, RQ, PART,
+@triton.jit
+def _group_bounds_program(
+    Q, HI, LO, RQ, PART, COS, SIN, POS, b, h, bh, split,
     stride_qb, stride_qh, stride_hb, stride_hh, stride_hg,
-    HKV, num_probeable, sink_blocks, group, num_splits,
+    num_probeable, sink_blocks, group, num_splits,
     GROUP_Q: tl.constexpr, BLOCK_GQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    CHUNK: tl.constexpr, K_PAD: tl.constexpr, PDL: tl.constexpr,
+    CHUNK: tl.constexpr, K_PAD: tl.constexpr, FROM_QKV: tl.constexpr, BS: tl.constexpr, PDL: tl.constexpr,
 ):
-    """Program (row x KV head, split): routing query (split 0 stores it), upper bounds of ``CHUNK``
-    groups, their best ``K_PAD`` as packed keys into ``PART [B * Hkv, num_splits, K_PAD]``."""
-    bh = tl.program_id(0)
-    split = tl.program_id(1)
-    b = bh // HKV
-    h = bh % HKV
+    """A split of _decode_group_bounds_kernel's groups (see there)."""
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     groups = split * CHUNK + tl.arange(0, CHUNK)
@@ -704,10 +699,16 @@ def _decode_group_bounds_kernel(
     # its kept bounds with PyTorch ops before the step's routing, and only when a group fills).
     hi = tl.load(HI + base, mask=ok[:, None] & d_ok[None, :], other=0.0)
     lo = tl.load(LO + base, mask=ok[:, None] & d_ok[None, :], other=0.0)
+    if FROM_QKV:  # as fused._rotate_append_program, which says why these may load before the wait
+        pos, block, cos, sin = fused._token_tables(POS, COS, SIN, offs_d, d_ok, D, BS)
     pdl.wait(PDL)
     qh = tl.arange(0, BLOCK_GQ)
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + (h * GROUP_Q + qh)[:, None] * stride_qh + offs_d[None, :],
-                mask=(qh < GROUP_Q)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + (h * GROUP_Q + qh)[:, None] * stride_qh
+    q_ok = (qh < GROUP_Q)[:, None] & d_ok[None, :]
+    if FROM_QKV:  # the heads rotated and rounded as the ones the reference routes with
+        q = fused._rotated_heads(q_ptrs, cos, sin, offs_d, q_ok, D).to(Q.dtype.element_ty).to(tl.float32)
+    else:
+        q = tl.load(q_ptrs + offs_d[None, :], mask=q_ok, other=0.0).to(tl.float32)
     rq = tl.sum(q, 0)  # select.routing_queries: the sum of the KV head's query heads
     if split == 0:
         tl.store(RQ + bh.to(tl.int64) * D + offs_d, rq, mask=d_ok)
@@ -717,6 +718,47 @@ def _decode_group_bounds_kernel(
         keys = tl.topk(keys, K_PAD)
     cols = tl.arange(0, K_PAD)
     tl.store(PART + (bh.to(tl.int64) * num_splits + split) * K_PAD + cols[None, :], keys)
+
+
+@triton.jit(do_not_specialize=["num_probeable", "num_splits"])
+def _decode_group_bounds_kernel(
+    Q, HI, LO, RQ, PART, COS, SIN, POS, Q_OUT, KEY_BUF, VALUE_BUF, MEANS,
+    stride_qb, stride_qh, stride_hb, stride_hh, stride_hg,
+    s_kb_b, s_kb_s, s_kb_h, s_vb_b, s_vb_s, s_vb_h, s_m_b, s_m_n, s_m_h,
+    HKV, num_probeable, sink_blocks, group, num_splits,
+    GROUP_Q: tl.constexpr, BLOCK_GQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    CHUNK: tl.constexpr, K_PAD: tl.constexpr, FROM_QKV: tl.constexpr, BS: tl.constexpr,
+    BLOCK_S: tl.constexpr, PDL: tl.constexpr,
+):
+    """Program (row x KV head, split): routing query (split 0 stores it), upper bounds of ``CHUNK``
+    groups, their best ``K_PAD`` as packed keys into ``PART [B * Hkv, num_splits, K_PAD]``.
+
+    ``FROM_QKV``: ``Q`` is the q/k/v projection's output (``[B, 1, Hq + 2 Hkv, D]``, strides of its rows
+    and heads), rotated here with the token's tables; split ``num_splits`` (one program more) rotates and
+    appends the token as ``fused.rotate_append_decode_token`` (into Q_OUT and the cache's buffers)."""
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
+    if FROM_QKV:
+        if split == num_splits:
+            fused._rotate_append_program(
+                Q, COS, SIN, Q_OUT, KEY_BUF, VALUE_BUF, MEANS, POS, b.to(tl.int64), h.to(tl.int64), HKV,
+                stride_qb, stride_qh, s_kb_b, s_kb_s, s_kb_h, s_vb_b, s_vb_s, s_vb_h, s_m_b, s_m_n, s_m_h,
+                GROUP_Q, D, BS, BLOCK_GQ, BLOCK_S, BLOCK_D, PDL,
+            )
+        else:
+            _group_bounds_program(
+                Q, HI, LO, RQ, PART, COS, SIN, POS, b, h, bh, split, stride_qb, stride_qh, stride_hb,
+                stride_hh, stride_hg, num_probeable, sink_blocks, group, num_splits,
+                GROUP_Q, BLOCK_GQ, D, BLOCK_D, CHUNK, K_PAD, FROM_QKV, BS, PDL,
+            )
+    else:
+        _group_bounds_program(
+            Q, HI, LO, RQ, PART, COS, SIN, POS, b, h, bh, split, stride_qb, stride_qh, stride_hb,
+            stride_hh, stride_hg, num_probeable, sink_blocks, group, num_splits,
+            GROUP_Q, BLOCK_GQ, D, BLOCK_D, CHUNK, K_PAD, FROM_QKV, BS, PDL,
+        )
 
 
 @triton.jit(
@@ -799,9 +841,32 @@ def decode_route_tree(q, summaries, hi, lo, fixed, step, config) -> torch.Tensor
     q: ``[B, Hq, D]`` (the new token's query heads); summaries: ``[B, NB, Hkv, D]``; hi / lo:
     ``[B, Hkv, NG, D]`` float32 group bounds, valid for the groups before the token's window.
     """
-    batch, heads_q, dim = q.shape
+    part_b, group_slots, k_pad = decode_tree_lists(q, summaries, hi, lo, step, config)
+    batch, heads_kv, num_fixed = q.shape[0], summaries.shape[2], fixed.shape[-1]
+    out = torch.empty(batch, heads_kv, num_fixed + config.top_k, device=q.device, dtype=torch.int32)
+    fixed = fixed.contiguous()
+    _decode_pick_kernel[(batch * heads_kv,)](
+        part_b, fixed, out,
+        fixed.stride(0), out.stride(0), out.stride(1),
+        heads_kv, config.top_k,
+        NUM_FIXED=num_fixed, FIXED_PAD=max(2, triton.next_power_of_2(num_fixed)), K_PAD=k_pad,
+        NUM_GROUP_SLOTS=group_slots, SLOTS_PAD=max(2, triton.next_power_of_2(group_slots)), num_warps=4,
+        **pdl.launch_args(q.device),
+    )
+    return out
+
+
+def decode_tree_lists(q, summaries, hi, lo, step, config, append=None) -> tuple[torch.Tensor, int, int]:
+    """The first two kernels of :func:`decode_route_tree` (same arguments): the candidate lists its pick
+    merges, ``(part [B * Hkv, lists, k_pad] packed keys, lists, k_pad)``.
+
+    ``append``: ``(cos, sin, pos, q_out, key_buf, value_buf, means)``. ``q`` is then the q/k/v projection's
+    output ``[B, 1, Hq + 2 Hkv, D]``, and the first kernel also rotates the token's heads and appends it
+    to the cache (``fused.rotate_append_decode_token``'s arguments; the rotated queries into ``q_out``).
+    """
+    batch, dim = q.shape[0], q.shape[-1]
     heads_kv = summaries.shape[2]
-    num_fixed = fixed.shape[-1]
+    heads_q = q.shape[-2] - 2 * heads_kv if append is not None else q.shape[1]
     num_blocks = summaries.shape[1]
     if hi.stride() != lo.stride() or hi.stride(-1) != 1 or q.stride(-1) != 1 or summaries.stride(-1) != 1:
         raise ValueError("decode_route_tree: q, summaries and the bounds need a contiguous last dimension")
@@ -816,14 +881,24 @@ def decode_route_tree(q, summaries, hi, lo, fixed, step, config) -> torch.Tensor
     rq = torch.empty(batch, 1, heads_kv, dim, device=q.device, dtype=torch.float32)
     part_a = torch.empty(batch * heads_kv * num_splits * k_pad, device=q.device, dtype=torch.int64)
     part_b = torch.empty(batch * heads_kv * group_slots * k_pad, device=q.device, dtype=torch.int64)
-    out = torch.empty(batch, heads_kv, num_fixed + config.top_k, device=q.device, dtype=torch.int32)
     bh = batch * heads_kv
-    _decode_group_bounds_kernel[(bh, num_splits)](
-        q, hi, lo, rq, part_a,
-        q.stride(0), q.stride(1), hi.stride(0), hi.stride(1), hi.stride(2),
+    if append is None:  # the append's arguments unused: q in the tensors' places, strides 0
+        cos = sin = pos = q_out = key_buf = value_buf = means = q
+        cache_strides = [0] * 9
+        stride_qb, stride_qh = q.stride(0), q.stride(1)
+    else:
+        cos, sin, pos, q_out, key_buf, value_buf, means = append
+        cache_strides = [*key_buf.stride()[:3], *value_buf.stride()[:3], *means.stride()[:3]]
+        stride_qb, stride_qh = q.stride(0), q.stride(2)
+    _decode_group_bounds_kernel[(bh, num_splits + (append is not None))](
+        q, hi, lo, rq, part_a, cos, sin, pos, q_out, key_buf, value_buf, means,
+        stride_qb, stride_qh, hi.stride(0), hi.stride(1), hi.stride(2), *cache_strides,
         heads_kv, num_probeable, config.sink_blocks, step.group, num_splits,
         GROUP_Q=heads_q // heads_kv, BLOCK_GQ=max(2, triton.next_power_of_2(heads_q // heads_kv)), D=dim,
-        BLOCK_D=block_d, CHUNK=chunk, K_PAD=k_pad, num_warps=4, **pdl.launch_args(q.device),
+        BLOCK_D=block_d, CHUNK=chunk, K_PAD=k_pad, FROM_QKV=append is not None, BS=config.block_size,
+        BLOCK_S=triton.next_power_of_2(config.block_size), num_warps=4,
+        enable_fp_fusion=append is None,  # the rotation rounded as PyTorch rounds it (fused._rotated_heads)
+        **pdl.launch_args(q.device),
     )
     window_last = (step.last_candidate + config.local_blocks) // step.group  # the token's own group
     _decode_rescore_kernel[(bh, group_slots)](
@@ -835,13 +910,4 @@ def decode_route_tree(q, summaries, hi, lo, fixed, step, config) -> torch.Tensor
         SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), NUM_GROUP_SLOTS=group_slots,
         num_warps=4 if step.group <= 32 else 8, **pdl.launch_args(q.device),
     )
-    fixed = fixed.contiguous()
-    _decode_pick_kernel[(bh,)](
-        part_b, fixed, out,
-        fixed.stride(0), out.stride(0), out.stride(1),
-        heads_kv, config.top_k,
-        NUM_FIXED=num_fixed, FIXED_PAD=max(2, triton.next_power_of_2(num_fixed)), K_PAD=k_pad,
-        NUM_GROUP_SLOTS=group_slots, SLOTS_PAD=max(2, triton.next_power_of_2(group_slots)), num_warps=4,
-        **pdl.launch_args(q.device),
-    )
-    return out
+    return part_b, group_slots, k_pad
