@@ -272,23 +272,20 @@ def test_model_decode_step_matches_full_forward_without_host_syncs(index, ragged
 
 
 def _fused_step_inputs(batch, heads, dim, block_size, held, dtype, device):
-    """A cache of ``held`` random tokens a row (zeros after, block means as a cache keeps them), the q/k/v
+    """A cache layer's buffers holding ``held`` random tokens a row (and room for the next one), the q/k/v
     projection of the next token and rotary tables of its key block."""
+    from subquad.cache import SSACacheLayer
+
     heads_q, heads_kv = heads
-    capacity = (held // block_size + 2) * block_size
-    key_buf = torch.zeros(batch, capacity, heads_kv, dim, dtype=dtype, device=device)
-    value_buf = torch.zeros_like(key_buf)
-    key_buf[:, :held] = torch.randn(batch, held, heads_kv, dim, device=device).to(dtype)
-    value_buf[:, :held] = torch.randn(batch, held, heads_kv, dim, device=device).to(dtype)
-    blocks = -(-capacity // block_size)
-    sums = key_buf.float().view(batch, blocks, block_size, heads_kv, dim).sum(2)
-    counts = (held - torch.arange(blocks, device=device) * block_size).clamp(1, block_size)
-    means = sums / counts.view(1, -1, 1, 1)
+    layer = SSACacheLayer(block_size=block_size)
+    kv = torch.randn(2, batch, held, heads_kv, dim, device=device).to(dtype)
+    layer.append(kv[0], kv[1])
+    layer._ensure_capacity(held + 1)
     qkv = torch.randn(batch, 1, heads_q + 2 * heads_kv, dim, device=device).to(dtype)
     angles = torch.rand(block_size, dim // 2, device=device) * 6.3
     cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
     pos = torch.tensor([held], device=device)
-    return qkv, cos, sin, pos, key_buf, value_buf, means
+    return qkv, cos, sin, pos, layer._key_buf, layer._value_buf, layer._means
 
 
 @pytest.mark.parametrize("index", ["flat", "tree"])
