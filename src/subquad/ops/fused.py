@@ -526,17 +526,19 @@ def _prefetch_tiles(n_in: int, budget: int) -> list[int]:
 
 def _gemv(x, norm_weight, weight, out, residual, eps, prologue, n_in) -> None:
     rows, n_out = x.shape[0], weight.shape[0]
-    # One warp and 2-4 output rows per program: many small programs keep the most loads in flight
-    # (a sweep on the H200, NOTES item 42: 1.7-4.1 us for `small`'s products alone, the cuBLAS path 4-7 us).
-    block_n = 2 if n_out <= 2048 else 4
-    tiles = _prefetch_tiles(n_in, GEMV_PREFETCH // block_n)
+    # 2-4 output rows per program of one warp (two when its rows' weights exceed the prefetch budget):
+    # many small programs keep the most loads in flight (sweeps on the H200, NOTES items 42, 45 and 47:
+    # wider programs of 4-16 warps lose 0.3-3.8 us a product in the step's chain).
+    block_n = 2 if n_out < 1024 and n_in <= 1024 else 4
+    warps = 1 if block_n * n_in <= GEMV_PREFETCH else 2
+    tiles = _prefetch_tiles(n_in, GEMV_PREFETCH * warps // block_n)
     _gemv_kernel[(triton.cdiv(n_out, block_n), rows)](
         x, norm_weight if norm_weight is not None else weight, weight, out,
         residual if residual is not None else out, n_out,
         x.stride(0), weight.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0,
         eps, N_IN=n_in, PROLOGUE=prologue, HAS_RES=residual is not None, BLOCK_N=block_n,
         PRE0=tiles[0], PRE1=tiles[1], PRE2=tiles[2],
-        BLOCK_K=min(256, triton.next_power_of_2(max(16, n_in - sum(tiles)))), num_warps=1,
+        BLOCK_K=min(256, triton.next_power_of_2(max(16, n_in - sum(tiles)))), num_warps=warps,
         **pdl.launch_args(x.device),
     )
 
