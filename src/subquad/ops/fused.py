@@ -527,8 +527,9 @@ def _prefetch_tiles(n_in: int, budget: int) -> list[int]:
 def _gemv(x, norm_weight, weight, out, residual, eps, prologue, n_in) -> None:
     rows, n_out = x.shape[0], weight.shape[0]
     # 2-4 output rows per program of one warp (two when its rows' weights exceed the prefetch budget):
-    # many small programs keep the most loads in flight (sweeps on the H200, NOTES items 42, 45 and 47:
-    # wider programs of 4-16 warps lose 0.3-3.8 us a product in the step's chain).
+    # many small programs keep the most loads in flight, and 4 rows for q/k/v and down made the graphed
+    # step at 1M 0.300 -> 0.288 ms (sweeps on the H200, NOTES items 42, 45 and 47; programs of 8-64 rows
+    # and 2-16 warps lost 0.1-3.8 us a product in the step's chain).
     block_n = 2 if n_out < 1024 and n_in <= 1024 else 4
     warps = 1 if block_n * n_in <= GEMV_PREFETCH else 2
     tiles = _prefetch_tiles(n_in, GEMV_PREFETCH * warps // block_n)
