@@ -759,8 +759,6 @@ def fused_decode_step(
     GPU) and ``route_tile`` (blocks a flat routing program scores at once, a power of two) are for tuning
     and tests.
     """
-    from subquad.ops import fused as fused_ops  # needs triton (the reference lives beside the kernel)
-
     num_blocks = plan.num_blocks
     keys = num_blocks * config.block_size
     routed = backend == "triton" and config.top_k > 0 and num_blocks > 0
@@ -768,9 +766,9 @@ def fused_decode_step(
     flat = routed and config.index == "flat" and config.summaries_per_block == 1
     if not (tree or flat):
         if backend == "triton":
-            q = fused_ops.rotate_append_decode_token_triton(qkv, cos, sin, pos, key_buf, value_buf, means)
+            q = fused.rotate_append_decode_token_triton(qkv, cos, sin, pos, key_buf, value_buf, means)
         else:
-            q = fused_ops.rotate_append_decode_token_reference(qkv, cos, sin, pos, key_buf, value_buf, means)
+            q = fused.rotate_append_decode_token_reference(qkv, cos, sin, pos, key_buf, value_buf, means)
         k, v, summaries = key_buf[:, :keys], value_buf[:, :keys], means[:, :num_blocks]
         return decode_step(q, k, v, summaries, plan, config, scale, backend, tree_bounds)
 
@@ -779,7 +777,7 @@ def fused_decode_step(
         raise ValueError(
             f"cos: shape {tuple(cos.shape)}, expected {block_size} rows (a key block's tables)"
         )
-    heads_q = fused_ops.check_rotate_append(qkv, cos, sin, pos, key_buf, value_buf, means)
+    heads_q = fused.check_rotate_append(qkv, cos, sin, pos, key_buf, value_buf, means)
     batch, _, heads_kv, dim = key_buf.shape
     q = torch.empty(batch, 1, heads_q, dim, dtype=qkv.dtype, device=qkv.device)
     append = (cos, sin, pos, q, key_buf, value_buf, means)

@@ -740,6 +740,8 @@ def _decode_group_bounds_kernel(
     split = tl.program_id(1)
     b = bh // HKV
     h = bh % HKV
+    # The bounds call is written twice so that only the FROM_QKV variant compiles the append program
+    # (a runtime `split == num_splits` test would keep it in both).
     if FROM_QKV:
         if split == num_splits:
             fused._rotate_append_program(
