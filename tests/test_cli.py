@@ -8,9 +8,9 @@ from subquad.cli import main
 
 
 def test_bench_writes_results(tmp_path, capsys):
-    assert (
-        main(["bench", "--lengths", "320", "--reps", "1", "--flex-max-len", "0", "--out", str(tmp_path)]) == 0
-    )
+    # --device cpu: on a GPU machine the default is CUDA, and the results' names say which device ran.
+    args = ["--lengths", "320", "--reps", "1", "--flex-max-len", "0", "--device", "cpu"]
+    assert main(["bench", *args, "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "attention-layer-8b-cpu.json").read_text())
     (row,) = result["rows"]
     assert row["seq_len"] == 320 and row["total_ms"] > 0 and row["flash_ms"] > 0

@@ -90,7 +90,7 @@ def test_minimising_it_lifts_the_dense_mass_blocks():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
 
 
@@ -114,8 +114,8 @@ def test_model_adds_it_to_the_training_loss_only():
     plain = float(model(input_ids=ids, labels=ids).loss.detach())
     model.enable_routing_loss(0.5, num_queries=8)
     with_router = model(input_ids=ids, labels=ids).loss
-    assert model.last_routing_loss is not None and float(model.last_routing_loss) > 0
-    assert float(with_router) == pytest.approx(plain + 0.5 * float(model.last_routing_loss), rel=1e-5)
+    assert model.last_routing_loss is not None and model.last_routing_loss.item() > 0
+    assert with_router.item() == pytest.approx(plain + 0.5 * model.last_routing_loss.item(), rel=1e-5)
     with_router.backward()
     assert model.model.layers[0].self_attn.k_proj.weight.grad is not None
     model.eval()
@@ -123,7 +123,7 @@ def test_model_adds_it_to_the_training_loss_only():
         assert float(model(input_ids=ids, labels=ids).loss) == pytest.approx(plain, rel=1e-5)
     model.train()
     model.enable_routing_loss(0.0)
-    assert float(model(input_ids=ids, labels=ids).loss) == pytest.approx(plain, rel=1e-5)
+    assert model(input_ids=ids, labels=ids).loss.item() == pytest.approx(plain, rel=1e-5)
 
 
 def test_enable_routing_loss_validates():
