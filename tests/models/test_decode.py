@@ -165,7 +165,7 @@ TREE_DECODE_STEPS = (20, 150, 700, 1076, 1500, 2199)  # group size 2 -> 8; 1076:
     ids=["k3-gqa2", "k20-gqa3"],
 )
 def test_triton_tree_decode_routing_matches_torch(top_k, heads, steps):
-    # The three-kernel tree step (triton_select.decode_route_tree) against the PyTorch step on the same
+    # The two-kernel tree step (triton_select.decode_route_tree) against the PyTorch step on the same
     # plan and kept bounds: group sizes 2..8, no probe-able group yet, probe > 16 (k20), a crop.
     pytest.importorskip("triton")
     from subquad.cache import SSACacheLayer
@@ -333,3 +333,4 @@ def test_fused_decode_step_rejects_bad_arguments():
     short = (inputs[0], inputs[1][:8], inputs[2][:8], *inputs[3:])
     with pytest.raises(ValueError, match=r"cos: shape \(8, 16\), expected 16 rows"):
         fused_decode_step(*short, plan, config, 0.3, "triton")
+

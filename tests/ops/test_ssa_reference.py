@@ -14,7 +14,7 @@ import subquad
 import subquad.ops.ssa.naive as naive_module
 import subquad.ops.ssa.select as select_module
 from subquad import SSAConfig, SSASelection, attention_recall, block_summaries, select_blocks, ssa_attention
-from subquad.ops.ssa.select import routing_agreement, tree_cost_per_query, tree_shape
+from subquad.ops.ssa.select import best_of_stretches, routing_agreement, tree_cost_per_query, tree_shape
 
 BLOCK = 16
 
@@ -475,6 +475,26 @@ def test_routing_agreement_matches_a_per_token_count():
     assert routing_agreement(flat, flat) == 1.0
     with pytest.raises(ValueError, match="different inputs"):
         routing_agreement(flat, select_blocks(q[:, :10], k, SSAConfig(block_size=BLOCK, top_k=5)))
+
+
+@pytest.mark.parametrize("probeable", [0, 2, 5, 19, 64])
+def test_tree_probes_the_best_group_of_each_stretch(probeable):
+    # index="tree" deals the groups a token may probe into `probe` interleaved stretches (group g into
+    # stretch g % probe) and probes the best of each (not the `probe` best overall); ties go to the
+    # larger group id.
+    probe, num_groups = 4, 70
+    bound = torch.randn(3, num_groups)
+    bound[:, probeable:] = float("-inf")  # at or after the window
+    bound[0, :probeable] = torch.arange(probeable, dtype=torch.float)  # the best ones neighbours
+    bound[1, : min(probeable, 3)] = 5.0  # a tie
+    got = best_of_stretches(bound, probeable, probe)
+    for row, want_row in zip(bound.tolist(), got.tolist()):
+        for s, picked in enumerate(want_row):
+            members = range(s, probeable, probe)
+            want = max(members, key=lambda g: (row[g], g), default=-1)
+            assert picked == want, (s, list(members))
+    if probeable >= probe:
+        assert (got >= 0).all(), "every stretch holds a group once there are `probe` of them"
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])

@@ -236,7 +236,7 @@ class SubquadAttention(nn.Module):
         """The graphed decode step's attention (``GraphedDecoder``): from the q/k/v projection's output
         ``[B, 1, Hq + 2 Hkv, D]``, the rotary tables ``rope`` of the token's key block and its position
         ``pos`` (rows of one length), the token's rotation, cache append, routing and attention
-        (``fused_decode_step``: on CUDA three kernels for the flat index, four for the tree)."""
+        (``fused_decode_step``: on CUDA three kernels a layer for either index)."""
         ssa = self.config.ssa_config
         buffers = cache_layer._key_buf, cache_layer._value_buf, cache_layer._means
         backend = resolve_backend("auto", qkv, buffers[1])

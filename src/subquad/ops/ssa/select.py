@@ -11,10 +11,15 @@ Two routers produce the routed part:
   ``O(N / block_size)`` dot products per query: quadratic over a whole sequence.
 * ``tree``: blocks are grouped ``G`` at a time; a group keeps the elementwise max and min of its
   block summaries, which bound ``q . s`` for every block in it from above (``sum_d max(q_d mx_d,
-  q_d mn_d)``). A token scores the bound of every *complete, fully earlier* group, expands the
-  ``P`` best groups plus its own partially-filled group block by block, and takes the top-k of those.
+  q_d mn_d)``). A token scores the bound of every *complete, fully earlier* group, deals those groups
+  into ``P`` interleaved stretches (group ``g`` into stretch ``g % P``) and expands the best group of
+  each stretch, plus its own partially-filled group, block by block, and takes the top-k of those.
   ``N/(G b) + (P + 1) G`` dot products per query, ``O(sqrt(N))`` with ``G ~ sqrt(N / (b P))``.
   A group that holds blocks at or after the token's window is never summarised for it (no leak).
+  The best group of each stretch rather than the ``P`` best overall: a decode step picks its groups
+  without ranking them all (one kernel instead of a bounds kernel and a sort of every group's bound,
+  ``triton_select.decode_tree_lists``), and neighbouring groups, which often hold related keys, land
+  in different stretches.
 
 A block's score is its routing query against its summary: the block's mean key, or with
 ``summary="max"`` the best of the means of its sub-blocks (``block_scores``), so summaries are
@@ -323,12 +328,54 @@ def tree_bounds(summaries: torch.Tensor, config: SSAConfig, group: int) -> tuple
     return hi.masked_fill(empty, 0.0), lo.masked_fill(empty, 0.0)
 
 
+def packed_keys(score: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``triton_select._pack_keys`` in PyTorch: int64 keys whose order is ``score``'s (the score's lowest
+    bit dropped), then ``ids``'s; -1 where ``score`` is -inf."""
+    bits = score.float().contiguous().view(torch.int32).to(torch.int64)
+    ordered = torch.where(bits < 0, ~bits, bits | (1 << 31)) & 0xFFFFFFFF
+    return torch.where(score > float("-inf"), ((ordered >> 1) << 32) | ids, -1)
+
+
+def best_of_stretches(bound: torch.Tensor, probeable: int, probe: int) -> torch.Tensor:
+    """The group with the highest bound in each of ``probe`` interleaved stretches of the first
+    ``probeable`` groups (stretch ``s``: the groups ``g < probeable`` with ``g % probe == s``, so every
+    stretch holds one group or more once ``probeable >= probe``, and a run of up to ``probe``
+    neighbouring groups has each in its own): ``[..., probe]`` int64, -1 for a stretch with none.
+    ``bound [..., NG]``: -inf where a group may not be probed. Ties (and bounds within their lowest bit)
+    go to the larger id, as the decode kernel's packed keys."""
+    if probeable == 0:
+        return torch.full((*bound.shape[:-1], probe), -1, dtype=torch.int64, device=bound.device)
+    width = -(-probeable // probe) * probe
+    bound = bound[..., :probeable]
+    bound = torch.nn.functional.pad(bound, (0, width - bound.shape[-1]), value=float("-inf"))
+    keys = packed_keys(bound, torch.arange(width, device=bound.device))
+    best = keys.view(*keys.shape[:-1], width // probe, probe).amax(-2)
+    return torch.where(best >= 0, best & 0xFFFFFFFF, -1)
+
+
+def _window_runs(first_pos: int, seq: int, config: SSAConfig, group: int) -> list[tuple[int, int, int]]:
+    """``(start, stop, window_first)`` for the runs of tokens ``first_pos + i`` whose window starts in the
+    same group (the groups before it are the ones they may probe), in host arithmetic."""
+    runs, i = [], 0
+    while i < seq:
+        qblock = (first_pos + i) // config.block_size
+        window_first = max(qblock - config.local_blocks + 1, 0) // group
+        stop = min(seq, (qblock + 1) * config.block_size - first_pos)  # the end of the token's block
+        if runs and runs[-1][2] == window_first:
+            runs[-1] = (runs[-1][0], stop, window_first)
+        else:
+            runs.append((i, stop, window_first))
+        i = stop
+    return runs
+
+
 def tree_probe_groups(rq, bounds, num_blocks, first_pos, config, causal):
     """Groups a chunk of tokens expands: ``[B, Hkv, Tc, P + W]`` int32 (-1 = none).
 
-    The ``P`` best complete groups by upper bound, then the ``W`` groups touching the token's local
-    window, which are expanded block by block: for a causal token their bound would mix in keys it
-    may not see. rq: ``[B, Tc, Hkv, D]`` for tokens at positions ``first_pos + i``.
+    The best complete group by upper bound of each of ``P`` stretches of the groups a token may probe
+    (:func:`best_of_stretches`), then the ``W`` groups touching the token's local window, which are
+    expanded block by block: for a causal token their bound would mix in keys it may not see. rq:
+    ``[B, Tc, Hkv, D]`` for tokens at positions ``first_pos + i``.
     """
     hi, lo = bounds
     num_groups = hi.shape[2]
@@ -350,8 +397,12 @@ def tree_probe_groups(rq, bounds, num_blocks, first_pos, config, causal):
     else:
         blocked = blocked | ((group_ids >= window_first[:, None]) & (group_ids <= window_last[:, None]))
     bound.masked_fill_(blocked, float("-inf"))
-    values, chosen = bound.topk(probe, dim=-1)
-    chosen = torch.where(values > float("-inf"), chosen, -1)
+    if causal:  # the groups before each token's window, in stretches: runs of tokens share them
+        chosen = [best_of_stretches(bound[:, :, i:j], first, probe)
+                  for i, j, first in _window_runs(first_pos, seq, config, group)]  # fmt: skip
+        chosen = torch.cat(chosen, dim=2)
+    else:
+        chosen = best_of_stretches(bound, num_groups, probe)
     own = window_first[:, None] + torch.arange(_own_group_slots(config, group), device=rq.device)
     own = torch.where(own <= window_last[:, None], own, -1)
     own = own.view(1, 1, seq, -1).expand(rq.shape[0], hi.shape[1], -1, -1)
@@ -367,7 +418,7 @@ def _route_tree(rq, summaries, seq_len_k, config, causal):
     summ = summaries.transpose(1, 2)  # [B, Hkv, NB, D]
     offsets = torch.arange(group, device=rq.device)
     width = (min(probe, bounds[0].shape[2]) + _own_group_slots(config, group)) * group
-    per_token = batch * heads * (width * dim + 2 * bounds[0].shape[2])
+    per_token = batch * heads * (width * dim + 6 * bounds[0].shape[2])  # bounds, their int64 keys
     out = []
     for start, stop, first_pos in _query_chunks(seq_len_q, seq_len_k, per_token, rq.device):
         groups = tree_probe_groups(rq[:, start:stop], bounds, num_blocks, first_pos, config, causal).long()

@@ -18,7 +18,7 @@ read, so a cache stored right-padded serves a batch of prompts of different leng
 A graphed model step (rows of one length) runs :func:`fused_decode_step` from the q/k/v projection's
 output: the token's rotation and cache append run inside the router's first kernel, and the split-K
 programs pick the selection from the router's candidate lists themselves (three kernels a layer for
-the flat index, four for the tree, against six).
+either index, against six).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from subquad.ops.ssa.select import (
     _own_group_slots,
     _route_tree,
     _topk_blocks,
+    best_of_stretches,
     block_scores,
     routing_queries,
     tree_bounds,
@@ -234,7 +235,7 @@ def decode_select(
     ``plan``: :func:`decode_plan` of these ``seqlens`` and ``NB``, when the caller shares it across
     layers (built here otherwise). ``tree_bounds``: the :class:`TreeBounds` of the cache layer that
     holds ``summaries``, for ``index="tree"`` across steps. ``backend="triton"`` (CUDA) routes a tree
-    step of rows of one length with three Triton kernels (``triton_select.decode_route_tree``) instead
+    step of rows of one length with two Triton kernels (``triton_select.decode_route_tree``) instead
     of ~25 PyTorch ops; same picks up to floating-point summation order.
     """
     num_kv_heads = summaries.shape[2]
@@ -301,8 +302,7 @@ def _route_tree_step(
         q.clamp(max=0), lo.transpose(-1, -2)
     )
     bound.masked_fill_(step.blocked, float("-inf"))
-    values, chosen = bound.topk(step.probe, dim=-1)
-    chosen = torch.where(values > float("-inf"), chosen, -1)
+    chosen = best_of_stretches(bound, step.window_first, step.probe)
     groups = torch.cat([chosen, step.own.expand(batch, heads, 1, -1)], dim=-1)  # [B, Hkv, 1, P + W]
     blocks = (groups[..., None] * group + step.offsets).flatten(-2)
     # A group id of -1 gives negative block ids, so one range test also drops "no group".
@@ -753,8 +753,8 @@ def fused_decode_step(
     attention picks the selection from the router's candidate lists itself (``_Pick``). Flat index (mean
     summaries), three kernels: :func:`_flat_route_append_kernel` (the append, and the candidate blocks
     scored tile by tile into lists of each split's best), the split-K attention, its merge. Tree index
-    (rows of one length), four: ``triton_select.decode_tree_lists``' bounds kernel (with the append) and
-    rescore kernel, the split-K attention, its merge. Otherwise the append, then :func:`decode_step`.
+    (rows of one length), three: ``triton_select.decode_tree_lists`` (bounds and candidate blocks, with the
+    append), the split-K attention, its merge. Otherwise the append, then :func:`decode_step`.
     ``route_lists`` (the flat router's lists per row and KV head at most; default: enough to fill the
     GPU) and ``route_tile`` (blocks a flat routing program scores at once, a power of two) are for tuning
     and tests.

@@ -657,7 +657,8 @@ def route_tree_triton(rq, summaries, seq_len_k, config, causal):
     num_blocks = summaries.shape[1]
     group, _ = tree_shape(num_blocks, config)
     bounds = tuple(t.to(rq.dtype) for t in tree_bounds(summaries, config, group))
-    chunk = max(64, _CHUNK_ELEMENTS // max(1, batch * heads * bounds[0].shape[2]))
+    # Chunks of tokens whose bounds (and their int64 keys, select.best_of_stretches) stay bounded.
+    chunk = max(64, _CHUNK_ELEMENTS // max(1, 4 * batch * heads * bounds[0].shape[2]))
     out = []
     for start in range(0, seq_len_q, chunk):
         rq_c = rq[:, start : start + chunk]
@@ -667,38 +668,39 @@ def route_tree_triton(rq, summaries, seq_len_k, config, causal):
     return torch.cat(out, dim=2)
 
 
-# --- Decode: the tree router for one new token per row, in three launches -------------------------
+# --- Decode: the tree router for one new token per row, in two launches -------------------------------
 # The PyTorch step (``triton_decode._route_tree_step``) is ~25 small kernels, each a launch that costs
-# more than its work at any context length. Here: (A) group bounds and a top-``probe`` per split of the
-# probe-able groups, (B) one program per probed or window group scores its blocks, (C) one program per
-# (row, KV head) merges B's lists and writes the whole selection, sink and local slots included.
+# more than its work at any context length. Here: (A) one program per stretch of probe-able groups
+# (``select.best_of_stretches``) bounds them, takes the best and scores its blocks, one per group touching
+# the window scores that group's; (B) one program per (row, KV head) merges A's lists and writes the whole
+# selection, sink and local slots included (the fused decode step's split-K attention picks instead).
 # The integers that move with the context are not specialised on (Triton would compile a variant for
 # each new pattern of them being 1 or a multiple of 16, mid-generation; a graphed step re-captures
 # without an eager step first, and a compile there would have to run under the capture).
-_DECODE_MAX_SPLITS = 32
-_DECODE_MAX_CHUNK = 64
 
 
 @triton.jit
-def _group_bounds_program(
-    Q, HI, LO, RQ, PART, COS, SIN, POS, b, h, bh, split,
-    stride_qb, stride_qh, stride_hb, stride_hh, stride_hg,
-    num_probeable, sink_blocks, group, num_splits,
+def _tree_lists_program(
+    Q, HI, LO, SUMM, PART, COS, SIN, POS, b, h, bh, slot,
+    stride_qb, stride_qh, stride_hb, stride_hh, stride_hg, stride_sb, stride_sn, stride_sh,
+    probe, group, window_first, window_last, last_candidate, sink_blocks, num_blocks,
     GROUP_Q: tl.constexpr, BLOCK_GQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    CHUNK: tl.constexpr, K_PAD: tl.constexpr, FROM_QKV: tl.constexpr, BS: tl.constexpr, PDL: tl.constexpr,
+    SPAD: tl.constexpr, BLOCK_G: tl.constexpr, K_PAD: tl.constexpr, NUM_GROUP_SLOTS: tl.constexpr,
+    FROM_QKV: tl.constexpr, BS: tl.constexpr, PDL: tl.constexpr,
 ):
-    """A split of _decode_group_bounds_kernel's groups (see there)."""
+    """A slot of _decode_tree_lists_kernel (see there)."""
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    groups = split * CHUNK + tl.arange(0, CHUNK)
-    # Probe-able: before the token's window, and not made of sink blocks only.
-    ok = (groups < num_probeable) & ((groups + 1) * group > sink_blocks)
+    probing = slot < probe
+    # select.best_of_stretches' stretch of the groups before the window: slot, slot + probe, ...
+    groups = slot + probe * tl.arange(0, SPAD)
+    g_ok = probing & (groups < window_first) & ((groups + 1) * group > sink_blocks)
     base = (b.to(tl.int64) * stride_hb + h * stride_hh + groups.to(tl.int64)[:, None] * stride_hg
             + offs_d[None, :])
     # The bounds before the PDL wait: no kernel of a decode step writes them (the cache layer updates
     # its kept bounds with PyTorch ops before the step's routing, and only when a group fills).
-    hi = tl.load(HI + base, mask=ok[:, None] & d_ok[None, :], other=0.0)
-    lo = tl.load(LO + base, mask=ok[:, None] & d_ok[None, :], other=0.0)
+    hi = tl.load(HI + base, mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    lo = tl.load(LO + base, mask=g_ok[:, None] & d_ok[None, :], other=0.0)
     if FROM_QKV:  # as fused._rotate_append_program, which says why these may load before the wait
         pos, block, cos, sin = fused._token_tables(POS, COS, SIN, offs_d, d_ok, D, BS)
     pdl.wait(PDL)
@@ -710,103 +712,75 @@ def _group_bounds_program(
     else:
         q = tl.load(q_ptrs + offs_d[None, :], mask=q_ok, other=0.0).to(tl.float32)
     rq = tl.sum(q, 0)  # select.routing_queries: the sum of the KV head's query heads
-    if split == 0:
-        tl.store(RQ + bh.to(tl.int64) * D + offs_d, rq, mask=d_ok)
     bound = tl.sum(tl.maximum(rq, 0.0)[None, :] * hi + tl.minimum(rq, 0.0)[None, :] * lo, 1)
-    keys = _pack_keys(bound, groups, ok)[None, :]
-    if CHUNK > K_PAD:
-        keys = tl.topk(keys, K_PAD)
-    cols = tl.arange(0, K_PAD)
-    tl.store(PART + (bh.to(tl.int64) * num_splits + split) * K_PAD + cols[None, :], keys)
-
-
-@triton.jit(do_not_specialize=["num_probeable", "num_splits"])
-def _decode_group_bounds_kernel(
-    Q, HI, LO, RQ, PART, COS, SIN, POS, Q_OUT, KEY_BUF, VALUE_BUF, MEANS,
-    stride_qb, stride_qh, stride_hb, stride_hh, stride_hg,
-    s_kb_b, s_kb_s, s_kb_h, s_vb_b, s_vb_s, s_vb_h, s_m_b, s_m_n, s_m_h,
-    HKV, num_probeable, sink_blocks, group, num_splits,
-    GROUP_Q: tl.constexpr, BLOCK_GQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    CHUNK: tl.constexpr, K_PAD: tl.constexpr, FROM_QKV: tl.constexpr, BS: tl.constexpr,
-    BLOCK_S: tl.constexpr, PDL: tl.constexpr,
-):
-    """Program (row x KV head, split): routing query (split 0 stores it), upper bounds of ``CHUNK``
-    groups, their best ``K_PAD`` as packed keys into ``PART [B * Hkv, num_splits, K_PAD]``.
-
-    ``FROM_QKV``: ``Q`` is the q/k/v projection's output (``[B, 1, Hq + 2 Hkv, D]``, strides of its rows
-    and heads), rotated here with the token's tables; split ``num_splits`` (one program more) rotates and
-    appends the token as ``fused.rotate_append_decode_token`` (into Q_OUT and the cache's buffers)."""
-    bh = tl.program_id(0)
-    split = tl.program_id(1)
-    b = bh // HKV
-    h = bh % HKV
-    # The bounds call is written twice so that only the FROM_QKV variant compiles the append program
-    # (a runtime `split == num_splits` test would keep it in both).
-    if FROM_QKV:
-        if split == num_splits:
-            fused._rotate_append_program(
-                Q, COS, SIN, Q_OUT, KEY_BUF, VALUE_BUF, MEANS, POS, b.to(tl.int64), h.to(tl.int64), HKV,
-                stride_qb, stride_qh, s_kb_b, s_kb_s, s_kb_h, s_vb_b, s_vb_s, s_vb_h, s_m_b, s_m_n, s_m_h,
-                GROUP_Q, D, BS, BLOCK_GQ, BLOCK_S, BLOCK_D, PDL,
-            )
-        else:
-            _group_bounds_program(
-                Q, HI, LO, RQ, PART, COS, SIN, POS, b, h, bh, split, stride_qb, stride_qh, stride_hb,
-                stride_hh, stride_hg, num_probeable, sink_blocks, group, num_splits,
-                GROUP_Q, BLOCK_GQ, D, BLOCK_D, CHUNK, K_PAD, FROM_QKV, BS, PDL,
-            )
-    else:
-        _group_bounds_program(
-            Q, HI, LO, RQ, PART, COS, SIN, POS, b, h, bh, split, stride_qb, stride_qh, stride_hb,
-            stride_hh, stride_hg, num_probeable, sink_blocks, group, num_splits,
-            GROUP_Q, BLOCK_GQ, D, BLOCK_D, CHUNK, K_PAD, FROM_QKV, BS, PDL,
-        )
-
-
-@triton.jit(
-    do_not_specialize=["num_splits", "probe", "window_first", "window_last", "last_candidate", "num_blocks"]
-)
-def _decode_rescore_kernel(
-    RQ, SUMM, PART_A, PART_B,
-    stride_sb, stride_sn, stride_sh,
-    HKV, num_splits, probe, group, window_first, window_last, last_candidate, sink_blocks, num_blocks,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, K_PAD: tl.constexpr,
-    SPLITS_PAD: tl.constexpr, NUM_GROUP_SLOTS: tl.constexpr, PDL: tl.constexpr,
-):
-    """Program (row x KV head, slot): slot < ``probe`` takes the slot-th best group of A's merged lists,
-    the others the groups touching the token's window; scores that group's candidate blocks and writes
-    their best ``K_PAD`` as packed keys into ``PART_B [B * Hkv, NUM_GROUP_SLOTS, K_PAD]``."""
-    pdl.wait(PDL)
-    bh = tl.program_id(0)
-    slot = tl.program_id(1)
-    b = bh // HKV
-    h = bh % HKV
-    cols = tl.arange(0, K_PAD)
-    if slot < probe:
-        splits = tl.arange(0, SPLITS_PAD)
-        keys = tl.load(PART_A + (bh.to(tl.int64) * num_splits + splits[:, None]) * K_PAD + cols[None, :],
-                       mask=(splits < num_splits)[:, None], other=-1)
-        top = tl.sort(tl.topk(tl.reshape(keys, [1, SPLITS_PAD * K_PAD]), K_PAD), descending=True)
-        key = tl.sum(tl.where(cols[None, :] == slot, top, 0))
-        gid = tl.where(key >= 0, (key & 0xFFFFFFFF).to(tl.int32), -1)
-    else:
-        gid = window_first + slot - probe
-        gid = tl.where(gid <= window_last, gid, -1)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    rq = tl.load(RQ + bh.to(tl.int64) * D + offs_d, mask=d_ok, other=0.0)
+    best = tl.max(_pack_keys(bound, groups, g_ok), 0)
+    own = window_first + slot - probe
+    gid = tl.where(probing, tl.where(best >= 0, (best & 0xFFFFFFFF).to(tl.int32), -1),
+                   tl.where(own <= window_last, own, -1))  # fmt: skip
     member = tl.arange(0, BLOCK_G)
     blocks = gid * group + member
     ok = (gid >= 0) & (member < group) & (blocks >= sink_blocks) & (blocks <= last_candidate)
     ok = ok & (blocks < num_blocks)
     summ = tl.load(SUMM + b.to(tl.int64) * stride_sb + blocks.to(tl.int64)[:, None] * stride_sn
                    + h * stride_sh + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
-    summ = summ.to(tl.float32)
-    score = tl.sum(rq[None, :] * summ, 1)
+    score = tl.sum(rq[None, :] * summ.to(tl.float32), 1)
     keys = _pack_keys(score, blocks, ok)[None, :]
     if BLOCK_G > K_PAD:
         keys = tl.topk(keys, K_PAD)
-    tl.store(PART_B + (bh.to(tl.int64) * NUM_GROUP_SLOTS + slot) * K_PAD + cols[None, :], keys)
+    cols = tl.arange(0, K_PAD)
+    tl.store(PART + (bh.to(tl.int64) * NUM_GROUP_SLOTS + slot) * K_PAD + cols[None, :], keys)
+
+
+@triton.jit(
+    do_not_specialize=["probe", "window_first", "window_last", "last_candidate", "num_blocks"]
+)
+def _decode_tree_lists_kernel(
+    Q, HI, LO, SUMM, PART, COS, SIN, POS, Q_OUT, KEY_BUF, VALUE_BUF, MEANS,
+    stride_qb, stride_qh, stride_hb, stride_hh, stride_hg, stride_sb, stride_sn, stride_sh,
+    s_kb_b, s_kb_s, s_kb_h, s_vb_b, s_vb_s, s_vb_h, s_m_b, s_m_n, s_m_h,
+    HKV, probe, group, window_first, window_last, last_candidate, sink_blocks, num_blocks,
+    GROUP_Q: tl.constexpr, BLOCK_GQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPAD: tl.constexpr, BLOCK_G: tl.constexpr, K_PAD: tl.constexpr, NUM_GROUP_SLOTS: tl.constexpr,
+    FROM_QKV: tl.constexpr, BS: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
+):
+    """Program (row x KV head, slot). Slot < ``probe``: the routing query against the bounds of the
+    slot-th stretch of the ``window_first`` groups before the window (``select.best_of_stretches``;
+    groups of sink blocks only left out), and the best group's blocks scored; slots ``probe ..``: the
+    groups touching the token's window. Each writes its best ``K_PAD`` blocks as packed keys into
+    ``PART [B * Hkv, NUM_GROUP_SLOTS, K_PAD]``.
+
+    ``FROM_QKV``: ``Q`` is the q/k/v projection's output (``[B, 1, Hq + 2 Hkv, D]``, strides of its rows
+    and heads), rotated here with the token's tables; slot ``NUM_GROUP_SLOTS`` (one program more) rotates
+    and appends the token as ``fused.rotate_append_decode_token`` (into Q_OUT and the cache's buffers)."""
+    bh = tl.program_id(0)
+    slot = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
+    # The lists program is written twice so that only the FROM_QKV variant compiles the append program
+    # (a runtime `slot == NUM_GROUP_SLOTS` test would keep it in both).
+    if FROM_QKV:
+        if slot == NUM_GROUP_SLOTS:
+            fused._rotate_append_program(
+                Q, COS, SIN, Q_OUT, KEY_BUF, VALUE_BUF, MEANS, POS, b.to(tl.int64), h.to(tl.int64), HKV,
+                stride_qb, stride_qh, s_kb_b, s_kb_s, s_kb_h, s_vb_b, s_vb_s, s_vb_h, s_m_b, s_m_n, s_m_h,
+                GROUP_Q, D, BS, BLOCK_GQ, BLOCK_S, BLOCK_D, PDL,
+            )
+        else:
+            _tree_lists_program(
+                Q, HI, LO, SUMM, PART, COS, SIN, POS, b, h, bh, slot,
+                stride_qb, stride_qh, stride_hb, stride_hh, stride_hg, stride_sb, stride_sn, stride_sh,
+                probe, group, window_first, window_last, last_candidate, sink_blocks,
+                num_blocks, GROUP_Q, BLOCK_GQ, D, BLOCK_D, SPAD, BLOCK_G, K_PAD, NUM_GROUP_SLOTS, FROM_QKV,
+                BS, PDL,
+            )
+    else:
+        _tree_lists_program(
+            Q, HI, LO, SUMM, PART, COS, SIN, POS, b, h, bh, slot,
+            stride_qb, stride_qh, stride_hb, stride_hh, stride_hg, stride_sb, stride_sn, stride_sh,
+            probe, group, window_first, window_last, last_candidate, sink_blocks,
+            num_blocks, GROUP_Q, BLOCK_GQ, D, BLOCK_D, SPAD, BLOCK_G, K_PAD, NUM_GROUP_SLOTS, FROM_QKV,
+            BS, PDL,
+        )
 
 
 @triton.jit
@@ -859,31 +833,22 @@ def decode_route_tree(q, summaries, hi, lo, fixed, step, config) -> torch.Tensor
 
 
 def decode_tree_lists(q, summaries, hi, lo, step, config, append=None) -> tuple[torch.Tensor, int, int]:
-    """The first two kernels of :func:`decode_route_tree` (same arguments): the candidate lists its pick
+    """The first kernel of :func:`decode_route_tree` (same arguments): the candidate lists its pick
     merges, ``(part [B * Hkv, lists, k_pad] packed keys, lists, k_pad)``.
 
     ``append``: ``(cos, sin, pos, q_out, key_buf, value_buf, means)``. ``q`` is then the q/k/v projection's
-    output ``[B, 1, Hq + 2 Hkv, D]``, and the first kernel also rotates the token's heads and appends it
-    to the cache (``fused.rotate_append_decode_token``'s arguments; the rotated queries into ``q_out``).
+    output ``[B, 1, Hq + 2 Hkv, D]``, and the kernel also rotates the token's heads and appends it to the
+    cache (``fused.rotate_append_decode_token``'s arguments; the rotated queries into ``q_out``).
     """
     batch, dim = q.shape[0], q.shape[-1]
     heads_kv = summaries.shape[2]
     heads_q = q.shape[-2] - 2 * heads_kv if append is not None else q.shape[1]
-    num_blocks = summaries.shape[1]
     if hi.stride() != lo.stride() or hi.stride(-1) != 1 or q.stride(-1) != 1 or summaries.stride(-1) != 1:
         raise ValueError("decode_route_tree: q, summaries and the bounds need a contiguous last dimension")
-    k_pad = max(16, triton.next_power_of_2(max(config.top_k, step.probe)))
-    num_probeable = step.window_first
-    # Groups per split: at most _DECODE_MAX_SPLITS splits, growing the chunk up to _DECODE_MAX_CHUNK.
-    chunk = triton.next_power_of_2(-(-num_probeable // _DECODE_MAX_SPLITS))
-    chunk = max(k_pad, min(_DECODE_MAX_CHUNK, chunk))
-    num_splits = max(1, -(-num_probeable // chunk))
+    k_pad = max(16, triton.next_power_of_2(config.top_k))
+    stretch = -(-step.window_first // step.probe)  # groups in the longest stretch
     group_slots = step.probe + step.own.numel()
-    block_d = max(16, triton.next_power_of_2(dim))
-    rq = torch.empty(batch, 1, heads_kv, dim, device=q.device, dtype=torch.float32)
-    part_a = torch.empty(batch * heads_kv * num_splits * k_pad, device=q.device, dtype=torch.int64)
-    part_b = torch.empty(batch * heads_kv * group_slots * k_pad, device=q.device, dtype=torch.int64)
-    bh = batch * heads_kv
+    part = torch.empty(batch * heads_kv * group_slots * k_pad, device=q.device, dtype=torch.int64)
     if append is None:  # the append's arguments unused: q in the tensors' places, strides 0
         cos = sin = pos = q_out = key_buf = value_buf = means = q
         cache_strides = [0] * 9
@@ -892,24 +857,19 @@ def decode_tree_lists(q, summaries, hi, lo, step, config, append=None) -> tuple[
         cos, sin, pos, q_out, key_buf, value_buf, means = append
         cache_strides = [*key_buf.stride()[:3], *value_buf.stride()[:3], *means.stride()[:3]]
         stride_qb, stride_qh = q.stride(0), q.stride(2)
-    _decode_group_bounds_kernel[(bh, num_splits + (append is not None))](
-        q, hi, lo, rq, part_a, cos, sin, pos, q_out, key_buf, value_buf, means,
-        stride_qb, stride_qh, hi.stride(0), hi.stride(1), hi.stride(2), *cache_strides,
-        heads_kv, num_probeable, config.sink_blocks, step.group, num_splits,
+    window_last = (step.last_candidate + config.local_blocks) // step.group  # the token's own group
+    _decode_tree_lists_kernel[(batch * heads_kv, group_slots + (append is not None))](
+        q, hi, lo, summaries, part, cos, sin, pos, q_out, key_buf, value_buf, means,
+        stride_qb, stride_qh, hi.stride(0), hi.stride(1), hi.stride(2),
+        summaries.stride(0), summaries.stride(1), summaries.stride(2), *cache_strides,
+        heads_kv, step.probe, step.group, step.window_first, window_last,
+        step.last_candidate, config.sink_blocks, summaries.shape[1],
         GROUP_Q=heads_q // heads_kv, BLOCK_GQ=max(2, triton.next_power_of_2(heads_q // heads_kv)), D=dim,
-        BLOCK_D=block_d, CHUNK=chunk, K_PAD=k_pad, FROM_QKV=append is not None, BS=config.block_size,
-        BLOCK_S=triton.next_power_of_2(config.block_size), num_warps=4,
+        BLOCK_D=max(16, triton.next_power_of_2(dim)), SPAD=max(2, triton.next_power_of_2(stretch)),
+        BLOCK_G=max(k_pad, triton.next_power_of_2(step.group)), K_PAD=k_pad, NUM_GROUP_SLOTS=group_slots,
+        FROM_QKV=append is not None, BS=config.block_size, BLOCK_S=triton.next_power_of_2(config.block_size),
+        num_warps=4 if step.group <= 32 else 8,
         enable_fp_fusion=append is None,  # the rotation rounded as PyTorch rounds it (fused._rotated_heads)
         **pdl.launch_args(q.device),
-    )
-    window_last = (step.last_candidate + config.local_blocks) // step.group  # the token's own group
-    _decode_rescore_kernel[(bh, group_slots)](
-        rq, summaries, part_a, part_b,
-        summaries.stride(0), summaries.stride(1), summaries.stride(2),
-        heads_kv, num_splits, step.probe, step.group, step.window_first, window_last,
-        step.last_candidate, config.sink_blocks, num_blocks,
-        D=dim, BLOCK_D=block_d, BLOCK_G=max(k_pad, triton.next_power_of_2(step.group)), K_PAD=k_pad,
-        SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)), NUM_GROUP_SLOTS=group_slots,
-        num_warps=4 if step.group <= 32 else 8, **pdl.launch_args(q.device),
-    )
-    return part_b, group_slots, k_pad
+    )  # fmt: skip
+    return part, group_slots, k_pad
