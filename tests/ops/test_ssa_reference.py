@@ -487,7 +487,7 @@ def test_tree_probes_the_best_group_of_each_stretch(probeable):
     bound[:, probeable:] = float("-inf")  # at or after the window
     bound[0, :probeable] = torch.arange(probeable, dtype=torch.float)  # the best ones neighbours
     bound[1, : min(probeable, 3)] = 5.0  # a tie
-    got = best_of_stretches(bound, probeable, probe)
+    got = best_of_stretches(bound, probe)
     for row, want_row in zip(bound.tolist(), got.tolist()):
         for s, picked in enumerate(want_row):
             members = range(s, probeable, probe)

@@ -24,7 +24,8 @@ class SSAConfig:
         local_blocks: blocks ending with (and including) the token's own block.
         index: ``"flat"`` scores every earlier block (exact top-k, ``O(N/block_size)`` per query);
             ``"tree"`` scores groups of blocks by an upper bound first, then only the blocks of the best
-            groups (``O(sqrt(N))`` per query; see ``select.py``).
+            group of each of ``tree_probe`` interleaved stretches of groups (``O(sqrt(N))`` per query;
+            see ``select.py``).
         summary: how a block scores for routing: ``"mean"``, the routing query against the block's
             mean key; ``"max"``, the best score of the block's sub-blocks of ``sub_block_size`` keys,
             each summarised by its mean key. A few distinctive keys among many ordinary ones move a
@@ -33,7 +34,7 @@ class SSAConfig:
         sub_block_size: keys per sub-block for ``summary="max"`` (a power of two below
             ``block_size``); None for ``"mean"``.
         tree_group: blocks per group for ``index="tree"``; ``None`` picks ``~sqrt(num_blocks / top_k)``.
-        tree_probe: groups expanded per query for ``index="tree"``; ``None`` means ``top_k``.
+        tree_probe: groups expanded per query (stretches) for ``index="tree"``; ``None`` means ``top_k``.
     """
 
     block_size: int = 64

@@ -336,37 +336,17 @@ def packed_keys(score: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.where(score > float("-inf"), ((ordered >> 1) << 32) | ids, -1)
 
 
-def best_of_stretches(bound: torch.Tensor, probeable: int, probe: int) -> torch.Tensor:
-    """The group with the highest bound in each of ``probe`` interleaved stretches of the first
-    ``probeable`` groups (stretch ``s``: the groups ``g < probeable`` with ``g % probe == s``, so every
-    stretch holds one group or more once ``probeable >= probe``, and a run of up to ``probe``
-    neighbouring groups has each in its own): ``[..., probe]`` int64, -1 for a stretch with none.
-    ``bound [..., NG]``: -inf where a group may not be probed. Ties (and bounds within their lowest bit)
-    go to the larger id, as the decode kernel's packed keys."""
-    if probeable == 0:
-        return torch.full((*bound.shape[:-1], probe), -1, dtype=torch.int64, device=bound.device)
-    width = -(-probeable // probe) * probe
-    bound = bound[..., :probeable]
+def best_of_stretches(bound: torch.Tensor, probe: int) -> torch.Tensor:
+    """The group with the highest bound in each of ``probe`` interleaved stretches (stretch ``s``: the
+    groups ``g`` with ``g % probe == s``, so a run of up to ``probe`` neighbouring groups has each in its
+    own): ``[..., probe]`` int64, -1 for a stretch with no group to probe. ``bound [..., NG]``: -inf where
+    a group may not be probed. Ties (and bounds within their lowest bit) go to the larger id, as the
+    decode kernel's packed keys."""
+    width = -(-bound.shape[-1] // probe) * probe
     bound = torch.nn.functional.pad(bound, (0, width - bound.shape[-1]), value=float("-inf"))
     keys = packed_keys(bound, torch.arange(width, device=bound.device))
     best = keys.view(*keys.shape[:-1], width // probe, probe).amax(-2)
     return torch.where(best >= 0, best & 0xFFFFFFFF, -1)
-
-
-def _window_runs(first_pos: int, seq: int, config: SSAConfig, group: int) -> list[tuple[int, int, int]]:
-    """``(start, stop, window_first)`` for the runs of tokens ``first_pos + i`` whose window starts in the
-    same group (the groups before it are the ones they may probe), in host arithmetic."""
-    runs, i = [], 0
-    while i < seq:
-        qblock = (first_pos + i) // config.block_size
-        window_first = max(qblock - config.local_blocks + 1, 0) // group
-        stop = min(seq, (qblock + 1) * config.block_size - first_pos)  # the end of the token's block
-        if runs and runs[-1][2] == window_first:
-            runs[-1] = (runs[-1][0], stop, window_first)
-        else:
-            runs.append((i, stop, window_first))
-        i = stop
-    return runs
 
 
 def tree_probe_groups(rq, bounds, num_blocks, first_pos, config, causal):
@@ -397,12 +377,7 @@ def tree_probe_groups(rq, bounds, num_blocks, first_pos, config, causal):
     else:
         blocked = blocked | ((group_ids >= window_first[:, None]) & (group_ids <= window_last[:, None]))
     bound.masked_fill_(blocked, float("-inf"))
-    if causal:  # the groups before each token's window, in stretches: runs of tokens share them
-        chosen = [best_of_stretches(bound[:, :, i:j], first, probe)
-                  for i, j, first in _window_runs(first_pos, seq, config, group)]  # fmt: skip
-        chosen = torch.cat(chosen, dim=2)
-    else:
-        chosen = best_of_stretches(bound, num_groups, probe)
+    chosen = best_of_stretches(bound, probe)
     own = window_first[:, None] + torch.arange(_own_group_slots(config, group), device=rq.device)
     own = torch.where(own <= window_last[:, None], own, -1)
     own = own.view(1, 1, seq, -1).expand(rq.shape[0], hi.shape[1], -1, -1)

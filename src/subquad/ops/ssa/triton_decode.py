@@ -302,7 +302,7 @@ def _route_tree_step(
         q.clamp(max=0), lo.transpose(-1, -2)
     )
     bound.masked_fill_(step.blocked, float("-inf"))
-    chosen = best_of_stretches(bound, step.window_first, step.probe)
+    chosen = best_of_stretches(bound, step.probe)
     groups = torch.cat([chosen, step.own.expand(batch, heads, 1, -1)], dim=-1)  # [B, Hkv, 1, P + W]
     blocks = (groups[..., None] * group + step.offsets).flatten(-2)
     # A group id of -1 gives negative block ids, so one range test also drops "no group".
