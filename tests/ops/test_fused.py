@@ -212,6 +212,45 @@ def test_norm_linear_matches_reference(rows, k_in, n_out, dtype, poison_empty):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,k_in,n_out", GEMV_SHAPES[:4])
+def test_embed_norm_linear_matches_reference(rows, k_in, n_out, dtype, poison_empty):
+    table, weight = _gemv_inputs(37, k_in, n_out, dtype)
+    table = table * 3
+    norm_weight = (1 + torch.randn(k_in, device=DEVICE) / 4).to(dtype)
+    ids = torch.randint(0, 37, (rows,), device=DEVICE)
+    want_residual = torch.full((rows, k_in), float("nan"), device=DEVICE).to(dtype)
+    want = fused.embed_norm_linear_reference(ids, table, want_residual, norm_weight, 1e-6, weight)
+    residual = torch.full((rows, k_in), float("nan"), device=DEVICE).to(dtype)
+    got = fused.embed_norm_linear_triton(ids, table, residual, norm_weight, 1e-6, weight)
+    assert got.dtype == dtype and got.shape == (rows, n_out)
+    assert torch.equal(residual, table[ids])  # copied whole, by the rows' first programs
+    _close(got, want, dtype)
+
+
+def test_embed_norm_linear_poisons_an_id_out_of_range():
+    table, weight = _gemv_inputs(11, 40, 24, torch.float32)
+    norm_weight = torch.ones(40, device=DEVICE)
+    residual = torch.zeros(3, 40, device=DEVICE)
+    ids = torch.tensor([2, 11, -1], device=DEVICE)
+    got = fused.embed_norm_linear_triton(ids, table, residual, norm_weight, 1e-6, weight)
+    want = fused.norm_linear_reference(table[2:3], norm_weight, 1e-6, weight)
+    _close(got[:1], want, torch.float32)
+    assert got[1:].isnan().all()
+
+
+def test_norm_linear_advances_counters_once():
+    x, weight = _gemv_inputs(3, 130, 2100, torch.float32)  # 2 x 525 programs, one advances
+    norm_weight = (1 + torch.randn(130, device=DEVICE) / 4)
+    pos = torch.tensor([41], device=DEVICE)
+    lengths = torch.tensor([42, 42, 42], device=DEVICE, dtype=torch.int32)
+    got = fused.norm_linear_triton(x, norm_weight, 1e-6, weight, advance=(pos, lengths))
+    _close(got, fused.norm_linear_reference(x, norm_weight, 1e-6, weight), torch.float32)
+    assert pos.tolist() == [42] and lengths.tolist() == [43, 43, 43]
+    fused.norm_linear(x.cpu(), norm_weight.cpu(), 1e-6, weight.cpu(), advance=(pos, lengths))  # reference
+    assert pos.tolist() == [43] and lengths.tolist() == [44, 44, 44]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,k_in,n_out", GEMV_SHAPES)
 def test_linear_add_matches_reference(rows, k_in, n_out, dtype):
     x, weight = _gemv_inputs(rows, k_in, n_out, dtype)
@@ -246,6 +285,13 @@ def test_gemv_kernels_validate():
         fused.norm_linear_triton(x[None], norm_weight, 1e-6, weight)
     with pytest.raises(ValueError, match="residual"):
         fused.linear_add_triton(torch.zeros(2, 7, device=DEVICE), x, weight)
+    with pytest.raises(ValueError, match="advance"):
+        fused.norm_linear_triton(x, norm_weight, 1e-6, weight, advance=(torch.zeros(1, device=DEVICE),) * 2)
+    two_ids = torch.zeros(2, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="ids"):
+        fused.embed_norm_linear_triton(two_ids.int(), x, x.clone(), norm_weight, 1e-6, weight)
+    with pytest.raises(ValueError, match="residual"):
+        fused.embed_norm_linear_triton(two_ids, x, x[:, :8], norm_weight, 1e-6, weight)
     with pytest.raises(ValueError, match="gate_up"):
         fused.swiglu_linear_add_triton(torch.zeros(2, 8, device=DEVICE), x[:, :15], weight)
     with pytest.raises(ValueError, match="weight"):

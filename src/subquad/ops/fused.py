@@ -23,6 +23,8 @@ autograd ops, which ``torch.compile`` fuses there).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -418,6 +420,23 @@ def rotate_append_decode_token_triton(
     return q
 
 
+def can_prefetch(device: torch.device) -> bool:
+    """Whether kernels on ``device`` may call :func:`prefetch_l2`: compiled CUDA (inline PTX), not the
+    interpreter."""
+    return device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+@triton.jit
+def prefetch_l2(ptrs, mask, PREFETCH: tl.constexpr):
+    """Ask L2 for the lines at ``ptrs`` where ``mask`` (``prefetch.global.L2``; nothing unless PREFETCH,
+    :func:`can_prefetch`). No register waits on a prefetch, so it holds back nothing after it."""
+    if PREFETCH:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+            "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
+        )
+
+
 # --- decode-step matmuls: one token per row, the weights read once ---------------------------------------
 # At a decode step each projection is a matrix-vector product: cuBLAS takes 4-6 us for `small`'s
 # (1.2-8.6 MB of weights, 0.3-2 TB/s), plus a kernel each for the RMSNorm before it, SwiGLU's product
@@ -428,16 +447,15 @@ _NO_PROLOGUE, _NORM, _SWIGLU = 0, 1, 2
 
 
 @triton.jit
-def _gemv_input(x_row, NORM_W, W, k, k_ok, rstd, N_IN: tl.constexpr, PROLOGUE: tl.constexpr):
-    """f(X)[row, k] in float32, f the prologue: none, RMSNorm (``rstd``, NORM_W) or SwiGLU's silu(gate)
-    * up over the row's two halves (N_IN each); rounded where the model's PyTorch ops round
-    (rms_norm_reference, silu_mul_reference)."""
+def _gemv_input(x_row, nw, W, k, k_ok, rstd, N_IN: tl.constexpr, PROLOGUE: tl.constexpr):
+    """f(X)[row, k] in float32, f the prologue: none, RMSNorm (``rstd``, the norm weights ``nw`` of columns
+    ``k``, already loaded) or SwiGLU's silu(gate) * up over the row's two halves (N_IN each); rounded
+    where the model's PyTorch ops round (rms_norm_reference, silu_mul_reference)."""
     dtype = x_row.dtype.element_ty
     xk = tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32)
     if PROLOGUE == 1:
         normed = (xk * rstd).to(dtype).to(tl.float32)
-        nw = tl.load(NORM_W + k, mask=k_ok, other=0.0).to(tl.float32)
-        xk = (nw * normed).to(W.dtype.element_ty).to(tl.float32)
+        xk = (nw.to(tl.float32) * normed).to(W.dtype.element_ty).to(tl.float32)
     elif PROLOGUE == 2:
         up = tl.load(x_row + N_IN + k, mask=k_ok, other=0.0).to(tl.float32)
         act = (xk / (1.0 + tl.exp(-xk))).to(dtype).to(tl.float32)
@@ -446,63 +464,102 @@ def _gemv_input(x_row, NORM_W, W, k, k_ok, rstd, N_IN: tl.constexpr, PROLOGUE: t
 
 
 @triton.jit
-def _gemv_tile(w, x_row, NORM_W, W, start, SIZE: tl.constexpr, rstd, N_IN: tl.constexpr,
-               PROLOGUE: tl.constexpr):
-    """``sum_k f(X)[row, k] * w[:, k]`` over the ``SIZE`` columns from ``start``, ``w`` already loaded."""
+def _gemv_tile(w, nw, x_row, W, start, SIZE: tl.constexpr, rstd, N_IN: tl.constexpr, PROLOGUE: tl.constexpr):
+    """``sum_k f(X)[row, k] * w[:, k]`` over the ``SIZE`` columns from ``start``, ``w`` and ``nw`` loaded."""
     k = start + tl.arange(0, SIZE)
-    xk = _gemv_input(x_row, NORM_W, W, k, k < N_IN, rstd, N_IN, PROLOGUE)
+    xk = _gemv_input(x_row, nw, W, k, k < N_IN, rstd, N_IN, PROLOGUE)
     return tl.sum(w.to(tl.float32) * xk[None, :], axis=1)
 
 
 @triton.jit
-def _squares(x_row, start, SIZE: tl.constexpr, N_IN: tl.constexpr):
+def _norm_weights(NORM_W, start, SIZE: tl.constexpr, N_IN: tl.constexpr, PROLOGUE: tl.constexpr):
+    """The RMSNorm weights of ``SIZE`` columns from ``start`` (PROLOGUE 1; unused zeros otherwise)."""
     k = start + tl.arange(0, SIZE)
-    x = tl.load(x_row + k, mask=k < N_IN, other=0.0).to(tl.float32)
+    if PROLOGUE == 1:
+        nw = tl.load(NORM_W + k, mask=k < N_IN, other=0.0)
+    else:
+        nw = tl.zeros([SIZE], dtype=NORM_W.dtype.element_ty)
+    return nw
+
+
+@triton.jit
+def _squares(x_row, start, SIZE: tl.constexpr, N_IN: tl.constexpr, copy_row, copy, GATHER: tl.constexpr):
+    """Sum of squares of ``SIZE`` columns from ``start`` (GATHER and ``copy``: stored at ``copy_row``)."""
+    k = start + tl.arange(0, SIZE)
+    x = tl.load(x_row + k, mask=k < N_IN, other=0.0)
+    if GATHER:
+        if copy:
+            tl.store(copy_row + k, x, mask=k < N_IN)
+    x = x.to(tl.float32)
     return tl.sum(x * x, axis=0)
 
 
 @triton.jit
 def _gemv_kernel(
-    X, NORM_W, W, OUT, RES, n_out, stride_x, stride_w, stride_out, stride_res, eps,
-    N_IN: tl.constexpr, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
+    X, IDS, NORM_W, W, OUT, RES, COPY, POS, LENS,
+    n_out, n_table, n_lens, stride_x, stride_w, stride_out, stride_res, stride_copy, eps,
+    N_IN: tl.constexpr, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, GATHER: tl.constexpr,
+    ADVANCE: tl.constexpr, LENS_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     PRE0: tl.constexpr, PRE1: tl.constexpr, PRE2: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-):
+):  # fmt: skip
     # Program (output block, row): OUT[row, n] (+)= sum_k f(X)[row, k] * W[n, k] (f: _gemv_input).
     # The weights of the first PRE0 + PRE1 + PRE2 columns (tiles of powers of two, PRE1 and PRE2 may be
-    # 0) are loaded before the PDL wait, so they stream while the previous kernel still runs; the rest
-    # after it, in BLOCK_K chunks. The chunk loops are unrolled, so every chunk's loads are in flight at
-    # once (a rolled loop waits for each).
+    # 0), and their RMSNorm weights, are loaded before the PDL wait, so they stream while the previous
+    # kernel still runs; the rest after it, in BLOCK_K chunks. The chunk loops are unrolled, so every
+    # chunk's loads are in flight at once (a rolled loop waits for each).
+    # GATHER (with the RMSNorm prologue): X is a table of n_table rows and row r reads X[IDS[r]], which
+    # the row's first program also copies to COPY[r] (an embedding lookup folded in; an id out of range
+    # gives NaN). ADVANCE: program (0, 0) adds 1 to POS[0] and LENS[:n_lens] once every kernel before
+    # this one has finished (a decode step's position and lengths, after their last reader).
     row = tl.program_id(1).to(tl.int64)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < n_out
     w_rows = W + offs_n[:, None].to(tl.int64) * stride_w
     w0 = tl.load(w_rows + tl.arange(0, PRE0)[None, :], mask=n_ok[:, None], other=0.0)
+    nw0 = _norm_weights(NORM_W, 0, PRE0, N_IN, PROLOGUE)
     if PRE1 > 0:
         w1 = tl.load(w_rows + PRE0 + tl.arange(0, PRE1)[None, :], mask=n_ok[:, None], other=0.0)
+        nw1 = _norm_weights(NORM_W, PRE0, PRE1, N_IN, PROLOGUE)
     if PRE2 > 0:
         w2 = tl.load(w_rows + PRE0 + PRE1 + tl.arange(0, PRE2)[None, :], mask=n_ok[:, None], other=0.0)
+        nw2 = _norm_weights(NORM_W, PRE0 + PRE1, PRE2, N_IN, PROLOGUE)
     pdl.wait(PDL)
-    x_row = X + row * stride_x
+    if ADVANCE:
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            tl.store(POS, tl.load(POS) + 1)
+            lens = tl.arange(0, LENS_PAD)
+            tl.store(LENS + lens, tl.load(LENS + lens, mask=lens < n_lens) + 1, mask=lens < n_lens)
+    if GATHER:
+        token = tl.load(IDS + row)
+        valid = (token >= 0) & (token < n_table)
+        x_row = X + tl.where(valid, token, 0).to(tl.int64) * stride_x
+    else:
+        x_row = X + row * stride_x
+    copy_row = COPY + row * stride_copy
+    copy = tl.program_id(0) == 0
     rstd = 0.0
     if PROLOGUE == 1:  # the row's RMS, over the same tiles and chunks
-        squares = _squares(x_row, 0, PRE0, N_IN)
+        squares = _squares(x_row, 0, PRE0, N_IN, copy_row, copy, GATHER)
         if PRE1 > 0:
-            squares += _squares(x_row, PRE0, PRE1, N_IN)
+            squares += _squares(x_row, PRE0, PRE1, N_IN, copy_row, copy, GATHER)
         if PRE2 > 0:
-            squares += _squares(x_row, PRE0 + PRE1, PRE2, N_IN)
+            squares += _squares(x_row, PRE0 + PRE1, PRE2, N_IN, copy_row, copy, GATHER)
         for k0 in tl.static_range(PRE0 + PRE1 + PRE2, N_IN, BLOCK_K):
-            squares += _squares(x_row, k0, BLOCK_K, N_IN)
+            squares += _squares(x_row, k0, BLOCK_K, N_IN, copy_row, copy, GATHER)
         rstd = tl.math.rsqrt(squares / N_IN + eps)
-    acc = _gemv_tile(w0, x_row, NORM_W, W, 0, PRE0, rstd, N_IN, PROLOGUE)
+        if GATHER:
+            rstd = tl.where(valid, rstd, float("nan"))
+    acc = _gemv_tile(w0, nw0, x_row, W, 0, PRE0, rstd, N_IN, PROLOGUE)
     if PRE1 > 0:
-        acc += _gemv_tile(w1, x_row, NORM_W, W, PRE0, PRE1, rstd, N_IN, PROLOGUE)
+        acc += _gemv_tile(w1, nw1, x_row, W, PRE0, PRE1, rstd, N_IN, PROLOGUE)
     if PRE2 > 0:
-        acc += _gemv_tile(w2, x_row, NORM_W, W, PRE0 + PRE1, PRE2, rstd, N_IN, PROLOGUE)
+        acc += _gemv_tile(w2, nw2, x_row, W, PRE0 + PRE1, PRE2, rstd, N_IN, PROLOGUE)
     for k0 in tl.static_range(PRE0 + PRE1 + PRE2, N_IN, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < N_IN
         w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        xk = _gemv_input(x_row, NORM_W, W, k, k_ok, rstd, N_IN, PROLOGUE)
+        nw = _norm_weights(NORM_W, k0, BLOCK_K, N_IN, PROLOGUE)
+        xk = _gemv_input(x_row, nw, W, k, k_ok, rstd, N_IN, PROLOGUE)
         acc += tl.sum(w.to(tl.float32) * xk[None, :], axis=1)
     if HAS_RES:
         acc += tl.load(RES + row * stride_res + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -524,8 +581,10 @@ def _prefetch_tiles(n_in: int, budget: int) -> list[int]:
     return tiles + [0] * (3 - len(tiles))
 
 
-def _gemv(x, norm_weight, weight, out, residual, eps, prologue, n_in) -> None:
-    rows, n_out = x.shape[0], weight.shape[0]
+def _gemv(x, norm_weight, weight, out, residual, eps, prologue, n_in, gather=None, advance=None) -> None:
+    """Launch _gemv_kernel. ``gather``: ``(ids [rows] int64, copy [rows, n_in])``, ``x`` then being the
+    table the rows are looked up in; ``advance``: ``(pos [1] int64, lengths [n] int32)``."""
+    rows, n_out = (x.shape[0] if gather is None else gather[0].shape[0]), weight.shape[0]
     # 2-4 output rows per program of one warp (two when its rows' weights exceed the prefetch budget):
     # many small programs keep the most loads in flight, and 4 rows for q/k/v and down made the graphed
     # step at 1M 0.300 -> 0.288 ms (sweeps on the H200, NOTES items 42, 45 and 47; programs of 8-64 rows
@@ -533,15 +592,20 @@ def _gemv(x, norm_weight, weight, out, residual, eps, prologue, n_in) -> None:
     block_n = 2 if n_out < 1024 and n_in <= 1024 else 4
     warps = 1 if block_n * n_in <= GEMV_PREFETCH else 2
     tiles = _prefetch_tiles(n_in, GEMV_PREFETCH * warps // block_n)
+    ids, copy = gather if gather is not None else (out, out)
+    pos, lengths = advance if advance is not None else (out, out)
     _gemv_kernel[(triton.cdiv(n_out, block_n), rows)](
-        x, norm_weight if norm_weight is not None else weight, weight, out,
-        residual if residual is not None else out, n_out,
+        x, ids, norm_weight if norm_weight is not None else weight, weight, out,
+        residual if residual is not None else out, copy, pos, lengths,
+        n_out, x.shape[0], lengths.numel(),
         x.stride(0), weight.stride(0), out.stride(0), residual.stride(0) if residual is not None else 0,
-        eps, N_IN=n_in, PROLOGUE=prologue, HAS_RES=residual is not None, BLOCK_N=block_n,
-        PRE0=tiles[0], PRE1=tiles[1], PRE2=tiles[2],
+        copy.stride(0), eps,
+        N_IN=n_in, PROLOGUE=prologue, HAS_RES=residual is not None, GATHER=gather is not None,
+        ADVANCE=advance is not None, LENS_PAD=max(2, triton.next_power_of_2(lengths.numel())),
+        BLOCK_N=block_n, PRE0=tiles[0], PRE1=tiles[1], PRE2=tiles[2],
         BLOCK_K=min(256, triton.next_power_of_2(max(16, n_in - sum(tiles)))), num_warps=warps,
         **pdl.launch_args(x.device),
-    )
+    )  # fmt: skip
 
 
 def _check_gemv(name: str, x: torch.Tensor, weight: torch.Tensor, halves: bool = False) -> None:
@@ -586,29 +650,112 @@ def norm_linear_reference(
     return F.linear(rms_norm_reference(x, norm_weight, eps), weight)
 
 
-def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor) -> torch.Tensor:
+def norm_linear(
+    x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+    advance: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:  # fmt: skip
     """:func:`norm_linear_triton` on CUDA for at most ``GEMV_MAX_ROWS`` rows without gradients, else
-    the reference."""
+    the reference (and ``advance``'s counters incremented after it)."""
     if _use_gemv(x, norm_weight, weight):
-        return norm_linear_triton(x, norm_weight, eps, weight)
-    return F.linear(rms_norm(x, norm_weight, eps), weight)
+        return norm_linear_triton(x, norm_weight, eps, weight, advance)
+    out = F.linear(rms_norm(x, norm_weight, eps), weight)
+    _advance_reference(advance)
+    return out
 
 
 def norm_linear_triton(
-    x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor
-) -> torch.Tensor:
+    x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+    advance: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:  # fmt: skip
     """:func:`norm_linear_reference` in one kernel (the RMSNorm recomputed by every output block: the
-    row is a few KB). Sums in another order than the references: the last bit may differ."""
+    row is a few KB). Sums in another order than the references: the last bit may differ.
+
+    ``advance``: ``(pos, lengths)``, int64 ``[1]`` and int32 ``[n]`` on ``x``'s device, each incremented
+    by one in the same kernel once every kernel queued before it has finished (a graphed decode step's
+    position and lengths, advanced by its last kernel instead of two more)."""
     _check_gemv("x", x, weight)
-    if norm_weight.shape != (x.shape[1],) or norm_weight.dtype != weight.dtype or norm_weight.stride(0) != 1:
-        raise ValueError(
-            f"norm_weight: shape {tuple(norm_weight.shape)}, {norm_weight.dtype}; expected "
-            f"({x.shape[1]},) in {weight.dtype}"
-        )
+    _check_norm_weight(norm_weight, x.shape[1], weight.dtype)
+    _check_advance(advance, x.device)
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
     if out.numel():
-        _gemv(x, norm_weight, weight, out, None, eps, _NORM, x.shape[1])
+        _gemv(x, norm_weight, weight, out, None, eps, _NORM, x.shape[1], advance=advance)
+    else:
+        _advance_reference(advance)
     return out
+
+
+def embed_norm_linear_reference(
+    ids: torch.Tensor, table: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+    weight: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """A decode step's embedding lookup and first pre-norm projection: ``residual[:] = table[ids]``, then
+    :func:`norm_linear_reference` of it. ``ids [rows]`` int64, ``table [V, C]``, ``residual [rows, C]``."""
+    residual.copy_(F.embedding(ids, table))
+    return norm_linear_reference(residual, norm_weight, eps, weight)
+
+
+def embed_norm_linear(
+    ids: torch.Tensor, table: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+    weight: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """:func:`embed_norm_linear_triton` where :func:`norm_linear` runs its kernel, else PyTorch's ops."""
+    if _use_gemv(residual, table, norm_weight, weight):
+        return embed_norm_linear_triton(ids, table, residual, norm_weight, eps, weight)
+    residual.copy_(F.embedding(ids, table))
+    return norm_linear(residual, norm_weight, eps, weight)
+
+
+def embed_norm_linear_triton(
+    ids: torch.Tensor, table: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+    weight: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """:func:`embed_norm_linear_reference` in one kernel: every program reads its row of the table, and
+    the row's first program also writes it to ``residual``. The ids are read on the device: one out of
+    range gives NaN outputs rather than an error (its residual row is the table's first)."""
+    _check_gemv("table", table, weight)
+    _check_norm_weight(norm_weight, table.shape[1], weight.dtype)
+    rows = residual.shape[0] if residual.dim() == 2 else -1
+    if ids.dim() != 1 or ids.dtype != torch.int64 or ids.device != table.device or ids.shape[0] != rows:
+        raise ValueError(
+            f"ids: shape {tuple(ids.shape)}, {ids.dtype} on {ids.device}; expected [{rows}] int64 on "
+            f"{table.device} (one id per row of residual)"
+        )
+    _check_residual(residual, ids.shape[0], table.shape[1], table.dtype)
+    out = torch.empty(ids.shape[0], weight.shape[0], dtype=table.dtype, device=table.device)
+    if out.numel():
+        _gemv(table, norm_weight, weight, out, None, eps, _NORM, table.shape[1], gather=(ids, residual))
+    return out
+
+
+def _check_norm_weight(norm_weight: torch.Tensor, n_in: int, dtype: torch.dtype) -> None:
+    if norm_weight.shape != (n_in,) or norm_weight.dtype != dtype or norm_weight.stride(0) != 1:
+        raise ValueError(
+            f"norm_weight: shape {tuple(norm_weight.shape)}, {norm_weight.dtype}; expected ({n_in},) in "
+            f"{dtype}"
+        )
+
+
+def _check_advance(advance, device: torch.device) -> None:
+    if advance is None:
+        return
+    pos, lengths = advance if isinstance(advance, tuple) and len(advance) == 2 else (None, None)
+    if not (
+        isinstance(pos, torch.Tensor) and isinstance(lengths, torch.Tensor)
+        and pos.shape == (1,) and pos.dtype == torch.int64 and pos.device == device
+        and lengths.dim() == 1 and lengths.dtype == torch.int32 and lengths.stride(0) == 1
+        and lengths.device == device
+    ):  # fmt: skip
+        parts = advance if isinstance(advance, tuple) else (advance,)
+        got = [(tuple(t.shape), t.dtype, str(t.device)) if isinstance(t, torch.Tensor) else t for t in parts]
+        raise ValueError(
+            f"advance: got {got}; expected (pos [1] int64, lengths [n] int32 contiguous) on {device}"
+        )
+
+
+def _advance_reference(advance) -> None:
+    if advance is not None:
+        for counter in advance:
+            counter.add_(1)
 
 
 def linear_add_reference(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

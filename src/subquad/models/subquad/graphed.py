@@ -348,6 +348,7 @@ class GraphedDecoder:
         self._ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self._pos = torch.zeros(1, dtype=torch.long, device=device)  # rows of one length: one position
         self._seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
+        self._residual = torch.zeros(batch, config.hidden_size, dtype=self.dtype, device=device)
         self._attention_out = None
         if self._dense:
             heads, dim = config.num_attention_heads, config.head_dim
@@ -389,14 +390,17 @@ class GraphedDecoder:
         back (it runs between graphs, see the module docstring); SSA attends inline.
         """
         core = self.model.model
-        batch = self._batch
-        pos = self._pos
-        hidden = core.embed_tokens(self._ids)  # [B, 1, C]
+        batch, pos = self._batch, self._pos
         heads_q, heads_kv = core.layers[0].self_attn.num_heads, core.layers[0].self_attn.num_kv_heads
-        residual = hidden.view(batch, -1)  # updated in place by the matmuls after attention and MLP
+        residual = self._residual  # [B, C]: updated in place by the matmuls after attention and MLP
         for i, (layer, cache_layer) in enumerate(zip(core.layers, self.cache.layers)):
             attn, norm, post_norm = layer.self_attn, layer.input_layernorm, layer.post_attention_layernorm
-            qkv = fused.norm_linear(residual, norm.weight, norm.eps, self._weights.qkv[i])
+            qkv_w = self._weights.qkv[i]
+            if i == 0:  # the embedding lookup inside the first product (it writes the residual too)
+                ids, table = self._ids.view(batch), core.embed_tokens.weight
+                qkv = fused.embed_norm_linear(ids, table, residual, norm.weight, norm.eps, qkv_w)
+            else:
+                qkv = fused.norm_linear(residual, norm.weight, norm.eps, qkv_w)
             qkv = qkv.view(batch, 1, heads_q + 2 * heads_kv, attn.head_dim)
             if self._dense:
                 buffers = cache_layer._key_buf, cache_layer._value_buf, cache_layer._means
@@ -406,11 +410,10 @@ class GraphedDecoder:
             fused.linear_add_(residual, out.reshape(batch, -1), attn.o_proj.weight)
             gate_up = fused.norm_linear(residual, post_norm.weight, post_norm.eps, self._weights.gate_up[i])
             fused.swiglu_linear_add_(residual, gate_up, layer.mlp.down_proj.weight)
-        # The next step's position and lengths, after this step's last read of them.
-        pos.add_(1)
-        self._seqlens.add_(1)
-        # The final norm and lm_head as one GEMV (cuBLAS took ~15 us for `small`'s 49 MB head).
-        return fused.norm_linear(residual, core.norm.weight, core.norm.eps, self.model.lm_head.weight)
+        # The final norm and lm_head as one GEMV (cuBLAS took ~15 us for `small`'s 49 MB head). The same
+        # kernel advances the position and lengths for the next step, after this step's last read of them.
+        head, counters = self.model.lm_head.weight, (pos, self._seqlens)
+        return fused.norm_linear(residual, core.norm.weight, core.norm.eps, head, advance=counters)
 
     def _attend_dense(self, index: int, q: torch.Tensor, length: int) -> torch.Tensor:
         """A dense twin's attention of layer ``index`` over the ``length`` keys held, into the static

@@ -364,7 +364,7 @@ if triton is not None:
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
         SLOTS_PER_SPLIT: tl.constexpr, PICK: tl.constexpr, NUM_FIXED: tl.constexpr, FIXED_PAD: tl.constexpr,
-        LISTS_PAD: tl.constexpr, K_PAD: tl.constexpr, PDL: tl.constexpr,
+        LISTS_PAD: tl.constexpr, K_PAD: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         # Program (row x KV head, split): slots SLOTS_PER_SPLIT * split.. of the selection IDX [B, Hkv, K],
         # or with PICK, of the selection it picks itself and writes to IDX (split 0): the sink and local
@@ -421,6 +421,10 @@ if triton is not None:
                 k_ptrs = (
                     K + b * stride_kb + pos[:, None] * stride_ks + h * stride_kh + offs_d[None, :] * stride_kd
                 )
+                v_rows = V + b * stride_vb + pos * stride_vs + h * stride_vh
+                # V's rows asked of L2 before K's load: the sm_90 code issues V's load only once K has
+                # arrived and gone through shared memory for the dot, a second trip to HBM on the chain.
+                fused.prefetch_l2(v_rows, k_mask, PREFETCH)
                 k = tl.load(
                     k_ptrs, mask=k_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0
                 )  # [BN, BD]
@@ -431,13 +435,7 @@ if triton is not None:
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 alpha = tl.exp(m_i - m_safe)
                 p = tl.exp(scores - m_safe[:, None])
-                v_ptrs = (
-                    V
-                    + b * stride_vb
-                    + pos[:, None] * stride_vs
-                    + h * stride_vh
-                    + offs_dv[None, :] * stride_vd
-                )
+                v_ptrs = v_rows[:, None] + offs_dv[None, :] * stride_vd
                 v = tl.load(v_ptrs, mask=k_mask[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
                 l_i = l_i * alpha + tl.sum(p, 1)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
@@ -621,7 +619,7 @@ def _split_merge(q, k, v, block_idx, seqlens, block_size, scale, slots_per_split
         GROUP=group, BLOCK_G=block_g, BLOCK_SIZE=block_size, HEAD_DIM=dim, BLOCK_D=block_d,
         HEAD_DIM_V=dim_v, BLOCK_DV=block_dv, SLOTS_PER_SPLIT=slots_per_split, PICK=picking,
         NUM_FIXED=num_fixed, FIXED_PAD=max(2, _next_pow2(num_fixed)), LISTS_PAD=_next_pow2(pick.num_lists),
-        K_PAD=pick.k_pad, **pdl.launch_args(q.device),
+        K_PAD=pick.k_pad, PREFETCH=fused.can_prefetch(q.device), **pdl.launch_args(q.device),
     )  # fmt: skip
     _sparse_decode_merge_kernel[(batch * heads_kv, group)](
         m_part, l_part, acc_part, out,
