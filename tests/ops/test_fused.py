@@ -246,8 +246,11 @@ def test_norm_linear_advances_counters_once():
     got = fused.norm_linear_triton(x, norm_weight, 1e-6, weight, advance=(pos, lengths))
     _close(got, fused.norm_linear_reference(x, norm_weight, 1e-6, weight), torch.float32)
     assert pos.tolist() == [42] and lengths.tolist() == [43, 43, 43]
+    pos, lengths = pos.cpu(), lengths.cpu()
     fused.norm_linear(x.cpu(), norm_weight.cpu(), 1e-6, weight.cpu(), advance=(pos, lengths))  # reference
     assert pos.tolist() == [43] and lengths.tolist() == [44, 44, 44]
+    with pytest.raises(ValueError, match="advance"):
+        fused.norm_linear(x.cpu(), norm_weight.cpu(), 1e-6, weight.cpu(), advance=(pos, lengths.long()))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

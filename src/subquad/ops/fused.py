@@ -658,6 +658,7 @@ def norm_linear(
     the reference (and ``advance``'s counters incremented after it)."""
     if _use_gemv(x, norm_weight, weight):
         return norm_linear_triton(x, norm_weight, eps, weight, advance)
+    _check_advance(advance, x.device)
     out = F.linear(rms_norm(x, norm_weight, eps), weight)
     _advance_reference(advance)
     return out
