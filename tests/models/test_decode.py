@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import pytest
 import torch
@@ -316,6 +317,57 @@ def test_fused_decode_step_matches_reference(index, heads, top_k, held, lists, t
     torch.testing.assert_close(inputs[6], ref_inputs[6], atol=1e-6, rtol=1e-6)
     assert torch.equal(idx, want_idx)
     torch.testing.assert_close(out.float(), want.float(), atol=3e-3, rtol=1e-2)
+
+
+def test_fused_tree_step_takes_its_key_block_from_the_position():
+    # A graphed step replays the fused tree step's launch in later key blocks (GraphedDecoder): the
+    # routing kernel reads the window from pos and the attention the whole buffers, so a plan of an
+    # earlier block with the same layout, given the new block's sink and local slots, lengths and kept
+    # bounds (what the decoder rewrites for each block), routes and attends as the new block's own plan.
+    pytest.importorskip("triton")
+    from subquad.ops import fused
+    from subquad.ops.ssa.triton_decode import (
+        TreeBounds,
+        decode_plan,
+        fused_decode_step,
+        fused_step_layout,
+        tree_step_bounds,
+    )
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs Triton's interpreter
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    config = subquad.SSAConfig(block_size=16, top_k=3, sink_blocks=1, local_blocks=2, index="tree",
+                               tree_group=2)  # fmt: skip
+    held, earlier = 700, 645  # key blocks 43 and 40: windows from group 21 and 19, one layout
+    inputs = _fused_step_inputs(2, (4, 2), 16, 16, held, dtype, device)
+    # Blocks 39-41 routable from block 43 only (block 40's window starts at 39), summaries planted along
+    # the routing query (the sum of a KV head's rotated query heads): the new block's picks.
+    q = fused.rotate_append_decode_token_reference(*[t.clone() for t in inputs])
+    rq = q[:, 0].float().view(2, 2, 2, 16).sum(2)
+    scale = torch.tensor([10.0, 12.0, 14.0], device=device)[None, :, None, None]
+    inputs[6][:, 39:42] = scale * rq[:, None] / rq.norm(dim=-1, keepdim=True)[:, None]
+    ref_inputs = [t.clone() for t in inputs]
+    plans = {}
+    for n in (held, earlier):
+        seqlens = torch.full((2,), n + 1, device=device, dtype=torch.int32)
+        plans[n] = decode_plan(seqlens, n // 16 + 1, config, [n + 1] * 2)
+    fresh, stale = plans[held], plans[earlier]
+    assert fused_step_layout(stale, config, "triton") == fused_step_layout(fresh, config, "triton")
+    assert stale.tree.window_first != fresh.tree.window_first
+    kept = TreeBounds()
+    tree_step_bounds(inputs[6][:, : fresh.num_blocks], fresh.tree, config, kept)
+    stale = replace(stale, seqlens=fresh.seqlens, fixed=fresh.fixed)
+    out, idx = fused_decode_step(*inputs, stale, config, 0.3, "triton", tree_bounds=kept)
+    want, want_idx = fused_decode_step(*ref_inputs, fresh, config, 0.3, "torch")
+    for got_buf, want_buf in zip(inputs[4:6], ref_inputs[4:6]):
+        assert torch.equal(got_buf, want_buf)
+    assert torch.equal(idx, want_idx) and set(range(39, 42)) <= set(idx[0, 0].tolist())
+    torch.testing.assert_close(out.float(), want.float(), atol=3e-3, rtol=1e-2)
+    # The flat step's launch depends on the block count, and the PyTorch path's on everything.
+    flat = subquad.SSAConfig(block_size=16, top_k=3, sink_blocks=1, local_blocks=2, index="flat")
+    flat_plan = decode_plan(fresh.seqlens, fresh.num_blocks, flat, fresh.lengths)
+    assert fused_step_layout(flat_plan, flat, "triton") is None
+    assert fused_step_layout(fresh, config, "torch") is None
 
 
 def test_fused_decode_step_rejects_bad_arguments():

@@ -13,14 +13,19 @@ and writes buffers that stay put:
   and the rows' lengths the routing reads (the plan's ``seqlens``); the graph ends by advancing them.
   The rotary tables hold the positions of the new token's key block: the host recomputes them, with
   the model's own ops, when a token enters a new block (``_set_rotary_tables``).
-* What changes once per key block stays on the host: the routing plan's sink and local slots, the
-  routing kernels' launch arguments (the tree router's group layout). Keys,
-  values and summaries are read through views of the step's whole blocks (``num_blocks * block_size``
-  keys; the kernels mask by ``seqlens``). The step is re-captured when the new token opens a key block
-  (every ``block_size`` tokens), when a cache buffer is reallocated (growth) or when the cache changed
-  under the decoder (``crop``, row selection, eager steps into another block). The first such step runs
-  eagerly first, the same ops: its result is the step's, and it compiles and warms up what the capture
-  needs; later ones capture and replay at once (``_prepare_and_run``).
+* What changes once per key block is set by the host when a token enters the block (``_set_plan``):
+  the routing plan's sink and local slots, written into a buffer the graph reads (``_fixed``), and the
+  tree router's kept group bounds, brought up to the block with PyTorch ops outside the graph. The
+  fused tree step (CUDA, ``index="tree"``) takes nothing else from the block: its routing kernel derives
+  the window from ``_pos`` and its attention reads the whole cache buffers, bounded by ``seqlens``
+  (``triton_decode.fused_step_layout``). Its graph is re-captured only when that layout changes (the
+  tree's group size or its stretches' padded length: 19 times from 1K to 12M tokens with the default
+  settings, against 196,592 key blocks). The other SSA steps (the flat router, whose launch depends on
+  the block count; the PyTorch path) are re-captured when the new token opens a key block. Every kind
+  is also re-captured when a buffer it reads is reallocated (the cache's growth, the kept bounds') or
+  the cache changed under the decoder (``crop``, row selection). The first such step runs eagerly
+  first, the same ops: its result is the step's, and it compiles and warms up what the capture needs;
+  later ones capture and replay at once (``_prepare_and_run``).
 * The dense twin (``attention="dense"``) reads every key it holds, and SDPA's flash path (the one that
   splits a long key range across the GPU for a single query) takes no key-length mask: a fixed-length
   read masked by the lengths would fall to another backend. So its step is captured in pieces, one
@@ -39,6 +44,7 @@ from __future__ import annotations
 import time
 import weakref
 from contextlib import nullcontext, suppress
+from dataclasses import replace
 
 import torch
 from torch.nn.attention import sdpa_kernel
@@ -48,7 +54,14 @@ from subquad.models.prefill import prefill
 from subquad.models.subquad import modeling
 from subquad.models.subquad.modeling import SubquadForCausalLM
 from subquad.ops import fused
-from subquad.ops.ssa.triton_decode import DecodePlan, TreeBounds, decode_plan, tree_step_bounds
+from subquad.ops.ssa.interface import resolve_backend
+from subquad.ops.ssa.triton_decode import (
+    DecodePlan,
+    TreeBounds,
+    decode_plan,
+    fused_step_layout,
+    tree_step_bounds,
+)
 
 # generate() with end-of-sequence tokens asks whether every row has stopped this often: each question
 # is a host sync, and between them the host runs ahead of the GPU (which also hides re-captures).
@@ -126,6 +139,8 @@ class GraphedDecoder:
         self._weights = _ProjectionWeights(model)
         self._ssa = config.ssa_config
         self._block_size = self._ssa.block_size
+        head = weight.new_empty(1, config.head_dim)  # the attention kernels' backend, as the layers pick it
+        self._backend = resolve_backend("auto", head, head)
         self._num_layers = config.num_hidden_layers
         self._stream = torch.cuda.Stream(self.device) if self.capture else None
         # Static inputs of the step (allocated per batch size) and what the step was prepared for.
@@ -133,6 +148,8 @@ class GraphedDecoder:
         self._held: int | None = None  # tokens per row that _pos encodes
         self._prepared: tuple | None = None  # (key, capacity, weak references): see _preparation
         self._plan: DecodePlan | None = None
+        self._plan_key: tuple[int, int] | None = None  # (key block, batch) of _plan
+        self._captured_batch: int | None = None
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [block_size, D] float32
         self._rope_block: int | None = None  # the key block they hold
         self._pieces: list[tuple[torch.cuda.CUDAGraph, tuple | None]] = []
@@ -148,16 +165,21 @@ class GraphedDecoder:
                 out = self.model(ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
             return out.logits[:, -1]
         held = self._held_length(layers, input_ids)
-        prepare = not self._is_prepared(layers, held)
+        batch = len(layers[0]._lengths)
+        if batch != self._batch:
+            self._allocate_inputs(batch)
+        if held != self._held:  # a new batch, or the cache moved under the decoder (eager steps, crop)
+            self._set_position(held)
         self._weights.refresh()
         self._set_rotary_tables(held)
         with torch.no_grad(), self._sdpa_context():
+            if not self._dense and (held // self._block_size, batch) != self._plan_key:
+                self._set_plan(layers, held)
+            prepare = not self._is_prepared(layers, held)
             captured = False
             if prepare:
                 logits, captured = self._prepare_and_run(layers, held, input_ids)
             else:
-                if held != self._held:  # the cache moved within the block (eager steps, crop)
-                    self._set_position(held)
                 self._ids.copy_(input_ids)
                 logits = self._replay(held + 1) if self._pieces else self._run(held + 1)
             for layer in layers:
@@ -178,6 +200,7 @@ class GraphedDecoder:
     def invalidate(self) -> None:
         """Forget what the step was prepared for: the next step runs eagerly and captures again."""
         self._prepared = None
+        self._held = self._plan_key = None
 
     @torch.no_grad()
     def generate(
@@ -271,17 +294,22 @@ class GraphedDecoder:
         return held
 
     def _preparation(self, layers: list[SSACacheLayer], held: int) -> tuple[tuple, list]:
-        """What a prepared (captured) step depends on: ``(key, objects)``. The key, compared by value: the
-        new token's key block (SSA: the routing plan and the tree kernels' launch arguments) and the
-        batch. The objects, compared by identity: every cache object whose memory the step reads or
-        writes (a reallocated buffer, or state cleared by ``crop``, means preparing again)."""
+        """What a prepared (captured) step depends on: ``(key, objects)``. The key, compared by value: what
+        the step's launches bake in, and the batch. For the fused tree step that is its layout
+        (``fused_step_layout``: the tree's group size and stretches), which lasts many key blocks; for
+        the other SSA steps the new token's key block (the routing plan, the flat router's launch); for
+        the dense twin nothing. The objects, compared by identity: every cache object whose memory the
+        step reads or writes (a reallocated buffer, or state cleared by ``crop``, means preparing again)."""
         objects = []
         for layer in layers:
             bounds = layer.derived.get("tree_bounds")
             objects += [layer, layer._key_buf, layer._value_buf, layer._means, bounds]
             objects += [None, None] if bounds is None else [bounds.hi, bounds.lo]
-        block = None if self._dense else held // self._block_size
-        return (block, len(layers[0]._lengths)), objects
+        launch = None
+        if not self._dense:
+            layout = fused_step_layout(self._plan, self._ssa, self._backend)
+            launch = layout if layout is not None else held // self._block_size
+        return (launch, len(layers[0]._lengths)), objects
 
     def _is_prepared(self, layers: list[SSACacheLayer], held: int) -> bool:
         if self._prepared is None:
@@ -298,31 +326,23 @@ class GraphedDecoder:
     def _prepare_and_run(
         self, layers: list[SSACacheLayer], held: int, input_ids: torch.Tensor
     ) -> tuple[torch.Tensor, bool]:
-        """A step in a new key block (or over changed cache objects): set the static inputs, make room,
-        build the block's routing plan and run the step: ``(logits, captured)``.
+        """A step the decoder is not prepared for (a new launch layout or key block, changed cache
+        objects): set the static inputs, make room and run the step: ``(logits, captured)``.
 
         The first time, and for the dense twin, the step runs eagerly (``step`` then captures it for the
-        steps that follow: the eager run compiled and warmed up what the capture records). An SSA step
-        re-captured in a later key block skips that eager run, which cost as much host time as the
-        capture (~8 ms for ``small``): it captures, then replays. If that capture fails (a kernel that
-        still had to compile, say), the step runs eagerly and captures as the first time."""
+        steps that follow: the eager run compiled and warmed up what the capture records). A later SSA
+        re-capture skips that eager run, which cost as much host time as the capture (~8 ms for
+        ``small``): it captures, then replays. If that capture fails (a kernel that still had to
+        compile, say), the step runs eagerly and captures as the first time."""
         # Weak references only: a buffer the cache replaced must be freed (a long cache is most of the GPU).
         self._prepared = None
-        batch = len(layers[0]._lengths)
-        warm = self.capture and not self._dense and bool(self._pieces) and batch == self._batch
-        if batch != self._batch:
-            self._allocate_inputs(batch)
-        self._set_position(held)
+        warm = self.capture and not self._dense and bool(self._pieces) and self._captured_batch == self._batch
         self._ids.copy_(input_ids)
         for layer in layers:
             layer._ensure_capacity(held + 1)
-        if not self._dense:
-            blocks = held // self._block_size + 1
-            self._plan = decode_plan(self._seqlens, blocks, self._ssa, [held + 1] * batch)
-            # As the eager step: layer 0 keeps the step's plan for the next one.
-            layers[0].derived["decode_plan"] = self._plan
+        if not self._dense and layers[0].derived.get("decode_plan") is not self._plan:
+            self._set_plan(layers, held)  # a crop cleared the cache's plan and kept bounds
         if warm:
-            self._keep_tree_bounds(layers)
             try:
                 self._capture(capture_error_mode="relaxed")  # relaxed: a Triton module may still load
             except RuntimeError:
@@ -331,24 +351,41 @@ class GraphedDecoder:
                 return self._replay(held + 1), True
         return self._run(held + 1), False
 
-    def _keep_tree_bounds(self, layers: list[SSACacheLayer]) -> None:
-        """Bring each layer's kept tree-router bounds (``TreeBounds``) up to the new key block, as the
-        step's routing does on its way: before a capture, so that the graph records no bounds update
-        (PyTorch ops over the groups that became probe-able, which every replay would redo)."""
-        if self._ssa.index != "tree" or self._plan.tree is None:
-            return
+    def _set_plan(self, layers: list[SSACacheLayer], held: int) -> None:
+        """The routing plan of the key block the token at position ``held`` lands in (sink and local slots,
+        the tree's layout), and each layer's kept tree-router bounds brought up to that block.
+
+        Run when the token enters a block (and when preparing), before deciding whether to prepare: a
+        fused tree step replays one graph across blocks, reading the slots from ``_fixed`` (rewritten
+        here) and the bounds from the buffers updated here. The bounds' update (PyTorch ops over groups
+        that became probe-able) thus stays out of the graphs; when it reallocates them, the step prepares
+        again. The cache's buffers are grown first, so the bounds see every complete block."""
+        batch = self._batch
         for layer in layers:
-            kept = layer.derived.setdefault("tree_bounds", TreeBounds())
-            tree_step_bounds(layer._means[:, : self._plan.num_blocks], self._plan.tree, self._ssa, kept)
+            layer._ensure_capacity(held + 1)
+        blocks = held // self._block_size + 1
+        plan = decode_plan(self._seqlens, blocks, self._ssa, [held + 1] * batch)
+        self._fixed.copy_(plan.fixed)
+        self._plan = replace(plan, fixed=self._fixed)
+        # As the eager step: layer 0 keeps the step's plan for the next one.
+        layers[0].derived["decode_plan"] = self._plan
+        if self._ssa.index == "tree" and self._plan.tree is not None:
+            for layer in layers:
+                kept = layer.derived.setdefault("tree_bounds", TreeBounds())
+                tree_step_bounds(layer._means[:, :blocks], self._plan.tree, self._ssa, kept)
+        self._plan_key = held // self._block_size, batch
 
     def _allocate_inputs(self, batch: int) -> None:
         config = self.model.config
         device = self.device
         self._batch = batch
+        self._held = self._plan_key = None
         self._ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self._pos = torch.zeros(1, dtype=torch.long, device=device)  # rows of one length: one position
         self._seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
         self._residual = torch.zeros(batch, config.hidden_size, dtype=self.dtype, device=device)
+        fixed = self._ssa.sink_blocks + self._ssa.local_blocks
+        self._fixed = torch.zeros(batch, 1, fixed, dtype=torch.int32, device=device)  # the plan's slots
         self._attention_out = None
         if self._dense:
             heads, dim = config.num_attention_heads, config.head_dim
@@ -469,7 +506,7 @@ class GraphedDecoder:
                 pieces.append((graph, request))
                 sent = self._attention_out
         current.wait_stream(self._stream)
-        self._pieces, self._logits = pieces, logits
+        self._pieces, self._logits, self._captured_batch = pieces, logits, self._batch
         self.captures += 1
         self.capture_seconds = time.perf_counter() - start
 

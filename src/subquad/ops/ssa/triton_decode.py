@@ -759,10 +759,8 @@ def fused_decode_step(
     """
     num_blocks = plan.num_blocks
     keys = num_blocks * config.block_size
-    routed = backend == "triton" and config.top_k > 0 and num_blocks > 0
-    tree = routed and config.index == "tree" and plan.tree is not None
-    flat = routed and config.index == "flat" and config.summaries_per_block == 1
-    if not (tree or flat):
+    fused_path = _fused_path(plan, config, backend)
+    if fused_path is None:
         if backend == "triton":
             q = fused.rotate_append_decode_token_triton(qkv, cos, sin, pos, key_buf, value_buf, means)
         else:
@@ -779,19 +777,51 @@ def fused_decode_step(
     batch, _, heads_kv, dim = key_buf.shape
     q = torch.empty(batch, 1, heads_q, dim, dtype=qkv.dtype, device=qkv.device)
     append = (cos, sin, pos, q, key_buf, value_buf, means)
-    if tree:
+    if fused_path == "tree":
         from subquad.ops.ssa.triton_select import decode_tree_lists
 
         summaries = means[:, :num_blocks]
         hi, lo = tree_step_bounds(summaries, plan.tree, config, tree_bounds)
+        if tree_bounds is not None:  # the kept buffers whole, rows past the window included: the kernel
+            hi, lo = tree_bounds.hi, tree_bounds.lo  # takes the window from pos, in any later block
         part, lists, k_pad = decode_tree_lists(qkv, summaries, hi, lo, plan.tree, config, append)
     else:
         part, lists, k_pad = _flat_lists(qkv, append, num_blocks, config, route_lists, route_tile)
     block_idx = torch.empty(batch, heads_kv, plan.fixed.shape[-1] + config.top_k, dtype=torch.int32,
                             device=qkv.device)  # fmt: skip
-    out = _split_merge(q[:, 0], key_buf[:, :keys], value_buf[:, :keys], block_idx, plan.seqlens, block_size,
-                       scale, pick=_Pick(part, lists, k_pad, plan.fixed))  # fmt: skip
+    # The whole buffers: the lengths bound the keys read, and the launch stays valid in later key blocks.
+    out = _split_merge(q[:, 0], key_buf, value_buf, block_idx, plan.seqlens, block_size, scale,
+                       pick=_Pick(part, lists, k_pad, plan.fixed))  # fmt: skip
     return out[:, None], block_idx
+
+
+def _fused_path(plan: DecodePlan, config: SSAConfig, backend: str) -> str | None:
+    """Which fused step :func:`fused_decode_step` runs: ``"tree"``, ``"flat"`` or None (the append, then
+    :func:`decode_step`)."""
+    if backend != "triton" or config.top_k == 0 or plan.num_blocks == 0:
+        return None
+    if config.index == "tree" and plan.tree is not None:
+        return "tree"
+    if config.index == "flat" and config.summaries_per_block == 1:
+        return "flat"
+    return None
+
+
+def fused_step_layout(plan: DecodePlan, config: SSAConfig, backend: str) -> tuple | None:
+    """What the launches of :func:`fused_decode_step` depend on besides the tensors' memory when that is
+    not the token's key block, or None when their arguments move with it.
+
+    The fused tree step derives the token's window and block count from ``pos`` on the device
+    (``triton_select.tree_lists_layout``) and its attention reads the whole cache buffers bounded by the
+    plan's ``seqlens``; the sink and local slots come from ``plan.fixed``. So a step recorded in one key
+    block replays in a later one with the same layout, as long as ``plan.fixed`` is a buffer the caller
+    rewrites for each block (with the new plan's values) and the kept tree bounds are brought up to each
+    block (``tree_step_bounds``) before the replay. The flat step's launch depends on the block count."""
+    if _fused_path(plan, config, backend) != "tree":
+        return None
+    from subquad.ops.ssa.triton_select import tree_lists_layout
+
+    return ("tree", *tree_lists_layout(plan.tree))
 
 
 def _flat_lists(qkv, append, num_blocks, config, route_lists, route_tile) -> tuple[torch.Tensor, int, int]:

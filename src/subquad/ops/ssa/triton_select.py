@@ -683,7 +683,8 @@ def route_tree_triton(rq, summaries, seq_len_k, config, causal):
 def _tree_lists_program(
     Q, HI, LO, SUMM, PART, COS, SIN, POS, b, h, bh, slot,
     stride_qb, stride_qh, stride_hb, stride_hh, stride_hg, stride_sb, stride_sn, stride_sh,
-    probe, group, window_first, window_last, last_candidate, sink_blocks, num_blocks,
+    probe, group, window_first, window_last, last_candidate, sink_blocks, local_blocks, num_blocks,
+    num_groups,
     GROUP_Q: tl.constexpr, BLOCK_GQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     SPAD: tl.constexpr, BLOCK_G: tl.constexpr, K_PAD: tl.constexpr, NUM_GROUP_SLOTS: tl.constexpr,
     FROM_QKV: tl.constexpr, BS: tl.constexpr, PDL: tl.constexpr,
@@ -694,15 +695,24 @@ def _tree_lists_program(
     probing = slot < probe
     # select.best_of_stretches' stretch of the groups before the window: slot, slot + probe, ...
     groups = slot + probe * tl.arange(0, SPAD)
-    g_ok = probing & (groups < window_first) & ((groups + 1) * group > sink_blocks)
+    bounded = probing & (groups < num_groups) & ((groups + 1) * group > sink_blocks)
     base = (b.to(tl.int64) * stride_hb + h * stride_hh + groups.to(tl.int64)[:, None] * stride_hg
             + offs_d[None, :])
     # The bounds before the PDL wait: no kernel of a decode step writes them (the cache layer updates
-    # its kept bounds with PyTorch ops before the step's routing, and only when a group fills).
-    hi = tl.load(HI + base, mask=g_ok[:, None] & d_ok[None, :], other=0.0)
-    lo = tl.load(LO + base, mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    # its kept bounds with PyTorch ops before the step's routing, and only when a group fills). Masked
+    # by the rows held, not by the window, which may come from the position: the loads need not wait
+    # for that one (a group in the window is left out below).
+    hi = tl.load(HI + base, mask=bounded[:, None] & d_ok[None, :], other=0.0)
+    lo = tl.load(LO + base, mask=bounded[:, None] & d_ok[None, :], other=0.0)
     if FROM_QKV:  # as fused._rotate_append_program, which says why these may load before the wait
         pos, block, cos, sin = fused._token_tables(POS, COS, SIN, offs_d, d_ok, D, BS)
+        # What moves with the token's key block, from its position (as triton_decode._tree_step): a
+        # graphed step replays one launch across key blocks.
+        last_candidate = block - local_blocks
+        window_first = tl.maximum(block - local_blocks + 1, 0) // group
+        window_last = block // group
+        num_blocks = block + 1
+    g_ok = bounded & (groups < window_first)
     pdl.wait(PDL)
     qh = tl.arange(0, BLOCK_GQ)
     q_ptrs = Q + b.to(tl.int64) * stride_qb + (h * GROUP_Q + qh)[:, None] * stride_qh
@@ -732,14 +742,14 @@ def _tree_lists_program(
 
 
 @triton.jit(
-    do_not_specialize=["probe", "window_first", "window_last", "last_candidate", "num_blocks"]
+    do_not_specialize=["probe", "window_first", "window_last", "last_candidate", "num_blocks", "num_groups"]
 )
 def _decode_tree_lists_kernel(
     Q, HI, LO, SUMM, PART, COS, SIN, POS, Q_OUT, KEY_BUF, VALUE_BUF, MEANS,
     stride_qb, stride_qh, stride_hb, stride_hh, stride_hg, stride_sb, stride_sn, stride_sh,
     s_kb_b, s_kb_s, s_kb_h, s_vb_b, s_vb_s, s_vb_h, s_m_b, s_m_n, s_m_h,
-    HKV, probe, group, window_first, window_last, last_candidate, sink_blocks, num_blocks,
-    GROUP_Q: tl.constexpr, BLOCK_GQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    HKV, probe, group, window_first, window_last, last_candidate, sink_blocks, local_blocks, num_blocks,
+    num_groups, GROUP_Q: tl.constexpr, BLOCK_GQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     SPAD: tl.constexpr, BLOCK_G: tl.constexpr, K_PAD: tl.constexpr, NUM_GROUP_SLOTS: tl.constexpr,
     FROM_QKV: tl.constexpr, BS: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -751,7 +761,9 @@ def _decode_tree_lists_kernel(
 
     ``FROM_QKV``: ``Q`` is the q/k/v projection's output (``[B, 1, Hq + 2 Hkv, D]``, strides of its rows
     and heads), rotated here with the token's tables; slot ``NUM_GROUP_SLOTS`` (one program more) rotates
-    and appends the token as ``fused.rotate_append_decode_token`` (into Q_OUT and the cache's buffers)."""
+    and appends the token as ``fused.rotate_append_decode_token`` (into Q_OUT and the cache's buffers).
+    The window and the block count then come from the position ``POS`` (the arguments are not read), so
+    one launch serves every key block of one layout (:func:`tree_lists_layout`)."""
     bh = tl.program_id(0)
     slot = tl.program_id(1)
     b = bh // HKV
@@ -769,17 +781,17 @@ def _decode_tree_lists_kernel(
             _tree_lists_program(
                 Q, HI, LO, SUMM, PART, COS, SIN, POS, b, h, bh, slot,
                 stride_qb, stride_qh, stride_hb, stride_hh, stride_hg, stride_sb, stride_sn, stride_sh,
-                probe, group, window_first, window_last, last_candidate, sink_blocks,
-                num_blocks, GROUP_Q, BLOCK_GQ, D, BLOCK_D, SPAD, BLOCK_G, K_PAD, NUM_GROUP_SLOTS, FROM_QKV,
-                BS, PDL,
+                probe, group, window_first, window_last, last_candidate, sink_blocks, local_blocks,
+                num_blocks, num_groups, GROUP_Q, BLOCK_GQ, D, BLOCK_D, SPAD, BLOCK_G, K_PAD, NUM_GROUP_SLOTS,
+                FROM_QKV, BS, PDL,
             )
     else:
         _tree_lists_program(
             Q, HI, LO, SUMM, PART, COS, SIN, POS, b, h, bh, slot,
             stride_qb, stride_qh, stride_hb, stride_hh, stride_hg, stride_sb, stride_sn, stride_sh,
-            probe, group, window_first, window_last, last_candidate, sink_blocks,
-            num_blocks, GROUP_Q, BLOCK_GQ, D, BLOCK_D, SPAD, BLOCK_G, K_PAD, NUM_GROUP_SLOTS, FROM_QKV,
-            BS, PDL,
+            probe, group, window_first, window_last, last_candidate, sink_blocks, local_blocks,
+            num_blocks, num_groups, GROUP_Q, BLOCK_GQ, D, BLOCK_D, SPAD, BLOCK_G, K_PAD, NUM_GROUP_SLOTS,
+            FROM_QKV, BS, PDL,
         )
 
 
@@ -832,13 +844,26 @@ def decode_route_tree(q, summaries, hi, lo, fixed, step, config) -> torch.Tensor
     return out
 
 
+def tree_lists_layout(step) -> tuple[int, int, int, int]:
+    """What :func:`decode_tree_lists` bakes into its launch for the ``_TreeStep`` ``step`` besides the
+    tensors: ``(group, probe, group slots, SPAD)``, SPAD the stretches' padded length. With the append
+    (``FROM_QKV``) nothing else in the launch moves with the token's key block, so a graphed decode step
+    replays one capture while this stays the same and the bounds' and cache's buffers stay put."""
+    stretch = -(-step.window_first // step.probe)  # groups in the longest stretch
+    spad = max(2, triton.next_power_of_2(stretch))
+    return step.group, step.probe, step.probe + step.own.numel(), spad
+
+
 def decode_tree_lists(q, summaries, hi, lo, step, config, append=None) -> tuple[torch.Tensor, int, int]:
     """The first kernel of :func:`decode_route_tree` (same arguments): the candidate lists its pick
     merges, ``(part [B * Hkv, lists, k_pad] packed keys, lists, k_pad)``.
 
     ``append``: ``(cos, sin, pos, q_out, key_buf, value_buf, means)``. ``q`` is then the q/k/v projection's
     output ``[B, 1, Hq + 2 Hkv, D]``, and the kernel also rotates the token's heads and appends it to the
-    cache (``fused.rotate_append_decode_token``'s arguments; the rotated queries into ``q_out``).
+    cache (``fused.rotate_append_decode_token``'s arguments; the rotated queries into ``q_out``), and the
+    token's window and block count come from ``pos``: ``summaries`` may then be a view of a longer buffer
+    holding later blocks' rows, and ``hi`` / ``lo`` hold rows for groups past the window too (a step
+    captured in an earlier key block: the kept bounds' whole buffers).
     """
     batch, dim = q.shape[0], q.shape[-1]
     heads_kv = summaries.shape[2]
@@ -846,8 +871,7 @@ def decode_tree_lists(q, summaries, hi, lo, step, config, append=None) -> tuple[
     if hi.stride() != lo.stride() or hi.stride(-1) != 1 or q.stride(-1) != 1 or summaries.stride(-1) != 1:
         raise ValueError("decode_route_tree: q, summaries and the bounds need a contiguous last dimension")
     k_pad = max(16, triton.next_power_of_2(config.top_k))
-    stretch = -(-step.window_first // step.probe)  # groups in the longest stretch
-    group_slots = step.probe + step.own.numel()
+    _, _, group_slots, spad = tree_lists_layout(step)
     part = torch.empty(batch * heads_kv * group_slots * k_pad, device=q.device, dtype=torch.int64)
     if append is None:  # the append's arguments unused: q in the tensors' places, strides 0
         cos = sin = pos = q_out = key_buf = value_buf = means = q
@@ -863,9 +887,9 @@ def decode_tree_lists(q, summaries, hi, lo, step, config, append=None) -> tuple[
         stride_qb, stride_qh, hi.stride(0), hi.stride(1), hi.stride(2),
         summaries.stride(0), summaries.stride(1), summaries.stride(2), *cache_strides,
         heads_kv, step.probe, step.group, step.window_first, window_last,
-        step.last_candidate, config.sink_blocks, summaries.shape[1],
+        step.last_candidate, config.sink_blocks, config.local_blocks, summaries.shape[1], hi.shape[2],
         GROUP_Q=heads_q // heads_kv, BLOCK_GQ=max(2, triton.next_power_of_2(heads_q // heads_kv)), D=dim,
-        BLOCK_D=max(16, triton.next_power_of_2(dim)), SPAD=max(2, triton.next_power_of_2(stretch)),
+        BLOCK_D=max(16, triton.next_power_of_2(dim)), SPAD=spad,
         BLOCK_G=max(k_pad, triton.next_power_of_2(step.group)), K_PAD=k_pad, NUM_GROUP_SLOTS=group_slots,
         FROM_QKV=append is not None, BS=config.block_size, BLOCK_S=triton.next_power_of_2(config.block_size),
         num_warps=4 if step.group <= 32 else 8,
