@@ -41,6 +41,7 @@ shared routing plan, so eager calls, ``generate()`` and ``crop`` keep working on
 
 from __future__ import annotations
 
+import operator
 import time
 import weakref
 from contextlib import nullcontext, suppress
@@ -66,6 +67,7 @@ from subquad.ops.ssa.triton_decode import (
 # generate() with end-of-sequence tokens asks whether every row has stopped this often: each question
 # is a host sync, and between them the host runs ahead of the GPU (which also hides re-captures).
 _EOS_CHECK_EVERY = 16
+_VERSION = operator.attrgetter("_version")
 _GRAPH_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -194,7 +196,7 @@ class GraphedDecoder:
                     self._capture()
                 key, objects = self._preparation(layers, held)
                 capacity = min(layer._key_buf.shape[1] for layer in layers)
-                self._prepared = key, capacity, [_weak(obj) for obj in objects]
+                self._prepared = key, capacity, [weakref.ref(obj) for obj in objects]
         return logits
 
     def invalidate(self) -> None:
@@ -303,8 +305,8 @@ class GraphedDecoder:
         objects = []
         for layer in layers:
             bounds = layer.derived.get("tree_bounds")
-            objects += [layer, layer._key_buf, layer._value_buf, layer._means, bounds]
-            objects += [None, None] if bounds is None else [bounds.hi, bounds.lo]
+            objects += [layer, layer._key_buf, layer._value_buf, layer._means]
+            objects += [_MISSING] * 3 if bounds is None else [bounds, bounds.hi, bounds.lo]
         launch = None
         if not self._dense:
             layout = fused_step_layout(self._plan, self._ssa, self._backend)
@@ -319,8 +321,7 @@ class GraphedDecoder:
         return (
             key == kept_key
             and held < capacity  # the new token's slot exists (else the buffers grow first)
-            and len(refs) == len(objects)
-            and all(_same(ref, obj) for ref, obj in zip(refs, objects))
+            and _all_same(refs, objects)
         )
 
     def _prepare_and_run(
@@ -537,12 +538,14 @@ class _ProjectionWeights:
             groups.append((mlp.gate_proj.weight, mlp.up_proj.weight))
         with torch.no_grad():
             self._copies = [(group, torch.cat(group)) for group in groups]
+        self._sources = [w for group, _ in self._copies for w in group]
         self.qkv = [target for _, target in self._copies[0::2]]
         self.gate_up = [target for _, target in self._copies[1::2]]
         self._stamp = self._stamp_now()
 
     def _stamp_now(self) -> tuple:
-        return tuple((w.data_ptr(), w._version) for group, _ in self._copies for w in group)
+        # Every step asks: C-level loops over the weights' pointers and version counters.
+        return tuple(map(torch.Tensor.data_ptr, self._sources)), tuple(map(_VERSION, self._sources))
 
     def refresh(self) -> None:
         stamp = self._stamp_now()
@@ -553,13 +556,17 @@ class _ProjectionWeights:
             self._stamp = stamp
 
 
-def _weak(obj):
-    """A weak reference to ``obj``, or None for None."""
-    return None if obj is None else weakref.ref(obj)
+class _Missing:
+    """Stands for an object that is not there (no kept tree bounds) in a step's preparation, which holds
+    weak references only; one that lives as long as the module, so its reference never dies."""
 
 
-def _same(ref, obj) -> bool:
-    """Whether ``obj`` is the object ``ref`` (from :func:`_weak`) was taken of. A dead reference matches
-    nothing, not even None: a crop drops the kept tree bounds, whose memory the captured graph still reads,
-    and the step must then prepare (and capture) again rather than replay over freed memory."""
-    return obj is None if ref is None else obj is not None and ref() is obj
+_MISSING = _Missing()
+
+
+def _all_same(refs: list[weakref.ref], objects: list) -> bool:
+    """Whether each object is the one its weak reference was taken of (every step asks, so C-level loops).
+    A dead reference gives None, which matches nothing: a crop drops the kept tree bounds, whose memory
+    the captured graph still reads, and the step must then prepare (and capture) again rather than replay
+    over freed memory (a missing object is ``_MISSING``, never None)."""
+    return len(refs) == len(objects) and all(map(operator.is_, map(weakref.ref.__call__, refs), objects))
