@@ -10,12 +10,15 @@ Measures (issue 3):
   execution plan per key length, i.e. per step (``--dense-sdpa-auto`` adds rows with SDPA's choice);
 * KV-cache bytes per token;
 * ``--graph``: the decode step also through ``subquad.models.GraphedDecoder`` (rows ``timing: graph``),
-  the whole model step as CUDA-graph replays (SSA: one graph, re-captured when a token opens a key block;
-  dense: one graph per stretch between layers' SDPA calls, which run eagerly): ms of a replayed step,
-  ms per token over 2 key blocks back to back (re-captures included, one sync at the end, as
-  ``GraphedDecoder.generate`` runs), ms of a step that prepares and captures (its eager step plus the
-  capture) and of the capture alone (host time: recording and instantiation). On the CPU the graphed
-  step's ops run eagerly (``capture=False``);
+  the whole model step as CUDA-graph replays (SSA, tree index: one graph for many key blocks; flat index:
+  re-captured when a token opens a key block; dense: one graph per stretch between layers' SDPA calls,
+  which run eagerly): ms of a replayed step, ms per token over 2 key blocks back to back (re-captures
+  included, one sync at the end, as ``GraphedDecoder.generate`` runs), then ms of a step that prepares
+  and captures (its eager step plus the capture, forced 3 times) and of the capture alone (host time:
+  recording and instantiation). On the CPU the graphed step's ops run eagerly (``capture=False``). On
+  an H200 the same graph replays ~4% faster when it is among the first three CUDA graphs the process
+  instantiated (``benchmarks/NOTES.md`` item 52): the forced captures come after the timed steps, so a
+  process that times one model at one length measures what a fresh ``generate()`` gets;
 * ``--only attention``: one decode layer's attention alone, no model around it, so the operator is
   compared and not the eager model step (whose ~900 kernel launches bound both sides): for the
   ``layer-8b`` shape (Hq 32, Hkv 8, D 128) and the flavor's attention shape, B=1, a random
@@ -250,43 +253,47 @@ def run_decode(model, cache, steps, device, timer):
 
 
 def graph_decode_room(steps: int, block_size: int) -> int:
-    """Tokens :func:`run_decode_graph` appends past the cache's length before it crops back: 3 prepared
-    steps, ``steps`` timed ones, then room reserved for 2 runs of 2 key blocks (and one more)."""
-    return 3 + steps + 2 * (2 * block_size) + 1
+    """Tokens :func:`run_decode_graph` appends past the cache's length before it crops back: 3 untimed
+    steps, ``steps`` timed ones, 2 runs of 2 key blocks, 3 prepared steps (and one more)."""
+    return 3 + steps + 2 * (2 * block_size) + 3 + 1
 
 
 def run_decode_graph(model, cache, steps, device, timer):
     """``--graph``: the decode step through ``GraphedDecoder`` (on the CPU, ``capture=False``): median ms
     of a replayed step (``ms_per_token``); ms per token over 2 key blocks back to back, re-captures
     included, one sync at the end, after 2 blocks untimed (``ms_per_token_run``, ``captures_per_run``);
-    and, forced 3 times (``invalidate``), the median ms of a step that prepares and captures
+    then, forced 3 times (``invalidate``), the median ms of a step that prepares and captures
     (``prepare_step_ms``: its eager step plus the capture) and the capture's host time alone
-    (``capture_ms``)."""
+    (``capture_ms``). The forced captures come last: they would make the timed steps replay a
+    process's fourth graph or later (module docstring)."""
     cuda = device.type == "cuda"
     decoder = GraphedDecoder(model, cache, capture=cuda)
     token = torch.randint(0, model.config.vocab_size, (1, 1), device=device)
     start = cache.get_seq_length()
+    block_size = model.config.ssa_config.block_size
+    # Room for everything below up front, so no buffer grows (a one-off copy of the whole cache, and a
+    # re-capture) inside the timed steps.
+    cache.reserve(start + graph_decode_room(steps, block_size))
     with torch.no_grad():
-        prepare, capture = [], []
-        for _ in range(3):
-            decoder.invalidate()
-            seconds, _ = timer.time(lambda: decoder.step(token))
-            prepare.append(seconds)
-            capture.append(decoder.capture_seconds)
+        for _ in range(3):  # the first prepares and captures; then replays
+            decoder.step(token)
         times = []
         for _ in range(steps):
             seconds, _ = timer.time(lambda: decoder.step(token))
             times.append(seconds)
-        block_size = model.config.ssa_config.block_size
         run = 2 * block_size
-        # Steady decoding, as generate() runs it: room reserved, so no buffer grows (a one-off copy of
-        # the whole cache) inside the timed run; and 2 blocks untimed first, which compile the Triton
+        # Steady decoding, as generate() runs it: 2 blocks untimed first, which compile the Triton
         # variants new block counts ask for (integer arguments are specialised by divisibility).
-        cache.reserve(start + graph_decode_room(steps, block_size))
         for _ in range(run):
             decoder.step(token)
         captures = decoder.captures
         seconds, _ = timer.time(lambda: [decoder.step(token) for _ in range(run)])
+        prepare, capture = [], []
+        for _ in range(3):
+            decoder.invalidate()
+            seconds_prepare, _ = timer.time(lambda: decoder.step(token))
+            prepare.append(seconds_prepare)
+            capture.append(decoder.capture_seconds)
     cache.crop(start - cache.get_seq_length())  # back to the requested length for the next model
     row = dict(
         ms_per_token=1e3 * statistics.median(times),
