@@ -288,6 +288,7 @@ def run_decode_graph(model, cache, steps, device, timer):
             decoder.step(token)
         captures = decoder.captures
         seconds, _ = timer.time(lambda: [decoder.step(token) for _ in range(run)])
+        captures = decoder.captures - captures
         prepare, capture = [], []
         for _ in range(3):
             decoder.invalidate()
@@ -298,7 +299,7 @@ def run_decode_graph(model, cache, steps, device, timer):
     row = dict(
         ms_per_token=1e3 * statistics.median(times),
         ms_per_token_run=1e3 * seconds / run,
-        captures_per_run=decoder.captures - captures,
+        captures_per_run=captures,
         prepare_step_ms=1e3 * statistics.median(prepare),
         capture_ms=1e3 * statistics.median(capture) if cuda else None,
     )
