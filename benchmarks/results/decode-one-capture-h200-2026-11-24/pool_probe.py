@@ -5,7 +5,8 @@ default: a crop, which clears the kept bounds, then a re-capture), `fresh` (as c
 dropped and the allocator's cache emptied first, so every capture starts a new pool), `invalidate` (a
 re-capture without a crop: the windows move on), `keep` (as crop, every old graph kept alive), `none`
 (no re-capture: 40-step windows one after the other). `--dummy-graphs N` first captures, replays and
-drops N one-kernel graphs of its own, before the decoder exists. Run from the repo root:
+drops N one-kernel graphs of its own, before the decoder exists; `--no-pdl` launches without programmatic
+dependent launch. Run from the repo root:
 `PYTHONPATH=src python <this file> [--mode MODE]`."""
 
 import argparse
@@ -15,13 +16,16 @@ import torch
 
 import subquad
 from subquad.models import GraphedDecoder, SubquadConfig, SubquadForCausalLM
+from subquad.ops import pdl
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--length", type=int, default=1 << 20)
 parser.add_argument("--repeats", type=int, default=10)
 parser.add_argument("--mode", default="crop", choices=["crop", "fresh", "invalidate", "keep", "none"])
 parser.add_argument("--dummy-graphs", type=int, default=0)
+parser.add_argument("--no-pdl", action="store_true")
 args = parser.parse_args()
+pdl.ENABLED = not args.no_pdl
 
 x = torch.ones(1024, device="cuda")
 for _ in range(args.dummy_graphs):
@@ -66,4 +70,5 @@ with torch.no_grad():
             decoder.step(token)
         torch.cuda.synchronize()
         walls.append((time.perf_counter() - t0) / 40 * 1e3)
-    print(f"{args.mode}, captures {decoder.captures}: " + " ".join(f"{w:.4f}" for w in walls), flush=True)
+    label = f"{args.mode}, pdl {pdl.ENABLED}, dummy graphs {args.dummy_graphs}, captures {decoder.captures}"
+    print(f"{label}: " + " ".join(f"{w:.4f}" for w in walls), flush=True)
