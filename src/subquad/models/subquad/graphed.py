@@ -149,8 +149,7 @@ class GraphedDecoder:
         self._batch: int | None = None
         self._held: int | None = None  # tokens per row that _pos encodes
         self._prepared: tuple | None = None  # (key, capacity, weak references): see _preparation
-        self._plan: DecodePlan | None = None
-        self._plan_key: tuple[int, int] | None = None  # (key block, batch) of _plan
+        self._plan: DecodePlan | None = None  # of the key block _set_plan last saw (None: build again)
         self._captured_batch: int | None = None
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [block_size, D] float32
         self._rope_block: int | None = None  # the key block they hold
@@ -175,7 +174,8 @@ class GraphedDecoder:
         self._weights.refresh()
         self._set_rotary_tables(held)
         with torch.no_grad(), self._sdpa_context():
-            if not self._dense and (held // self._block_size, batch) != self._plan_key:
+            new_block = self._plan is None or self._plan.num_blocks != held // self._block_size + 1
+            if not self._dense and new_block:
                 self._set_plan(layers, held)
             prepare = not self._is_prepared(layers, held)
             captured = False
@@ -201,8 +201,7 @@ class GraphedDecoder:
 
     def invalidate(self) -> None:
         """Forget what the step was prepared for: the next step runs eagerly and captures again."""
-        self._prepared = None
-        self._held = self._plan_key = None
+        self._prepared = self._held = self._plan = None
 
     @torch.no_grad()
     def generate(
@@ -374,13 +373,12 @@ class GraphedDecoder:
             for layer in layers:
                 kept = layer.derived.setdefault("tree_bounds", TreeBounds())
                 tree_step_bounds(layer._means[:, :blocks], self._plan.tree, self._ssa, kept)
-        self._plan_key = held // self._block_size, batch
 
     def _allocate_inputs(self, batch: int) -> None:
         config = self.model.config
         device = self.device
         self._batch = batch
-        self._held = self._plan_key = None
+        self._held = self._plan = None  # the plan holds the old batch's lengths
         self._ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self._pos = torch.zeros(1, dtype=torch.long, device=device)  # rows of one length: one position
         self._seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
