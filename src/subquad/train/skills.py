@@ -216,6 +216,27 @@ _FACT_STATEMENTS = (
     "If anyone asks, the {attr} for {key} is {value}.",
     "Remember the {attr} of {key}: it is {value}.",
 )
+# Composed statements: [lead] subject verb value [tail], or, after a lead, the value first ("Note:
+# 5830174 is the locker of ferry-options."): some 19,000 distinct forms, so that the model learns to
+# take the value that follows whatever names the key rather than a list of sentences. `nano-p3c`,
+# trained on the 20 wordings above only, lost a value stated with a colon after "is" or as "one of
+# the <attr>s" (benchmarks/NOTES.md, item 53).
+_STATEMENT_LEADS = (
+    "Note: ", "For the record, ", "By the way, ", "Also, ", "As it turns out, ", "Worth knowing: ",
+    "Officially, ", "Heads up: ", "In the latest update, ", "To be clear, ", "Just so you know, ",
+)  # fmt: skip
+_STATEMENT_SUBJECTS = (
+    "the {attr} for {key}", "the {attr} of {key}", "the {attr} assigned to {key}", "{key}'s {attr}",
+    "the {attr} that goes with {key}", "one {attr} of {key}",
+    "the only {attr} for {key}", "the current {attr} of {key}", "the {attr} given to {key}",
+    "among {key}'s {attrs}, one", "the first of the {attrs} for {key}", "the {attr} we keep for {key}",
+    "the last {attr} issued to {key}",
+)  # fmt: skip
+_STATEMENT_VERBS = (
+    " is", " is:", " was", " was:", " =", ":", " reads", " is set to", " equals", " ->",
+    " is listed as", " has the value", " is now", " stays", " remains",
+)  # fmt: skip
+_STATEMENT_TAILS = (".", ".", ".", "", ";", ", as agreed.", " (checked twice).", "!")
 # Whole questions, each ending with an answer prefix: the value is the continuation after a space.
 _FACT_QUESTIONS = (
     "Looking back over the notes above, which {attr} did {key} get? The {attr} that {key} got is",
@@ -267,7 +288,8 @@ _WORD = re.compile(r"\b[A-Za-z]{4,10}\b")
 # question's wording), common function words, and words of the evaluation templates.
 _OUR_WORDINGS = (
     _FACT_STATEMENTS + _FACT_QUESTIONS + _FACT_ATTRIBUTES + _ATTRIBUTE_NOUNS + _QUESTION_LEADS
-    + _QUESTION_ASKS + _PREFIX_PREPS + _PREFIX_TRAILS + _PREFIX_VERBS + _FACT_INTROS
+    + _QUESTION_ASKS + _PREFIX_PREPS + _PREFIX_TRAILS + _PREFIX_VERBS + _FACT_INTROS + _STATEMENT_LEADS
+    + _STATEMENT_SUBJECTS + _STATEMENT_VERBS + _STATEMENT_TAILS
 )  # fmt: skip
 _KEY_STOPWORDS = (
     frozenset(w.lower() for t in _OUR_WORDINGS for w in _WORD.findall(t))
@@ -340,6 +362,25 @@ def _fact_attribute(words: list[str], keys: list[str], rng: random.Random) -> st
     return " ".join([*picked, rng.choice(_ATTRIBUTE_NOUNS)])
 
 
+def _fact_statement(key: str, attr: str, value: str, rng: random.Random) -> str:
+    """One sentence stating ``key``'s ``attr`` = ``value`` (`` value`` verbatim in it): 40% a whole
+    sentence from ``_FACT_STATEMENTS``, 60% composed from a lead, a subject, a verb and a tail."""
+    if rng.random() < 0.4:
+        return _fill_fact(rng.choice(_FACT_STATEMENTS), key, attr, value)
+    subject, tail = rng.choice(_STATEMENT_SUBJECTS), rng.choice(_STATEMENT_TAILS)
+    if rng.random() < 0.2:  # value first; the lead keeps a space before the value
+        verb = rng.choice((" is", " was", " is now", " stays"))
+        template = f"{rng.choice(_STATEMENT_LEADS)}{{value}}{verb} {subject}{tail}"
+    else:
+        lead = rng.choice(_STATEMENT_LEADS) if rng.random() < 0.5 else ""
+        template = f"{lead}{subject}{rng.choice(_STATEMENT_VERBS)} {{value}}{tail}"
+    text = _fill_fact(template, key, attr, value)
+    # A sentence opens with a capital, but a key keeps its own case ("ferry-options's pin is ...").
+    if not text.startswith(key) or key.startswith("the "):
+        text = text[0].upper() + text[1:]
+    return text
+
+
 def _fact_question(key: str, attr: str, rng: random.Random) -> str:
     """One question about ``key``'s ``attr`` ending with an answer prefix (no trailing space): a whole
     question from ``_FACT_QUESTIONS`` or one composed of a lead, an ask and a prefix."""
@@ -372,7 +413,8 @@ def _repetitive(lines: list[str], rng: random.Random) -> list[str]:
 def _facts_document(lines: list[str], rng: random.Random) -> tuple[str, str, dict]:
     """``_facts`` with what it planted: ``{"facts": {key: (attr, value)}, "quiz": [asked keys],
     "asked": the last, "answer_spans": [(start, end) of each earlier quiz answer in the document],
-    "repetitive": whether the haystack is a few filler lines repeated}``."""
+    "statements": {key: the sentence stating it}, "repetitive": whether the haystack is a few filler
+    lines repeated}``."""
     words = _key_words(lines, rng)
     repetitive = rng.random() < 0.25
     if repetitive:
@@ -398,9 +440,8 @@ def _facts_document(lines: list[str], rng: random.Random) -> tuple[str, str, dic
         if any(value == v for _, v in facts.values()):
             continue
         facts[key] = (shared_attr or _fact_attribute(words, [*facts, key], rng), value)
-    planted = [
-        _fill_fact(rng.choice(_FACT_STATEMENTS), key, attr, value) for key, (attr, value) in facts.items()
-    ]
+    statements = {key: _fact_statement(key, attr, value, rng) for key, (attr, value) in facts.items()}
+    planted = list(statements.values())
     _insert_at_depths(lines, planted, rng, 0.0, 1.0)
     # Half the sentences after a line of prose run on from it, like a sentence inside a paragraph.
     for text in planted:
@@ -425,7 +466,7 @@ def _facts_document(lines: list[str], rng: random.Random) -> tuple[str, str, dic
             document += f" {value}.\n"
     answer = " " + facts[quiz[-1]][1]
     planted = {"facts": facts, "quiz": quiz, "asked": quiz[-1], "answer_spans": answer_spans}
-    return document, answer, {**planted, "repetitive": repetitive}
+    return document, answer, {**planted, "statements": statements, "repetitive": repetitive}
 
 
 def _facts(lines: list[str], rng: random.Random) -> tuple[str, str, list]:
