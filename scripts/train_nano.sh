@@ -6,7 +6,8 @@
 #                                             then copy results (and the bf16 models, split) to $OUT
 #   bash scripts/train_nano.sh STAGE          run STAGE in the foreground
 #
-# Stages: main (corpus, probe, train, convert, short evals), long (needle retrieval up to 12M), tests,
+# Stages: main (corpus, probe, train, convert, short evals; RECIPE picks the data and losses), long
+# (needle retrieval up to 12M for LONG_MODELS), tests,
 # retrieval (BASE_MODEL, by default the shipped nano, + a learned router, fine-tuned on a facts-heavy
 # skill mix, and its evals; FT_NAME names the run; MODEL=retrieval for `long` runs the long needles on it).
 # Every step skips work that is already done (models saved, eval results resume), so rerunning a
@@ -32,16 +33,35 @@ FLAVOR=${FLAVOR:-nano}
 DEVICE=${DEVICE:-cuda}
 COMPILE=${COMPILE:---compile}
 EVAL_SAMPLES=${EVAL_SAMPLES:-10}
+# main's recipe: "first" is the 2026-11-22 run (its own BPE, 25% skill windows of every kind, plain loss);
+# "retrieval" trains the pair from step 0 on what the shipped model's fine-tunes ended with: its tokenizer,
+# facts-heavy skill documents (composed statements, half on prose haystacks, 128-32K tokens), answer
+# tokens weighted, and for the SSA models a learned router trained by the router loss (the dense twin has
+# no router: its LM loss and data are the same). EVAL_SSA: SSA settings for the SSA models' task evals.
+RECIPE=${RECIPE:-first}
+SHIPPED_MODEL=src/subquad/assets/subquad-nano
+case "$RECIPE" in
+  first) CORPUS_ARGS=(--vocab-size 8192); TRAIN_ARGS=(); SSA_ARGS=(); EVAL_SSA=${EVAL_SSA:-} ;;
+  retrieval)
+    SKILLS_TOKENS=${SKILLS_TOKENS_MAIN:-80000000}; SKILLS_FRACTION=${SKILLS_FRACTION_MAIN:-0.5}
+    CORPUS_ARGS=(--tokenizer-from "$SHIPPED_MODEL" --skills-kinds facts=4,recall=1,copy=1,lookup=1
+      --skills-doc-tokens 128,32768 --skills-prose 0.5 --skills-seed 6)
+    TRAIN_ARGS=(--answer-weight 20)
+    SSA_ARGS=(--model-override router=learned --routing-loss 1.0 --routing-loss-queries 64)
+    EVAL_SSA=${EVAL_SSA-summary=max,sub_block_size=4} ;;
+  *) echo "RECIPE=$RECIPE: expected first or retrieval"; exit 2 ;;
+esac
 mkdir -p "$RUNS/logs" "$OUT"
 
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$RUNS/logs/progress.log"; }
 train() { python3 -m subquad.train.cli --corpus "$RUNS/corpus" --flavor "$FLAVOR" --seed 0 --device "$DEVICE" $COMPILE \
-  --tokens-per-step "$TOKENS_PER_STEP" --micro-batch-tokens 65536 --lr "$LR" --no-progress "$@"; }
+  --tokens-per-step "$TOKENS_PER_STEP" --micro-batch-tokens 65536 --lr "$LR" --skills-fraction "$SKILLS_FRACTION" \
+  --no-progress "${TRAIN_ARGS[@]}" "$@"; }
 
 corpus() {
   [ -f "$RUNS/corpus/skills.bin" ] && return 0
-  log "corpus: $CORPUS_MB MB of $SITE + $SKILLS_TOKENS skill tokens"
-  python3 -m subquad.cli corpus --source "$SITE" --out "$RUNS/corpus" --vocab-size 8192 \
+  log "corpus: $CORPUS_MB MB of $SITE + $SKILLS_TOKENS skill tokens ($RECIPE recipe)"
+  python3 -m subquad.cli corpus --source "$SITE" --out "$RUNS/corpus" "${CORPUS_ARGS[@]}" \
     --max-mb "$CORPUS_MB" --skills-tokens "$SKILLS_TOKENS" > "$RUNS/logs/corpus.log" 2>&1 || return 1
   tail -5 "$RUNS/logs/corpus.log"
 }
@@ -53,8 +73,10 @@ probe() {
   log "probe: step times at $LENGTHS, SSA and dense side by side"
   local sched i=0 n
   sched=$(for n in $LENGTHS; do printf "%s%d:%d" "${sched:+,}" $((i * 6)) "$n"; sched=1; i=$((i + 1)); done)
+  local extra
   for attn in ssa dense; do
-    train --attention "$attn" --out "$RUNS/probe-$attn" --steps 24 --seq-len-schedule "$sched" \
+    extra=(); [ "$attn" = ssa ] && extra=("${SSA_ARGS[@]}")
+    train --attention "$attn" "${extra[@]}" --out "$RUNS/probe-$attn" --steps 24 --seq-len-schedule "$sched" \
       --warmup-steps 2 --eval-interval 0 --eval-tokens 32768 --checkpoint-interval 1000 --log-interval 1 \
       > "$RUNS/logs/probe-$attn.log" 2>&1 &
   done
@@ -84,11 +106,11 @@ EOF
 train_pair() {
   # shellcheck disable=SC1091
   source "$RUNS/plan.env"
-  log "train: SSA nano and dense twin, $STEPS steps, $SCHEDULE"
+  log "train: SSA nano and dense twin ($RECIPE recipe), $STEPS steps, $SCHEDULE"
   local common=(--steps "$STEPS" --seq-len-schedule "$SCHEDULE" --warmup-steps $((STEPS / 30))
-    --skills-fraction "$SKILLS_FRACTION" --eval-interval $((STEPS / 4)) --eval-tokens 1048576
+    --eval-interval $((STEPS / 4)) --eval-tokens 1048576
     --checkpoint-interval 100 --log-interval 10)
-  [ -d "$RUNS/nano-ssa/final" ] || train --attention ssa --out "$RUNS/nano-ssa" "${common[@]}" \
+  [ -d "$RUNS/nano-ssa/final" ] || train --attention ssa "${SSA_ARGS[@]}" --out "$RUNS/nano-ssa" "${common[@]}" \
     > "$RUNS/logs/train-ssa.log" 2>&1 &
   [ -d "$RUNS/nano-dense/final" ] || train --attention dense --out "$RUNS/nano-dense" "${common[@]}" \
     > "$RUNS/logs/train-dense.log" 2>&1 &
@@ -96,14 +118,14 @@ train_pair() {
   [ -d "$RUNS/nano-ssa/final" ] && [ -d "$RUNS/nano-dense/final" ] || { log "train: a run did not finish"; return 1; }
 }
 
-convert() {
+convert() {  # the converted twin keeps rotary everywhere, so the shared router (a learned one needs local_rope)
   [ -d "$RUNS/nano-converted/final" ] && return 0
   # shellcheck disable=SC1091
   source "$RUNS/plan.env"
   local steps=$((STEPS * 4 / 100))   # 4% of the twin's training tokens (the issue allows 5%)
   log "convert: dense twin -> SSA, fine-tune $steps steps at $TRAIN_LEN"
   train --convert-from "$RUNS/nano-dense/final" --out "$RUNS/nano-converted" --steps "$steps" --lr 3e-4 \
-    --warmup-steps $((steps / 10 + 1)) --seq-len-schedule "0:$TRAIN_LEN" --skills-fraction "$SKILLS_FRACTION" \
+    --warmup-steps $((steps / 10 + 1)) --seq-len-schedule "0:$TRAIN_LEN" \
     --eval-interval 0 --eval-tokens 1048576 --checkpoint-interval 1000 --log-interval 5 \
     > "$RUNS/logs/convert.log" 2>&1
 }
@@ -111,7 +133,7 @@ convert() {
 # Retrieval fine-tune: start from BASE_MODEL (same tokenizer), add a learned router trained by the
 # router loss, shift the skill mix towards English facts documents ending in a quiz, and weigh the
 # answer tokens up (benchmarks/results/retrieval-2026-11-22/ has the runs these defaults come from).
-BASE_MODEL=${BASE_MODEL:-src/subquad/assets/subquad-nano}
+BASE_MODEL=${BASE_MODEL:-$SHIPPED_MODEL}
 FT_MINUTES=${FT_MINUTES:-9}
 FT_LR=${FT_LR:-1e-3}
 FT_SKILLS_FRACTION=${FT_SKILLS_FRACTION:-0.5}
@@ -201,14 +223,16 @@ RULER_LENGTHS=${RULER_LENGTHS:-4k,16k,32k}
 MRCR_LENGTHS=${MRCR_LENGTHS:-32k,128k}
 eval_model() {  # $1 name, $2 model dir: every short eval of one model, one after the other
   local name=$1 dir=$2 res=$RUNS/results/$1 elog=$RUNS/logs/eval-$1.log
-  log "eval $name: held-out loss, RULER $RULER_LENGTHS, niah_single $TRAIN_LEN, MRCR $MRCR_LENGTHS"
-  ev() { python3 -m subquad.cli eval --model "$dir" --device "$DEVICE" --no-progress "$@" >> "$elog" 2>&1; }
+  log "eval $name: held-out loss, niah_single $TRAIN_LEN, RULER $RULER_LENGTHS, MRCR $MRCR_LENGTHS"
+  local routing=()  # held-out loss routes as trained; the task evals as EVAL_SSA says (SSA models)
+  [ "$name" != dense ] && [ -n "$EVAL_SSA" ] && routing=(--ssa "$EVAL_SSA")
+  ev() { python3 -m subquad.cli eval --model "$dir" --device "$DEVICE" --no-progress "${routing[@]}" "$@" >> "$elog" 2>&1; }
   python3 -m subquad.train.heldout --model "$dir" --corpus "$RUNS/corpus" --seq-len "$TRAIN_LEN" --tokens 1m \
     --device "$DEVICE" --out "$res/heldout.json" >> "$elog" 2>&1
-  ev --suite ruler --lengths "$RULER_LENGTHS" --samples "$EVAL_SAMPLES" --max-new-tokens 32 --batch-size 16 \
-    --out "$res/ruler"
   ev --suite ruler --tasks niah_single_1,niah_single_2,niah_single_3 --lengths "$TRAIN_LEN" --samples 50 \
     --max-new-tokens 32 --batch-size 4 --out "$res/niah-single"
+  ev --suite ruler --lengths "$RULER_LENGTHS" --samples "$EVAL_SAMPLES" --max-new-tokens 32 --batch-size 16 \
+    --out "$res/ruler"
   ev --suite mrcr --lengths "$MRCR_LENGTHS" --samples "$EVAL_SAMPLES" --max-new-tokens 64 --out "$res/mrcr"
   log "eval $name: done"
 }
@@ -224,12 +248,15 @@ evals_short() {  # the four models side by side: small-batch evals leave most of
 # Needle retrieval far past the training length. Sample counts shrink with length to fit the GPU
 # session (a 12M prompt takes about a minute to prefill); the model card states them.
 NEEDLE_PLAN=${NEEDLE_PLAN:-"128k:50 1m:20 2m:10 6m:4 12m:3"}
+NEEDLE_TASKS=${NEEDLE_TASKS:-niah_single_1,niah_single_2,niah_single_3}
+LONG_MODELS=${LONG_MODELS:-"ssa converted"}  # main's models (names as in MODELS) for the `long` stage
 evals_long() {
-  local model=${1:-$RUNS/nano-ssa/final} name=${2:-ssa}
+  local model=${1:-$RUNS/nano-ssa/final} name=${2:-ssa} routing=()
+  [ "$name" != dense ] && [ -n "$EVAL_SSA" ] && routing=(--ssa "$EVAL_SSA")
   for item in $NEEDLE_PLAN; do
     log "needles $name ${item%%:*} x ${item#*:} per task"
-    python3 -m subquad.cli eval --model "$model" --device "$DEVICE" --no-progress --suite ruler \
-      --tasks niah_single_1,niah_single_2,niah_single_3 --lengths "${item%%:*}" --samples "${item#*:}" \
+    python3 -m subquad.cli eval --model "$model" --device "$DEVICE" --no-progress --suite ruler "${routing[@]}" \
+      --tasks "$NEEDLE_TASKS" --lengths "${item%%:*}" --samples "${item#*:}" \
       --max-new-tokens 32 --out "$RUNS/results/$name/niah-single" >> "$RUNS/logs/eval-long.log" 2>&1
   done
 }
@@ -249,20 +276,25 @@ for f in src.iterdir():
 EOF
 }
 
-collect() {  # results, logs, metrics and the bf16 SSA models -> $OUT (<= 8 files of < 16 MiB)
+# Run directories whose final model collect() copies to $OUT in bf16 (23 MB each for nano; $OUT takes
+# 64 MiB in all, so two). With RECIPE=retrieval the twin travels instead of the converted model (which
+# its 4% fine-tune rebuilds from the twin in a minute).
+if [ "$RECIPE" = retrieval ]; then SHIP=${SHIP:-"nano-ssa nano-dense"}; else SHIP=${SHIP:-"nano-ssa nano-converted $FT_NAME"}; fi
+collect() {  # results, logs, metrics and the bf16 models in SHIP -> $OUT (<= 8 files of < 16 MiB)
   mkdir -p "$OUT"
-  [ -d "$RUNS/nano-ssa/final" ] && bf16_copy "$RUNS/nano-ssa/final" "$RUNS/ship/subquad-nano"
-  [ -d "$RUNS/nano-converted/final" ] && bf16_copy "$RUNS/nano-converted/final" "$RUNS/ship/subquad-nano-converted"
-  [ -d "$RUNS/$FT_NAME/final" ] && bf16_copy "$RUNS/$FT_NAME/final" "$RUNS/ship/subquad-$FT_NAME"
+  local run shipped=()
+  for run in $SHIP; do
+    [ -d "$RUNS/$run/final" ] && bf16_copy "$RUNS/$run/final" "$RUNS/ship/subquad-$run" && shipped+=("subquad-$run")
+  done
   local small=("$RUNS/logs" "$RUNS/results")
-  for f in plan.env "plan-$FT_NAME.env" corpus/meta.json "$FT_CORPUS/meta.json" "$FT_CORPUS/skills.json"; do
+  for f in plan.env "plan-$FT_NAME.env" corpus/meta.json corpus/skills.json "$FT_CORPUS/meta.json" "$FT_CORPUS/skills.json"; do
     [ -f "$RUNS/$f" ] && small+=("$RUNS/$f")
   done
   for run in nano-ssa nano-dense nano-converted "$FT_NAME" probe-ssa probe-dense "probe-$FT_NAME"; do
     for f in metrics.jsonl summary.json train_config.json; do [ -f "$RUNS/$run/$f" ] && small+=("$RUNS/$run/$f"); done
   done
   tar czf "$OUT/results.tgz" "${small[@]}" 2>/dev/null
-  [ -d "$RUNS/ship" ] && tar cf - "$RUNS/ship" | split -b 15M - "$OUT/ship.tar.part-"
+  [ ${#shipped[@]} -gt 0 ] && tar cf - -C "$RUNS/ship" "${shipped[@]}" | split -b 15M - "$OUT/ship.tar.part-"
   ls -la "$OUT"
 }
 
@@ -272,7 +304,11 @@ stage() {
     main) corpus && probe && train_pair && convert && evals_short && log "main: done" ;;
     long)
       if [ "${MODEL:-}" = retrieval ]; then evals_long "$RUNS/$FT_NAME/final" "$FT_NAME"
-      else evals_long "$RUNS/nano-ssa/final" ssa; evals_long "$RUNS/nano-converted/final" converted; fi
+      else
+        for entry in "${MODELS[@]}"; do
+          [[ " $LONG_MODELS " == *" ${entry%%:*} "* ]] && evals_long "$RUNS/${entry#*:}" "${entry%%:*}"
+        done
+      fi
       log "long: done" ;;
     retrieval) retrieval && log "retrieval: done" ;;
     *) echo "unknown stage $1 (tests, main, long, retrieval)"; return 2 ;;

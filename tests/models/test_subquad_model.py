@@ -163,6 +163,24 @@ def test_chunked_prefill_equals_unchunked(scheme):
         torch.testing.assert_close(step, ref, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("heads", [(4, 4), (4, 1), (6, 2)])
+def test_dense_lower_right_matches_the_masked_chunks(heads):
+    # The CUDA path of a dense prefill chunk (T < S queries) against the CPU path's explicit mask.
+    from subquad.models.subquad import modeling
+
+    hq, hkv = heads
+    q, k, v = torch.randn(2, 37, hq, 16), torch.randn(2, 101, hkv, 16), torch.randn(2, 101, hkv, 16)
+    ref = modeling._dense_sdpa(q, k, v, 0.3)
+    out = modeling._dense_lower_right(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.3)
+    torch.testing.assert_close(out.transpose(1, 2), ref, atol=1e-5, rtol=1e-5)
+    # The last query sees every key, the first only those up to its own position.
+    k2 = k.clone()
+    k2[:, 101 - 37 + 1 :] += 5.0
+    moved = modeling._dense_lower_right(q.transpose(1, 2), k2.transpose(1, 2), v.transpose(1, 2), 0.3)
+    torch.testing.assert_close(moved[:, :, 0], out[:, :, 0])
+    assert not torch.allclose(moved[:, :, -1], out[:, :, -1])
+
+
 def test_forward_prefills_long_prompts_in_chunks():
     model = make_model("ssa", "rope", prefill_chunk_tokens=32)
     ids = torch.randint(0, 256, (1, 100))

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -49,7 +50,8 @@ from subquad.ops.ssa.triton_decode import (
     ssa_decode,
 )
 
-# SDPA with an explicit bottom-right mask: queries per call so the mask stays under 2^28 elements.
+# Dense prefill chunks off CUDA: SDPA with an explicit bottom-right mask, queries per call so the mask
+# stays under 2^28 elements.
 _DENSE_MASK_ELEMENTS = 1 << 28
 # Router loss: the query rows just before each end-of-document token (where a document's closing
 # question and its answer sit) are always supervised, at most this many per forward.
@@ -349,6 +351,10 @@ def _dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
     if steps == seq_len:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=steps > 1, scale=scale, enable_gqa=gqa)
         return out.transpose(1, 2)
+    if q.is_cuda:
+        # The explicit mask below runs SDPA's masked kernel a few hundred query rows at a time: a 1M-token
+        # prompt of the nano twin took 259 s that way, 21-26 s this way (benchmarks/results/twin-2026-11-24/).
+        return _dense_lower_right(qt, kt, vt, scale).transpose(1, 2)
     chunk = max(1, _DENSE_MASK_ELEMENTS // seq_len)
     key_pos = torch.arange(seq_len, device=q.device)
     outs = []
@@ -363,6 +369,18 @@ def _dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
             )
         )
     return torch.cat(outs, dim=2).transpose(1, 2)
+
+
+def _dense_lower_right(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of the last ``T`` of ``S`` positions, ``qt [B, Hq, T, D]`` against ``kt, vt
+    [B, Hkv, S, D]``, through torch's bottom-right ``CausalBias``: flash (or the efficient kernel) with
+    no mask tensor on CUDA, a materialised mask elsewhere. K and V heads are repeated for GQA, as those
+    kernels take the query's head count."""
+    groups = qt.shape[1] // kt.shape[1]
+    if groups > 1:
+        kt, vt = kt.repeat_interleave(groups, dim=1), vt.repeat_interleave(groups, dim=1)
+    bias = causal_lower_right(qt.shape[2], kt.shape[2])
+    return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=bias, scale=scale)
 
 
 def _dense_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
