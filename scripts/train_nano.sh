@@ -37,7 +37,8 @@ EVAL_SAMPLES=${EVAL_SAMPLES:-10}
 # "retrieval" trains the pair from step 0 on what the shipped model's fine-tunes ended with: its tokenizer,
 # facts-heavy skill documents (composed statements, half on prose haystacks, 128-32K tokens), answer
 # tokens weighted, and for the SSA models a learned router trained by the router loss (the dense twin has
-# no router: its LM loss and data are the same). EVAL_SSA: SSA settings for the SSA models' task evals.
+# no router: its LM loss and data are the same); SKILLS_TOKENS_MAIN and SKILLS_FRACTION_MAIN change its
+# 80M skill tokens and 50% skill windows. EVAL_SSA: SSA settings for the SSA models' task evals.
 RECIPE=${RECIPE:-first}
 SHIPPED_MODEL=src/subquad/assets/subquad-nano
 case "$RECIPE" in
