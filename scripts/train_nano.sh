@@ -222,11 +222,13 @@ PY
 MODELS=(ssa:nano-ssa/final dense:nano-dense/final swap:nano-converted/converted converted:nano-converted/final)
 RULER_LENGTHS=${RULER_LENGTHS:-4k,16k,32k}
 MRCR_LENGTHS=${MRCR_LENGTHS:-32k,128k}
+task_routing() {  # $1 model name -> the caller's `routing`: --ssa EVAL_SSA for SSA models, nothing for dense
+  routing=(); [ "$1" != dense ] && [ -n "$EVAL_SSA" ] && routing=(--ssa "$EVAL_SSA")
+}
 eval_model() {  # $1 name, $2 model dir: every short eval of one model, one after the other
   local name=$1 dir=$2 res=$RUNS/results/$1 elog=$RUNS/logs/eval-$1.log
   log "eval $name: held-out loss, niah_single $TRAIN_LEN, RULER $RULER_LENGTHS, MRCR $MRCR_LENGTHS"
-  local routing=()  # held-out loss routes as trained; the task evals as EVAL_SSA says (SSA models)
-  [ "$name" != dense ] && [ -n "$EVAL_SSA" ] && routing=(--ssa "$EVAL_SSA")
+  local routing; task_routing "$name"  # held-out loss routes as trained, the task evals as EVAL_SSA says
   ev() { python3 -m subquad.cli eval --model "$dir" --device "$DEVICE" --no-progress "${routing[@]}" "$@" >> "$elog" 2>&1; }
   python3 -m subquad.train.heldout --model "$dir" --corpus "$RUNS/corpus" --seq-len "$TRAIN_LEN" --tokens 1m \
     --device "$DEVICE" --out "$res/heldout.json" >> "$elog" 2>&1
@@ -252,8 +254,8 @@ NEEDLE_PLAN=${NEEDLE_PLAN:-"128k:50 1m:20 2m:10 6m:4 12m:3"}
 NEEDLE_TASKS=${NEEDLE_TASKS:-niah_single_1,niah_single_2,niah_single_3}
 LONG_MODELS=${LONG_MODELS:-"ssa converted"}  # main's models (names as in MODELS) for the `long` stage
 evals_long() {
-  local model=${1:-$RUNS/nano-ssa/final} name=${2:-ssa} routing=()
-  [ "$name" != dense ] && [ -n "$EVAL_SSA" ] && routing=(--ssa "$EVAL_SSA")
+  local model=${1:-$RUNS/nano-ssa/final} name=${2:-ssa} routing
+  task_routing "$name"
   for item in $NEEDLE_PLAN; do
     log "needles $name ${item%%:*} x ${item#*:} per task"
     python3 -m subquad.cli eval --model "$model" --device "$DEVICE" --no-progress --suite ruler "${routing[@]}" \

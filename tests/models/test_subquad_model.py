@@ -6,6 +6,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import subquad
 from subquad.models import SubquadConfig, SubquadForCausalLM, prefill
+from subquad.models.subquad import modeling
 
 SCHEMES = [("ssa", "rope"), ("ssa", "local_rope"), ("dense", "rope")]
 
@@ -166,8 +167,6 @@ def test_chunked_prefill_equals_unchunked(scheme):
 @pytest.mark.parametrize("heads", [(4, 4), (4, 1), (6, 2)])
 def test_dense_lower_right_matches_the_masked_chunks(heads):
     # The CUDA path of a dense prefill chunk (T < S queries) against the CPU path's explicit mask.
-    from subquad.models.subquad import modeling
-
     hq, hkv = heads
     q, k, v = torch.randn(2, 37, hq, 16), torch.randn(2, 101, hkv, 16), torch.randn(2, 101, hkv, 16)
     ref = modeling._dense_sdpa(q, k, v, 0.3)
