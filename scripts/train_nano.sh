@@ -40,6 +40,12 @@ EVAL_SAMPLES=${EVAL_SAMPLES:-10}
 # no router: its LM loss and data are the same); SKILLS_TOKENS_MAIN and SKILLS_FRACTION_MAIN change its
 # 80M skill tokens and 50% skill windows. EVAL_SSA: SSA settings for the SSA models' task evals.
 RECIPE=${RECIPE:-first}
+# The dense twin's positions: rope (rotary on every key) or local_rope (rotary in the SSA model's local
+# window, every earlier key scored without position: the SSA model's own scheme, so the pair differs in
+# the attention alone). PAIR: the models main trains and evaluates; "dense" with the pair's plan.env
+# copied into $RUNS retrains the twin alone on the pair's steps and schedule.
+TWIN_POSITIONS=${TWIN_POSITIONS:-rope}
+PAIR=${PAIR:-"ssa dense"}
 SHIPPED_MODEL=src/subquad/assets/subquad-nano
 case "$RECIPE" in
   first) CORPUS_ARGS=(--vocab-size 8192); TRAIN_ARGS=(); SSA_ARGS=(); EVAL_SSA=${EVAL_SSA:-} ;;
@@ -76,7 +82,7 @@ probe() {
   sched=$(for n in $LENGTHS; do printf "%s%d:%d" "${sched:+,}" $((i * 6)) "$n"; sched=1; i=$((i + 1)); done)
   local extra
   for attn in ssa dense; do
-    extra=(); [ "$attn" = ssa ] && extra=("${SSA_ARGS[@]}")
+    extra=(--position-scheme "$TWIN_POSITIONS"); [ "$attn" = ssa ] && extra=("${SSA_ARGS[@]}")
     train --attention "$attn" "${extra[@]}" --out "$RUNS/probe-$attn" --steps 24 --seq-len-schedule "$sched" \
       --warmup-steps 2 --eval-interval 0 --eval-tokens 32768 --checkpoint-interval 1000 --log-interval 1 \
       > "$RUNS/logs/probe-$attn.log" 2>&1 &
@@ -107,19 +113,22 @@ EOF
 train_pair() {
   # shellcheck disable=SC1091
   source "$RUNS/plan.env"
-  log "train: SSA nano and dense twin ($RECIPE recipe), $STEPS steps, $SCHEDULE"
+  log "train: $PAIR ($RECIPE recipe, twin positions $TWIN_POSITIONS), $STEPS steps, $SCHEDULE"
   local common=(--steps "$STEPS" --seq-len-schedule "$SCHEDULE" --warmup-steps $((STEPS / 30))
     --eval-interval $((STEPS / 4)) --eval-tokens 1048576
     --checkpoint-interval 100 --log-interval 10)
-  [ -d "$RUNS/nano-ssa/final" ] || train --attention ssa "${SSA_ARGS[@]}" --out "$RUNS/nano-ssa" "${common[@]}" \
-    > "$RUNS/logs/train-ssa.log" 2>&1 &
-  [ -d "$RUNS/nano-dense/final" ] || train --attention dense --out "$RUNS/nano-dense" "${common[@]}" \
-    > "$RUNS/logs/train-dense.log" 2>&1 &
+  in_pair ssa && [ ! -d "$RUNS/nano-ssa/final" ] && train --attention ssa "${SSA_ARGS[@]}" --out "$RUNS/nano-ssa" \
+    "${common[@]}" > "$RUNS/logs/train-ssa.log" 2>&1 &
+  in_pair dense && [ ! -d "$RUNS/nano-dense/final" ] && train --attention dense --position-scheme "$TWIN_POSITIONS" \
+    --out "$RUNS/nano-dense" "${common[@]}" > "$RUNS/logs/train-dense.log" 2>&1 &
   wait
-  [ -d "$RUNS/nano-ssa/final" ] && [ -d "$RUNS/nano-dense/final" ] || { log "train: a run did not finish"; return 1; }
+  local name
+  for name in $PAIR; do [ -d "$RUNS/nano-$name/final" ] || { log "train: nano-$name did not finish"; return 1; }; done
 }
+in_pair() { [[ " $PAIR " == *" $1 "* ]]; }
 
-convert() {  # the converted twin keeps rotary everywhere, so the shared router (a learned one needs local_rope)
+convert() {  # the converted twin keeps the twin's positions, and the shared router (a learned one needs local_rope)
+  in_pair dense || return 0
   [ -d "$RUNS/nano-converted/final" ] && return 0
   # shellcheck disable=SC1091
   source "$RUNS/plan.env"
@@ -240,9 +249,13 @@ eval_model() {  # $1 name, $2 model dir: every short eval of one model, one afte
   log "eval $name: done"
 }
 
-evals_short() {  # the four models side by side: small-batch evals leave most of the GPU idle
-  for entry in "${MODELS[@]}"; do eval_model "${entry%%:*}" "$RUNS/${entry#*:}" & done
-  [ -f "$RUNS/results/recall.json" ] || python3 -m subquad.eval.recall --model "$RUNS/nano-ssa/final" \
+evals_short() {  # the models side by side (the twin's three with it): small-batch evals leave most of the GPU idle
+  local entry name
+  for entry in "${MODELS[@]}"; do
+    name=${entry%%:*}; [ "$name" = ssa ] || name=dense
+    in_pair "$name" && eval_model "${entry%%:*}" "$RUNS/${entry#*:}" &
+  done
+  in_pair ssa && [ ! -f "$RUNS/results/recall.json" ] && python3 -m subquad.eval.recall --model "$RUNS/nano-ssa/final" \
     --corpus "$RUNS/corpus" --length "$TRAIN_LEN" --windows 4 --device "$DEVICE" --out "$RUNS/results/recall.json" \
     >> "$RUNS/logs/eval-recall.log" 2>&1 &
   wait

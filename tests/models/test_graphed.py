@@ -394,8 +394,10 @@ def test_first_step_into_an_empty_cache_runs_the_model():
 
 
 def test_unsupported_inputs_are_refused():
-    with pytest.raises(ValueError, match="position_scheme='local_rope'"):
-        GraphedDecoder(SubquadForCausalLM(SubquadConfig.from_flavor("debug", position_scheme="local_rope")))
+    for attention in ("ssa", "dense"):
+        config = SubquadConfig.from_flavor("debug", attention=attention, position_scheme="local_rope")
+        with pytest.raises(ValueError, match="position_scheme='local_rope'"):
+            GraphedDecoder(SubquadForCausalLM(config))
     with pytest.raises(ValueError, match="ssa.summary='max'"):
         GraphedDecoder(make_model(ssa={"summary": "max", "sub_block_size": 4}), capture=False)
     model = make_model()

@@ -8,7 +8,7 @@ import subquad
 from subquad.models import SubquadConfig, SubquadForCausalLM, prefill
 from subquad.models.subquad import modeling
 
-SCHEMES = [("ssa", "rope"), ("ssa", "local_rope"), ("dense", "rope")]
+SCHEMES = [("ssa", "rope"), ("ssa", "local_rope"), ("dense", "rope"), ("dense", "local_rope")]
 
 
 def make_model(attention="ssa", position_scheme="rope", **over):
@@ -21,7 +21,6 @@ def make_model(attention="ssa", position_scheme="rope", **over):
     [
         (dict(attention="flash"), "attention='flash'"),
         (dict(position_scheme="alibi"), "position_scheme='alibi'"),
-        (dict(attention="dense", position_scheme="local_rope"), "position_scheme='local_rope'"),
         (dict(num_attention_heads=4, num_key_value_heads=3), "num_key_value_heads=3"),
         (dict(hidden_size=66), "hidden_size=66"),
         (dict(vocab_size=0), "vocab_size=0"),

@@ -44,7 +44,9 @@ class SubquadConfig(PretrainedConfig):
             dense twin, same architecture and weights layout).
         position_scheme: ``"rope"`` (rotary on every score) or ``"local_rope"`` (rotary only for keys in
             the query's local window; sink and routed blocks are scored without position; routing uses
-            pre-rotary queries and keys). ``attention="dense"`` needs ``"rope"``.
+            pre-rotary queries and keys). With ``attention="dense"``, ``"local_rope"`` scores the window
+            (``ssa.local_blocks`` blocks of ``ssa.block_size`` ending with the query's) with rotary and
+            every earlier key without: the twin of a ``local_rope`` SSA model, equal to it at full budget.
         router: what routing scores. ``"shared"``: the attention's own (pre-rotary) queries and keys.
             ``"learned"``: a routing query and key projection of their own per layer (``router_q_proj``,
             ``router_k_proj``, reading the layer input detached), trained only by the router loss
@@ -140,12 +142,6 @@ class SubquadConfig(PretrainedConfig):
             raise ValueError(f"attention={self.attention!r}: expected one of {ATTENTIONS}")
         if self.position_scheme not in POSITION_SCHEMES:
             raise ValueError(f"position_scheme={self.position_scheme!r}: expected one of {POSITION_SCHEMES}")
-        if self.attention == "dense" and self.position_scheme != "rope":
-            raise ValueError(
-                f"position_scheme={self.position_scheme!r} with attention='dense': expected 'rope' (the "
-                "local "
-                "window that 'local_rope' refers to exists only under SSA)"
-            )
         if self.router not in ROUTERS:
             raise ValueError(f"router={self.router!r}: expected one of {ROUTERS}")
         if self.router != "shared" and (self.attention != "ssa" or self.position_scheme != "local_rope"):

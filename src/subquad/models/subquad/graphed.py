@@ -108,10 +108,11 @@ class GraphedDecoder:
                 f"ssa.summary={config.ssa_config.summary!r}: the graphed step supports 'mean' only (its "
                 "device-side cache update re-sums one block summary per token)"
             )
-        if config.attention == "ssa" and config.position_scheme != "rope":
+        if config.position_scheme != "rope":
             raise ValueError(
                 f"position_scheme={config.position_scheme!r}: the graphed step needs 'rope' (the decode "
-                "kernels' path); 'local_rope' decodes on the PyTorch path with host-driven selection"
+                "kernels' path, keys rotated as they enter the cache); 'local_rope' decodes on the PyTorch "
+                "path"
             )
         if cache is None:
             cache = SSACache(config)

@@ -9,7 +9,8 @@ One file, top to bottom: rotary, norm, MLP, attention, decoder layer, ``SubquadM
   (``select_blocks``), then ``sparse_attention_torch`` scores the local window with rotated q/k and
   sink/routed blocks without rotation in one softmax. This runs on the **torch path** on every device
   (the fused kernels take one score per key; a kernel variant is future work).
-* ``attention="dense"``: torch SDPA (flash on CUDA), the dense twin.
+* ``attention="dense"``: the dense twin. ``rope``: torch SDPA (flash on CUDA); ``local_rope``:
+  ``dense_local_rotary_attention`` (flash for the keys before the window, the window gathered).
 
 ``router="learned"`` gives every layer a routing query/key projection of its own (reading the layer
 input detached) that replaces the pre-rotary q/k in routing only; the router loss trains it.
@@ -34,6 +35,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from subquad.cache import SSACache, SSACacheLayer
+from subquad.models.dense_local import dense_local_rotary_attention
 from subquad.models.routing_loss import routing_distillation_loss
 from subquad.models.sparse_torch import sparse_attention_torch
 from subquad.models.sparse_triton import sparse_attention_local_rotary_triton
@@ -270,8 +272,18 @@ class SubquadAttention(nn.Module):
     def _attend(self, q, k, v, summaries, route=None) -> torch.Tensor:
         """Causal attention, bottom-right aligned, all rows of the same length: ``[B, T, Hq, Dv]``."""
         if self.config.attention == "dense":
+            if self.config.position_scheme == "local_rope":
+                return self._attend_dense_local(q, k, v)
             return _dense_sdpa(q, k, v, self.scale)
         return self._attend_sparse(q, k, v, summaries, route)
+
+    # The autograd Function calls PyTorch's flash kernels directly: kept out of torch.compile's graph.
+    @torch.compiler.disable
+    def _attend_dense_local(self, q, k, v) -> torch.Tensor:
+        ssa = self.config.ssa_config
+        return dense_local_rotary_attention(
+            q, k, v, self.scale, self.rotary, ssa.block_size, ssa.local_blocks
+        )
 
     @torch.no_grad()
     def init_router_from_attention(self) -> None:
