@@ -224,7 +224,7 @@ def _window_scores(q, k, q_rot, k_rot, window: _Window, scale):
     split = window.block_size
     qb = window.blocked(q.float()).unflatten(-2, (heads_kv, -1))  # [B, nb, bs, Hkv, G, D]
     qrb = window.blocked(q_rot.float()).unflatten(-2, (heads_kv, -1))
-    kw = window.gather(k[:, : window.seq_len_k].float())[:, :, :split]  # [B, nb, bs, Hkv, D]
+    kw = window.gather(k.float())[:, :, :split]  # [B, nb, bs, Hkv, D]
     krw = window.gather(k_rot.float(), window.tail)[:, :, split:]  # [B, nb, L bs, Hkv, D]
     scores = torch.cat(
         [torch.einsum("bnqhgd,bnwhd->bnqhgw", qb, kw), torch.einsum("bnqhgd,bnwhd->bnqhgw", qrb, krw)], dim=-1
