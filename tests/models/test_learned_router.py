@@ -38,6 +38,28 @@ def test_config_validation():
         SubquadConfig.from_flavor("debug", router="gated", attention="dense", position_scheme="rope")
 
 
+@pytest.mark.parametrize("router", ["learned", "gated"])
+def test_a_router_leaves_the_other_initial_weights_as_the_dense_twins(router, tmp_path):
+    """Same seed, same trunk: the router's weights draw apart from the global random stream."""
+    torch.manual_seed(3)
+    twin = dict(SubquadForCausalLM(SubquadConfig.from_flavor("debug", attention="dense")).named_parameters())
+    torch.manual_seed(3)
+    model = make_model(router)
+    params = dict(model.named_parameters())
+    routers = {n: p for n, p in params.items() if "router" in n}
+    assert params.keys() - routers.keys() == twin.keys()
+    assert all(torch.equal(params[n], twin[n]) for n in twin)
+    weights = [p for n, p in routers.items() if n.endswith("proj.weight")]
+    assert all(0.01 < float(w.std()) < 0.03 for w in weights)  # the config's initializer_range, 0.02
+    assert not any(torch.equal(a, b) for i, a in enumerate(weights) for b in weights[i + 1 :])
+    torch.manual_seed(4)
+    assert not torch.equal(make_model(router).model.layers[0].self_attn.router_q_proj.weight, weights[0])
+    # A saved router loads as saved, not drawn again.
+    model.save_pretrained(tmp_path)
+    loaded = dict(SubquadForCausalLM.from_pretrained(tmp_path).named_parameters())
+    assert all(torch.equal(loaded[n], p) for n, p in routers.items())
+
+
 def _randomise_gates(model):
     with torch.no_grad():
         for layer in model.model.layers:

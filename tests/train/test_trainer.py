@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 import subquad  # noqa: F401  (registers the Subquad auto classes)
 from subquad.models.subquad import SubquadConfig, SubquadForCausalLM
 from subquad.train.cli import main as cli_main
+from subquad.train.heldout import main as heldout_main
 from subquad.train.trainer import (
     TrainConfig,
     _build_model,
@@ -120,6 +121,27 @@ def test_final_dir_loads_with_auto_classes(ssa_run, corpus):
     loss = evaluate_heldout(model, corpus, 64, 256, "cpu")
     assert loss == pytest.approx(summary["heldout_loss"], rel=1e-5)
     assert evaluate_heldout(model, corpus, 64, 256, "cpu") == loss
+
+
+def test_heldout_cli_measures_saved_and_overridden_routing(ssa_run, corpus, tmp_path, capsys):
+    out, summary = ssa_run
+    args = ["--model", str(out / "final"), "--corpus", str(corpus), "--seq-len", "64", "--tokens", "256"]
+    assert heldout_main([*args, "--out", str(tmp_path / "saved.json")]) == 0
+    saved = json.loads((tmp_path / "saved.json").read_text())
+    assert saved["heldout_loss"] == pytest.approx(summary["heldout_loss"], rel=1e-5)
+    assert saved["ssa"]["top_k"] == SubquadConfig.from_pretrained(out / "final").ssa["top_k"]
+
+    # One routed block and one local one: the same weights see fewer keys, so the loss moves.
+    assert heldout_main([*args, "--ssa", "top_k=1,local_blocks=1", "--out", str(tmp_path / "k1.json")]) == 0
+    narrow = json.loads((tmp_path / "k1.json").read_text())
+    assert narrow["ssa"]["top_k"] == 1 and narrow["ssa"]["local_blocks"] == 1
+    assert narrow["heldout_loss"] != pytest.approx(saved["heldout_loss"], rel=1e-4)
+
+    capsys.readouterr()
+    assert heldout_main([*args, "--ssa", "summary=median"]) == 2
+    assert "summary" in capsys.readouterr().err
+    assert heldout_main([*args, "--ssa", "{not json"]) == 2
+    assert "subquad heldout" in capsys.readouterr().err
 
 
 def test_lr_schedule_values():

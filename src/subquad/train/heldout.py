@@ -21,12 +21,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", default="32k", help="window length, e.g. 32k (default: 32k)")
     parser.add_argument("--tokens", default="1m", help="tokens evaluated, e.g. 1m (default: 1m)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--ssa", default=None,
+        help="SSA settings replacing the model's, e.g. summary=max,sub_block_size=4 or top_k=64 (or JSON)",
+    )  # fmt: skip
     parser.add_argument("--out", default=None, help="also write the result as JSON here")
     args = parser.parse_args(argv)
 
     import torch
 
-    from subquad.models import SubquadForCausalLM
+    from subquad._args import key_values
+    from subquad.models import SubquadConfig, SubquadForCausalLM
+    from subquad.ops.ssa.config import SSAConfig
     from subquad.train.trainer import _resolve_device, evaluate_heldout
 
     try:
@@ -36,13 +42,23 @@ def main(argv: list[str] | None = None) -> int:
                 f"--model {args.model!r}: no config.json there (expected a saved model directory)"
             )
         device = _resolve_device(args.device)
-        model = SubquadForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device)
+        config = SubquadConfig.from_pretrained(args.model)
+        ssa = key_values(args.ssa) if args.ssa else None
+        if ssa:
+            if config.attention != "ssa":
+                raise ValueError(f"--ssa {args.ssa!r}: the model at {args.model!r} has dense attention")
+            # Validated before the weights load, so a bad field names itself first.
+            config.ssa = SSAConfig.from_dict(SSAConfig.override(config.ssa, ssa)).to_dict()
+        model = SubquadForCausalLM.from_pretrained(args.model, config=config, dtype=torch.float32)
+        model = model.to(device)
         loss = evaluate_heldout(model, args.corpus, seq_len, num_tokens, device)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:  # a bad --ssa JSON is a ValueError too
         print(f"subquad heldout: {exc}", file=sys.stderr)
         return 2
     result = {"model": args.model, "corpus": args.corpus, "seq_len": seq_len, "tokens": num_tokens,
               "heldout_loss": loss, "attention": model.config.attention}  # fmt: skip
+    if model.config.attention == "ssa":
+        result["ssa"] = model.config.ssa  # the routing measured, overrides included
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

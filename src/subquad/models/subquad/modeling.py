@@ -139,11 +139,19 @@ class SubquadAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         self.rotary = SubquadRotary(self.head_dim, config.rope_theta)
         self.router_q_proj = self.router_k_proj = self.router_k_gate = None
-        if config.router != "shared":
-            self.router_q_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-            self.router_k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        if config.router == "gated":
-            self.router_k_gate = nn.Linear(config.hidden_size, self.num_kv_heads, bias=True)
+        # A learned router draws its weights apart from the global random stream (here and in
+        # `_init_weights`), so the rest of the model starts as it would without one: an SSA model and
+        # its dense twin built with one seed share their initial weights.
+        with torch.random.fork_rng(devices=[]):
+            if config.router != "shared":
+                width = self.num_kv_heads * self.head_dim
+                self.router_q_proj = nn.Linear(config.hidden_size, width, bias=False)
+                self.router_k_proj = nn.Linear(config.hidden_size, width, bias=False)
+            if config.router == "gated":
+                self.router_k_gate = nn.Linear(config.hidden_size, self.num_kv_heads, bias=True)
+        for offset, module in enumerate((self.router_q_proj, self.router_k_proj, self.router_k_gate)):
+            if module is not None:
+                module.router_init_stream = 3 * layer_idx + offset
         # Router training (SubquadForCausalLM.enable_routing_loss): query rows per sequence, and the
         # last training forward's loss, collected by the LM head's forward.
         self.routing_loss_queries = 0
@@ -428,6 +436,21 @@ class SubquadPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["SubquadDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        stream = getattr(module, "router_init_stream", None)
+        if stream is None:
+            return super()._init_weights(module)
+        # A learned router's projection: a generator of its own, seeded from the global seed and its
+        # place in the model, leaves the global stream to the other weights (see SubquadAttention).
+        # `_is_hf_initialized`: a weight loaded by from_pretrained is left as loaded.
+        weight, bias = module.weight, module.bias
+        if not getattr(weight, "_is_hf_initialized", False):
+            generator = torch.Generator(device=weight.device).manual_seed(torch.initial_seed() + 1 + stream)
+            nn.init.normal_(weight, std=self.config.initializer_range, generator=generator)
+        if bias is not None and not getattr(bias, "_is_hf_initialized", False):
+            nn.init.zeros_(bias)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
