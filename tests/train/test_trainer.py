@@ -137,7 +137,21 @@ def test_heldout_cli_measures_saved_and_overridden_routing(ssa_run, corpus, tmp_
     assert narrow["ssa"]["top_k"] == 1 and narrow["ssa"]["local_blocks"] == 1
     assert narrow["heldout_loss"] != pytest.approx(saved["heldout_loss"], rel=1e-4)
 
+    # Split by position: the spans' weighted mean is the loss. At 64 tokens the debug model's budget
+    # covers every block, so its weights scored by dense attention (same positions) give the same loss.
+    spans_args = [*args, "--by-position", "16,32", "--full-budget", "--out", str(tmp_path / "full.json")]
+    assert heldout_main(spans_args) == 0
+    full = json.loads((tmp_path / "full.json").read_text())
+    assert full["attention"] == "dense" and full["full_budget"] and "ssa" not in full
+    assert [(s["from"], s["to"]) for s in full["by_position"]] == [(1, 16), (16, 32), (32, 64)]
+    assert [s["tokens"] for s in full["by_position"]] == [15 * 4, 16 * 4, 32 * 4]  # 4 windows of 64
+    assert full["heldout_loss"] == pytest.approx(saved["heldout_loss"], rel=1e-4)
+    assert len({round(s["loss"], 4) for s in full["by_position"]}) == 3
+
     capsys.readouterr()
+    for bad in (["--by-position", "32,16"], ["--by-position", "64"], ["--full-budget", "--ssa", "top_k=2"]):
+        assert heldout_main([*args, *bad]) == 2
+    assert "--full-budget" in capsys.readouterr().err
     assert heldout_main([*args, "--ssa", "summary=median"]) == 2
     assert "summary" in capsys.readouterr().err
     assert heldout_main([*args, "--ssa", "{not json"]) == 2

@@ -25,6 +25,15 @@ def main(argv: list[str] | None = None) -> int:
         "--ssa", default=None,
         help="SSA settings replacing the model's, e.g. summary=max,sub_block_size=4 or top_k=64 (or JSON)",
     )  # fmt: skip
+    parser.add_argument(
+        "--full-budget", action="store_true",
+        help="an SSA model's weights with every earlier block selected: dense attention with the model's "
+        "positions (a learned router is dropped)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--by-position", default=None, metavar="EDGES",
+        help="also the loss between these positions of the window, e.g. 1k,4k,16k",
+    )  # fmt: skip
     parser.add_argument("--out", default=None, help="also write the result as JSON here")
     args = parser.parse_args(argv)
 
@@ -33,10 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     from subquad._args import key_values
     from subquad.models import SubquadConfig, SubquadForCausalLM
     from subquad.ops.ssa.config import SSAConfig
-    from subquad.train.trainer import _resolve_device, evaluate_heldout
+    from subquad.train.trainer import _resolve_device, evaluate_heldout, heldout_loss_by_position
 
     try:
         seq_len, num_tokens = parse_length(args.seq_len), parse_length(args.tokens)
+        edges = [parse_length(e) for e in args.by_position.split(",")] if args.by_position else None
         if not Path(args.model, "config.json").is_file():
             raise ValueError(
                 f"--model {args.model!r}: no config.json there (expected a saved model directory)"
@@ -49,9 +59,19 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--ssa {args.ssa!r}: the model at {args.model!r} has dense attention")
             # Validated before the weights load, so a bad field names itself first.
             config.ssa = SSAConfig.from_dict(SSAConfig.override(config.ssa, ssa)).to_dict()
+        if args.full_budget:
+            if config.attention != "ssa" or ssa:
+                raise ValueError("--full-budget: expected an SSA model and no --ssa (it selects every block)")
+            # Dense attention with the model's position scheme is SSA with every block selected
+            # (local_rope: the same rotary window); the routing weights have nothing left to do.
+            config.attention, config.router = "dense", "shared"
         model = SubquadForCausalLM.from_pretrained(args.model, config=config, dtype=torch.float32)
         model = model.to(device)
-        loss = evaluate_heldout(model, args.corpus, seq_len, num_tokens, device)
+        if edges is None:
+            loss, spans = evaluate_heldout(model, args.corpus, seq_len, num_tokens, device), None
+        else:
+            spans = heldout_loss_by_position(model, args.corpus, seq_len, num_tokens, device, edges)
+            loss = sum(s["loss"] * s["tokens"] for s in spans) / sum(s["tokens"] for s in spans)
     except (ValueError, TypeError) as exc:  # a bad --ssa JSON is a ValueError too
         print(f"subquad heldout: {exc}", file=sys.stderr)
         return 2
@@ -59,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
               "heldout_loss": loss, "attention": model.config.attention}  # fmt: skip
     if model.config.attention == "ssa":
         result["ssa"] = model.config.ssa  # the routing measured, overrides included
+    if args.full_budget:
+        result["full_budget"] = True
+    if spans is not None:
+        result["by_position"] = spans
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from subquad.models.subquad import SubquadConfig, SubquadForCausalLM
@@ -333,6 +334,20 @@ def _autocast(device: torch.device, dtype: str):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def _heldout_batches(corpus_dir: str | Path, seq_len: int, num_tokens: int, batch_tokens: int):
+    """``num_tokens // seq_len`` (at least one) evenly spaced windows of ``heldout.bin``, the same
+    every call, as ``[n, seq_len]`` int64 batches of about ``batch_tokens`` tokens."""
+    heldout = _open_tokens(Path(corpus_dir), "heldout")
+    if heldout is None:
+        raise ValueError(f"corpus_dir={str(corpus_dir)!r}: no heldout.bin")
+    if len(heldout) < seq_len:
+        raise ValueError(f"seq_len={seq_len}: longer than heldout.bin ({len(heldout)} tokens)")
+    count = max(1, num_tokens // seq_len)
+    starts = np.linspace(0, len(heldout) - seq_len, count).astype(np.int64)
+    per_batch = max(1, batch_tokens // seq_len)
+    return [_windows(heldout, starts[i : i + per_batch], seq_len) for i in range(0, count, per_batch)]
+
+
 @torch.no_grad()
 def evaluate_heldout(
     model: torch.nn.Module,
@@ -346,26 +361,61 @@ def evaluate_heldout(
     """Mean next-token loss on ``num_tokens // seq_len`` (at least one) evenly spaced windows of
     ``heldout.bin``: the same windows every call, so numbers compare across steps and runs."""
     device = torch.device(_resolve_device(str(device)))
-    heldout = _open_tokens(Path(corpus_dir), "heldout")
-    if heldout is None:
-        raise ValueError(f"corpus_dir={str(corpus_dir)!r}: no heldout.bin")
-    if len(heldout) < seq_len:
-        raise ValueError(f"seq_len={seq_len}: longer than heldout.bin ({len(heldout)} tokens)")
-    count = max(1, num_tokens // seq_len)
-    starts = np.linspace(0, len(heldout) - seq_len, count).astype(np.int64)
-    per_batch = max(1, batch_tokens // seq_len)
+    batches = _heldout_batches(corpus_dir, seq_len, num_tokens, batch_tokens)
     was_training = model.training
     model.eval()
     losses = []
     try:
-        for i in range(0, count, per_batch):
-            ids = _windows(heldout, starts[i : i + per_batch], seq_len).to(device)
+        for ids in batches:
+            ids = ids.to(device)
             with _autocast(device, dtype):
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             losses.append(float(loss) * len(ids))
     finally:
         model.train(was_training)
-    return sum(losses) / count
+    return sum(losses) / sum(len(ids) for ids in batches)
+
+
+@torch.no_grad()
+def heldout_loss_by_position(
+    model: torch.nn.Module,
+    corpus_dir: str | Path,
+    seq_len: int,
+    num_tokens: int,
+    device: str | torch.device,
+    edges: Sequence[int],
+    batch_tokens: int = 65536,
+    dtype: str = "auto",
+) -> list[dict[str, float]]:
+    """:func:`evaluate_heldout`'s windows, the loss split by where the predicted token sits in its
+    window: one ``{"from", "to", "loss", "tokens"}`` per span between 1, ``edges`` and ``seq_len``.
+    Where a long-context model gains or loses shows here: early positions see few keys whatever
+    the attention, late ones many."""
+    bounds = [1, *edges, seq_len]
+    if any(not isinstance(e, int) or isinstance(e, bool) for e in edges) or bounds != sorted(set(bounds)):
+        raise ValueError(f"edges={list(edges)!r}: expected increasing ints between 1 and seq_len={seq_len}")
+    device = torch.device(_resolve_device(str(device)))
+    batches = _heldout_batches(corpus_dir, seq_len, num_tokens, batch_tokens)
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(seq_len - 1, dtype=torch.float64)
+    try:
+        for ids in batches:
+            ids = ids.to(device)
+            with _autocast(device, dtype):
+                logits = model(input_ids=ids, use_cache=False).logits
+            # Token t + 1 predicted from position t, summed over the batch's windows.
+            nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+            totals += nll.sum(0).double().cpu()
+    finally:
+        model.train(was_training)
+    windows = sum(len(ids) for ids in batches)
+    spans = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        part = totals[lo - 1 : hi - 1]  # predicted tokens lo .. hi - 1
+        spans.append({"from": lo, "to": hi, "loss": float(part.sum()) / (len(part) * windows),
+                      "tokens": len(part) * windows})  # fmt: skip
+    return spans
 
 
 def convert_dense_to_ssa(
