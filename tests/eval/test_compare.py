@@ -52,6 +52,9 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="4000 tokens in run A, 4001 in run B"):
         compare_runs(_write(tmp_path / "c", [("vt", 4096, 0, 1.0, 4000)]),
                      _write(tmp_path / "d", [("vt", 4096, 0, 1.0, 4001)]))  # fmt: skip
+    # A run still writing: its unfinished last line is left out, not an error.
+    (a / "results.jsonl").write_text((a / "results.jsonl").read_text() + '{"id": "ruler/vt/4096/0/1", "sco')
+    assert compare_runs(a, a)["prompts"] == 1
     (tmp_path / "e").mkdir()
     (tmp_path / "e/results.jsonl").write_text('{"id": "x"}\n{"oops"\n')
     with pytest.raises(ValueError, match="line 2: not an eval result record"):

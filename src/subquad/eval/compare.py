@@ -22,7 +22,7 @@ from typing import Any
 
 from ._core import format_length
 
-__all__ = ["compare_runs", "load_results"]
+__all__ = ["compare_runs", "comparison_markdown", "load_results"]
 
 
 def load_results(run: str | Path) -> dict[str, dict]:
@@ -32,8 +32,11 @@ def load_results(run: str | Path) -> dict[str, dict]:
         path = path / "results.jsonl"
     if not path.is_file():
         raise ValueError(f"run {str(run)!r}: no results.jsonl there (expected a `subquad eval` output)")
+    text = path.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]  # a run still writing: its last line is not finished
     records = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
