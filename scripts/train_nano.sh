@@ -46,6 +46,10 @@ RECIPE=${RECIPE:-first}
 # copied into $RUNS retrains the twin alone on the pair's steps and schedule.
 TWIN_POSITIONS=${TWIN_POSITIONS:-rope}
 PAIR=${PAIR:-"ssa dense"}
+# PAIR_SSA: SSA settings for both models of the pair, e.g. local_blocks=8,top_k=10 (the same 1,216 keys a
+# query, more of them local). The twin's local_rope window follows local_blocks and block_size.
+PAIR_SSA=${PAIR_SSA:-}
+PAIR_SSA_ARGS=(); [ -n "$PAIR_SSA" ] && PAIR_SSA_ARGS=(--ssa "$PAIR_SSA")
 SHIPPED_MODEL=src/subquad/assets/subquad-nano
 case "$RECIPE" in
   first) CORPUS_ARGS=(--vocab-size 8192); TRAIN_ARGS=(); SSA_ARGS=(); EVAL_SSA=${EVAL_SSA:-} ;;
@@ -83,7 +87,8 @@ probe() {
   local extra
   for attn in ssa dense; do
     extra=(--position-scheme "$TWIN_POSITIONS"); [ "$attn" = ssa ] && extra=("${SSA_ARGS[@]}")
-    train --attention "$attn" "${extra[@]}" --out "$RUNS/probe-$attn" --steps 24 --seq-len-schedule "$sched" \
+    train --attention "$attn" "${extra[@]}" "${PAIR_SSA_ARGS[@]}" --out "$RUNS/probe-$attn" --steps 24 \
+      --seq-len-schedule "$sched" \
       --warmup-steps 2 --eval-interval 0 --eval-tokens 32768 --checkpoint-interval 1000 --log-interval 1 \
       > "$RUNS/logs/probe-$attn.log" 2>&1 &
   done
@@ -113,8 +118,8 @@ EOF
 train_pair() {
   # shellcheck disable=SC1091
   source "$RUNS/plan.env"
-  log "train: $PAIR ($RECIPE recipe, twin positions $TWIN_POSITIONS), $STEPS steps, $SCHEDULE"
-  local common=(--steps "$STEPS" --seq-len-schedule "$SCHEDULE" --warmup-steps $((STEPS / 30))
+  log "train: $PAIR ($RECIPE recipe, twin positions $TWIN_POSITIONS${PAIR_SSA:+, SSA settings $PAIR_SSA}), $STEPS steps, $SCHEDULE"
+  local common=("${PAIR_SSA_ARGS[@]}" --steps "$STEPS" --seq-len-schedule "$SCHEDULE" --warmup-steps $((STEPS / 30))
     --eval-interval $((STEPS / 4)) --eval-tokens 1048576
     --checkpoint-interval 100 --log-interval 10)
   in_pair ssa && [ ! -d "$RUNS/nano-ssa/final" ] && train --attention ssa "${SSA_ARGS[@]}" --out "$RUNS/nano-ssa" \
