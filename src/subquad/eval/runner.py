@@ -356,17 +356,7 @@ def load_causal_lm(
         raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    if ssa:
-        if not isinstance(ssa, dict):
-            raise TypeError(f"ssa={ssa!r}: expected a dict of SSAConfig fields")
-        if getattr(config, "attention", "ssa") != "ssa":
-            raise ValueError(
-                f"ssa={ssa!r}: the model at {os.fspath(path)!r} has dense attention, nothing routes"
-            )
-        from subquad.ops.ssa.config import SSAConfig
-
-        # Merged and validated here, so a bad field names itself before any weights load.
-        config.ssa = SSAConfig.from_dict(SSAConfig.override(getattr(config, "ssa", None), ssa)).to_dict()
+    override_ssa(config, ssa, path)
     model = AutoModelForCausalLM.from_pretrained(
         path, config=config, dtype=torch_dtype, trust_remote_code=False
     )
@@ -375,6 +365,20 @@ def load_causal_lm(
     model.to(torch_device)
     model.eval()
     return model
+
+
+def override_ssa(config: Any, ssa: dict[str, Any] | None, path: str | os.PathLike) -> None:
+    """Replace the saved SSA settings of ``config`` (loaded from ``path``) by ``ssa``'s fields, merged
+    and validated before any weights load, so a bad field names itself first. None or {}: unchanged."""
+    if not ssa:
+        return
+    if not isinstance(ssa, dict):
+        raise TypeError(f"ssa={ssa!r}: expected a dict of SSAConfig fields")
+    if getattr(config, "attention", "ssa") != "ssa":
+        raise ValueError(f"ssa={ssa!r}: the model at {os.fspath(path)!r} has dense attention, nothing routes")
+    from subquad.ops.ssa.config import SSAConfig
+
+    config.ssa = SSAConfig.from_dict(SSAConfig.override(getattr(config, "ssa", None), ssa)).to_dict()
 
 
 def load_model(

@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from subquad._args import key_values
+    from subquad.eval.runner import override_ssa
     from subquad.models import SubquadConfig, SubquadForCausalLM
-    from subquad.ops.ssa.config import SSAConfig
     from subquad.train.trainer import _resolve_device, evaluate_heldout, heldout_loss_by_position
 
     try:
@@ -54,11 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         device = _resolve_device(args.device)
         config = SubquadConfig.from_pretrained(args.model)
         ssa = key_values(args.ssa) if args.ssa else None
-        if ssa:
-            if config.attention != "ssa":
-                raise ValueError(f"--ssa {args.ssa!r}: the model at {args.model!r} has dense attention")
-            # Validated before the weights load, so a bad field names itself first.
-            config.ssa = SSAConfig.from_dict(SSAConfig.override(config.ssa, ssa)).to_dict()
+        override_ssa(config, ssa, args.model)
         if args.full_budget:
             if config.attention != "ssa" or ssa:
                 raise ValueError("--full-budget: expected an SSA model and no --ssa (it selects every block)")
