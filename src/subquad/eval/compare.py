@@ -73,7 +73,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> dict[str, Any]:
         pairs[ra["length"]][ra["task"]].append((100 * ra["score"], 100 * rb["score"]))
     lengths = {}
     for length in sorted(pairs):
-        tasks, variance = {}, 0.0
+        tasks, variance, sum_a, sum_b = {}, 0.0, 0.0, 0.0
         for task, scores in pairs[length].items():
             n = len(scores)
             mean_a, mean_b = sum(s[0] for s in scores) / n, sum(s[1] for s in scores) / n
@@ -83,9 +83,9 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> dict[str, Any]:
             if n > 1:
                 variance += sum((d - mean_d) ** 2 for d in diffs) / (n - 1) / n
             tasks[task] = {"a": round(mean_a, 2), "b": round(mean_b, 2), "n": n}
+            sum_a, sum_b = sum_a + mean_a, sum_b + mean_b
         count = len(tasks)
-        avg_a = sum(sum(s[0] for s in v) / len(v) for v in pairs[length].values()) / count
-        avg_b = sum(sum(s[1] for s in v) / len(v) for v in pairs[length].values()) / count
+        avg_a, avg_b = sum_a / count, sum_b / count
         lengths[str(length)] = {
             "a": round(avg_a, 2),
             "b": round(avg_b, 2),
