@@ -57,6 +57,11 @@ class SubquadConfig(PretrainedConfig):
             its routing keys, so without a gate it is linear in the block's mean input and one
             distinctive token is diluted by the other 63; the gate lets the router weigh the tokens
             worth finding above the rest. Summaries stay means: the routing kernels are unchanged.
+        coarse_span: ``None`` (off) or a span length in tokens: every complete span that ends before a
+            query's local window becomes one extra entry (its mean key and mean value through learned
+            maps) in a softmax of its own, added to the sparse output (``subquad.models.coarse``).
+            Gives the query its unselected context in summary, at ``S / coarse_span`` entries a query.
+            Needs ``attention="ssa"`` and ``position_scheme="local_rope"`` (the spans' keys are pre-rotary).
         rope_theta: rotary base.
         ssa: dict of :class:`subquad.SSAConfig` fields (block size, budget, index).
         prefill_chunk_tokens: prompts longer than this are prefilled chunk by chunk through the cache.
@@ -80,6 +85,7 @@ class SubquadConfig(PretrainedConfig):
         attention: str = "ssa",
         position_scheme: str = "local_rope",
         router: str = "shared",
+        coarse_span: int | None = None,
         rope_theta: float = 10000.0,
         ssa: dict[str, Any] | SSAConfig | None = None,
         prefill_chunk_tokens: int = 32768,
@@ -102,6 +108,7 @@ class SubquadConfig(PretrainedConfig):
         self.attention = attention
         self.position_scheme = position_scheme
         self.router = router
+        self.coarse_span = coarse_span
         self.rope_theta = rope_theta
         self.ssa = (ssa if isinstance(ssa, SSAConfig) else SSAConfig.from_dict(ssa)).to_dict()
         self.prefill_chunk_tokens = prefill_chunk_tokens
@@ -149,6 +156,13 @@ class SubquadConfig(PretrainedConfig):
                 f"router={self.router!r} with attention={self.attention!r}, position_scheme="
                 f"{self.position_scheme!r}: expected attention='ssa' and position_scheme='local_rope'"
             )
+        if self.coarse_span is not None:
+            _check_positive_int("coarse_span", self.coarse_span)
+            if self.attention != "ssa" or self.position_scheme != "local_rope":
+                raise ValueError(
+                    f"coarse_span={self.coarse_span} with attention={self.attention!r}, position_scheme="
+                    f"{self.position_scheme!r}: expected attention='ssa' and position_scheme='local_rope'"
+                )
         if (
             isinstance(self.rope_theta, bool)
             or not isinstance(self.rope_theta, (int, float))

@@ -14,7 +14,8 @@ One file, top to bottom: rotary, norm, MLP, attention, decoder layer, ``SubquadM
 
 ``router="learned"`` gives every layer a routing query/key projection of its own (reading the layer
 input detached) that replaces the pre-rotary q/k in routing only; the router loss trains it.
-``router="gated"`` adds a per-token gate on the routing keys (``SubquadConfig``).
+``router="gated"`` adds a per-token gate on the routing keys (``SubquadConfig``). ``coarse_span``
+adds the coarse context term (``subquad.models.coarse``) to the sparse output, on every path.
 
 The cache (:class:`subquad.SSACache`) stores each row's real tokens only, so positions are simply
 indices in the row: a left-padded batch behaves exactly like its prompts run one at a time.
@@ -35,6 +36,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from subquad.cache import SSACache, SSACacheLayer
+from subquad.models.coarse import coarse_context_attention
 from subquad.models.dense_local import dense_local_rotary_attention
 from subquad.models.routing_loss import routing_distillation_loss
 from subquad.models.sparse_torch import sparse_attention_torch
@@ -149,6 +151,12 @@ class SubquadAttention(nn.Module):
                 self.router_k_proj = nn.Linear(config.hidden_size, width, bias=False)
             if config.router == "gated":
                 self.router_k_gate = nn.Linear(config.hidden_size, self.num_kv_heads, bias=True)
+            self.coarse_key_map = self.coarse_value_map = None
+            if config.coarse_span is not None:
+                self.coarse_key_map = nn.Linear(self.head_dim, self.head_dim, bias=False)
+                self.coarse_value_map = nn.Linear(self.head_dim, self.head_dim, bias=False)
+                for module in (self.coarse_key_map, self.coarse_value_map):
+                    module.identity_init = True  # `_init_weights`: the spans' plain means at the start
         for offset, module in enumerate((self.router_q_proj, self.router_k_proj, self.router_k_gate)):
             if module is not None:
                 module.router_init_stream = 3 * layer_idx + offset
@@ -283,7 +291,20 @@ class SubquadAttention(nn.Module):
             if self.config.position_scheme == "local_rope":
                 return self._attend_dense_local(q, k, v)
             return _dense_sdpa(q, k, v, self.scale)
-        return self._attend_sparse(q, k, v, summaries, route)
+        out = self._attend_sparse(q, k, v, summaries, route)
+        if self.coarse_key_map is not None:
+            out = out + self._attend_coarse(q, k, v)
+        return out
+
+    # Kept out of torch.compile's graph like the sparse part beside it: its mask's width follows the key
+    # length, which would recompile at every curriculum length and decode step.
+    @torch.compiler.disable
+    def _attend_coarse(self, q, k, v) -> torch.Tensor:
+        ssa = self.config.ssa_config
+        return coarse_context_attention(
+            q, k, v, self.config.coarse_span, ssa.block_size, ssa.local_blocks, self.scale,
+            self.coarse_key_map, self.coarse_value_map,
+        )  # fmt: skip
 
     # The autograd Function calls PyTorch's flash kernels directly: kept out of torch.compile's graph.
     @torch.compiler.disable
@@ -439,6 +460,11 @@ class SubquadPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
+        if getattr(module, "identity_init", False):
+            if not getattr(module.weight, "_is_hf_initialized", False):
+                with torch.no_grad():
+                    module.weight.copy_(torch.eye(*module.weight.shape))
+            return None
         stream = getattr(module, "router_init_stream", None)
         if stream is None:
             return super()._init_weights(module)
