@@ -31,7 +31,7 @@ def coarse_entries(
 
     ``k, v [B, S, Hkv, D]`` (keys pre-rotary); a span's mean is taken in float32, then mapped.
     """
-    batch, seq_len, heads, dim = k.shape
+    batch, seq_len, heads, _ = k.shape
     spans = seq_len // span
     outs = []
     for x, mapping in ((k, key_map), (v, value_map)):

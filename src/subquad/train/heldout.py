@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--full-budget", action="store_true",
         help="an SSA model's weights with every earlier block selected: dense attention with the model's "
-        "positions (a learned router is dropped)",
+        "positions (a learned router is dropped; a coarse_span model keeps its coarse term)",
     )  # fmt: skip
     parser.add_argument(
         "--by-position", default=None, metavar="EDGES",

@@ -462,8 +462,7 @@ class SubquadPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         if getattr(module, "identity_init", False):
             if not getattr(module.weight, "_is_hf_initialized", False):
-                with torch.no_grad():
-                    module.weight.copy_(torch.eye(*module.weight.shape))
+                module.weight.copy_(torch.eye(*module.weight.shape))
             return None
         stream = getattr(module, "router_init_stream", None)
         if stream is None:
