@@ -154,7 +154,7 @@ def test_the_term_changes_the_output_and_trains():
     assert grad is not None and grad.abs().sum() > 0
 
 
-def test_incremental_decoding_chunked_prefill_and_padding_match_a_full_forward():
+def test_incremental_decoding_chunked_prefill_and_padding_match_a_full_forward(check_padded_batch):
     model = make_model(router="learned", ssa={"summary": "max", "sub_block_size": 4})
     ids = torch.randint(0, 256, (2, 150))
     with torch.no_grad():
@@ -164,13 +164,4 @@ def test_incremental_decoding_chunked_prefill_and_padding_match_a_full_forward()
         for i in range(97, 150):
             logits.append(model(ids[:, i : i + 1], past_key_values=cache).logits)
     torch.testing.assert_close(torch.cat(logits, 1), full, atol=2e-5, rtol=1e-4)
-
-    rows = [torch.randint(1, 256, (1, n)) for n in (90, 61)]
-    padded = torch.zeros(2, 90, dtype=torch.long)
-    mask = torch.zeros(2, 90, dtype=torch.long)
-    for r, row in enumerate(rows):
-        padded[r, 90 - row.shape[1] :], mask[r, 90 - row.shape[1] :] = row, 1
-    kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
-    batched = model.generate(padded, attention_mask=mask, **kw)
-    for r, row in enumerate(rows):
-        assert torch.equal(batched[r, 90:], model.generate(row, **kw)[0, row.shape[1] :])
+    check_padded_batch(model, max_new_tokens=20)

@@ -98,7 +98,9 @@ MAX_SUMMARY = {"summary": "max", "sub_block_size": 4}
 
 @pytest.mark.parametrize("router, ssa", [("learned", {}), ("gated", {}), ("learned", MAX_SUMMARY)],
                          ids=["learned", "gated", "learned-max"])  # fmt: skip
-def test_incremental_decoding_chunked_prefill_and_padding_match_a_full_forward(router, ssa):
+def test_incremental_decoding_chunked_prefill_and_padding_match_a_full_forward(
+    router, ssa, check_padded_batch
+):
     model = make_model(router, ssa=ssa)
     summary_size = model.config.ssa_config.summary_size
     if router == "gated":
@@ -117,16 +119,7 @@ def test_incremental_decoding_chunked_prefill_and_padding_match_a_full_forward(r
     torch.testing.assert_close(layer.summaries(), block_summaries(layer.route_keys_bshd(), summary_size))
     shared_cache = make_model("shared")(ids).past_key_values
     assert rk is not None and cache.bytes_per_token() > shared_cache.bytes_per_token()
-
-    rows = [torch.randint(1, 256, (1, n)) for n in (90, 61)]
-    padded = torch.zeros(2, 90, dtype=torch.long)
-    mask = torch.zeros(2, 90, dtype=torch.long)
-    for r, row in enumerate(rows):
-        padded[r, 90 - row.shape[1] :], mask[r, 90 - row.shape[1] :] = row, 1
-    kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
-    batched = model.generate(padded, attention_mask=mask, **kw)
-    for r, row in enumerate(rows):
-        assert torch.equal(batched[r, 90:], model.generate(row, **kw)[0, row.shape[1] :])
+    check_padded_batch(model, max_new_tokens=20)
 
 
 def test_cache_rejects_mixing_appends_with_and_without_routing_keys():

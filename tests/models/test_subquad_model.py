@@ -190,19 +190,8 @@ def test_forward_prefills_long_prompts_in_chunks():
 
 
 @pytest.mark.parametrize("scheme", ["rope", "local_rope"])
-def test_left_padded_batch_equals_rows_alone(scheme):
-    model = make_model("ssa", scheme)
-    lengths = [90, 61]
-    rows = [torch.randint(1, 256, (1, n)) for n in lengths]
-    ids = torch.zeros(2, 90, dtype=torch.long)
-    mask = torch.zeros(2, 90, dtype=torch.long)
-    for r, row in enumerate(rows):
-        ids[r, 90 - row.shape[1] :] = row
-        mask[r, 90 - row.shape[1] :] = 1
-    batched = model.generate(ids, attention_mask=mask, max_new_tokens=25, do_sample=False, pad_token_id=0)
-    for r, row in enumerate(rows):
-        alone = model.generate(row, max_new_tokens=25, do_sample=False, pad_token_id=0)
-        assert torch.equal(batched[r, 90:], alone[0, row.shape[1] :])
+def test_left_padded_batch_equals_rows_alone(scheme, check_padded_batch):
+    check_padded_batch(make_model("ssa", scheme), max_new_tokens=25)
 
 
 def test_loss_and_backward():
