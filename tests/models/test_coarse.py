@@ -105,6 +105,12 @@ def make_model(**over):
         (dict(coarse_span=2.5), TypeError, "coarse_span=2.5"),
         (dict(coarse_span=16, attention="dense"), ValueError, "coarse_span=16 with attention='dense'"),
         (dict(coarse_span=16, position_scheme="rope"), ValueError, "position_scheme='rope'"),
+        (dict(coarse_layers=[0]), ValueError, r"coarse_layers=\[0\]: expected coarse_span"),
+        (dict(coarse_span=16, coarse_layers=1), TypeError, "coarse_layers=1: expected None or a list"),
+        (dict(coarse_span=16, coarse_layers=[]), ValueError, "coarse_layers=\\[\\]: expected distinct"),
+        (dict(coarse_span=16, coarse_layers=[1, 1]), ValueError, "coarse_layers=\\[1, 1\\]"),
+        (dict(coarse_span=16, coarse_layers=[2]), ValueError, r"layer indices in \[0, 2\)"),
+        (dict(coarse_span=16, coarse_layers=[[0]]), ValueError, "coarse_layers=\\[\\[0\\]\\]"),
     ],
 )
 def test_config_validation(over, error, match):
@@ -154,8 +160,29 @@ def test_the_term_changes_the_output_and_trains():
     assert grad is not None and grad.abs().sum() > 0
 
 
-def test_incremental_decoding_chunked_prefill_and_padding_match_a_full_forward(check_padded_batch):
-    model = make_model(router="learned", ssa={"summary": "max", "sub_block_size": 4})
+def test_coarse_layers_put_the_term_in_those_layers_only(tmp_path):
+    model = make_model(coarse_layers=(1,))
+    has_term = [layer.self_attn.coarse_key_map is not None for layer in model.model.layers]
+    assert has_term == [False, True]
+    model.save_pretrained(tmp_path)
+    loaded = SubquadForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config.coarse_layers == [1]
+    assert [layer.self_attn.coarse_value_map is not None for layer in loaded.model.layers] == has_term
+    # The layer without the term computes what a model without it computes.
+    plain = SubquadForCausalLM(model.config.__class__(**{**model.config.to_dict(), "coarse_span": None,
+                                                        "coarse_layers": None})).eval()
+    plain.load_state_dict(model.state_dict(), strict=False)
+    ids = torch.randint(0, 256, (1, 120))
+    with torch.no_grad():
+        states = model(ids, output_hidden_states=True).hidden_states
+        plain_states = plain(ids, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(states[1], plain_states[1])
+        assert (states[2] - plain_states[2]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("layers", [None, [0]])
+def test_incremental_decoding_chunked_prefill_and_padding_match_a_full_forward(layers, check_padded_batch):
+    model = make_model(router="learned", ssa={"summary": "max", "sub_block_size": 4}, coarse_layers=layers)
     ids = torch.randint(0, 256, (2, 150))
     with torch.no_grad():
         full = model(ids, use_cache=False).logits

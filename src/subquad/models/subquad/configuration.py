@@ -62,6 +62,8 @@ class SubquadConfig(PretrainedConfig):
             maps) in a softmax of its own, added to the sparse output (``subquad.models.coarse``).
             Gives the query its unselected context in summary, at ``S / coarse_span`` entries a query.
             Needs ``attention="ssa"`` and ``position_scheme="local_rope"`` (the spans' keys are pre-rotary).
+        coarse_layers: with ``coarse_span``, the indices of the layers that have the term (``None``: all);
+            the other layers attend only to their exact selected keys.
         rope_theta: rotary base.
         ssa: dict of :class:`subquad.SSAConfig` fields (block size, budget, index).
         prefill_chunk_tokens: prompts longer than this are prefilled chunk by chunk through the cache.
@@ -86,6 +88,7 @@ class SubquadConfig(PretrainedConfig):
         position_scheme: str = "local_rope",
         router: str = "shared",
         coarse_span: int | None = None,
+        coarse_layers: list[int] | None = None,
         rope_theta: float = 10000.0,
         ssa: dict[str, Any] | SSAConfig | None = None,
         prefill_chunk_tokens: int = 32768,
@@ -109,6 +112,7 @@ class SubquadConfig(PretrainedConfig):
         self.position_scheme = position_scheme
         self.router = router
         self.coarse_span = coarse_span
+        self.coarse_layers = list(coarse_layers) if isinstance(coarse_layers, tuple) else coarse_layers
         self.rope_theta = rope_theta
         self.ssa = (ssa if isinstance(ssa, SSAConfig) else SSAConfig.from_dict(ssa)).to_dict()
         self.prefill_chunk_tokens = prefill_chunk_tokens
@@ -162,6 +166,21 @@ class SubquadConfig(PretrainedConfig):
                 raise ValueError(
                     f"coarse_span={self.coarse_span} with attention={self.attention!r}, position_scheme="
                     f"{self.position_scheme!r}: expected attention='ssa' and position_scheme='local_rope'"
+                )
+        if self.coarse_layers is not None:
+            layers = self.coarse_layers
+            if not isinstance(layers, list):
+                raise TypeError(f"coarse_layers={layers!r}: expected None or a list of layer indices")
+            if self.coarse_span is None:
+                raise ValueError(f"coarse_layers={layers}: expected coarse_span to be set too")
+            if (
+                not layers
+                or not all(type(i) is int and 0 <= i < self.num_hidden_layers for i in layers)
+                or len(set(layers)) != len(layers)
+            ):
+                raise ValueError(
+                    f"coarse_layers={layers}: expected distinct layer indices in [0, "
+                    f"{self.num_hidden_layers}), at least one"
                 )
         if (
             isinstance(self.rope_theta, bool)

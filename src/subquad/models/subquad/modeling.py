@@ -152,7 +152,7 @@ class SubquadAttention(nn.Module):
             if config.router == "gated":
                 self.router_k_gate = nn.Linear(config.hidden_size, self.num_kv_heads, bias=True)
             self.coarse_key_map = self.coarse_value_map = None
-            if config.coarse_span is not None:
+            if config.coarse_span is not None and layer_idx in (config.coarse_layers or [layer_idx]):
                 self.coarse_key_map = nn.Linear(self.head_dim, self.head_dim, bias=False)
                 self.coarse_value_map = nn.Linear(self.head_dim, self.head_dim, bias=False)
                 for module in (self.coarse_key_map, self.coarse_value_map):
