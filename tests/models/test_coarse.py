@@ -98,6 +98,14 @@ def make_model(**over):
     return SubquadForCausalLM(cfg).eval()
 
 
+def _plain_twin(model):
+    """The same weights without the term."""
+    over = {"coarse_span": None, "coarse_layers": None, "coarse_heads": None, "coarse_dropout": 0.0}
+    plain = SubquadForCausalLM(model.config.__class__(**{**model.config.to_dict(), **over}))
+    plain.load_state_dict(model.state_dict(), strict=False)
+    return plain.train(model.training)
+
+
 @pytest.mark.parametrize(
     "over, error, match",
     [
@@ -107,9 +115,15 @@ def make_model(**over):
         (dict(coarse_span=16, position_scheme="rope"), ValueError, "position_scheme='rope'"),
         (dict(coarse_layers=[0]), ValueError, r"coarse_layers=\[0\]: expected coarse_span"),
         (dict(coarse_span=16, coarse_layers=1), TypeError, "coarse_layers=1: expected None or a list"),
+        (dict(coarse_span=16, coarse_heads=[4]), ValueError, r"coarse_heads=\[4\]: expected .* in \[0, 4\)"),
+        (dict(coarse_heads=[1]), ValueError, r"coarse_heads=\[1\]: expected coarse_span"),
+        (dict(coarse_span=16, coarse_dropout=1.0), ValueError, r"coarse_dropout=1.0: expected a probability"),
+        (dict(coarse_span=16, coarse_dropout=-0.1), ValueError, "coarse_dropout=-0.1"),
+        (dict(coarse_span=16, coarse_dropout=True), ValueError, "coarse_dropout=True"),
+        (dict(coarse_dropout=0.5), ValueError, "coarse_dropout=0.5: expected coarse_span"),
         (dict(coarse_span=16, coarse_layers=[]), ValueError, "coarse_layers=\\[\\]: expected distinct"),
         (dict(coarse_span=16, coarse_layers=[1, 1]), ValueError, "coarse_layers=\\[1, 1\\]"),
-        (dict(coarse_span=16, coarse_layers=[2]), ValueError, r"layer indices in \[0, 2\)"),
+        (dict(coarse_span=16, coarse_layers=[2]), ValueError, r"distinct indices in \[0, 2\)"),
         (dict(coarse_span=16, coarse_layers=[[0]]), ValueError, "coarse_layers=\\[\\[0\\]\\]"),
     ],
 )
@@ -148,12 +162,11 @@ def test_the_maps_start_as_identity_and_the_trunk_as_the_dense_twins(tmp_path):
 
 def test_the_term_changes_the_output_and_trains():
     model = make_model().train()
-    plain = SubquadForCausalLM(model.config.__class__(**{**model.config.to_dict(), "coarse_span": None}))
-    plain.load_state_dict(model.state_dict(), strict=False)
+    plain = _plain_twin(model)
     ids = torch.randint(0, 256, (2, 120))
     out = model(ids, labels=ids)
     with torch.no_grad():
-        gap = (out.logits - plain.train()(ids).logits).abs().max()
+        gap = (out.logits - plain(ids).logits).abs().max()
     assert gap > 1e-3
     out.loss.backward()
     grad = model.model.layers[0].self_attn.coarse_value_map.weight.grad
@@ -169,15 +182,40 @@ def test_coarse_layers_put_the_term_in_those_layers_only(tmp_path):
     assert loaded.config.coarse_layers == [1]
     assert [layer.self_attn.coarse_value_map is not None for layer in loaded.model.layers] == has_term
     # The layer without the term computes what a model without it computes.
-    plain = SubquadForCausalLM(model.config.__class__(**{**model.config.to_dict(), "coarse_span": None,
-                                                        "coarse_layers": None})).eval()
-    plain.load_state_dict(model.state_dict(), strict=False)
+    plain = _plain_twin(model.eval())
     ids = torch.randint(0, 256, (1, 120))
     with torch.no_grad():
         states = model(ids, output_hidden_states=True).hidden_states
         plain_states = plain(ids, output_hidden_states=True).hidden_states
         torch.testing.assert_close(states[1], plain_states[1])
         assert (states[2] - plain_states[2]).abs().max() > 1e-4
+
+
+def test_coarse_heads_give_the_term_to_those_heads_only():
+    attention = make_model(coarse_heads=[1, 3]).model.layers[0].self_attn
+    q, k, v = torch.randn(2, 100, 4, 16), torch.randn(2, 100, 2, 16), torch.randn(2, 100, 2, 16)
+    with torch.no_grad():
+        term = attention._attend_coarse(q, k, v)
+    per_head = term.abs().amax(dim=(0, 1, 3))
+    assert per_head[0] == 0 and per_head[2] == 0 and per_head[1] > 0 and per_head[3] > 0
+
+
+def test_coarse_dropout_drops_the_term_for_whole_training_rows_only():
+    torch.manual_seed(0)
+    model = make_model(coarse_dropout=0.5).train()
+    plain = _plain_twin(model)
+    ids = torch.randint(0, 256, (8, 100))
+    torch.manual_seed(1)
+    keep = torch.rand(8) >= 0.5  # the draw the forward below makes
+    assert 0 < keep.sum() < 8
+    torch.manual_seed(1)
+    with torch.no_grad():
+        logits, plain_logits = model(ids).logits, plain(ids).logits
+        torch.testing.assert_close(logits[~keep], plain_logits[~keep])
+        assert (logits[keep] - plain_logits[keep]).abs().amax(dim=(1, 2)).min() > 1e-4
+        # Evaluation always has the term.
+        evaluated = model.eval()(ids).logits
+        assert (evaluated[~keep] - plain_logits[~keep]).abs().amax(dim=(1, 2)).min() > 1e-4
 
 
 @pytest.mark.parametrize("layers", [None, [0]])

@@ -64,6 +64,11 @@ class SubquadConfig(PretrainedConfig):
             Needs ``attention="ssa"`` and ``position_scheme="local_rope"`` (the spans' keys are pre-rotary).
         coarse_layers: with ``coarse_span``, the indices of the layers that have the term (``None``: all);
             the other layers attend only to their exact selected keys.
+        coarse_heads: with ``coarse_span``, the indices of the query heads that get the term (``None``:
+            all); the other heads attend only to their exact selected keys.
+        coarse_dropout: with ``coarse_span``, the probability that a training sequence runs without the
+            term in every layer (not rescaled: evaluation always has it), so the exact keys keep
+            carrying what the summaries cannot.
         rope_theta: rotary base.
         ssa: dict of :class:`subquad.SSAConfig` fields (block size, budget, index).
         prefill_chunk_tokens: prompts longer than this are prefilled chunk by chunk through the cache.
@@ -89,6 +94,8 @@ class SubquadConfig(PretrainedConfig):
         router: str = "shared",
         coarse_span: int | None = None,
         coarse_layers: list[int] | None = None,
+        coarse_heads: list[int] | None = None,
+        coarse_dropout: float = 0.0,
         rope_theta: float = 10000.0,
         ssa: dict[str, Any] | SSAConfig | None = None,
         prefill_chunk_tokens: int = 32768,
@@ -113,6 +120,8 @@ class SubquadConfig(PretrainedConfig):
         self.router = router
         self.coarse_span = coarse_span
         self.coarse_layers = list(coarse_layers) if isinstance(coarse_layers, tuple) else coarse_layers
+        self.coarse_heads = list(coarse_heads) if isinstance(coarse_heads, tuple) else coarse_heads
+        self.coarse_dropout = coarse_dropout
         self.rope_theta = rope_theta
         self.ssa = (ssa if isinstance(ssa, SSAConfig) else SSAConfig.from_dict(ssa)).to_dict()
         self.prefill_chunk_tokens = prefill_chunk_tokens
@@ -167,21 +176,13 @@ class SubquadConfig(PretrainedConfig):
                     f"coarse_span={self.coarse_span} with attention={self.attention!r}, position_scheme="
                     f"{self.position_scheme!r}: expected attention='ssa' and position_scheme='local_rope'"
                 )
-        if self.coarse_layers is not None:
-            layers = self.coarse_layers
-            if not isinstance(layers, list):
-                raise TypeError(f"coarse_layers={layers!r}: expected None or a list of layer indices")
-            if self.coarse_span is None:
-                raise ValueError(f"coarse_layers={layers}: expected coarse_span to be set too")
-            if (
-                not layers
-                or not all(type(i) is int and 0 <= i < self.num_hidden_layers for i in layers)
-                or len(set(layers)) != len(layers)
-            ):
-                raise ValueError(
-                    f"coarse_layers={layers}: expected distinct layer indices in [0, "
-                    f"{self.num_hidden_layers}), at least one"
-                )
+        _check_indices("coarse_layers", self.coarse_layers, self.num_hidden_layers, self.coarse_span)
+        _check_indices("coarse_heads", self.coarse_heads, self.num_attention_heads, self.coarse_span)
+        p = self.coarse_dropout
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+            raise ValueError(f"coarse_dropout={p!r}: expected a probability in [0, 1)")
+        if p and self.coarse_span is None:
+            raise ValueError(f"coarse_dropout={p}: expected coarse_span to be set too")
         if (
             isinstance(self.rope_theta, bool)
             or not isinstance(self.rope_theta, (int, float))
@@ -208,6 +209,19 @@ class SubquadConfig(PretrainedConfig):
         if isinstance(overrides.get("ssa"), dict):
             values["ssa"] = {**FLAVORS[name]["ssa"], **overrides["ssa"]}
         return cls(**values)
+
+
+def _check_indices(name: str, value: Any, bound: int, coarse_span: int | None) -> None:
+    """``None``, or distinct indices in ``[0, bound)`` for a model with the coarse term."""
+    if value is None:
+        return
+    if not isinstance(value, list):
+        raise TypeError(f"{name}={value!r}: expected None or a list of indices")
+    if coarse_span is None:
+        raise ValueError(f"{name}={value}: expected coarse_span to be set too")
+    in_range = all(type(i) is int and 0 <= i < bound for i in value)
+    if not value or not in_range or len(set(value)) != len(value):
+        raise ValueError(f"{name}={value}: expected distinct indices in [0, {bound}), at least one")
 
 
 def _check_positive_int(name: str, value: Any) -> None:

@@ -157,6 +157,10 @@ class SubquadAttention(nn.Module):
                 self.coarse_value_map = nn.Linear(self.head_dim, self.head_dim, bias=False)
                 for module in (self.coarse_key_map, self.coarse_value_map):
                     module.identity_init = True  # `_init_weights`: the spans' plain means at the start
+                if config.coarse_heads is not None:
+                    heads = torch.zeros(self.num_heads, 1)
+                    heads[config.coarse_heads] = 1.0
+                    self.register_buffer("coarse_head_mask", heads, persistent=False)
         for offset, module in enumerate((self.router_q_proj, self.router_k_proj, self.router_k_gate)):
             if module is not None:
                 module.router_init_stream = 3 * layer_idx + offset
@@ -166,6 +170,8 @@ class SubquadAttention(nn.Module):
         self.routing_loss_temperature = 1.0  # < 1 sharpens the router loss's target
         self.routing_loss_focus: torch.Tensor | None = None  # extra query rows, set per forward
         self.routing_loss: torch.Tensor | None = None
+        # `coarse_dropout`: the training rows that keep the coarse term, ``[B]`` bool, set per forward.
+        self.coarse_keep: torch.Tensor | None = None
 
     def forward(
         self,
@@ -301,10 +307,15 @@ class SubquadAttention(nn.Module):
     @torch.compiler.disable
     def _attend_coarse(self, q, k, v) -> torch.Tensor:
         ssa = self.config.ssa_config
-        return coarse_context_attention(
+        term = coarse_context_attention(
             q, k, v, self.config.coarse_span, ssa.block_size, ssa.local_blocks, self.scale,
             self.coarse_key_map, self.coarse_value_map,
         )  # fmt: skip
+        if self.config.coarse_heads is not None:
+            term = term * self.coarse_head_mask.to(term.dtype)
+        if self.training and self.coarse_keep is not None:
+            term = term * self.coarse_keep.to(term.dtype)[:, None, None, None]
+        return term
 
     # The autograd Function calls PyTorch's flash kernels directly: kept out of torch.compile's graph.
     @torch.compiler.disable
@@ -357,7 +368,13 @@ class SubquadAttention(nn.Module):
         ssa = config.ssa_config
         if self.training and self.routing_loss_queries and summaries is None:
             self.routing_loss = routing_distillation_loss(
-                q, k, ssa, self.scale, self.routing_loss_queries, route=route, focus=self.routing_loss_focus,
+                q,
+                k,
+                ssa,
+                self.scale,
+                self.routing_loss_queries,
+                route=route,
+                focus=self.routing_loss_focus,
                 temperature=self.routing_loss_temperature,
             )
         if config.position_scheme == "rope":
@@ -551,6 +568,11 @@ class SubquadModel(SubquadPreTrainedModel):
         dense_decode = decoding and self.config.attention == "dense" and inputs_embeds.is_cuda
         backends = DENSE_DECODE_BACKENDS
         context = sdpa_kernel(backends) if dense_decode and backends is not None else nullcontext()
+
+        if self.training and self.config.coarse_dropout:
+            keep = torch.rand(batch, device=device) >= self.config.coarse_dropout
+            for layer in self.layers:
+                layer.self_attn.coarse_keep = keep
 
         hidden_states = inputs_embeds
         all_hidden = [] if output_hidden_states else None

@@ -1,26 +1,34 @@
-# The coarse context term (span 256) in half the layers only (`SubquadConfig.coarse_layers`, item 63 of
-# benchmarks/NOTES.md): `lower` has it in layers 0-3, `upper` in layers 4-7 (nano has 8). Otherwise the
-# pair's recipe, corpus, plan and seed, 16 routed blocks, as in `../coarse-term-2026-11-24/run.sh`, whose
-# span-256 model has it in every layer. Detached, so it spans GPU calls:
-#   bash benchmarks/results/coarse-layers-2026-11-24/run.sh launch     (corpus, then both trainings)
-#   bash benchmarks/results/coarse-layers-2026-11-24/run.sh follow S   (progress for up to S seconds)
-#   bash benchmarks/results/coarse-layers-2026-11-24/run.sh evals      (held-out by position at 32K,
-#       the bf16 models to $OUT, then RULER at 32K, 30 a task, of `lower` and then `upper`, detached)
-#   bash benchmarks/results/coarse-layers-2026-11-24/run.sh ruler [S]  (the RULER runs' progress for up
-#       to S seconds, their results to $OUT; `ruler-start` resumes them on a fresh machine)
-# DEVICE, FLAVOR, STEPS, SCHEDULE, CORPUS_MB, SKILLS_TOKENS, EVAL_TOKENS, LENGTH, EDGES, HO_TOKENS, SAMPLES,
-# LAYERS_LOWER, LAYERS_UPPER, SPAN and VARIANTS shrink it for a CPU dry run.
+# Where the coarse context term (span 256) goes, items 63-64 of benchmarks/NOTES.md. Item 62's span-256
+# model (`../coarse-term-2026-11-24/run.sh`) has it in every layer, head and training sequence; here
+#   lower: layers 0-3 only            upper: layers 4-7 only            (`SubquadConfig.coarse_layers`)
+#   heads: query heads 0-2 of 5 only  (`coarse_heads`)
+#   drop:  every layer, but half the training sequences run without it  (`coarse_dropout=0.5`)
+# Otherwise the pair's recipe, corpus, plan and seed, 16 routed blocks. Detached, so it spans GPU calls:
+#   bash benchmarks/results/coarse-placement-2026-11-24/run.sh launch     (corpus, then the trainings)
+#   bash benchmarks/results/coarse-placement-2026-11-24/run.sh follow S   (progress for up to S seconds)
+#   bash benchmarks/results/coarse-placement-2026-11-24/run.sh evals      (held-out by position at 32K,
+#       the bf16 models to $OUT, then RULER at 32K, 30 a task, of each variant in turn, detached)
+#   bash benchmarks/results/coarse-placement-2026-11-24/run.sh ruler [S]  (the RULER runs' progress for
+#       up to S seconds, their results to $OUT; `ruler-start` resumes them on a fresh machine)
+# VARIANTS picks the runs (`lower upper` for item 63, `drop heads` for item 64). DEVICE, FLAVOR, STEPS,
+# SCHEDULE, CORPUS_MB, SKILLS_TOKENS, EVAL_TOKENS, LENGTH, EDGES, HO_TOKENS, SAMPLES, LAYERS_LOWER,
+# LAYERS_UPPER, HEADS and SPAN shrink it for a CPU dry run.
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
-R=${R:-runs/coarse-layers}
+R=${R:-runs/coarse-placement}
 OUT=${OUT:-$R/out}
 DEVICE=${DEVICE:-cuda}
 mkdir -p $R/logs $R/results $OUT
 SITE=${SITE:-$(python3 -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")}
 MAX4=summary=max,sub_block_size=4
-VARIANTS=${VARIANTS:-lower upper}
-layers() {  # variant -> its coarse_layers
-  case $1 in lower) echo "${LAYERS_LOWER:-[0,1,2,3]}" ;; upper) echo "${LAYERS_UPPER:-[4,5,6,7]}" ;; esac
+VARIANTS=${VARIANTS:?lower upper, drop heads, or any of them}
+term() {  # variant -> its coarse-term settings beyond the span
+  case $1 in
+    lower) echo "coarse_layers=${LAYERS_LOWER:-[0,1,2,3]}" ;;
+    upper) echo "coarse_layers=${LAYERS_UPPER:-[4,5,6,7]}" ;;
+    heads) echo "coarse_heads=${HEADS:-[0,1,2]}" ;;
+    drop) echo "coarse_dropout=0.5" ;;
+  esac
 }
 model() {  # variant -> its model directory (trained here, or carried in under ship/)
   local m=$R/nano-ssa-$1/final; [ -d $m ] || m=$R/ship/nano-ssa-$1; echo $m
@@ -30,7 +38,7 @@ train() {  # variant: the pair's SSA run (scripts/train_nano.sh, RECIPE=retrieva
   python3 -m subquad.train.cli --corpus $R/corpus --flavor ${FLAVOR:-nano} --seed 0 --device $DEVICE \
     ${COMPILE---compile} --tokens-per-step ${TOKENS_PER_STEP:-131072} --micro-batch-tokens 65536 --lr 3e-3 \
     --skills-fraction 0.5 --no-progress --answer-weight 20 --attention ssa \
-    --model-override "router=learned,coarse_span=${SPAN:-256},coarse_layers=$(layers $name)" \
+    --model-override "router=learned,coarse_span=${SPAN:-256},$(term $name)" \
     --routing-loss 1.0 --routing-loss-queries 64 --steps ${STEPS:-1600} --warmup-steps 53 \
     --seq-len-schedule ${SCHEDULE:-0:1024,400:4096,880:16384,1360:32768} --eval-interval 400 \
     --eval-tokens ${EVAL_TOKENS:-1048576} --checkpoint-interval 100 --log-interval 10 \
@@ -72,7 +80,7 @@ case "${1:?launch, follow S, evals, ruler [S] or ruler-start}" in
         --tokenizer-from src/subquad/assets/subquad-nano --skills-kinds facts=4,recall=1,copy=1,lookup=1 \
         --skills-doc-tokens 128,32768 --skills-prose 0.5 --skills-seed 6 --max-mb ${CORPUS_MB:-250} \
         --skills-tokens ${SKILLS_TOKENS:-80000000} > $R/logs/corpus.log 2>&1
-      $(declare -f layers train); R=$R DEVICE=$DEVICE
+      $(declare -f term train); R=$R DEVICE=$DEVICE
       for name in $VARIANTS; do train \$name & done; wait" > $R/logs/launch.log 2>&1 &
     echo launched ;;
   follow)
@@ -111,7 +119,7 @@ for f in src.iterdir():
         shutil.copy2(f, dst / f.name)
 PY
     done
-    tar czf $OUT/coarse-layers.tgz $R/results $R/logs $R/corpus/meta.json $R/*/metrics.jsonl \
+    tar czf $OUT/coarse-placement.tgz $R/results $R/logs $R/corpus/meta.json $R/*/metrics.jsonl \
       $R/*/summary.json $R/*/train_config.json
     [ -d $R/ship ] && tar cf - -C $R/ship . | split -b 15M - $OUT/ship.tar.part-
     ls -la $OUT ;;
