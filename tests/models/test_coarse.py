@@ -191,13 +191,19 @@ def test_coarse_layers_put_the_term_in_those_layers_only(tmp_path):
         assert (states[2] - plain_states[2]).abs().max() > 1e-4
 
 
-def test_coarse_heads_give_the_term_to_those_heads_only():
-    attention = make_model(coarse_heads=[1, 3]).model.layers[0].self_attn
+def test_coarse_heads_give_the_term_to_those_heads_only(tmp_path):
+    model = make_model(coarse_heads=[1, 3])
     q, k, v = torch.randn(2, 100, 4, 16), torch.randn(2, 100, 2, 16), torch.randn(2, 100, 2, 16)
     with torch.no_grad():
-        term = attention._attend_coarse(q, k, v)
+        term = model.model.layers[0].self_attn._attend_coarse(q, k, v)
     per_head = term.abs().amax(dim=(0, 1, 3))
     assert per_head[0] == 0 and per_head[2] == 0 and per_head[1] > 0 and per_head[3] > 0
+    # A loaded model computes what the saved one did.
+    model.save_pretrained(tmp_path)
+    loaded = SubquadForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 256, (1, 120))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
 
 
 def test_coarse_dropout_drops_the_term_for_whole_training_rows_only():

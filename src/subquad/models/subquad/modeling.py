@@ -157,10 +157,6 @@ class SubquadAttention(nn.Module):
                 self.coarse_value_map = nn.Linear(self.head_dim, self.head_dim, bias=False)
                 for module in (self.coarse_key_map, self.coarse_value_map):
                     module.identity_init = True  # `_init_weights`: the spans' plain means at the start
-                if config.coarse_heads is not None:
-                    heads = torch.zeros(self.num_heads, 1)
-                    heads[config.coarse_heads] = 1.0
-                    self.register_buffer("coarse_head_mask", heads, persistent=False)
         for offset, module in enumerate((self.router_q_proj, self.router_k_proj, self.router_k_gate)):
             if module is not None:
                 module.router_init_stream = 3 * layer_idx + offset
@@ -312,7 +308,10 @@ class SubquadAttention(nn.Module):
             self.coarse_key_map, self.coarse_value_map,
         )  # fmt: skip
         if self.config.coarse_heads is not None:
-            term = term * self.coarse_head_mask.to(term.dtype)
+            # Built here, not held as a buffer: `from_pretrained` leaves non-persistent buffers unset.
+            heads = torch.zeros(self.num_heads, 1, dtype=term.dtype, device=term.device)
+            heads[self.config.coarse_heads] = 1
+            term = term * heads
         if self.training and self.coarse_keep is not None:
             term = term * self.coarse_keep.to(term.dtype)[:, None, None, None]
         return term
