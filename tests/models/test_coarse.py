@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from subquad.models import SubquadConfig, SubquadForCausalLM, prefill
+from subquad.models import SubquadConfig, SubquadForCausalLM
 from subquad.models.coarse import coarse_context_attention
 
 
@@ -225,14 +225,9 @@ def test_coarse_dropout_drops_the_term_for_whole_training_rows_only():
 
 
 @pytest.mark.parametrize("layers", [None, [0]])
-def test_incremental_decoding_chunked_prefill_and_padding_match_a_full_forward(layers, check_padded_batch):
+def test_incremental_decoding_chunked_prefill_and_padding_match_a_full_forward(
+    layers, check_prefill_and_decode, check_padded_batch
+):
     model = make_model(router="learned", ssa={"summary": "max", "sub_block_size": 4}, coarse_layers=layers)
-    ids = torch.randint(0, 256, (2, 150))
-    with torch.no_grad():
-        full = model(ids, use_cache=False).logits
-        out = prefill(model, ids[:, :97], chunk_size=41, logits_to_keep=0, progress=False)
-        cache, logits = out.past_key_values, [out.logits]
-        for i in range(97, 150):
-            logits.append(model(ids[:, i : i + 1], past_key_values=cache).logits)
-    torch.testing.assert_close(torch.cat(logits, 1), full, atol=2e-5, rtol=1e-4)
+    check_prefill_and_decode(model, torch.randint(0, 256, (2, 150)))
     check_padded_batch(model, max_new_tokens=20)

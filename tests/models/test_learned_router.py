@@ -6,7 +6,7 @@ import torch
 
 import subquad
 from subquad.eval.recall import model_attention_recall as recall
-from subquad.models import SubquadConfig, SubquadForCausalLM, prefill
+from subquad.models import SubquadConfig, SubquadForCausalLM
 from subquad.models.routing_loss import routing_distillation_loss
 from subquad.ops.ssa.select import block_summaries
 
@@ -99,20 +99,14 @@ MAX_SUMMARY = {"summary": "max", "sub_block_size": 4}
 @pytest.mark.parametrize("router, ssa", [("learned", {}), ("gated", {}), ("learned", MAX_SUMMARY)],
                          ids=["learned", "gated", "learned-max"])  # fmt: skip
 def test_incremental_decoding_chunked_prefill_and_padding_match_a_full_forward(
-    router, ssa, check_padded_batch
+    router, ssa, check_prefill_and_decode, check_padded_batch
 ):
     model = make_model(router, ssa=ssa)
     summary_size = model.config.ssa_config.summary_size
     if router == "gated":
         _randomise_gates(model)
     ids = torch.randint(0, 256, (2, 150))
-    with torch.no_grad():
-        full = model(ids, use_cache=False).logits
-        out = prefill(model, ids[:, :97], chunk_size=41, logits_to_keep=0, progress=False)
-        cache, logits = out.past_key_values, [out.logits]
-        for i in range(97, 150):
-            logits.append(model(ids[:, i : i + 1], past_key_values=cache).logits)
-    torch.testing.assert_close(torch.cat(logits, 1), full, atol=2e-5, rtol=1e-4)
+    cache = check_prefill_and_decode(model, ids)
     layer = cache.layer(0)
     rk = model.model.layers[0].self_attn.router_k_proj
     assert layer.route_keys_bshd().shape == (2, 150, 2, 16)
