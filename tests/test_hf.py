@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 
 import subquad
 import subquad.hf
+from subquad.cache import CACHE_KWARG
 from subquad.ops.ssa.triton_decode import decode_plan
 
 COMMON = dict(
@@ -65,7 +66,7 @@ def test_ssa_equals_eager_at_full_budget(arch):
     kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
     expected = eager.generate(ids, **kw)
     assert torch.equal(sparse.generate(ids, **kw), expected)
-    assert torch.equal(sparse.generate(ids, past_key_values=subquad.SSACache(sparse.config), **kw), expected)
+    assert torch.equal(sparse.generate(ids, **{CACHE_KWARG: subquad.SSACache(sparse.config)}, **kw), expected)
 
 
 @pytest.mark.parametrize(
@@ -84,9 +85,9 @@ def test_sparse_incremental_decoding_equals_full_forward(arch, index, summary, m
         full = sparse(ids).logits
         assert (full - eager(ids).logits).abs().max() > 1e-4  # the budget really is sparse
         cache = subquad.SSACache(sparse.config)
-        steps = [sparse(ids[:, :100], past_key_values=cache, use_cache=True).logits]
+        steps = [sparse(ids[:, :100], use_cache=True, **{CACHE_KWARG: cache}).logits]
         for i in range(100, 150):
-            steps.append(sparse(ids[:, i : i + 1], past_key_values=cache, use_cache=True).logits)
+            steps.append(sparse(ids[:, i : i + 1], use_cache=True, **{CACHE_KWARG: cache}).logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-5, rtol=1e-4)
     # Decode steps over the cache: one routing plan per step shared by both layers; the tree router's
     # group bounds kept per layer.

@@ -25,12 +25,21 @@ Two ways in:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from subquad.ops.ssa.config import SSAConfig
+
+# transformers renamed the models' cache argument and output field from `past_key_values` (5.17) to
+# `cache` (5.24; the old name deprecated). Subquad models take either; calls into other models and the
+# outputs we build use the installed version's name.
+CACHE_KWARG = (
+    "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)} else "past_key_values"
+)
 
 # Capacity grows by this factor when full: amortised O(1) appends, at most 25% slack.
 _GROWTH = 1.25

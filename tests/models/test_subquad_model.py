@@ -125,6 +125,38 @@ def test_generate_with_and_without_cache_agree(scheme):
     assert torch.equal(with_cache, without)
 
 
+@pytest.mark.parametrize("scheme", ["rope", "local_rope"])
+def test_generate_scores_every_step_with_the_whole_context(scheme):
+    # Each step's logits are the full forward's at that position. Greedy tokens alone cannot show a
+    # dropped cache on a random model, whose argmax follows the current token: transformers 5.24
+    # passes the cache as `cache=`, which these models once ignored, so every step after the first
+    # read only its own token while the two generate() runs above still agreed.
+    model = make_model("ssa", scheme)
+    ids = torch.randint(0, 256, (2, 60))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    out = model.generate(ids, output_logits=True, return_dict_in_generate=True, **kw)
+    with torch.no_grad():
+        full = model(out.sequences, use_cache=False).logits
+    assert len(out.logits) == 6
+    for step, logits in enumerate(out.logits):
+        torch.testing.assert_close(logits, full[:, ids.shape[1] - 1 + step], atol=2e-5, rtol=1e-4)
+
+
+def test_the_cache_goes_in_under_either_name():
+    model = make_model("ssa", "local_rope")
+    ids = torch.randint(0, 256, (1, 50))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits[:, -1]
+        for name in ("past_key_values", "cache"):
+            cache = subquad.SSACache(model.config)
+            model(ids[:, :-1], use_cache=True, **{name: cache})
+            step = model(ids[:, -1:], use_cache=True, **{name: cache}).logits[:, -1]
+            torch.testing.assert_close(step, full, atol=2e-5, rtol=1e-4)
+            assert cache.get_seq_length() == 50
+        with pytest.raises(ValueError, match="past_key_values, cache: got both"):
+            model(ids, past_key_values=subquad.SSACache(model.config), cache=subquad.SSACache(model.config))
+
+
 def test_prefill_progress_sets_the_default_bar(monkeypatch, capsys):
     import importlib
 

@@ -16,6 +16,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from subquad.cache import CACHE_KWARG
+
 # Prompts at least this long show a progress bar by default.
 _PROGRESS_MIN_TOKENS = 1 << 17
 # What ``progress=None`` means inside :func:`prefill_progress` (None: by prompt length).
@@ -51,14 +53,16 @@ def prefill(
 
     Works for Subquad models and for transformers models loaded with ``attn_implementation="ssa"``
     (or any attention). Args:
-        model: a causal LM taking ``input_ids, attention_mask, past_key_values, use_cache, logits_to_keep``.
+        model: a causal LM taking ``input_ids, attention_mask, past_key_values`` (or ``cache``, as newer
+            transformers name it)``, use_cache, logits_to_keep``.
         chunk_size: tokens per forward (default ``model.config.prefill_chunk_tokens`` or 32768).
         cache: the cache to fill (default a new :class:`subquad.SSACache` sized for the prompt).
         attention_mask: ``[B, T]`` padding mask (1 = token), optional.
         logits_to_keep: logits for the last ``n`` positions (``0`` = all positions, memory ``T * vocab``).
         progress: show a tqdm bar (default: prompts of 128K tokens or more, unless set by
             :func:`prefill_progress`).
-    Returns ``CausalLMOutputWithPast(logits=[B, n, vocab], past_key_values=cache)``.
+    Returns ``CausalLMOutputWithPast(logits=[B, n, vocab])`` with the cache in its ``past_key_values``
+    (in newer transformers: ``cache``) field.
     """
     from subquad.cache import SSACache
 
@@ -107,7 +111,7 @@ def prefill(
             if keep:
                 logits.append(out.logits[:, -keep:])
             bar.update(stop - start)
-    return CausalLMOutputWithPast(logits=torch.cat(logits, dim=1), past_key_values=cache)
+    return CausalLMOutputWithPast(logits=torch.cat(logits, dim=1), **{CACHE_KWARG: cache})
 
 
 def _forward(model, chunk, mask, cache, keep):
@@ -115,6 +119,6 @@ def _forward(model, chunk, mask, cache, keep):
     from subquad.models.subquad.modeling import SubquadForCausalLM
 
     if isinstance(model, SubquadForCausalLM):
-        hidden = model.model(**chunk, attention_mask=mask, past_key_values=cache, use_cache=True)
+        hidden = model.model(**chunk, attention_mask=mask, use_cache=True, **{CACHE_KWARG: cache})
         return CausalLMOutputWithPast(logits=model.lm_head(hidden.last_hidden_state[:, -keep:]))
-    return model(**chunk, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=keep)
+    return model(**chunk, attention_mask=mask, use_cache=True, logits_to_keep=keep, **{CACHE_KWARG: cache})

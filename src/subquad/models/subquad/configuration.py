@@ -75,7 +75,7 @@ class SubquadConfig(PretrainedConfig):
     """
 
     model_type = "subquad"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     def __init__(
         self,

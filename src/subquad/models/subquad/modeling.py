@@ -35,7 +35,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from subquad.cache import SSACache, SSACacheLayer
+from subquad.cache import CACHE_KWARG, SSACache, SSACacheLayer
 from subquad.models.coarse import coarse_context_attention
 from subquad.models.dense_local import dense_local_rotary_attention
 from subquad.models.routing_loss import routing_distillation_loss
@@ -466,7 +466,7 @@ class SubquadPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["SubquadDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -511,12 +511,15 @@ class SubquadModel(SubquadPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        cache: Cache | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
         """Decoder stack. ``attention_mask`` (``[B, past + T]`` or ``[B, T]``, 1 = real token) marks
         padding; padded tokens never enter the cache and their outputs are meaningless. Positions are
         each token's index among its row's real tokens (``position_ids`` is accepted for API
-        compatibility and ignored: it cannot disagree with the cache)."""
+        compatibility and ignored: it cannot disagree with the cache). ``cache`` is newer transformers'
+        name for ``past_key_values``: pass either."""
+        past_key_values = _one_cache(past_key_values, cache)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("input_ids / inputs_embeds: expected exactly one of them")
         if inputs_embeds is None:
@@ -585,8 +588,8 @@ class SubquadModel(SubquadPreTrainedModel):
             all_hidden.append(hidden_states)
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=cache,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            **{CACHE_KWARG: cache},
         )
 
 
@@ -629,6 +632,15 @@ def _valid_mask(attention_mask: torch.Tensor | None, batch: int, steps: int) -> 
         )
     valid = attention_mask[:, -steps:].bool()
     return None if bool(valid.all()) else valid
+
+
+def _one_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | None:
+    """The cache a forward got, under either of its names (``cache``: newer transformers')."""
+    if past_key_values is not None and cache is not None:
+        raise ValueError(
+            "past_key_values, cache: got both; pass the cache once (cache is newer transformers' name for it)"
+        )
+    return cache if past_key_values is None else past_key_values
 
 
 def _ssa_cache_for(past_key_values: Cache | None, config: SubquadConfig) -> SSACache:
@@ -744,6 +756,7 @@ class SubquadForCausalLM(SubquadPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         output_hidden_states: bool | None = None,
         loss_weights: torch.Tensor | None = None,
+        cache: Cache | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Logits (``logits_to_keep``: 0 = every position, n = the last n, or a tensor of indices) and,
@@ -751,8 +764,10 @@ class SubquadForCausalLM(SubquadPreTrainedModel, GenerationMixin):
         like ``labels``, >= 0) weighs each label's term: the loss is ``sum(w * ce) / sum(w)``.
 
         A prompt longer than ``config.prefill_chunk_tokens`` going into a cache is prefilled chunk by
-        chunk (see :func:`subquad.models.prefill`): memory stays linear in its length.
+        chunk (see :func:`subquad.models.prefill`): memory stays linear in its length. ``cache`` is newer
+        transformers' name for ``past_key_values`` (their ``generate()`` passes it): pass either.
         """
+        past_key_values = _one_cache(past_key_values, cache)
         if use_cache is None:
             use_cache = self.config.use_cache and labels is None
         steps = (input_ids if input_ids is not None else inputs_embeds).shape[1]
@@ -819,6 +834,6 @@ class SubquadForCausalLM(SubquadPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            **{CACHE_KWARG: getattr(outputs, CACHE_KWARG)},
         )
