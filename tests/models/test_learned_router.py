@@ -140,7 +140,7 @@ def test_only_the_router_loss_trains_the_router_and_it_leaves_attention_alone(ro
     model.enable_routing_loss(1.0, num_queries=8)
     # The decoder alone: no LM loss, only the layers' router terms.
     model.model(input_ids=ids, use_cache=False)
-    model._collect_routing_loss(torch.zeros(())).backward()
+    model._collect_layer_loss("routing_loss", torch.zeros(())).backward()
     assert attn.router_q_proj.weight.grad.abs().sum() > 0 and attn.router_k_proj.weight.grad.abs().sum() > 0
     if router == "gated":
         assert attn.router_k_gate.weight.grad.abs().sum() > 0

@@ -322,6 +322,7 @@ def test_flops_per_token_counts_attention():
         ("seq_len_schedule", "0:x"), ("betas", (0.9, 1.5)), ("dtype", "fp16"), ("skills_fraction", 2.0),
         ("max_minutes", 0), ("flavor", "huge"), ("attention", "flash"), ("grad_clip", -1.0),
         ("routing_loss_temperature", 0.0), ("train_only", "lm"), ("train_only", "router"),
+        ("recall_loss", -0.5), ("recall_loss_queries", 0),
     ],
 )  # fmt: skip
 def test_validation_errors_name_the_field(corpus, tmp_path, field, value):
@@ -398,6 +399,18 @@ def test_fine_tune_adds_a_learned_router_that_starts_as_the_shared_one(ssa_run, 
     # there is one, the loss is 0 and only weight decay would move the weights).
     moved = tuned.model.layers[0].self_attn.router_k_proj.weight
     assert not torch.equal(moved, start.model.layers[0].self_attn.router_k_proj.weight)
+
+
+def test_recall_loss_is_logged_and_refused_where_it_cannot_train(ssa_run, corpus, tmp_path):
+    out = tmp_path / "recall"
+    config = _config(corpus, out, attention=None, init_from=ssa_run[0] / "final", steps=2,
+                     seq_len_schedule="0:128", recall_loss=0.5, recall_loss_queries=8)  # fmt: skip
+    assert train(config)["completed"]
+    logged = [m["recall_loss"] for m in _metrics(out) if "loss" in m]
+    assert logged and all(value is not None and value > 0 for value in logged)
+    with pytest.raises(ValueError, match="recall_loss=0.5"):
+        _config(corpus, tmp_path / "frozen", model_overrides={"router": "learned"}, routing_loss=1.0,
+                recall_loss=0.5, train_only="router")  # fmt: skip
 
 
 def test_router_only_training_leaves_the_language_model_as_it_was(ssa_run, corpus, tmp_path):

@@ -19,6 +19,21 @@ from subquad.ops.ssa.config import SSAConfig
 from subquad.ops.ssa.select import block_scores, routing_queries, routing_summaries
 
 
+def loss_rows(
+    seq_len: int, first: int, num_queries: int, focus: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    """The query rows an auxiliary attention loss scores: ``num_queries`` evenly spaced ones from
+    ``first`` (the first token that has anything to route) to the end, plus the positions in ``focus``
+    that fall in that range; sorted, unique, long. Empty when ``first >= seq_len``."""
+    if seq_len <= first:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    rows = torch.linspace(first, seq_len - 1, min(num_queries, seq_len - first), device=device).long()
+    if focus is not None:
+        focus = focus.to(device=device, dtype=torch.long)
+        rows = torch.cat([rows, focus[(focus >= first) & (focus < seq_len)]])
+    return rows.unique()
+
+
 def routing_distillation_loss(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -55,11 +70,7 @@ def routing_distillation_loss(
     first = (config.sink_blocks + config.local_blocks) * block_size  # first token with a candidate
     if seq_len <= first or num_queries < 1:
         return None
-    rows = torch.linspace(first, seq_len - 1, min(num_queries, seq_len - first), device=q.device).long()
-    if focus is not None:
-        focus = focus.to(device=q.device, dtype=torch.long)
-        rows = torch.cat([rows, focus[(focus >= first) & (focus < seq_len)]])
-    rows = rows.unique()
+    rows = loss_rows(seq_len, first, num_queries, focus, q.device)
     num_blocks = -(-seq_len // block_size)
     block = torch.arange(num_blocks, device=q.device)
     last_candidate = rows // block_size - config.local_blocks  # [R]

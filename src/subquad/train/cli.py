@@ -63,6 +63,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--routing-loss-queries", type=int, default=64, help="query rows per sequence for it")
     p.add_argument("--routing-loss-temperature", type=float, default=1.0,
                    help="< 1 sharpens the router loss's target towards its heaviest blocks")  # fmt: skip
+    p.add_argument("--recall-loss", type=float, default=0.0,
+                   help="recall loss weight (SSA: -log share of dense attention mass on the selected keys; "
+                        "0 = off)")  # fmt: skip
+    p.add_argument("--recall-loss-queries", type=int, default=64, help="query rows per sequence for it")
     p.add_argument("--train-only", default="all", choices=["all", "router"],
                    help="router: train only a learned router, the model frozen")  # fmt: skip
     p.add_argument(
@@ -107,7 +111,8 @@ def run_train(args: argparse.Namespace) -> int:
             seq_len_schedule=args.seq_len_schedule, skills_fraction=args.skills_fraction,
             answer_weight=args.answer_weight, routing_loss=args.routing_loss,
             routing_loss_queries=args.routing_loss_queries,
-            routing_loss_temperature=args.routing_loss_temperature, train_only=args.train_only,
+            routing_loss_temperature=args.routing_loss_temperature, recall_loss=args.recall_loss,
+            recall_loss_queries=args.recall_loss_queries, train_only=args.train_only,
             eval_interval=args.eval_interval, eval_tokens=args.eval_tokens,
             checkpoint_interval=args.checkpoint_interval, log_interval=args.log_interval,
             max_minutes=args.max_minutes, compile=args.compile, dtype=args.dtype, device=args.device,

@@ -79,7 +79,9 @@ class TrainConfig:
     ``routing_loss_temperature`` < 1 sharpens its target. ``train_only="router"`` freezes everything
     but a learned router (``router="learned"`` or ``"gated"``, router loss on): the language model
     stays bit-for-bit what it was, so any change in retrieval is the router's, and a step costs
-    about a forward.
+    about a forward. ``recall_loss``: weight of the recall loss (:mod:`subquad.models.recall_loss`:
+    ``-log`` of the share of each layer's dense softmax mass on the keys it selects; SSA models only,
+    0 = off) on ``recall_loss_queries`` query rows per sequence and layer.
 
     Budget: ``max_minutes`` stops cleanly (checkpoint written) before that much wall time has passed
     since ``train()`` started, so chained 10-minute jobs resume where the last one stopped.
@@ -109,6 +111,8 @@ class TrainConfig:
     routing_loss: float = 0.0
     routing_loss_queries: int = 64
     routing_loss_temperature: float = 1.0
+    recall_loss: float = 0.0
+    recall_loss_queries: int = 64
     train_only: str = "all"
     eval_interval: int = 250
     eval_tokens: int = 262144
@@ -165,12 +169,20 @@ class TrainConfig:
                 f"routing_loss_temperature={self.routing_loss_temperature!r}: expected a float > 0 "
                 "(1 = the plain block mass)"
             )
+        if not (_is_number(self.recall_loss) and self.recall_loss >= 0):
+            raise ValueError(f"recall_loss={self.recall_loss!r}: expected a float >= 0 (0 = off)")
+        _check_int("recall_loss_queries", self.recall_loss_queries, minimum=1)
         if self.train_only not in _TRAIN_ONLY:
             raise ValueError(f"train_only={self.train_only!r}: expected one of {', '.join(_TRAIN_ONLY)}")
         if self.train_only == "router" and self.routing_loss == 0:
             raise ValueError(
                 "train_only='router': only the router loss trains the router, but routing_loss=0; set "
                 "routing_loss > 0"
+            )
+        if self.train_only == "router" and self.recall_loss > 0:
+            raise ValueError(
+                f"train_only='router' with recall_loss={self.recall_loss!r}: the recall loss trains the "
+                "attention's q and k, which train_only='router' freezes; set recall_loss=0"
             )
         if self.max_minutes is not None and not (_is_number(self.max_minutes) and self.max_minutes > 0):
             raise ValueError(f"max_minutes={self.max_minutes!r}: expected a positive number or None")
@@ -633,6 +645,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         model.enable_routing_loss(
             config.routing_loss, config.routing_loss_queries, config.routing_loss_temperature
         )
+    if config.recall_loss:
+        model.enable_recall_loss(config.recall_loss, config.recall_loss_queries)
     router_params = model.router_parameters()
     lm_params = [p for p in model.parameters() if all(p is not r for r in router_params)]
     if config.train_only == "router":
@@ -765,10 +779,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
             loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}", T=seq_len, refresh=False
         )
         if step % config.log_interval == 0 or step == config.steps:
-            # The last micro-batch's router loss; "loss" includes routing_loss x this.
+            # The last micro-batch's router and recall losses; "loss" includes each x its weight.
             routing = None if model.last_routing_loss is None else float(model.last_routing_loss)
+            recall = None if model.last_recall_loss is None else float(model.last_recall_loss)
             log({"step": step, "loss": train_loss, "lr": lr, "seq_len": seq_len, "tokens": tokens_seen,
                  "tokens_per_s": tok_s, "mfu": mfu, "flops": total_flops, "routing_loss": routing,
+                 "recall_loss": recall,
                  "grad_norm": None if grad_norm is None else float(grad_norm)})  # fmt: skip
         if will_eval:
             t_eval = time.monotonic()

@@ -38,7 +38,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from subquad.cache import CACHE_KWARG, SSACache, SSACacheLayer
 from subquad.models.coarse import coarse_context_attention
 from subquad.models.dense_local import dense_local_rotary_attention
-from subquad.models.routing_loss import routing_distillation_loss
+from subquad.models.recall_loss import selection_recall_loss
+from subquad.models.routing_loss import loss_rows, routing_distillation_loss
 from subquad.models.sparse_torch import sparse_attention_torch
 from subquad.models.sparse_triton import sparse_attention_local_rotary_triton
 from subquad.models.subquad.configuration import SubquadConfig
@@ -160,12 +161,14 @@ class SubquadAttention(nn.Module):
         for offset, module in enumerate((self.router_q_proj, self.router_k_proj, self.router_k_gate)):
             if module is not None:
                 module.router_init_stream = 3 * layer_idx + offset
-        # Router training (SubquadForCausalLM.enable_routing_loss): query rows per sequence, and the
-        # last training forward's loss, collected by the LM head's forward.
+        # Auxiliary losses (SubquadForCausalLM.enable_routing_loss / enable_recall_loss): query rows per
+        # sequence, and the last training forward's values, collected by the LM head's forward.
         self.routing_loss_queries = 0
         self.routing_loss_temperature = 1.0  # < 1 sharpens the router loss's target
-        self.routing_loss_focus: torch.Tensor | None = None  # extra query rows, set per forward
         self.routing_loss: torch.Tensor | None = None
+        self.recall_loss_queries = 0
+        self.recall_loss: torch.Tensor | None = None
+        self.loss_focus: torch.Tensor | None = None  # extra query rows for both, set per forward
         # `coarse_dropout`: the training rows that keep the coarse term, ``[B]`` bool, set per forward.
         self.coarse_keep: torch.Tensor | None = None
 
@@ -367,15 +370,24 @@ class SubquadAttention(nn.Module):
         ssa = config.ssa_config
         if self.training and self.routing_loss_queries and summaries is None:
             self.routing_loss = routing_distillation_loss(
-                q, k, ssa, self.scale, self.routing_loss_queries, route=route, focus=self.routing_loss_focus,
+                q, k, ssa, self.scale, self.routing_loss_queries, route=route, focus=self.loss_focus,
                 temperature=self.routing_loss_temperature,
             )
+        recall_loss = self.training and self.recall_loss_queries and summaries is None
         if config.position_scheme == "rope":
             if q.shape[1] == 1 and summaries is not None:
                 return ssa_decode(q, k, v, ssa, summaries=summaries, scale=self.scale)
-            return ssa_attention(q, k, v, config=ssa, scale=self.scale, summaries=summaries)
+            if not recall_loss:
+                return ssa_attention(q, k, v, config=ssa, scale=self.scale, summaries=summaries)
+            out, selection = ssa_attention(
+                q, k, v, config=ssa, scale=self.scale, summaries=summaries, return_selection=True
+            )
+            self.recall_loss = self._selection_recall_loss(q, k, selection)
+            return out
         # local_rope: q and k arrive unrotated; routing uses them as they are (pre-rotary).
         selection = self.select(q, k, summaries, route)
+        if recall_loss:
+            self.recall_loss = self._selection_recall_loss(q, k, selection)
         if resolve_backend("auto", q, v) == "triton":
             return sparse_attention_local_rotary_triton(
                 q, k, v, selection.block_idx, ssa.block_size, self.scale, self.rotary, ssa.sink_blocks,
@@ -389,6 +401,19 @@ class SubquadAttention(nn.Module):
             ssa.block_size,
             self.scale,
             local_rotary=(self.rotary, ssa.sink_blocks, ssa.local_blocks),
+        )
+
+
+    def _selection_recall_loss(self, q, k, selection: SSASelection) -> torch.Tensor | None:
+        """``-log`` attention recall of this layer's selection on its loss rows (``recall_loss.py``)."""
+        ssa = self.config.ssa_config
+        first = (ssa.sink_blocks + ssa.local_blocks) * ssa.block_size  # earlier rows select every key
+        rows = loss_rows(q.shape[1], first, self.recall_loss_queries, self.loss_focus, q.device)
+        local_rotary = None
+        if self.config.position_scheme == "local_rope":
+            local_rotary = (self.rotary, ssa.sink_blocks, ssa.local_blocks)
+        return selection_recall_loss(
+            q, k, selection.block_idx, ssa.block_size, self.scale, rows, local_rotary
         )
 
 
@@ -677,6 +702,8 @@ class SubquadForCausalLM(SubquadPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.routing_loss_weight = 0.0
         self.last_routing_loss: torch.Tensor | None = None
+        self.recall_loss_weight = 0.0
+        self.last_recall_loss: torch.Tensor | None = None
         self.post_init()
 
     def enable_routing_loss(self, weight: float, num_queries: int = 64, temperature: float = 1.0) -> None:
@@ -701,6 +728,24 @@ class SubquadForCausalLM(SubquadPreTrainedModel, GenerationMixin):
             layer.self_attn.routing_loss_queries = num_queries if weight > 0 else 0
             layer.self_attn.routing_loss_temperature = float(temperature)
 
+    def enable_recall_loss(self, weight: float, num_queries: int = 64) -> None:
+        """Add ``weight`` x the layers' mean ``-log`` attention recall of their own selections
+        (:mod:`subquad.models.recall_loss`) to the training loss, on the same kind of query rows as the
+        router loss: ``num_queries`` evenly spaced ones per sequence plus those just before each
+        end-of-document token. It trains the attention's q and k to keep their dense softmax mass on
+        the keys SSA selects; ``weight=0`` turns it off. ``last_recall_loss`` holds the last value
+        (detached; ``exp(-value)`` is about the rows' geometric-mean recall)."""
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+            raise ValueError(f"weight={weight!r}: expected a number >= 0")
+        if isinstance(num_queries, bool) or not isinstance(num_queries, int) or num_queries < 1:
+            raise ValueError(f"num_queries={num_queries!r}: expected an int >= 1")
+        if weight > 0 and self.config.attention != "ssa":
+            attention = self.config.attention
+            raise ValueError(f"weight={weight}: the recall loss needs attention='ssa', not {attention!r}")
+        self.recall_loss_weight = float(weight)
+        for layer in self.model.layers:
+            layer.self_attn.recall_loss_queries = num_queries if weight > 0 else 0
+
     def router_parameters(self) -> list[nn.Parameter]:
         """The learned router's weights, gates included (none with ``router="shared"``); only the router
         loss trains them."""
@@ -709,7 +754,7 @@ class SubquadForCausalLM(SubquadPreTrainedModel, GenerationMixin):
         return [p for m in modules if m is not None for p in m.parameters()]
 
     @torch.compiler.disable  # data-dependent sizes: keep it out of a compiled graph
-    def _set_routing_focus(self, input_ids: torch.Tensor | None) -> None:
+    def _set_loss_focus(self, input_ids: torch.Tensor | None) -> None:
         """Hand the layers the rows before each end-of-document token of this batch (union over rows)."""
         focus = None
         eos = self.config.eos_token_id
@@ -719,18 +764,20 @@ class SubquadForCausalLM(SubquadPreTrainedModel, GenerationMixin):
             focus = (ends[:, None] - before).flatten().unique()
             focus = focus[focus >= 0][-_MAX_FOCUS_ROWS:]
         for layer in self.model.layers:
-            layer.self_attn.routing_loss_focus = focus
+            layer.self_attn.loss_focus = focus
 
-    def _collect_routing_loss(self, like: torch.Tensor) -> torch.Tensor:
-        """Mean of the layers' router losses from this forward (0 when no row had candidates)."""
+    def _collect_layer_loss(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """Mean of the layers' ``name`` losses from this forward (0 when no row had candidates); the
+        value, detached, goes to ``last_{name}``."""
         terms = []
         for layer in self.model.layers:
-            if layer.self_attn.routing_loss is not None:
-                terms.append(layer.self_attn.routing_loss)
-                layer.self_attn.routing_loss = None
-        routing = torch.stack(terms).mean() if terms else like.new_zeros(())
-        self.last_routing_loss = routing.detach()
-        return routing
+            term = getattr(layer.self_attn, name)
+            if term is not None:
+                terms.append(term)
+                setattr(layer.self_attn, name, None)
+        value = torch.stack(terms).mean() if terms else like.new_zeros(())
+        setattr(self, f"last_{name}", value.detach())
+        return value
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -788,8 +835,8 @@ class SubquadForCausalLM(SubquadPreTrainedModel, GenerationMixin):
                 chunk_size=self.config.prefill_chunk_tokens,
                 logits_to_keep=logits_to_keep,
             )
-        if self.training and self.routing_loss_weight > 0:
-            self._set_routing_focus(input_ids)
+        if self.training and (self.routing_loss_weight > 0 or self.recall_loss_weight > 0):
+            self._set_loss_focus(input_ids)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -830,7 +877,9 @@ class SubquadForCausalLM(SubquadPreTrainedModel, GenerationMixin):
                 weights = loss_weights[:, 1:].reshape(-1).to(terms) * (targets != -100)
                 loss = (terms * weights).sum() / weights.sum().clamp_min(1e-6)
             if self.training and self.routing_loss_weight > 0:
-                loss = loss + self.routing_loss_weight * self._collect_routing_loss(loss)
+                loss = loss + self.routing_loss_weight * self._collect_layer_loss("routing_loss", loss)
+            if self.training and self.recall_loss_weight > 0:
+                loss = loss + self.recall_loss_weight * self._collect_layer_loss("recall_loss", loss)
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
