@@ -53,8 +53,8 @@ def prefill(
 
     Works for Subquad models and for transformers models loaded with ``attn_implementation="ssa"``
     (or any attention). Args:
-        model: a causal LM taking ``input_ids, attention_mask, past_key_values`` (or ``cache``, as newer
-            transformers name it)``, use_cache, logits_to_keep``.
+        model: a causal LM taking ``input_ids``, ``attention_mask``, the cache (``past_key_values``, or
+            ``cache`` as newer transformers name it), ``use_cache`` and ``logits_to_keep``.
         chunk_size: tokens per forward (default ``model.config.prefill_chunk_tokens`` or 32768).
         cache: the cache to fill (default a new :class:`subquad.SSACache` sized for the prompt).
         attention_mask: ``[B, T]`` padding mask (1 = token), optional.

@@ -3,9 +3,10 @@
 Attention recall (:func:`subquad.attention_recall`) is the share of a query's dense softmax mass that
 falls on the keys its selection attends to. A model trained under SSA never computes the rest of that
 softmax, so nothing in the language-model loss stops mass from spreading over keys it never reads:
-the shipped nano's recall at 32K is ~0.62, and the best selection of its budget (the oracle of
-``subquad.eval.recall``) would reach only ~0.64. This loss, ``-log(recall)`` on a few query rows per
-sequence, trains the attention's q and k to put the mass where the model looks. The selection itself is
+``nano-p4``'s recall at 32K was 0.62, and the best selection of its budget (the oracle of
+``subquad.eval.recall``) would have reached 0.65 (``benchmarks/results/recall-loss-2026-11-24/``).
+This loss, ``-log(recall)`` on a few query rows per sequence, trains the attention's q and k to put
+the mass where the model looks. The selection itself is
 discrete and gets no gradient; the router loss (:mod:`subquad.models.routing_loss`) is what moves it.
 
 The scores are the layer's own: ``q . k`` for ``position_scheme="rope"`` (q and k arrive rotated);
@@ -83,7 +84,7 @@ def selection_recall_loss(
     local = local.masked_fill(~window_ok[:, :, None], float("-inf"))
     in_window = _marked_blocks(window, num_blocks)[..., key_block]  # [B, Hkv, R, S]
     scores = scores.masked_fill(in_window[:, :, None], float("-inf"))
-    window_lse = local.logsumexp(-1)  # finite: a row's own key is always in its window
+    window_lse = local.logsumexp(-1)  # finite with local_blocks > 0: a row's own key is in its window
     total = torch.logaddexp(scores.logsumexp(-1), window_lse)
     outside_window = scores.masked_fill(~selected[:, :, None], float("-inf"))
     inside = torch.logaddexp(outside_window.logsumexp(-1), window_lse)

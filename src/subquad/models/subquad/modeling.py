@@ -403,18 +403,15 @@ class SubquadAttention(nn.Module):
             local_rotary=(self.rotary, ssa.sink_blocks, ssa.local_blocks),
         )
 
-
     def _selection_recall_loss(self, q, k, selection: SSASelection) -> torch.Tensor | None:
         """``-log`` attention recall of this layer's selection on its loss rows (``recall_loss.py``)."""
         ssa = self.config.ssa_config
         first = (ssa.sink_blocks + ssa.local_blocks) * ssa.block_size  # earlier rows select every key
         rows = loss_rows(q.shape[1], first, self.recall_loss_queries, self.loss_focus, q.device)
-        local_rotary = None
+        rotary = None
         if self.config.position_scheme == "local_rope":
-            local_rotary = (self.rotary, ssa.sink_blocks, ssa.local_blocks)
-        return selection_recall_loss(
-            q, k, selection.block_idx, ssa.block_size, self.scale, rows, local_rotary
-        )
+            rotary = (self.rotary, ssa.sink_blocks, ssa.local_blocks)
+        return selection_recall_loss(q, k, selection.block_idx, ssa.block_size, self.scale, rows, rotary)
 
 
 def _dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -714,15 +711,9 @@ class SubquadForCausalLM(SubquadPreTrainedModel, GenerationMixin):
         (detached). ``temperature`` < 1 sharpens the loss's target (see ``routing_distillation_loss``).
         With a learned router (``config.router`` ``"learned"`` or ``"gated"``) this loss is the only
         thing that trains it."""
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
-            raise ValueError(f"weight={weight!r}: expected a number >= 0")
-        if isinstance(num_queries, bool) or not isinstance(num_queries, int) or num_queries < 1:
-            raise ValueError(f"num_queries={num_queries!r}: expected an int >= 1")
+        self._check_layer_loss("router loss", weight, num_queries)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
             raise ValueError(f"temperature={temperature!r}: expected a number > 0 (1 = the plain block mass)")
-        if weight > 0 and self.config.attention != "ssa":
-            attention = self.config.attention
-            raise ValueError(f"weight={weight}: the router loss needs attention='ssa', not {attention!r}")
         self.routing_loss_weight = float(weight)
         for layer in self.model.layers:
             layer.self_attn.routing_loss_queries = num_queries if weight > 0 else 0
@@ -735,16 +726,20 @@ class SubquadForCausalLM(SubquadPreTrainedModel, GenerationMixin):
         end-of-document token. It trains the attention's q and k to keep their dense softmax mass on
         the keys SSA selects; ``weight=0`` turns it off. ``last_recall_loss`` holds the last value
         (detached; ``exp(-value)`` is about the rows' geometric-mean recall)."""
+        self._check_layer_loss("recall loss", weight, num_queries)
+        self.recall_loss_weight = float(weight)
+        for layer in self.model.layers:
+            layer.self_attn.recall_loss_queries = num_queries if weight > 0 else 0
+
+    def _check_layer_loss(self, name: str, weight: Any, num_queries: Any) -> None:
+        """The arguments both auxiliary losses share: a weight >= 0, query rows >= 1, an SSA model."""
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
             raise ValueError(f"weight={weight!r}: expected a number >= 0")
         if isinstance(num_queries, bool) or not isinstance(num_queries, int) or num_queries < 1:
             raise ValueError(f"num_queries={num_queries!r}: expected an int >= 1")
         if weight > 0 and self.config.attention != "ssa":
             attention = self.config.attention
-            raise ValueError(f"weight={weight}: the recall loss needs attention='ssa', not {attention!r}")
-        self.recall_loss_weight = float(weight)
-        for layer in self.model.layers:
-            layer.self_attn.recall_loss_queries = num_queries if weight > 0 else 0
+            raise ValueError(f"weight={weight}: the {name} needs attention='ssa', not {attention!r}")
 
     def router_parameters(self) -> list[nn.Parameter]:
         """The learned router's weights, gates included (none with ``router="shared"``); only the router
