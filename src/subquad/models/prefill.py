@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from subquad.cache import CACHE_KWARG
+from subquad.cache import CACHE_KWARG, SSACache
 
 # Prompts at least this long show a progress bar by default.
 _PROGRESS_MIN_TOKENS = 1 << 17
@@ -64,8 +64,6 @@ def prefill(
     Returns ``CausalLMOutputWithPast(logits=[B, n, vocab])`` with the cache in its ``past_key_values``
     (in newer transformers: ``cache``) field.
     """
-    from subquad.cache import SSACache
-
     tokens = input_ids if input_ids is not None else inputs_embeds
     if tokens is None or (input_ids is not None and inputs_embeds is not None):
         raise ValueError("input_ids / inputs_embeds: expected exactly one of them")
