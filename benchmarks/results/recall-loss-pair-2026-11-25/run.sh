@@ -123,6 +123,8 @@ case "${1:?launch or follow S}" in
       pipeline" > $R/logs/pipeline.log 2>&1 &
     echo launched ;;
   follow)
+    # a machine that went back between calls holds no log: say so at once rather than wait
+    [ -f $R/logs/pipeline.log ] || { echo "no pipeline here (a fresh machine?): launch again"; exit 1; }
     end=$((SECONDS + ${2:-60}))
     while [ $SECONDS -lt $end ] && ! grep -q "pipeline done\|failed" $R/logs/pipeline.log 2>/dev/null; do sleep 10; done
     progress; summary; cat $R/logs/pipeline.log; tail -n 2 $R/logs/train.log
