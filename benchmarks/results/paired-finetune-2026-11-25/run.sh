@@ -10,14 +10,17 @@
 #   bash benchmarks/results/paired-finetune-2026-11-25/run.sh long       (detached)
 #   bash benchmarks/results/paired-finetune-2026-11-25/run.sh follow S   (progress for up to S seconds, then
 #       what exists to $OUT: results, logs, the bf16 models once trained)
-# DEVICE, COMPILE, STEPS, TOKENS_PER_STEP, MICRO_TOKENS, TRAIN_LEN, CORPUS_MB, SKILLS_TOKENS, EVAL_TOKENS,
-# HELDOUT_LEN, EDGES, RECALL_LEN, RULER_LEN, SAMPLES, LONG_CELLS and LONG_TIMEOUT shrink it for a CPU dry run.
+#   bash benchmarks/results/paired-finetune-2026-11-25/run.sh before     (the twin as it was, RULER again)
+# SEED=2 R=runs/paired-seed2 runs the replicate. DEVICE, COMPILE, STEPS, TOKENS_PER_STEP, MICRO_TOKENS,
+# TRAIN_LEN, CORPUS_MB, SKILLS_TOKENS, EVAL_TOKENS, HELDOUT_LEN, EDGES, RECALL_LEN, RULER_LEN, SAMPLES,
+# LONG_CELLS and LONG_TIMEOUT shrink it for a CPU dry run.
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
 HERE=benchmarks/results/paired-finetune-2026-11-25
 R=${R:-runs/paired}
 OUT=${OUT:-$R/out}
 DEVICE=${DEVICE:-cuda}
+SEED=${SEED:-1}  # the fine-tunes' data order; seed 2 is the replicate (R=runs/paired-seed2)
 TWIN_INIT=${TWIN_INIT:-runs/twinlr/nano-dense}
 SSA_INIT=${SSA_INIT:-runs/coarse/ship/nano-ssa-coarse256}
 mkdir -p $R/logs $R/results $OUT
@@ -38,7 +41,7 @@ corpus() {  # the pair's corpus command (meta.json is compared with the pair's b
 train() {  # NAME INIT [flags]: the pair's recipe continued at 32K from INIT
   local name=$1 init=$2; shift 2
   [ -d $R/$name/final ] && return 0
-  python3 -m subquad.train.cli --corpus $R/corpus --init-from $init --seed 1 --device $DEVICE \
+  python3 -m subquad.train.cli --corpus $R/corpus --init-from $init --seed $SEED --device $DEVICE \
     ${COMPILE---compile} --tokens-per-step ${TOKENS_PER_STEP:-131072} --micro-batch-tokens ${MICRO_TOKENS:-65536} \
     --lr 3e-4 --skills-fraction 0.5 --answer-weight 20 --steps ${STEPS:-600} \
     --seq-len-schedule 0:${TRAIN_LEN:-32768} --warmup-steps 31 --eval-interval 300 \
@@ -135,10 +138,10 @@ PY
       --out $R/results/compare-ssa-twin.json | tail -n 3
   fi
 }
-case "${1:?launch, long or follow S}" in
+case "${1:?launch, long, before or follow S}" in
   launch)
     setsid nohup bash -c "$(declare -f corpus train heldout recall ruler pipeline)
-      R=$R DEVICE=$DEVICE SITE='$SITE' SHIPPED=$SHIPPED MAX4=$MAX4 RULER_LEN=$RULER_LEN TWIN_INIT=$TWIN_INIT
+      R=$R DEVICE=$DEVICE SEED=$SEED SITE='$SITE' SHIPPED=$SHIPPED MAX4=$MAX4 RULER_LEN=$RULER_LEN TWIN_INIT=$TWIN_INIT
       SSA_INIT=$SSA_INIT TASKS_A=$TASKS_A TASKS_B=$TASKS_B
       pipeline" > $R/logs/pipeline.log 2>&1 &
     echo launched ;;
@@ -147,6 +150,10 @@ case "${1:?launch, long or follow S}" in
     setsid nohup bash -c "$(declare -f long); R=$R DEVICE=$DEVICE SHIPPED=$SHIPPED MAX4=$MAX4; long" \
       > /dev/null 2>&1 &
     echo "long launched" ;;
+  before)  # the twin before its fine-tune, on the same prompts (its committed 17.82 again, or not)
+    ruler twin-before-a $TWIN_INIT $TASKS_A & ruler twin-before-b $TWIN_INIT $TASKS_B & wait
+    cat $R/results/twin-before-[ab]/results.jsonl > $R/results/ruler-twin-before.jsonl
+    tar czf $OUT/before.tgz $R/results/twin-before-* $R/results/ruler-twin-before.jsonl $R/logs/ruler-twin-before-* ;;
   follow)
     # a machine that went back between calls holds no log: say so at once rather than wait
     [ -f $R/logs/pipeline.log ] || { echo "no pipeline here (a fresh machine?): launch again"; exit 1; }
@@ -172,5 +179,5 @@ PY
     tar czf $OUT/paired.tgz $R/results $R/logs $R/corpus/meta.json $R/*/metrics.jsonl $R/*/summary.json \
       $R/*/train_config.json 2>/dev/null
     ls -la $OUT ;;
-  *) echo "expected launch, long or follow S" >&2; exit 2 ;;
+  *) echo "expected launch, long, before or follow S" >&2; exit 2 ;;
 esac
