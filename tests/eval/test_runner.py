@@ -4,9 +4,16 @@ import argparse
 import json
 
 import pytest
+import torch
+from transformers import AutoTokenizer
 
-from subquad.eval import parse_lengths, runner
+from subquad.demo import default_model_path
+from subquad.eval import mrcr, niah, parse_lengths, ruler, runner
 from subquad.eval.cli import add_eval_arguments, main, run_eval
+
+from .conftest import CharTokenizer
+
+SHIPPED = default_model_path()
 
 
 def test_parse_lengths():
@@ -165,3 +172,78 @@ def test_ssa_overrides_route_the_same_weights_otherwise(tmp_path, bpe_tokenizer,
     assert json.loads((out / "summary.json").read_text())["ssa"]["summary"] == "max"
     assert main(argv + ["--ssa", "top_k=-1"]) == 2
     assert "top_k=-1" in capsys.readouterr().err
+
+
+class EchoModel:
+    """generate() repeats each prompt's last token: enough to write records, at no model cost."""
+
+    def parameters(self):
+        yield torch.zeros(1)
+
+    def generate(self, input_ids, max_new_tokens, **kwargs):
+        return torch.cat([input_ids, input_ids[:, -1:].repeat(1, max_new_tokens)], dim=1)
+
+
+def _without_size(record):
+    return {**record, "meta": {k: v for k, v in record["meta"].items() if k != "haystack_size"}}
+
+
+def _prompts(rows):
+    return {r["id"]: (r["prompt_tokens"], r["meta"], r["answers"]) for r in rows}
+
+
+def test_resume_builds_only_the_missing_prompts_and_the_same_ones(tmp_path, monkeypatch):
+    tokenizer = AutoTokenizer.from_pretrained(SHIPPED)
+    kwargs = dict(suite="ruler", tasks="niah_single_3", lengths="2k", num_samples=6, max_new_tokens=2,
+                  progress=False)  # fmt: skip
+    runner.evaluate(EchoModel(), tokenizer, out_dir=tmp_path / "straight", **kwargs)
+    straight = _lines(tmp_path / "straight" / "results.jsonl")
+    sizes = [r["meta"]["haystack_size"] for r in straight]
+    # The hazard: searched from scratch, sample 3's haystack settles elsewhere than after sample 2's.
+    alone = next(ruler.iter_samples("niah_single_3", 2048, tokenizer, start=3, stop=4))
+    assert alone.meta["haystack_size"] != sizes[3]
+
+    hints = []
+    fit = ruler.fit_haystack
+
+    def counted(build, tok, budget, **options):
+        hints.append(options["hint"])
+        return fit(build, tok, budget, **options)
+
+    monkeypatch.setattr(ruler, "fit_haystack", counted)
+    for name, lost, keep_sizes, expect_hints in [
+        ("gaps", {1, 3, 4}, True, [sizes[0], sizes[2], sizes[3]]),
+        # Records from before haystack_size was recorded: the run is rebuilt from sample 0.
+        ("old", {3}, False, [None, sizes[0], sizes[1], sizes[2]]),
+    ]:
+        out = tmp_path / name
+        out.mkdir()
+        kept = [r if keep_sizes else _without_size(r) for r in straight if r["index"] not in lost]
+        (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+        hints.clear()
+        runner.evaluate(EchoModel(), tokenizer, out_dir=out, **kwargs)
+        assert hints == expect_hints
+        resumed = [r for r in _lines(out / "results.jsonl") if r["index"] in lost]
+        assert _prompts(resumed) == _prompts(r for r in straight if r["index"] in lost)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda **kw: ruler.iter_samples("niah_single_2", 700, CharTokenizer(), 3, **kw),
+        lambda **kw: niah.iter_samples(700, 40, CharTokenizer(), 3, **kw),
+        lambda **kw: mrcr.iter_samples("2needle", 4000, CharTokenizer(), 3, **kw),
+    ],
+)
+def test_iter_samples_continue_generate(make):
+    everything = list(make(stop=5))
+    later = list(make(start=2, stop=5, hint=everything[1].meta["haystack_size"]))
+    assert later == everything[2:]
+    first = make(start=4, hint=everything[3].meta["haystack_size"])
+    assert next(first) == everything[4] and next(first).index == 5  # no end without stop
+    with pytest.raises(ValueError, match="stop must be >= 2, got 1"):
+        make(start=2, stop=1)
+    with pytest.raises(ValueError, match="start must be >= 0, got -1"):
+        make(start=-1)
+    with pytest.raises(TypeError, match="hint must be an int, got str"):
+        make(hint="12")

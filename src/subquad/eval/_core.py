@@ -9,7 +9,7 @@ from __future__ import annotations
 import bisect
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -86,6 +86,33 @@ def check_int(name: str, value: Any, minimum: int) -> int:
 def sample_rng(*parts: object) -> random.Random:
     # String seeds go through sha512 in random.Random, so they are stable across runs and platforms.
     return random.Random("/".join(str(p) for p in parts))
+
+
+def sample_chain(
+    make: Callable[[int, int | None], Sample], start: int, stop: int | None, hint: int | None
+) -> Iterator[Sample]:
+    """Samples ``start, start + 1, ...`` (before ``stop``; without end when None), each built when asked for.
+
+    ``make(index, hint)`` builds one sample, its haystack search starting from ``hint``; the search can
+    settle a unit or two away depending on where it starts, so each sample's ``meta["haystack_size"]``
+    is the next one's hint, as in a run from sample 0. Sample ``i`` therefore equals that run's when
+    ``hint`` is sample ``i - 1``'s size (None for ``start == 0``). Arguments are checked at the call.
+    """
+    check_int("start", start, 0)
+    if stop is not None:
+        check_int("stop", stop, start)
+    if hint is not None:
+        check_int("hint", hint, 0)
+
+    def chain(hint: int | None) -> Iterator[Sample]:
+        index = start
+        while stop is None or index < stop:
+            sample = make(index, hint)
+            hint = sample.meta["haystack_size"]
+            yield sample
+            index += 1
+
+    return chain(hint)
 
 
 def fit_haystack(

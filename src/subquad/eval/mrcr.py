@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import random
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from difflib import SequenceMatcher
 from typing import Any
 
@@ -35,11 +35,12 @@ from ._core import (
     check_tokenizer,
     content_tokens,
     fit_haystack,
+    sample_chain,
     sample_rng,
     word_list,
 )
 
-__all__ = ["TASKS", "FORMATS", "TOPICS", "generate", "grade", "ordinal"]
+__all__ = ["TASKS", "FORMATS", "TOPICS", "generate", "grade", "iter_samples", "ordinal"]
 
 TASKS: tuple[str, ...] = ("2needle", "4needle", "8needle")
 
@@ -201,13 +202,29 @@ def generate(task: str, length: int, tokenizer: Any, num_samples: int, seed: int
     token count plus a small margin. ``answers[0]`` is the expected response (hash included) and
     ``meta["hash"]`` the hash to prepend.
     """
+    check_int("num_samples", num_samples, 0)
+    return list(iter_samples(task, length, tokenizer, seed, stop=num_samples))
+
+
+def iter_samples(
+    task: str,
+    length: int,
+    tokenizer: Any,
+    seed: int = 0,
+    *,
+    start: int = 0,
+    stop: int | None = None,
+    hint: int | None = None,
+) -> Iterator[Sample]:
+    """:func:`generate`'s samples from index ``start`` (before ``stop``), each built when asked for; equal
+    to :func:`generate`'s when ``hint`` is sample ``start - 1``'s ``meta["haystack_size"]``
+    (``_core.sample_chain``)."""
     needles = _check_task(task)
     check_int("length", length, 1)
-    check_int("num_samples", num_samples, 0)
     check_tokenizer(tokenizer)
     formats = sorted(FORMATS)
-    samples, hint = [], None
-    for index in range(num_samples):
+
+    def make(index: int, hint: int | None) -> Sample:
         rng = sample_rng("mrcr", task, length, seed, index)
         fmt, topic = rng.choice(formats), rng.choice(TOPICS)
         responses: list[str] = []
@@ -240,14 +257,7 @@ def generate(task: str, length: int, tokenizer: Any, num_samples: int, seed: int
         fractions = sorted(rng.random() for _ in arranged)
         filler = _FillerTurns(rng.getrandbits(64), fmt, topic)
 
-        def build(
-            size: int,
-            arranged: list = arranged,
-            fractions: list = fractions,
-            filler=filler,
-            final: str = final,
-            answer: str = answer,
-        ) -> Built:
+        def build(size: int) -> Built:
             turns = list(filler.take(size))
             for offset, (fraction, turn) in enumerate(zip(fractions, arranged)):
                 turns.insert(int(size * fraction) + offset, turn)
@@ -262,10 +272,11 @@ def generate(task: str, length: int, tokenizer: Any, num_samples: int, seed: int
         size, built, tokens = fit_haystack(
             build, tokenizer, budget, minimum=0, hint=hint, what=f"mrcr {task} at length {length}"
         )
-        hint = size
-        meta = {"hash": hash_prefix, "needles": needles, "target": target, "format": fmt, "topic": topic}
-        samples.append(Sample(task, length, index, built.text, [answer], max_new_tokens, tokens, meta))
-    return samples
+        meta = {"hash": hash_prefix, "needles": needles, "target": target, "format": fmt, "topic": topic,
+                "haystack_size": size}
+        return Sample(task, length, index, built.text, [answer], max_new_tokens, tokens, meta)
+
+    return sample_chain(make, start, stop, hint)
 
 
 class _FillerTurns:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from ._core import (
@@ -28,12 +28,16 @@ from ._core import (
     essay_haystack,
     fit_haystack,
     format_length,
+    sample_chain,
     sample_rng,
     string_match_all,
 )
 from .ruler import _NIAH_NEEDLE, _niah_template, _random_needle_part
 
-__all__ = ["DEFAULT_DEPTHS", "MAX_NEW_TOKENS", "TASKS", "depth_of", "generate", "save_heatmap", "score"]
+__all__ = [
+    "DEFAULT_DEPTHS", "MAX_NEW_TOKENS", "TASKS", "depth_of", "generate", "iter_samples", "save_heatmap",
+    "score",
+]
 
 DEFAULT_DEPTHS: tuple[int, ...] = (0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100)
 # The runner names a depth like a task, so that results share one layout across suites.
@@ -61,9 +65,25 @@ def generate(
     length: int, depth_percent: float, tokenizer: Any, num_samples: int, seed: int = 0
 ) -> list[Sample]:
     """``num_samples`` single-needle prompts of ``length`` tokens with the needle at ``depth_percent``."""
+    check_int("num_samples", num_samples, 0)
+    return list(iter_samples(length, depth_percent, tokenizer, seed, stop=num_samples))
+
+
+def iter_samples(
+    length: int,
+    depth_percent: float,
+    tokenizer: Any,
+    seed: int = 0,
+    *,
+    start: int = 0,
+    stop: int | None = None,
+    hint: int | None = None,
+) -> Iterator[Sample]:
+    """:func:`generate`'s samples from index ``start`` (before ``stop``), each built when asked for; equal
+    to :func:`generate`'s when ``hint`` is sample ``start - 1``'s ``meta["haystack_size"]``
+    (``_core.sample_chain``)."""
     check_int("length", length, 1)
     depth = _check_depth(depth_percent)
-    check_int("num_samples", num_samples, 0)
     check_tokenizer(tokenizer)
     template, _ = _niah_template(single=True)
     budget = length - MAX_NEW_TOKENS
@@ -72,14 +92,14 @@ def generate(
             f"length {length} leaves no room for a prompt ({MAX_NEW_TOKENS} tokens are generated)"
         )
     task = f"depth_{depth_percent:g}"
-    samples, hint = [], None
-    for index in range(num_samples):
+
+    def make(index: int, hint: int | None) -> Sample:
         rng = sample_rng("niah", length, depth, seed, index)
         key = _random_needle_part(rng, "words")
         value = _random_needle_part(rng, "numbers")
         needle = _NIAH_NEEDLE.format(type_needle_v="numbers", key=key, value=value)
 
-        def build(size: int, key: str = key, value: str = value, needle: str = needle) -> Built:
+        def build(size: int) -> Built:
             context = essay_haystack(size, [needle], [depth / 100])
             text = template.format(type_needle_v="number", context=context, query=key)
             return Built(text, [value], {"depth": depth_percent, "key": key})
@@ -87,13 +107,10 @@ def generate(
         size, built, tokens = fit_haystack(
             build, tokenizer, budget, minimum=1, hint=hint, what=f"niah at length {length}"
         )
-        hint = size
-        samples.append(
-            Sample(
-                task, length, index, built.text, list(built.answers), MAX_NEW_TOKENS, tokens, dict(built.meta)
-            )
-        )
-    return samples
+        meta = {"haystack_size": size, **built.meta}
+        return Sample(task, length, index, built.text, list(built.answers), MAX_NEW_TOKENS, tokens, meta)
+
+    return sample_chain(make, start, stop, hint)
 
 
 def score(prediction: str, answers: Sequence[str]) -> float:

@@ -30,7 +30,7 @@ import math
 import random
 import string
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ._core import (
@@ -41,13 +41,14 @@ from ._core import (
     check_tokenizer,
     essay_haystack,
     fit_haystack,
+    sample_chain,
     sample_rng,
     string_match_all,
     string_match_part,
     word_list,
 )
 
-__all__ = ["TASKS", "MAX_NEW_TOKENS", "Sample", "generate", "score"]
+__all__ = ["TASKS", "MAX_NEW_TOKENS", "Sample", "generate", "iter_samples", "score"]
 
 TASKS: tuple[str, ...] = (
     "niah_single_1",
@@ -156,9 +157,25 @@ def generate(task: str, length: int, tokenizer: Any, num_samples: int, seed: int
     as it fits. The same (task, length, seed, sample index) gives the same prompt for a given tokenizer;
     sample i does not depend on how many samples are asked for.
     """
+    check_int("num_samples", num_samples, 0)
+    return list(iter_samples(task, length, tokenizer, seed, stop=num_samples))
+
+
+def iter_samples(
+    task: str,
+    length: int,
+    tokenizer: Any,
+    seed: int = 0,
+    *,
+    start: int = 0,
+    stop: int | None = None,
+    hint: int | None = None,
+) -> Iterator[Sample]:
+    """:func:`generate`'s samples from index ``start`` (before ``stop``), each built when asked for:
+    a million-token prompt is megabytes of text and seconds of tokenizing. They equal :func:`generate`'s
+    when ``hint`` is sample ``start - 1``'s ``meta["haystack_size"]`` (``_core.sample_chain``)."""
     _check_task(task)
     check_int("length", length, 1)
-    check_int("num_samples", num_samples, 0)
     check_int("seed", seed, -(2**63))
     check_tokenizer(tokenizer)
     max_new_tokens = MAX_NEW_TOKENS[task]
@@ -167,27 +184,25 @@ def generate(task: str, length: int, tokenizer: Any, num_samples: int, seed: int
         raise ValueError(
             f"length {length} leaves no room for a {task} prompt: the task generates {max_new_tokens} tokens"
         )
-    samples, hint = [], None
-    for index in range(num_samples):
+
+    def make(index: int, hint: int | None) -> Sample:
         rng = sample_rng("ruler", task, length, seed, index)
         build, minimum = _builder(task, rng, length, tokenizer)
         size, built, tokens = fit_haystack(
             build, tokenizer, budget, minimum=minimum, hint=hint, what=f"{task} at length {length}"
         )
-        hint = size
-        samples.append(
-            Sample(
-                task=task,
-                length=length,
-                index=index,
-                input=built.text,
-                answers=list(built.answers),
-                max_new_tokens=max_new_tokens,
-                prompt_tokens=tokens,
-                meta={"haystack_size": size, **built.meta},
-            )
+        return Sample(
+            task=task,
+            length=length,
+            index=index,
+            input=built.text,
+            answers=list(built.answers),
+            max_new_tokens=max_new_tokens,
+            prompt_tokens=tokens,
+            meta={"haystack_size": size, **built.meta},
         )
-    return samples
+
+    return sample_chain(make, start, stop, hint)
 
 
 def _builder(task: str, rng: random.Random, length: int, tokenizer: Any) -> tuple[Builder, int]:

@@ -19,11 +19,12 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,14 +69,39 @@ def suite_tasks(suite: str, tasks: str | Sequence[str] | None = None) -> list[st
     return chosen
 
 
-def _generate_samples(
-    suite: str, task: str, length: int, tokenizer: Any, num: int, seed: int
-) -> list[Sample]:
+def _iter_samples(
+    suite: str, task: str, length: int, tokenizer: Any, seed: int, start: int, stop: int, hint: int | None
+) -> Iterator[Sample]:
     if suite == "ruler":
-        return ruler.generate(task, length, tokenizer, num, seed)
+        return ruler.iter_samples(task, length, tokenizer, seed, start=start, stop=stop, hint=hint)
     if suite == "mrcr":
-        return mrcr.generate(task, length, tokenizer, num, seed)
-    return niah.generate(length, niah.depth_of(task), tokenizer, num, seed)
+        return mrcr.iter_samples(task, length, tokenizer, seed, start=start, stop=stop, hint=hint)
+    return niah.iter_samples(length, niah.depth_of(task), tokenizer, seed, start=start, stop=stop, hint=hint)
+
+
+def _missing_samples(
+    suite: str, task: str, length: int, tokenizer: Any, seed: int, missing: set[int], done: dict[str, dict]
+) -> Iterator[Sample]:
+    """The ``missing`` samples of one task and length, each built when the batch that needs it is due
+    (a 12M-token cell of 50 prompts is gigabytes of text). A prompt's haystack search starts from the
+    size of the sample before it (``_core.sample_chain``), so each run of consecutive missing indices
+    starts from that sample's recorded ``haystack_size``; without one (records written before it was
+    recorded) the run is rebuilt from sample 0, as every resume once was."""
+    indices = sorted(missing)
+    while indices:
+        first = last = indices[0]
+        while last + 1 in missing:
+            last += 1
+        indices = [i for i in indices if i > last]
+        start, hint = first, None
+        if first > 0:
+            before = done.get(sample_id(suite, task, length, seed, first - 1), {})
+            hint = before.get("meta", {}).get("haystack_size")
+            if hint is None:
+                start = 0
+        for sample in _iter_samples(suite, task, length, tokenizer, seed, start, last + 1, hint):
+            if sample.index in missing:
+                yield sample
 
 
 def _score(suite: str, sample: Sample, prediction: str) -> float:
@@ -153,9 +179,10 @@ def _greedy_generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_n
     return texts
 
 
-def _batches(items: list[Sample], size: int) -> Iterable[list[Sample]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def _batches(items: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
+    items = iter(items)
+    while batch := list(itertools.islice(items, size)):
+        yield batch
 
 
 def evaluate(
@@ -212,10 +239,7 @@ def evaluate(
                 missing = {i for t, n, i in todo if t == task and n == length}
                 if not missing:
                     continue
-                bar.set_postfix_str(f"{task} @ {format_length(length)}: building prompts")
-                # Prompts are deterministic per index, so regenerating up to the last missing one is exact.
-                samples = _generate_samples(suite, task, length, tokenizer, max(missing) + 1, seed)
-                samples = [s for s in samples if s.index in missing]
+                samples = _missing_samples(suite, task, length, tokenizer, seed, missing, done)
                 per_batch = max(1, min(batch_size, max_batch_tokens // length))
                 bar.set_postfix_str(f"{task} @ {format_length(length)}")
                 for batch in _batches(samples, per_batch):
