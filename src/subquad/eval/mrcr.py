@@ -272,8 +272,14 @@ def iter_samples(
         size, built, tokens = fit_haystack(
             build, tokenizer, budget, minimum=0, hint=hint, what=f"mrcr {task} at length {length}"
         )
-        meta = {"hash": hash_prefix, "needles": needles, "target": target, "format": fmt, "topic": topic,
-                "haystack_size": size}
+        meta = {
+            "hash": hash_prefix,
+            "needles": needles,
+            "target": target,
+            "format": fmt,
+            "topic": topic,
+            "haystack_size": size,
+        }
         return Sample(task, length, index, built.text, [answer], max_new_tokens, tokens, meta)
 
     return sample_chain(make, start, stop, hint)

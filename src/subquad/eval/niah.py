@@ -35,7 +35,13 @@ from ._core import (
 from .ruler import _NIAH_NEEDLE, _niah_template, _random_needle_part
 
 __all__ = [
-    "DEFAULT_DEPTHS", "MAX_NEW_TOKENS", "TASKS", "depth_of", "generate", "iter_samples", "save_heatmap",
+    "DEFAULT_DEPTHS",
+    "MAX_NEW_TOKENS",
+    "TASKS",
+    "depth_of",
+    "generate",
+    "iter_samples",
+    "save_heatmap",
     "score",
 ]
 
