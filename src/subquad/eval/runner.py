@@ -87,12 +87,10 @@ def _missing_samples(
     size of the sample before it (``_core.sample_chain``), so each run of consecutive missing indices
     starts from that sample's recorded ``haystack_size``; without one (records written before it was
     recorded) the run is rebuilt from sample 0, as every resume once was."""
-    indices = sorted(missing)
-    while indices:
-        first = last = indices[0]
+    for first in sorted(i for i in missing if i - 1 not in missing):
+        last = first
         while last + 1 in missing:
             last += 1
-        indices = [i for i in indices if i > last]
         start, hint = first, None
         if first > 0:
             before = done.get(sample_id(suite, task, length, seed, first - 1), {})
