@@ -25,8 +25,8 @@ from subquad.ops.ssa.select import _route_flat, routing_queries, routing_summari
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by --tune (with --sub-block the kernel's tiles are
 # triton_select._THRESHOLD_SUBS_TILE_SCALE times BLOCK_M tokens).
 TUNE = list(itertools.product((64, 128, 256), (32, 64, 128), (4, 8), (2, 3)))
-# Attention shapes (Hq, Hkv, D): a Llama-3-8B-like layer and the `small` flavor's.
-SHAPES = {"layer-8b": (32, 8, 128), "small": (12, 2, 64), "nano": (5, 1, 64)}
+# Attention shapes (Hq, Hkv, D): a Llama-3-8B-like layer, benchmarks' `long` and the flavors'.
+SHAPES = {"layer-8b": (32, 8, 128), "long": (8, 2, 128), "small": (12, 2, 64), "nano": (5, 1, 64)}
 
 
 def main() -> None:

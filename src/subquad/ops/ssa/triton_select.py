@@ -537,7 +537,10 @@ _THRESHOLD_MAX_TOP_K = 16
 # Its two passes read the summaries twice. Programs run one KV head at a time (tiles vary fastest), so
 # one head's summaries are the working set: while they fit in L2 the second read is cheap (4 MB at 1M
 # for layer-8b, 25 MB at 12M for `small`: faster), past it the kernel streams them from HBM twice
-# (`long` at 12M, 50 MB: 11.8 s vs 10.4 s for top groups + rescore).
+# (`long` at 12M, 50 MB: 11.8 s vs 10.4 s for top groups + rescore). Blocks scored by several sub-block
+# summaries are the exception: there top groups pays for every sub-block too, and the threshold kernel
+# stays faster at any length (nano `max4`, last 32K tokens: 2M 9.0 vs 22.8 ms, 12M 54.6 vs 114.9 ms;
+# benchmarks/NOTES.md item 70).
 _THRESHOLD_MAX_HEAD_BYTES = 32 << 20
 
 
@@ -570,10 +573,12 @@ def threshold_topk(rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int, c
 
 def threshold_pays(summaries: torch.Tensor, config) -> bool:
     """Whether :func:`threshold_topk` measured faster than group top-k + rescore for these inputs: a
-    budget of at most ``_THRESHOLD_MAX_TOP_K`` and one KV head's summaries within
-    ``_THRESHOLD_MAX_HEAD_BYTES``."""
+    budget of at most ``_THRESHOLD_MAX_TOP_K``, and blocks scored by sub-blocks or one KV head's
+    summaries within ``_THRESHOLD_MAX_HEAD_BYTES``."""
+    if config.top_k > _THRESHOLD_MAX_TOP_K:
+        return False
     head_bytes = summaries.shape[1] * summaries.shape[3] * summaries.element_size()
-    return config.top_k <= _THRESHOLD_MAX_TOP_K and head_bytes <= _THRESHOLD_MAX_HEAD_BYTES
+    return config.summaries_per_block > 1 or head_bytes <= _THRESHOLD_MAX_HEAD_BYTES
 
 
 FLAT_GROUP = 16

@@ -1,0 +1,102 @@
+"""Where a long needle prompt's time goes, phase by phase, as `subquad eval` runs it.
+
+For each length: build the RULER prompt (sample 0 of ``--task``), tokenize it, prefill it (``generate``
+with one new token, the runner's path), then generate ``--new-tokens`` tokens; with ``--profile``, one
+more prefill under the torch profiler, its CUDA kernels grouped as in ``profile_prefill.py`` (routing,
+attention, matmuls, the rest). Every phase is timed after a CUDA synchronize. The first length pays the
+warm-up (Triton compiles): put a short one first.
+
+GPU:  PYTHONPATH=src python scripts/profile_needle.py --lengths 32k,1m,2m --profile
+"""
+
+import argparse
+import collections
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from subquad._args import key_values
+from subquad.benchmark import parse_length
+from subquad.eval import ruler
+from subquad.eval._core import encode, postprocess_prediction
+from subquad.eval.runner import _greedy_generate, load_model
+from subquad.models.prefill import prefill_progress
+
+sys.path.insert(0, str(Path(__file__).parent))
+from profile_prefill import group_of  # noqa: E402
+
+SHIPPED = Path(__file__).resolve().parents[1] / "src/subquad/assets/subquad-nano"
+
+
+def timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    value = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return value, time.perf_counter() - start
+
+
+def kernel_groups(run) -> dict[str, float]:
+    """GPU seconds of ``run()``'s CUDA kernels by group, and their launch count."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    groups: collections.Counter = collections.Counter()
+    launches = 0
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            groups[group_of(event.name)] += event.device_time_total / 1e6
+            launches += 1
+    return {**{g: round(s, 3) for g, s in groups.most_common()}, "launches": launches}
+
+
+def measure(model, tokenizer, device, length: int, args) -> dict:
+    """One row: the phases of sample 0 at ``length``."""
+    sample, build_s = timed(lambda: next(ruler.iter_samples(args.task, length, tokenizer, 0)), device)
+    ids, encode_s = timed(lambda: encode(tokenizer, sample.input), device)
+    _, prefill_s = timed(lambda: _greedy_generate(model, tokenizer, [ids], 1), device)
+    out, generate_s = timed(lambda: _greedy_generate(model, tokenizer, [ids], args.new_tokens), device)
+    row = {
+        "length": length,
+        "tokens": len(ids),
+        "build_s": round(build_s, 2),
+        "encode_s": round(encode_s, 2),
+        "prefill_s": round(prefill_s, 2),
+        f"generate_{args.new_tokens}_s": round(generate_s, 2),
+        "found": ruler.score(args.task, postprocess_prediction(out[0]), sample.answers) == 1.0,
+    }
+    if args.profile and device.type == "cuda":
+        row["prefill_kernels_s"] = kernel_groups(lambda: _greedy_generate(model, tokenizer, [ids], 1))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=str(SHIPPED))
+    parser.add_argument("--task", default="niah_single_1")
+    parser.add_argument("--lengths", default="32k,1m,2m")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--ssa", default=None, help="SSA settings replacing the model's (as `subquad eval`)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--profile", action="store_true", help="kernel groups of one more prefill")
+    parser.add_argument("--out", default=None, help="append one JSON line per length here")
+    args = parser.parse_args()
+    ssa = key_values(args.ssa) if args.ssa else None
+    model, tokenizer = load_model(args.model, device=args.device, ssa=ssa)
+    device = next(model.parameters()).device
+    for text in args.lengths.split(","):
+        with prefill_progress(False):
+            row = measure(model, tokenizer, device, parse_length(text), args)
+        print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "a") as sink:
+                sink.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
