@@ -3,7 +3,8 @@
 For each length: build the RULER prompt (sample 0 of ``--task``), tokenize it, prefill it (``generate``
 with one new token, the runner's path), then generate ``--new-tokens`` tokens; with ``--profile``, one
 more prefill under the torch profiler, its CUDA kernels grouped as in ``profile_prefill.py`` (routing,
-attention, matmuls, the rest). Every phase is timed after a CUDA synchronize. The first length pays the
+attention, matmuls, the rest); with ``--host N``, the N operators of another prefill that hold the host
+longest. Every phase is timed after a CUDA synchronize. The first length pays the
 warm-up (Triton compiles): put a short one first.
 
 GPU:  PYTHONPATH=src python scripts/profile_needle.py --lengths 32k,1m,2m --profile
@@ -55,6 +56,17 @@ def kernel_groups(run) -> dict[str, float]:
     return {**{g: round(s, 3) for g, s in groups.most_common()}, "launches": launches}
 
 
+def host_ops(run, top: int) -> list:
+    """The ``top`` operators of ``run()`` by host time spent in them alone (self CPU time): Python-side
+    launches, and waits for the GPU (a sync shows as time in ``cudaStreamSynchronize`` or a copy)."""
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        run()
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [[e.key[:60], round(e.self_cpu_time_total / 1e6, 3), e.count] for e in rows[:top]]
+
+
 def measure(model, tokenizer, device, length: int, args) -> dict:
     """One row: the phases of sample 0 at ``length``."""
     sample, build_s = timed(lambda: next(ruler.iter_samples(args.task, length, tokenizer, 0)), device)
@@ -72,6 +84,8 @@ def measure(model, tokenizer, device, length: int, args) -> dict:
     }
     if args.profile and device.type == "cuda":
         row["prefill_kernels_s"] = kernel_groups(lambda: _greedy_generate(model, tokenizer, [ids], 1))
+    if args.host and device.type == "cuda":
+        row["prefill_host_top"] = host_ops(lambda: _greedy_generate(model, tokenizer, [ids], 1), args.host)
     return row
 
 
@@ -84,6 +98,7 @@ def main() -> None:
     parser.add_argument("--ssa", default=None, help="SSA settings replacing the model's (as `subquad eval`)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--profile", action="store_true", help="kernel groups of one more prefill")
+    parser.add_argument("--host", type=int, default=0, help="top host operators of one more prefill")
     parser.add_argument("--out", default=None, help="append one JSON line per length here")
     args = parser.parse_args()
     ssa = key_values(args.ssa) if args.ssa else None

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import threading
+import time
 
 import pytest
 import torch
@@ -225,6 +228,84 @@ def test_resume_builds_only_the_missing_prompts_and_the_same_ones(tmp_path, monk
         assert hints == expect_hints
         resumed = [r for r in _lines(out / "results.jsonl") if r["index"] in lost]
         assert _prompts(resumed) == _prompts(r for r in straight if r["index"] in lost)
+
+
+class NoCopy:
+    """A tokenizer that cannot be deep-copied: the runner then builds prompts in its own thread."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __deepcopy__(self, memo):
+        raise TypeError("not copyable")
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_the_next_prompt_is_built_while_the_model_generates(tmp_path, monkeypatch):
+    tokenizer = AutoTokenizer.from_pretrained(SHIPPED)
+    built, second_built, waited = [], threading.Event(), []
+    iter_samples = runner._iter_samples
+
+    def watched(*args):
+        for sample in iter_samples(*args):
+            built.append((sample.index, threading.current_thread().name))
+            if sample.index == 1:
+                second_built.set()
+            yield sample
+
+    class WaitingModel(EchoModel):
+        def generate(self, input_ids, max_new_tokens, **kwargs):
+            if not waited:  # the first prompt: generates until the second one is built (or 20 s)
+                waited.append(second_built.wait(timeout=20))
+            return super().generate(input_ids, max_new_tokens, **kwargs)
+
+    monkeypatch.setattr(runner, "_iter_samples", watched)
+    kwargs = dict(suite="ruler", tasks="niah_single_2,vt", lengths="1k", num_samples=3, max_new_tokens=3,
+                  progress=False)  # fmt: skip
+    ahead = runner.evaluate(WaitingModel(), tokenizer, out_dir=tmp_path / "ahead", **kwargs)
+    assert waited == [True]
+    assert {name for _, name in built} == {"eval-prompts"}
+
+    built.clear()
+    here = runner.evaluate(EchoModel(), NoCopy(tokenizer), out_dir=tmp_path / "here", **kwargs)
+    assert {name for _, name in built} == {threading.current_thread().name}
+    assert ahead["scores"] == here["scores"]
+
+    def same(rows):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+    ahead_rows, here_rows = (_lines(tmp_path / name / "results.jsonl") for name in ("ahead", "here"))
+    assert same(ahead_rows) == same(here_rows)
+
+
+def test_ahead_raises_in_order_and_stops_when_closed():
+    def failing():
+        yield 1
+        yield 2
+        raise ValueError("length='0k': bad")
+
+    got = []
+    with pytest.raises(ValueError, match="length='0k'"):
+        for item in runner._ahead(failing()):
+            got.append(item)
+    assert got == [1, 2]
+
+    made = []
+
+    def endless():
+        for i in itertools.count():
+            made.append(i)
+            yield i
+
+    stream = runner._ahead(endless())
+    assert next(stream) == 0
+    stream.close()
+    count = len(made)
+    time.sleep(0.3)
+    assert len(made) == count <= 3  # the item handed out, one queued, at most one being made
+    assert not [t for t in threading.enumerate() if t.name == "eval-prompts"]
 
 
 @pytest.mark.parametrize(

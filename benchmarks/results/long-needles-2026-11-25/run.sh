@@ -26,12 +26,14 @@ case $1 in
         [ -f $f ] && { cp $f $cell/results.jsonl; break; }
       done
     fi
-    echo "$task $len: $(cat $cell/results.jsonl 2>/dev/null | wc -l) samples before"
+    before=$(cat $cell/results.jsonl 2>/dev/null | wc -l) t0=$(date +%s)
+    echo "$task $len: $before samples before"
     timeout $4 python3 -m subquad.cli eval --model $SHIPPED --device $DEVICE --suite ruler --tasks $task \
       --lengths $len --samples ${SAMPLES:-50} --max-new-tokens 32 --batch-size 1 --no-progress --out $cell \
       > $cell/eval.log 2>&1
     rc=$?
-    echo "$task $len: $(wc -l < $cell/results.jsonl) samples after (exit $rc; 124: stopped at $4 s)"
+    after=$(wc -l < $cell/results.jsonl) wall=$(( $(date +%s) - t0 ))
+    echo "$task $len: $after samples after (exit $rc; 124: stopped at $4 s), $wall s wall for $((after - before))"
     python3 - $cell/results.jsonl <<'PY'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]

@@ -19,9 +19,12 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import os
+import queue
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -183,6 +186,74 @@ def _batches(items: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
         yield batch
 
 
+def _encoded(
+    batches: Iterable[list[Sample]], tokenizer: Any
+) -> Iterator[tuple[list[Sample], list[list[int]], float]]:
+    """Each batch with its prompts' token ids and the seconds tokenizing them took."""
+    for batch in batches:
+        start = time.perf_counter()
+        prompts = [encode(tokenizer, s.input) for s in batch]
+        yield batch, prompts, time.perf_counter() - start
+
+
+_END = object()
+
+
+def _ahead(items: Iterator[Any]) -> Iterator[Any]:
+    """``items``, each made by a background thread while the caller works on the one before.
+
+    Building a long prompt is mostly tokenizing (fitting the haystack, then the prompt itself): ~10 s
+    of a 2M-token prompt's ~24 s on an H200 host (benchmarks/NOTES.md item 71). The ``tokenizers``
+    library does that without holding the GIL, so it overlaps the model's generation. The thread's
+    exceptions are raised here, in order; closing this generator stops the thread after its current
+    item.
+    """
+    ready: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((_END, None))
+        except BaseException as err:  # noqa: BLE001  (re-raised in the caller's thread)
+            put((_END, err))
+
+    thread = threading.Thread(target=work, name="eval-prompts", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, err = ready.get()
+            if item is _END:
+                if err is not None:
+                    raise err
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=1.0)
+
+
+def _worker_tokenizer(tokenizer: Any) -> Any | None:
+    """A copy of ``tokenizer`` for the prompt thread (a transformers fast tokenizer resets its truncation
+    and padding state on every call, so the two threads do not share one), or None where it cannot be
+    copied."""
+    try:
+        return copy.deepcopy(tokenizer)
+    except Exception:  # noqa: BLE001  (any failure: build the prompts in this thread instead)
+        return None
+
+
 def evaluate(
     model: Any,
     tokenizer: Any,
@@ -231,24 +302,26 @@ def evaluate(
     todo = [p for p in plan if sample_id(suite, p[0], p[1], seed, p[2]) not in done]
     bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc=f"eval {suite}", disable=not progress)
     # --no-progress hides the per-prompt prefill bars too (generate() reaches prefill without a flag).
+    builder = _worker_tokenizer(tokenizer)
     with prefill_progress(None if progress else False), results_path.open("a", encoding="utf-8") as sink:
         for length in length_list:
             for task in tasks_to_run:
                 missing = {i for t, n, i in todo if t == task and n == length}
                 if not missing:
                     continue
-                samples = _missing_samples(suite, task, length, tokenizer, seed, missing, done)
                 per_batch = max(1, min(batch_size, max_batch_tokens // length))
                 bar.set_postfix_str(f"{task} @ {format_length(length)}")
-                for batch in _batches(samples, per_batch):
+                build = builder if builder is not None else tokenizer
+                samples = _missing_samples(suite, task, length, build, seed, missing, done)
+                batches = _encoded(_batches(samples, per_batch), build)
+                for batch, prompts, encode_seconds in batches if builder is None else _ahead(batches):
                     new_tokens = max(s.max_new_tokens for s in batch)
                     if max_new_tokens is not None:
                         new_tokens = min(new_tokens, max_new_tokens)
                     start = time.perf_counter()
-                    outputs = _greedy_generate(
-                        model, tokenizer, [encode(tokenizer, s.input) for s in batch], new_tokens
-                    )
-                    seconds = (time.perf_counter() - start) / len(batch)
+                    outputs = _greedy_generate(model, tokenizer, prompts, new_tokens)
+                    # Tokenizing counts, as when it ran here, though now it overlapped the last batch.
+                    seconds = (encode_seconds + time.perf_counter() - start) / len(batch)
                     for sample, output in zip(batch, outputs):
                         prediction = output.strip() if suite == "mrcr" else postprocess_prediction(output)
                         record = {
