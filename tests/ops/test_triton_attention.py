@@ -220,7 +220,8 @@ def test_threshold_route_is_taken_where_it_measured_faster():
     assert not triton_select.threshold_pays(summaries(1024), big_budget)
     max4 = subquad.SSAConfig(summary="max", sub_block_size=4)
     assert triton_select.threshold_pays(summaries(3145728, dim=64), max4)  # nano max4 at 12M: 384 MB
-    assert not triton_select.threshold_pays(summaries(1024), subquad.SSAConfig(top_k=64, summary="max", sub_block_size=4))
+    max4_big_budget = subquad.SSAConfig(top_k=64, summary="max", sub_block_size=4)
+    assert not triton_select.threshold_pays(summaries(1024), max4_big_budget)
 
 
 def _picked_scores(rq, summaries, picked):
