@@ -231,7 +231,7 @@ def test_resume_builds_only_the_missing_prompts_and_the_same_ones(tmp_path, monk
 
 
 class NoCopy:
-    """A tokenizer that cannot be deep-copied: the runner then builds prompts in its own thread."""
+    """A tokenizer that cannot be deep-copied: the runner then builds prompts in the calling thread."""
 
     def __init__(self, inner):
         self.inner = inner
