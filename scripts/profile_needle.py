@@ -27,7 +27,7 @@ from subquad.eval.runner import _greedy_generate, load_model
 from subquad.models.prefill import prefill_progress
 
 sys.path.insert(0, str(Path(__file__).parent))
-from profile_prefill import group_of  # noqa: E402
+from profile_prefill import group_of, kernel_times  # noqa: E402
 
 SHIPPED = Path(__file__).resolve().parents[1] / "src/subquad/assets/subquad-nano"
 
@@ -47,13 +47,11 @@ def kernel_groups(run) -> dict[str, float]:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize()
+    kernels, calls = kernel_times(prof)
     groups: collections.Counter = collections.Counter()
-    launches = 0
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            groups[group_of(event.name)] += event.device_time_total / 1e6
-            launches += 1
-    return {**{g: round(s, 3) for g, s in groups.most_common()}, "launches": launches}
+    for name, us in kernels.items():
+        groups[group_of(name)] += us / 1e6
+    return {**{g: round(s, 3) for g, s in groups.most_common()}, "launches": sum(calls.values())}
 
 
 def host_ops(run, top: int) -> list:

@@ -33,6 +33,16 @@ def group_of(name: str) -> str:
     return "other"
 
 
+def kernel_times(prof) -> tuple[collections.Counter, collections.Counter]:
+    """GPU microseconds and launches of each CUDA kernel a ``torch.profiler`` run recorded, by name."""
+    kernels, calls = collections.Counter(), collections.Counter()
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[event.name] += event.device_time_total
+            calls[event.name] += 1
+    return kernels, calls
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--context", default="6m", help="tokens already in the cache")
@@ -73,12 +83,7 @@ def main() -> None:
     cache.crop(-chunk)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         run()
-    kernels = collections.Counter()
-    calls = collections.Counter()
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[event.name] += event.device_time_total
-            calls[event.name] += 1
+    kernels, calls = kernel_times(prof)
     total_us = sum(kernels.values())
     print(
         f"small, index {args.index}: {chunk} tokens after {context}: {wall_ms:.1f} ms wall (CUDA events), "

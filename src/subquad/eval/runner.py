@@ -302,7 +302,9 @@ def evaluate(
     todo = [p for p in plan if sample_id(suite, p[0], p[1], seed, p[2]) not in done]
     bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc=f"eval {suite}", disable=not progress)
     # --no-progress hides the per-prompt prefill bars too (generate() reaches prefill without a flag).
+    # The prompts' own tokenizer: a copy for the prompt thread, or this one where it cannot be copied.
     builder = _worker_tokenizer(tokenizer)
+    build = builder if builder is not None else tokenizer
     with prefill_progress(None if progress else False), results_path.open("a", encoding="utf-8") as sink:
         for length in length_list:
             for task in tasks_to_run:
@@ -311,7 +313,6 @@ def evaluate(
                     continue
                 per_batch = max(1, min(batch_size, max_batch_tokens // length))
                 bar.set_postfix_str(f"{task} @ {format_length(length)}")
-                build = builder if builder is not None else tokenizer
                 samples = _missing_samples(suite, task, length, build, seed, missing, done)
                 batches = _encoded(_batches(samples, per_batch), build)
                 for batch, prompts, encode_seconds in batches if builder is None else _ahead(batches):
