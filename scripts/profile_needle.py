@@ -1,11 +1,12 @@
 """Where a long needle prompt's time goes, phase by phase, as `subquad eval` runs it.
 
 For each length: build the RULER prompt (sample 0 of ``--task``), tokenize it, prefill it (``generate``
-with one new token, the runner's path), then generate ``--new-tokens`` tokens; with ``--profile``, one
-more prefill under the torch profiler, its CUDA kernels grouped as in ``profile_prefill.py`` (routing,
-attention, matmuls, the rest); with ``--host N``, the N operators of another prefill that hold the host
-longest. Every phase is timed after a CUDA synchronize. The first length pays the
-warm-up (Triton compiles): put a short one first.
+with one new token, the runner's path), generate ``--new-tokens`` tokens, and prefill it again (no
+compiles left to pay). Options, each on one more prefill: ``--profile`` groups its CUDA kernels as
+``profile_prefill.py`` does (routing, attention, matmuls, the rest); ``--host N`` lists the N operators
+that hold the host longest; ``--syncs N`` lists the N lines of subquad's code where it made the host wait
+for the GPU (torch's sync debug mode), with counts. Every phase is timed after a CUDA synchronize. The
+first length pays the warm-up (Triton compiles): put a short one first.
 
 GPU:  PYTHONPATH=src python scripts/profile_needle.py --lengths 32k,1m,2m --profile
 """
@@ -15,10 +16,13 @@ import collections
 import json
 import sys
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 import torch
 
+import subquad
 from subquad._args import key_values
 from subquad.benchmark import parse_length
 from subquad.eval import ruler
@@ -65,12 +69,39 @@ def host_ops(run, top: int) -> list:
     return [[e.key[:60], round(e.self_cpu_time_total / 1e6, 3), e.count] for e in rows[:top]]
 
 
+def sync_sites(run, top: int) -> list:
+    """The ``top`` lines of subquad's code where ``run()`` synchronizes with the GPU, with counts.
+
+    torch's sync debug mode warns at each call that waits for the device (``.item()``, ``nonzero``,
+    ``bool(tensor)``, copies to the host); each warning is charged to the innermost frame in the package.
+    """
+    package = str(Path(subquad.__file__).parent)
+    sites: collections.Counter = collections.Counter()
+
+    def record(*_args, **_kwargs):
+        ours = [f for f in traceback.extract_stack()[:-1] if f.filename.startswith(package)]
+        where = f"{Path(ours[-1].filename).name}:{ours[-1].lineno} {ours[-1].name}" if ours else "outside"
+        sites[where] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record  # restored by catch_warnings
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [[where, n] for where, n in sites.most_common(top)] + [["total", sum(sites.values())]]
+
+
 def measure(model, tokenizer, device, length: int, args) -> dict:
     """One row: the phases of sample 0 at ``length``."""
     sample, build_s = timed(lambda: next(ruler.iter_samples(args.task, length, tokenizer, 0)), device)
     ids, encode_s = timed(lambda: encode(tokenizer, sample.input), device)
     _, prefill_s = timed(lambda: _greedy_generate(model, tokenizer, [ids], 1), device)
     out, generate_s = timed(lambda: _greedy_generate(model, tokenizer, [ids], args.new_tokens), device)
+    _, warm_s = timed(lambda: _greedy_generate(model, tokenizer, [ids], 1), device)
     row = {
         "length": length,
         "tokens": len(ids),
@@ -78,12 +109,15 @@ def measure(model, tokenizer, device, length: int, args) -> dict:
         "encode_s": round(encode_s, 2),
         "prefill_s": round(prefill_s, 2),
         f"generate_{args.new_tokens}_s": round(generate_s, 2),
+        "prefill_again_s": round(warm_s, 2),
         "found": ruler.score(args.task, postprocess_prediction(out[0]), sample.answers) == 1.0,
     }
     if args.profile and device.type == "cuda":
         row["prefill_kernels_s"] = kernel_groups(lambda: _greedy_generate(model, tokenizer, [ids], 1))
     if args.host and device.type == "cuda":
         row["prefill_host_top"] = host_ops(lambda: _greedy_generate(model, tokenizer, [ids], 1), args.host)
+    if args.syncs and device.type == "cuda":
+        row["prefill_syncs"] = sync_sites(lambda: _greedy_generate(model, tokenizer, [ids], 1), args.syncs)
     return row
 
 
@@ -97,6 +131,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--profile", action="store_true", help="kernel groups of one more prefill")
     parser.add_argument("--host", type=int, default=0, help="top host operators of one more prefill")
+    parser.add_argument("--syncs", type=int, default=0, help="top host-sync sites of one more prefill")
     parser.add_argument("--out", default=None, help="append one JSON line per length here")
     args = parser.parse_args()
     ssa = key_values(args.ssa) if args.ssa else None

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 # Without a GPU the Triton kernels run in Triton's CPU interpreter; it must be chosen before Triton
 # is first imported (kernels are bound to it at decoration time).
@@ -125,3 +126,37 @@ def backward_twice():
             assert torch.allclose(twice.float(), 2 * once.float(), atol=2e-3, rtol=1e-2), name
 
     return check
+
+
+# Tensor methods that hand a device value to Python: on a GPU each waits for the queued kernels.
+_HOST_READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy"}
+
+
+class _HostReads(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        kwargs = kwargs or {}
+        # ``t[i] = 3`` copies a host scalar in; a boolean-mask index counts its True entries first.
+        writes_number = name == "__setitem__" and isinstance(args[2], (bool, int, float))
+        index = args[1] if name in ("__getitem__", "__setitem__") else None
+        masks = any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool
+            for i in (index if isinstance(index, tuple) else (index,))
+        )
+        counts = name == "repeat_interleave" and isinstance(args[1], torch.Tensor)
+        counts = counts and "output_size" not in kwargs
+        if name in _HOST_READS or writes_number or masks or counts:
+            self.calls.append(name)
+        return func(*args, **kwargs)
+
+
+@pytest.fixture
+def host_reads():
+    """``with host_reads() as reads: ...``: ``reads.calls`` lists the torch calls in the block that would
+    make the host wait for the GPU (``.item()``, ``nonzero``, ``bool(t)``, ``t[i] = 3``, ...), seen on
+    any device, so a CPU test can check that a prefill step queues its work without a sync."""
+    return _HostReads

@@ -279,7 +279,7 @@ class SSACacheLayer(DynamicLayer):
                 torch.div(sums, count, out=self._means[rows, first : first + 1])
             return
         counts = torch.full((last - first + 1,), float(bs), device=self.device)
-        counts[-1] = stop - last * bs
+        counts[-1:].fill_(stop - last * bs)  # not ``counts[-1] = n``: a copy from the host, and a sync
         self._means[rows, first : last + 1] = sums / counts.view(1, -1, 1, 1)
 
     # --- transformers Cache layer API ------------------------------------------------------------

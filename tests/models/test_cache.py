@@ -7,13 +7,15 @@ import subquad
 from subquad.cache import SSACacheLayer
 
 
-def test_summaries_follow_appends():
+def test_summaries_follow_appends(host_reads):
     layer = SSACacheLayer(block_size=16)
     keys = torch.randn(2, 100, 3, 8)
     values = torch.randn(2, 100, 3, 4)
     start = 0
     for n in (5, 11, 1, 1, 30, 17, 1, 35):
-        layer.append(keys[:, start : start + n], values[:, start : start + n])
+        with host_reads() as reads:  # a prefill chunk's append queues its work without a device sync
+            layer.append(keys[:, start : start + n], values[:, start : start + n])
+        assert reads.calls == [], n
         start += n
         torch.testing.assert_close(layer.summaries(), subquad.block_summaries(keys[:, :start], 16))
         torch.testing.assert_close(layer.keys_bshd(), keys[:, :start])

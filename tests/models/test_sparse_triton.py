@@ -107,3 +107,33 @@ def test_key_major_backward_twice_with_retained_graph(monkeypatch, backward_twic
         config.local_blocks,
     )
     backward_twice(out, leaves)
+
+
+def test_layers_of_a_chunk_share_the_fixed_work_lists(monkeypatch):
+    """Given the selection's ``fixed_layout``, the local and sink slots' tiles are built by the first
+    layer of a chunk and reused by the next; outputs and gradients equal those built per call."""
+    from collections import OrderedDict
+
+    triton_routed = pytest.importorskip("subquad.ops.ssa.triton_routed")
+    monkeypatch.setattr(triton_attention, "ROUTED_MIN_TOKENS", 1)
+    monkeypatch.setattr(triton_routed, "_FIXED_CACHE", OrderedDict())
+    built = []
+    build = triton_routed.build_query_tiles
+    monkeypatch.setattr(triton_routed, "build_query_tiles", lambda *a: built.append(1) or build(*a))
+    q, k, v, _, config = _setup(CASES[1], torch.float16)
+    selection = subquad.select_blocks(q, k, config, causal=True)
+    rotate = SubquadRotary(q.shape[-1], theta=10000.0)
+    do = torch.randn(*q.shape[:3], v.shape[-1], device=DEVICE, dtype=q.dtype)
+    results, builds = [], []
+    for layout in (selection.fixed_layout, selection.fixed_layout, None):  # two layers, then uncached
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        out = sparse_triton.sparse_attention_local_rotary_triton(
+            *leaves, selection.block_idx, config.block_size, q.shape[-1] ** -0.5, rotate,
+            config.sink_blocks, config.local_blocks, layout,
+        )  # fmt: skip
+        results.append((out, *torch.autograd.grad(out, leaves, do)))
+        builds.append(len(built))
+    assert builds == [2, 2, 3]  # the first layer's local and sink tiles, none for the second
+    for cached in results[:2]:
+        for name, got, want in zip(("out", "dq", "dk", "dv"), cached, results[2], strict=True):
+            assert torch.equal(got, want), name

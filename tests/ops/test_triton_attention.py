@@ -104,12 +104,17 @@ def test_full_budget_triton_equals_dense(poison_empty):
     assert (out.float() - ref).abs().max().item() < 5e-3
 
 
-def test_query_tiles_are_exact_unions():
+def test_query_tiles_are_exact_unions(host_reads):
     torch.manual_seed(1)
     q = torch.randn(2, 90, 4, 16)
     k = torch.randn(2, 90, 2, 16)
     sel = subquad.select_blocks(q, k, subquad.SSAConfig(block_size=16, top_k=2))
-    tiles = build_query_tiles(sel.block_idx, tokens_per_tile=8)
+    with host_reads() as reads:  # built without waiting for the device (every prefill layer does this)
+        tiles = build_query_tiles(sel.block_idx, tokens_per_tile=8)
+    assert reads.calls == []
+    # Past each tile's count: no block, no token.
+    past = torch.arange(tiles.blocks.shape[-1]) >= tiles.count[..., None]
+    assert past.any() and (tiles.blocks[past] == -1).all() and (tiles.masks[past] == 0).all()
     idx = sel.block_idx.reshape(4, 90, -1)
     for bh in range(4):
         for tile in range(tiles.count.shape[1]):

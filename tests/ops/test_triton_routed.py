@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import subquad
+from subquad.ops.ssa import tiles
 from subquad.ops.ssa.naive import sparse_attention_naive
 
 triton_attention = pytest.importorskip("subquad.ops.ssa.triton_attention")
@@ -108,19 +109,45 @@ def test_routed_fixed_split_edges(num_fixed, poison_empty):
     assert torch.allclose(lse, want_lse, atol=1e-4, rtol=0)
 
 
-def test_routed_work_groups_pairs_by_block():
+def test_routed_work_groups_pairs_by_block(host_reads):
     torch.manual_seed(4)
     num_blocks, seg = 6, 3
     routed = torch.randint(-1, num_blocks, (2, 3, 20, 4), dtype=torch.int32)
-    seg_block, seg_start, seg_end, entry = triton_routed.routed_work(routed, num_blocks, seg)
+    with host_reads() as reads:  # queued without waiting for the device (every prefill layer does this)
+        seg_block, seg_start, seg_end, entry = triton_routed.routed_work(routed, num_blocks, seg)
+    assert reads.calls == []
+    # Sized by a bound: the segments needed come first, then empty ones that the kernels skip.
+    used = seg_end > seg_start
+    needed = int(used.sum())
+    assert used[:needed].all() and needed < len(used)
+    assert all((t[needed:] == 0).all() for t in (seg_block, seg_start, seg_end))
     got = []
-    for blk, start, end in zip(seg_block.tolist(), seg_start.tolist(), seg_end.tolist()):
+    for blk, start, end in zip(seg_block[:needed].tolist(), seg_start.tolist(), seg_end.tolist()):
         assert 0 < end - start <= seg
         got += [(blk, int(e)) for e in entry[start:end]]
     flat = routed.view(6, 20 * 4)
     want = [(bh * num_blocks + int(flat[bh, e]), e) for bh in range(6) for e in range(80) if flat[bh, e] >= 0]
     # Same pairs, each block's pairs in (token, slot) order.
     assert got == sorted(want)
+
+
+@pytest.mark.parametrize("segment_len", [1, 2, 5])
+def test_segment_owners_bound_pads_the_exact_segments(segment_len):
+    """With ``max_segments`` (no host sync) the segments are the exact ones, then empty ones; the bound
+    holds for owners with many items, none, or items past the owner range."""
+    num_owners = 7
+    counts = torch.tensor([0, 1, 11, 0, 5, 2, 0])
+    owner = torch.cat([torch.arange(num_owners).repeat_interleave(counts), torch.full((4,), num_owners)])
+    exact = tiles.segment_owners(owner, num_owners, segment_len)
+    bound = tiles.max_segments_for(owner.numel(), num_owners, segment_len)
+    padded = tiles.segment_owners(owner, num_owners, segment_len, bound)
+    needed = len(exact[0])
+    assert needed == sum(-(-int(c) // segment_len) for c in counts) <= bound
+    for full, part in zip(padded, exact, strict=True):
+        assert len(full) == bound
+        assert torch.equal(full[:needed], part) and (full[needed:] == 0).all()
+    empty = tiles.segment_owners(owner[:0], 0, segment_len, 3)
+    assert all(len(t) == 3 and (t == 0).all() for t in empty)
 
 
 def test_autograd_routed_path_matches_query_major(monkeypatch):

@@ -24,7 +24,7 @@ from subquad.ops.ssa.triton_attention import (
     sparse_attention_fwd,
     use_routed_forward,
 )
-from subquad.ops.ssa.triton_routed import sparse_attention_bwd_routed, sparse_attention_fwd_routed
+from subquad.ops.ssa.triton_routed import fixed_part, sparse_attention_bwd_routed, sparse_attention_fwd_routed
 
 
 def split_local_slots(
@@ -67,19 +67,26 @@ def merge_partials(
 class LocalRotaryAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, q, k, q_rot, k_rot_tail, v, local_idx, far_idx, tail_start, block_size, scale, num_sinks
+        ctx, q, k, q_rot, k_rot_tail, v, local_idx, far_idx, tail_start, block_size, scale, num_sinks, layout
     ):
         q, k, q_rot, k_rot_tail, v = (t.contiguous() for t in (q, k, q_rot, k_rot_tail, v))
         v_tail = v[:, tail_start:]
+        group = q.shape[2] // k.shape[2]
+        local_tiles = far_layout = None
+        if layout is not None:  # every layer of a prefill chunk has the same sink and local slots
+            local_layout, far_layout = (*layout, "local"), (*layout, "far")
+            num_local = local_idx.shape[-1]
+            local_tiles = fixed_part(local_idx, num_local, group, k.shape[1], block_size, local_layout).tiles
         out_a, lse_a, tiles_a = sparse_attention_fwd(
-            q_rot, k_rot_tail, v_tail, local_idx, block_size, True, scale
+            q_rot, k_rot_tail, v_tail, local_idx, block_size, True, scale, local_tiles
         )
         ctx.plan = None
         routed = use_routed_forward(q.shape[1], far_idx.shape[-1], num_sinks)
         if routed:
             # The backward goes key-major too, on the forward's work lists (kept only for training).
+            keep = any(ctx.needs_input_grad[:5])
             out_b, lse_b, ctx.plan = sparse_attention_fwd_routed(
-                q, k, v, far_idx, block_size, True, scale, num_sinks, keep_plan=any(ctx.needs_input_grad[:5])
+                q, k, v, far_idx, block_size, True, scale, num_sinks, keep_plan=keep, fixed_layout=far_layout
             )
             far_tiles = ()
         else:
@@ -109,16 +116,18 @@ class LocalRotaryAttentionFunction(torch.autograd.Function):
             tiles_b = QueryTiles(*tile_tensors[3:], tokens)
             dq, dk, dv = sparse_attention_bwd(do, q, k, v, out, lse, tiles_b, block_size, True, scale)
         dv[:, tail_start:] += dv_tail
-        return dq, dk, dq_rot, dk_rot_tail, dv, None, None, None, None, None, None
+        return dq, dk, dq_rot, dk_rot_tail, dv, None, None, None, None, None, None, None
 
 
 def sparse_attention_local_rotary_triton(
-    q, k, v, block_idx, block_size, scale, rotate, sink_slots, local_slots
+    q, k, v, block_idx, block_size, scale, rotate, sink_slots, local_slots, fixed_layout=None
 ):
     """Triton twin of ``sparse_attention_torch(..., causal=True, local_rotary=(rotate, sink_slots,
     local_slots))``: q ``[B, T, Hq, D]``, k ``[B, S, Hkv, D]``, v ``[B, S, Hkv, Dv]`` unrotated
     (fp16/bf16, CUDA); ``block_idx [B, Hkv, T, K]`` in ``select_blocks`` layout (sinks, local, routed).
-    Query ``i`` sits at position ``S - T + i``. Returns ``[B, T, Hq, Dv]``."""
+    Query ``i`` sits at position ``S - T + i``. Returns ``[B, T, Hq, Dv]``. ``fixed_layout``
+    (``SSASelection.fixed_layout``) lets the sink and local slots' work lists come from a cache
+    (``triton_routed.fixed_part``), shared by the layers of a prefill chunk."""
     seq_len_q, seq_len_k = q.shape[1], k.shape[1]
     local_idx, far_idx, tail_start = split_local_slots(
         block_idx, block_size, sink_slots, local_slots, seq_len_k
@@ -127,6 +136,7 @@ def sparse_attention_local_rotary_triton(
     k_pos = torch.arange(tail_start, seq_len_k, device=q.device)
     q_rot = rotate(q, q_pos[None, :, None])
     k_rot_tail = rotate(k[:, tail_start:], k_pos[None, :, None])
+    rotated = (q_rot, k_rot_tail)
     return LocalRotaryAttentionFunction.apply(
-        q, k, q_rot, k_rot_tail, v, local_idx, far_idx, tail_start, block_size, scale, sink_slots
+        q, k, *rotated, v, local_idx, far_idx, tail_start, block_size, scale, sink_slots, fixed_layout
     )

@@ -391,7 +391,7 @@ class SubquadAttention(nn.Module):
         if resolve_backend("auto", q, v) == "triton":
             return sparse_attention_local_rotary_triton(
                 q, k, v, selection.block_idx, ssa.block_size, self.scale, self.rotary, ssa.sink_blocks,
-                ssa.local_blocks,
+                ssa.local_blocks, selection.fixed_layout,
             )  # fmt: skip
         return sparse_attention_torch(
             q,

@@ -49,9 +49,11 @@ class KeyBlockWork:
 
 
 def build_query_tiles(block_idx: torch.Tensor, tokens_per_tile: int) -> QueryTiles:
-    """Union of each query tile's selections with per-token bitmasks.
+    """Union of each query tile's selections with per-token bitmasks, without a host sync.
 
     block_idx: ``[B, Hkv, T, K]`` int32 (``-1`` = unused); ``tokens_per_tile`` <= 64 (one int64 bit each).
+    The union width ``U`` is its bound ``tokens_per_tile * K`` (the kernels stop at ``count``): the
+    exact width is a device value, and reading it would stall every prefill chunk and layer.
     """
     if not 1 <= tokens_per_tile <= 64:
         raise ValueError(f"tokens_per_tile={tokens_per_tile}: expected 1..64 (one int64 bit per token)")
@@ -61,6 +63,7 @@ def build_query_tiles(block_idx: torch.Tensor, tokens_per_tile: int) -> QueryTil
     idx = block_idx.long()
     if pad:
         idx = torch.nn.functional.pad(idx, (0, 0, 0, pad), value=-1)
+    width = max(1, tokens_per_tile * slots)
     idx = idx.view(batch * heads, num_tiles, tokens_per_tile * slots)
     token = torch.arange(tokens_per_tile, device=idx.device).repeat_interleave(slots)
     valid = idx >= 0
@@ -73,22 +76,16 @@ def build_query_tiles(block_idx: torch.Tensor, tokens_per_tile: int) -> QueryTil
     bits = torch.where(valid, torch.ones_like(key) << (key % tokens_per_tile), 0)
     first = valid.clone()
     first[..., 1:] &= blocks[..., 1:] != blocks[..., :-1]
-    segment = first.long().cumsum(-1) - 1
     count = first.sum(-1)
-    width = max(1, int(count.max()))
-    segment = segment.clamp(min=0, max=width - 1)
+    # Entries past the last block have bits 0 and id -1: clamped into range, they change nothing.
+    segment = (first.long().cumsum(-1) - 1).clamp(min=0)
     # A block's bits are distinct powers of two, so their sum is their OR.
     masks = torch.zeros(*key.shape[:-1], width, dtype=torch.int64, device=key.device)
     masks.scatter_add_(-1, segment, bits)
-    union = _scatter_first(torch.full_like(masks, -1), segment, blocks, first)
+    # Each block's first entry holds its id, the rest -1: the max per segment is the id.
+    ids = torch.where(first, blocks, -1)
+    union = torch.full_like(masks, -1).scatter_reduce_(-1, segment, ids, reduce="amax")
     return QueryTiles(union.to(torch.int32), masks, count.to(torch.int32), tokens_per_tile)
-
-
-def _scatter_first(out: torch.Tensor, segment: torch.Tensor, values: torch.Tensor, first: torch.Tensor):
-    """``out[..., segment[i]] = values[i]`` for the first entry of each segment."""
-    rows = first.nonzero(as_tuple=True)
-    out[rows[:-1] + (segment[rows],)] = values[rows]
-    return out
 
 
 def invert_tiles(tiles: QueryTiles, num_blocks: int, max_tiles_per_segment: int = 256) -> KeyBlockWork:
@@ -111,11 +108,16 @@ def invert_tiles(tiles: QueryTiles, num_blocks: int, max_tiles_per_segment: int 
 
 
 def segment_owners(
-    sorted_owner: torch.Tensor, num_owners: int, segment_len: int
+    sorted_owner: torch.Tensor, num_owners: int, segment_len: int, max_segments: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cut a list sorted by owner (ids ``0 .. num_owners - 1``; larger ids are ignored) into segments of
     at most ``segment_len`` items of one owner each: int32 ``(owner, start, end)`` per segment, owners
-    ascending. One host sync (the number of segments)."""
+    ascending.
+
+    ``max_segments``: return that many segments, the unused ones empty (owner 0, ``start == end == 0``)
+    at the end, without a host sync; it must be at least the number needed
+    (:func:`max_segments_for`). ``None``: exactly the segments needed (one host sync to count them).
+    """
     device = sorted_owner.device
     owner_ids = torch.arange(num_owners + 1, device=device, dtype=sorted_owner.dtype)
     bounds = torch.searchsorted(sorted_owner, owner_ids)  # each owner's range in the list
@@ -123,13 +125,25 @@ def segment_owners(
     counts = bounds[1:] - starts
     segs = -(-counts // segment_len)
     seg_ends = torch.cumsum(segs, 0)
-    total = int(seg_ends[-1]) if num_owners else 0
-    seg_owner = torch.repeat_interleave(torch.arange(num_owners, device=device), segs, output_size=total)
-    first_seg = torch.repeat_interleave(seg_ends - segs, segs, output_size=total)
-    seg_rank = torch.arange(total, device=device) - first_seg
+    if max_segments is None:
+        max_segments = int(seg_ends[-1]) if num_owners else 0
+    if not num_owners:
+        empty = torch.zeros(max_segments, dtype=torch.int32, device=device)
+        return empty, empty.clone(), empty.clone()
+    seg = torch.arange(max_segments, device=device)
+    seg_owner = torch.searchsorted(seg_ends, seg, right=True)  # num_owners for the unused tail
+    used = seg_owner < num_owners
+    seg_owner = seg_owner.clamp(max=num_owners - 1)
+    seg_rank = seg - (seg_ends - segs)[seg_owner]
     seg_start = starts[seg_owner] + seg_rank * segment_len
     seg_end = torch.minimum(seg_start + segment_len, starts[seg_owner] + counts[seg_owner])
-    return seg_owner.to(torch.int32), seg_start.to(torch.int32), seg_end.to(torch.int32)
+    return tuple(torch.where(used, t, 0).to(torch.int32) for t in (seg_owner, seg_start, seg_end))
+
+
+def max_segments_for(num_items: int, num_owners: int, segment_len: int) -> int:
+    """The most segments :func:`segment_owners` can need for ``num_items`` items: a full segment per
+    ``segment_len`` items, plus one partial segment per owner holding any."""
+    return num_items // segment_len + min(num_owners, num_items)
 
 
 def tile_overhead(block_idx: torch.Tensor, tokens_per_tile: int) -> float:

@@ -55,7 +55,14 @@ import torch
 import triton
 import triton.language as tl
 
-from subquad.ops.ssa.tiles import KeyBlockWork, QueryTiles, build_query_tiles, invert_tiles, segment_owners
+from subquad.ops.ssa.tiles import (
+    KeyBlockWork,
+    QueryTiles,
+    build_query_tiles,
+    invert_tiles,
+    max_segments_for,
+    segment_owners,
+)
 from subquad.ops.ssa.triton_attention import (
     _LOG2E,
     _launch_shape,
@@ -101,6 +108,8 @@ def _routed_partial_kernel(
     b, h, start, end, key_pos, key_ok = _segment_block(
         seg_block, seg_start, seg_end, num_blocks, HKV, S, BLOCK_N
     )
+    if start >= end:  # a spare segment of a list sized without a host sync (routed_work)
+        return
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     k_ptrs = (K + b.to(tl.int64) * stride_kb + h * stride_kh + key_pos.to(tl.int64)[None, :] * stride_ks
@@ -212,6 +221,8 @@ def _routed_bwd_kernel(
     b, h, start, end, key_pos, key_ok = _segment_block(
         seg_block, seg_start, seg_end, num_blocks, HKV, S, BLOCK_N
     )
+    if start >= end:  # a spare segment of a list sized without a host sync (routed_work)
+        return
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     # [BLOCK_N, BLOCK_D] and [BLOCK_N, BLOCK_DV]
@@ -301,7 +312,8 @@ def routed_work(routed_idx: torch.Tensor, num_blocks: int, segment_tokens: int):
     routed_idx: ``[B, Hkv, Tc, R]`` int32 (``-1`` unused). Returns ``(seg_block, seg_start, seg_end,
     pair_entry)``: per segment the flat block ``bh * NB + block`` and a ``[start, end)`` range of at
     most ``segment_tokens`` pairs into ``pair_entry`` (int32 ``token * R + slot``), tokens ascending
-    within a block.
+    within a block. Sized by a bound, not counted (no host sync): the segments past the needed ones are
+    empty, and the kernels skip them.
     """
     batch, heads, chunk_len, slots = routed_idx.shape
     bh_count = batch * heads
@@ -315,7 +327,8 @@ def routed_work(routed_idx: torch.Tensor, num_blocks: int, segment_tokens: int):
     # Stable: a block's pairs keep their (token, slot) order.
     sorted_key, order = torch.sort(key, stable=True)
     pair_entry = (order % (chunk_len * slots)).to(torch.int32)
-    return (*segment_owners(sorted_key, owners, segment_tokens), pair_entry)
+    bound = max_segments_for(key.numel(), owners, segment_tokens)
+    return (*segment_owners(sorted_key, owners, segment_tokens, bound), pair_entry)
 
 
 @dataclass
@@ -345,9 +358,10 @@ class RoutedPlan:
 
 # The fixed parts of the last few ``select_blocks`` layouts. Every layer of a model, and every step at
 # one length, routes the same sink and local blocks (the way FlexAttention reuses one block mask), so
-# their tiles and dK/dV lists (two sorts, ~40 small ops and four host syncs) are built once, not per call.
+# their tiles and dK/dV lists (two sorts, ~40 small ops, host syncs for the dK/dV lists) are built once,
+# not per call. Four: the ``local_rope`` layers hold two per chunk (local and sink slots, kept apart).
 _FIXED_CACHE: OrderedDict = OrderedDict()
-_FIXED_CACHE_SIZE = 2
+_FIXED_CACHE_SIZE = 4
 
 
 def fixed_part(
