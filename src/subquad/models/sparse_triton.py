@@ -71,11 +71,10 @@ class LocalRotaryAttentionFunction(torch.autograd.Function):
     ):
         q, k, q_rot, k_rot_tail, v = (t.contiguous() for t in (q, k, q_rot, k_rot_tail, v))
         v_tail = v[:, tail_start:]
-        group = q.shape[2] // k.shape[2]
         local_tiles = far_layout = None
         if layout is not None:  # every layer of a prefill chunk has the same sink and local slots
             local_layout, far_layout = (*layout, "local"), (*layout, "far")
-            num_local = local_idx.shape[-1]
+            num_local, group = local_idx.shape[-1], q.shape[2] // k.shape[2]
             local_tiles = fixed_part(local_idx, num_local, group, k.shape[1], block_size, local_layout).tiles
         out_a, lse_a, tiles_a = sparse_attention_fwd(
             q_rot, k_rot_tail, v_tail, local_idx, block_size, True, scale, local_tiles
@@ -136,7 +135,7 @@ def sparse_attention_local_rotary_triton(
     k_pos = torch.arange(tail_start, seq_len_k, device=q.device)
     q_rot = rotate(q, q_pos[None, :, None])
     k_rot_tail = rotate(k[:, tail_start:], k_pos[None, :, None])
-    rotated = (q_rot, k_rot_tail)
     return LocalRotaryAttentionFunction.apply(
-        q, k, *rotated, v, local_idx, far_idx, tail_start, block_size, scale, sink_slots, fixed_layout
-    )
+        q, k, q_rot, k_rot_tail, v, local_idx, far_idx, tail_start, block_size, scale, sink_slots,
+        fixed_layout,
+    )  # fmt: skip
