@@ -195,6 +195,32 @@ def test_chunked_prefill_equals_unchunked(scheme):
         torch.testing.assert_close(step, ref, atol=2e-5, rtol=1e-4)
 
 
+def test_prefill_reads_an_unpadded_mask_once(monkeypatch):
+    """A mask with nothing padded is checked once for the whole prompt, not once per chunk (on a GPU
+    each chunk's check waits for the chunk before); padded masks still reach every chunk."""
+    model = make_model("ssa", "rope")
+    ids = torch.randint(0, 256, (2, 70))
+    seen = []
+    valid_mask = modeling._valid_mask
+
+    def spy(attention_mask, *args):
+        seen.append(attention_mask is not None)
+        return valid_mask(attention_mask, *args)
+
+    monkeypatch.setattr(modeling, "_valid_mask", spy)
+    with torch.no_grad():
+        ref = prefill(model, ids, chunk_size=16, progress=False).logits
+        out = prefill(model, ids, chunk_size=16, attention_mask=torch.ones(2, 70), progress=False).logits
+        assert seen == [False] * 10
+        torch.testing.assert_close(out, ref)
+        padded = torch.ones(2, 70)
+        padded[1, :3] = 0
+        prefill(model, ids, chunk_size=16, attention_mask=padded, progress=False)
+        assert seen[10:] == [True] * 5
+        with pytest.raises(ValueError, match=r"attention_mask: shape \(1, 70\), expected \[2, 70"):
+            prefill(model, ids, attention_mask=torch.ones(1, 70))
+
+
 @pytest.mark.parametrize("heads", [(4, 4), (4, 1), (6, 2)])
 def test_dense_lower_right_matches_the_masked_chunks(heads):
     # The CUDA path of a dense prefill chunk (T < S queries) against the CPU path's explicit mask.

@@ -81,11 +81,17 @@ def prefill(
         cache = SSACache(model.config, max_length=total + 1024)
     else:
         past = cache.get_seq_length()
-    if attention_mask is not None and attention_mask.shape[1] not in (total, past + total):
-        raise ValueError(
-            f"attention_mask: length {attention_mask.shape[1]}, expected {total} or {past + total} "
-            "(past + prompt)"
-        )
+    if attention_mask is not None:
+        shape = tuple(attention_mask.shape)
+        if len(shape) != 2 or shape[0] != tokens.shape[0] or shape[1] not in (total, past + total):
+            raise ValueError(
+                f"attention_mask: shape {shape}, expected [{tokens.shape[0]}, {total} or {past + total}] "
+                "(batch, prompt or past + prompt)"
+            )
+        if bool(attention_mask.all()):
+            # Nothing padded: one host read here, before any work is queued, instead of one per chunk
+            # in the model (a GPU host would wait there for the chunk before).
+            attention_mask = None
     if attention_mask is not None and attention_mask.shape[1] == total and past:
         ones = attention_mask.new_ones(attention_mask.shape[0], past)
         attention_mask = torch.cat([ones, attention_mask], dim=1)

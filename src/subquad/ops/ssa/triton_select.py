@@ -414,17 +414,31 @@ def _rescore_topk_sorted(rq, summaries, groups, pos_offset, config, group, causa
 
 
 @triton.jit
-def _append_passing(s, tau, start, cols, slots, vals, ids, count, CAP: tl.constexpr):
-    """Move a chunk's blocks scoring ``>= tau`` into the per-token lists ``vals``/``ids`` (``count``
-    entries each), one per token per step. The steps are counted first: one tile-wide reduction per
-    chunk, not a tile-wide test after every step (that cost more than the steps themselves)."""
-    # Tokens whose list is already cut take no more (bounds the steps when many scores tie).
-    passing = (s >= tau[:, None]) & (count[:, None] <= CAP)
+def _append_passing(s, tau, start, cols, slots, vals, ids, count, CAP: tl.constexpr, KEEP_BEST: tl.constexpr):
+    """Move a chunk's blocks scoring ``>= tau`` into the per-token lists ``vals``/``ids``, one per token
+    per step, best first; ``count`` counts the blocks that passed.
+
+    ``KEEP_BEST=False``: in arrival order, into slot ``count``; a list stops at ``CAP`` (``count >
+    CAP``: cut, many near-equal scores). ``KEEP_BEST=True``: into the list's lowest slot (-inf while
+    there is room), and only if the block scores higher, so the list holds the best ``CAP`` that
+    passed and is never cut; exact ties with a full list (repeated text) take no steps. Its row minima
+    cost ~14% on random inputs (layer-8b at 1M: 167 vs 146 ms; NOTES item 73), so it only repairs the
+    tiles whose lists were cut. The steps are counted first: one tile-wide reduction per chunk, not a
+    tile-wide test after every step (that cost more than the steps themselves)."""
+    if KEEP_BEST:
+        passing = (s >= tau[:, None]) & (s > tl.min(vals, axis=1)[:, None])
+    else:  # tokens whose list is already cut take no more (bounds the steps when many scores tie)
+        passing = (s >= tau[:, None]) & (count[:, None] <= CAP)
     s = tl.where(passing, s, float("-inf"))
     for _ in range(tl.max(tl.sum(passing.to(tl.int32), axis=1))):
         best, col = tl.max(s, axis=1, return_indices=True)
-        found = best > float("-inf")  # this token has no more passing blocks
-        put = found[:, None] & (slots[None, :] == count[:, None])
+        if KEEP_BEST:
+            low, slot = tl.min(vals, axis=1, return_indices=True)
+            found = best > low
+        else:
+            slot = count
+            found = best > float("-inf")  # this token has no more passing blocks
+        put = found[:, None] & (slots[None, :] == slot[:, None])
         vals = tl.where(put, best[:, None], vals)
         ids = tl.where(put, start + col[:, None], ids)
         count += found.to(tl.int32)
@@ -440,7 +454,7 @@ def _threshold_topk_kernel(
     T, pos_offset, HKV, num_blocks, num_summaries, block_size, top_k,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     K_PAD: tl.constexpr, CAP: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
-    IEEE: tl.constexpr, SUBS: tl.constexpr,
+    IEEE: tl.constexpr, SUBS: tl.constexpr, REPAIR: tl.constexpr,
 ):
     """Exact top-k of a tile of tokens in two passes over their candidate blocks.
 
@@ -450,15 +464,20 @@ def _threshold_topk_kernel(
     ``tau``. (Candidates are contiguous ranges, so a token with k candidates has k non-empty
     columns; with fewer, tau is -inf and every candidate passes.) Pass 2 recomputes the same scores
     and moves the blocks scoring ``>= tau`` (about k per token on random inputs, a few per chunk) into
-    a per-token list of ``CAP`` in registers, one per token per step; the top-k of the list is the
-    answer. ``COUNT`` gets each list's length: above ``CAP`` the list was cut (many near-equal
-    scores) and the caller recomputes those tokens.
+    a per-token list of ``CAP`` in registers, one per token per step (:func:`_append_passing`); the
+    top-k of the list is the answer. ``COUNT`` gets how many blocks passed: above ``CAP`` a list was
+    cut (many near-equal scores). ``REPAIR=True`` (a second launch) redoes only the tiles with a cut
+    list, keeping the best ``CAP`` of each list, so the answer is exact without the host looking.
 
     Causal: the chunks that hold only candidates of every token of the tile (after the sink chunk,
     before the first token's local window; most of them) are scored without masks.
     """
     tile = tl.program_id(0)
     bh = tl.program_id(1)
+    if REPAIR:
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        if tl.max(tl.load(COUNT + bh.to(tl.int64) * T + rows, mask=rows < T, other=0)) <= CAP:
+            return
     b = bh // HKV
     h = bh % HKV
     offs_d = tl.arange(0, BLOCK_D)
@@ -503,16 +522,17 @@ def _threshold_topk_kernel(
     for start in range(0, head_end, BLOCK_N):
         s = _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks,
                               num_summaries, D, SINK, LOCAL, CAUSAL, IEEE, SUBS)
-        vals, ids, count = _append_passing(s, tau, start, cols, slots, vals, ids, count, CAP)
+        vals, ids, count = _append_passing(s, tau, start, cols, slots, vals, ids, count, CAP, REPAIR)
     for start in range(head_end, mid_end, BLOCK_N):
         s = _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks,
                               num_summaries, D, SINK, LOCAL, CAUSAL, IEEE, SUBS, MASK=False)
-        vals, ids, count = _append_passing(s, tau, start, cols, slots, vals, ids, count, CAP)
+        vals, ids, count = _append_passing(s, tau, start, cols, slots, vals, ids, count, CAP, REPAIR)
     for start in range(mid_end, stop, BLOCK_N):
         s = _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks,
                               num_summaries, D, SINK, LOCAL, CAUSAL, IEEE, SUBS)
-        vals, ids, count = _append_passing(s, tau, start, cols, slots, vals, ids, count, CAP)
-    tl.store(COUNT + bh.to(tl.int64) * T + rows, count, mask=row_ok)
+        vals, ids, count = _append_passing(s, tau, start, cols, slots, vals, ids, count, CAP, REPAIR)
+    if not REPAIR:
+        tl.store(COUNT + bh.to(tl.int64) * T + rows, count, mask=row_ok)
 
     top = tl.topk(_pack_keys(vals, ids, ids >= 0), K_PAD)
     picked = tl.where(top >= 0, (top & 0xFFFFFFFF).to(tl.int32), -1)
@@ -521,7 +541,7 @@ def _threshold_topk_kernel(
     tl.store(out_ptrs, picked, mask=row_ok[:, None] & (out_cols[None, :] < top_k))
 
 
-# Threshold top-k launch: tokens per program, blocks per chunk, list length per token (x K_PAD),
+# Threshold top-k launch: tokens per program, blocks per chunk, list slots per token (x K_PAD),
 # warps, pipeline stages (swept on an H200, benchmarks/NOTES.md items 19 and 36); blocks scored by
 # several sub-block summaries take tiles of ``_THRESHOLD_SUBS_TILE_SCALE`` times the tokens (each
 # chunk loads that many summary tiles, shared by more rows: nano `max4` at 1M 4.6 vs 6.8 ms). The
@@ -545,11 +565,9 @@ _THRESHOLD_MAX_HEAD_BYTES = 32 << 20
 
 
 def threshold_topk(rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int, config, causal: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact flat top-k (``_threshold_topk_kernel``): ``([B, Hkv, T, top_k] int32 block ids sorted by
-    score, -1 padded; [B, Hkv, T] int32 list lengths)``. Tokens whose length exceeds
-    ``_THRESHOLD_CAP_PER_K * K_PAD`` have a cut list and must be recomputed (:func:`route_flat_triton`
-    does)."""
+                   ) -> torch.Tensor:
+    """Exact flat top-k (``_threshold_topk_kernel``, then its repair of the tiles whose lists were
+    cut): ``[B, Hkv, T, top_k]`` int32 block ids sorted by score, -1 padded."""
     batch, seq_len_q, heads, dim = rq.shape
     k_pad = max(16, triton.next_power_of_2(config.top_k))
     num_blocks, num_summaries, per_block = _summary_layout(summaries, config)
@@ -557,18 +575,19 @@ def threshold_topk(rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int, c
     out = torch.empty(batch, heads, seq_len_q, config.top_k, device=rq.device, dtype=torch.int32)
     block_m = _THRESHOLD_BLOCK_M * (_THRESHOLD_SUBS_TILE_SCALE if per_block > 1 else 1)
     grid = (triton.cdiv(seq_len_q, block_m), batch * heads)
-    _threshold_topk_kernel[grid](
-        rq, summaries, count, out,
-        rq.stride(0), rq.stride(1), rq.stride(2),
-        summaries.stride(0), summaries.stride(1), summaries.stride(2),
-        seq_len_q, pos_offset, heads, num_blocks, num_summaries, config.block_size, config.top_k,
-        D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=block_m,
-        BLOCK_N=max(_THRESHOLD_BLOCK_N, k_pad), K_PAD=k_pad, CAP=_THRESHOLD_CAP_PER_K * k_pad,
-        SINK=config.sink_blocks, LOCAL=config.local_blocks, CAUSAL=causal, IEEE=rq.dtype == torch.float32,
-        SUBS=per_block,
-        num_warps=_THRESHOLD_NUM_WARPS, num_stages=_THRESHOLD_NUM_STAGES,
-    )
-    return out, count
+    for repair in (False, True):
+        _threshold_topk_kernel[grid](
+            rq, summaries, count, out,
+            rq.stride(0), rq.stride(1), rq.stride(2),
+            summaries.stride(0), summaries.stride(1), summaries.stride(2),
+            seq_len_q, pos_offset, heads, num_blocks, num_summaries, config.block_size, config.top_k,
+            D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=block_m,
+            BLOCK_N=max(_THRESHOLD_BLOCK_N, k_pad), K_PAD=k_pad, CAP=_THRESHOLD_CAP_PER_K * k_pad,
+            SINK=config.sink_blocks, LOCAL=config.local_blocks, CAUSAL=causal, IEEE=rq.dtype == torch.float32,
+            SUBS=per_block, REPAIR=repair,
+            num_warps=_THRESHOLD_NUM_WARPS, num_stages=_THRESHOLD_NUM_STAGES,
+        )
+    return out
 
 
 def threshold_pays(summaries: torch.Tensor, config) -> bool:
@@ -588,52 +607,20 @@ _FUSED_MAX_BLOCKS = 256
 _CHUNK_ELEMENTS = 1 << 28
 
 
-# Rows recomputed after a threshold list overflowed: rows at most this far apart share one call
-# (a call costs about what routing a few hundred rows does), in at most _OVERFLOW_MAX_SPANS calls.
-_OVERFLOW_GAP = 256
-_OVERFLOW_MAX_SPANS = 32
-
-
-def overflow_spans(rows: list[int], gap: int, max_spans: int) -> list[tuple[int, int]]:
-    """``[first, last)`` ranges covering the sorted ``rows``: rows at most ``gap`` apart share a range,
-    and ``gap`` doubles until there are at most ``max_spans`` ranges. (One range over the first to the
-    last row would reroute a whole 1M-token sequence for two far-apart tokens: +290 ms.)"""
-    while True:
-        spans = []
-        for row in rows:
-            if spans and row - spans[-1][1] < gap:
-                spans[-1][1] = row + 1
-            else:
-                spans.append([row, row + 1])
-        if len(spans) <= max_spans:
-            return [(first, last) for first, last in spans]
-        gap *= 2
-
-
 def route_flat_triton(rq, summaries, seq_len_k, config, causal, group: int = FLAT_GROUP,
                       threshold: bool | None = None):
     """Exact flat top-k (module docstring): rq ``[B, T, Hkv, D]``, summaries ``[B, NS, Hkv, D]`` (a block's,
 or with ``summary="max"`` its sub-blocks', scored as the best of them).
 
     ``threshold``: use :func:`threshold_topk` (default: where it measured faster, small budgets and one
-    head's summaries within L2), else group top-k + rescore; tokens whose threshold list overflowed are
-    recomputed the second way.
+    head's summaries within L2), else group top-k + rescore.
     """
     batch, seq_len_q, heads, _ = rq.shape
-    k_pad = max(16, triton.next_power_of_2(config.top_k))
     if threshold is None:
         threshold = threshold_pays(summaries, config)
     if threshold:
-        picked, count = threshold_topk(rq, summaries, seq_len_k - seq_len_q, config, causal)
-        overflow = count > _THRESHOLD_CAP_PER_K * k_pad
-        if bool(overflow.any()):  # near-equal scores (e.g. repeated text): those tokens the slower way
-            rows = overflow.any(0).any(0).nonzero()[:, 0].tolist()
-            for first, last in overflow_spans(rows, _OVERFLOW_GAP, _OVERFLOW_MAX_SPANS):
-                slow = route_flat_triton(rq[:, first:last], summaries, seq_len_k - seq_len_q + last, config,
-                                         causal, group, threshold=False)
-                span = picked[:, :, first:last]
-                span.copy_(torch.where(overflow[:, :, first:last, None], slow, span))
-        return picked
+        return threshold_topk(rq, summaries, seq_len_k - seq_len_q, config, causal)
+    k_pad = max(16, triton.next_power_of_2(config.top_k))
     num_groups = -(-_summary_layout(summaries, config)[0] // group)
     chunk = max(64, _CHUNK_ELEMENTS // max(1, batch * heads * num_groups))
     out = []
