@@ -275,6 +275,36 @@ def test_threshold_topk_is_exact(top_k, causal, repeated, seq_len_q):
         assert torch.equal(got, triton_select.route_flat_triton(rq, summaries, seq_len_k, config, causal))
 
 
+@pytest.mark.parametrize("sample", [2, 3])
+@pytest.mark.parametrize("subs", [1, 4])
+def test_sampled_threshold_is_exact_when_the_best_blocks_are_not_sampled(monkeypatch, sample, subs):
+    """Pass 1 scoring every ``sample``-th middle chunk: the best blocks all lie in chunks it skips, so
+    its threshold is low and every block of that chunk passes, 2-4 times what a list holds; the lists
+    keep the best, so the picks are still the reference's top-k, best first. Random queries as well."""
+    from subquad.ops.ssa import select, triton_select
+
+    monkeypatch.setattr(triton_select, "_THRESHOLD_CAP_PER_K", 1)  # lists of K_PAD = 16
+    monkeypatch.setattr(triton_select, "_THRESHOLD_SAMPLE", (sample, sample))
+    torch.manual_seed(5)
+    extra = {} if subs == 1 else {"summary": "max", "sub_block_size": 16 // subs}
+    config = subquad.SSAConfig(block_size=16, top_k=10, **extra)
+    width = triton_select._THRESHOLD_BLOCK_N
+    num_blocks = 4 * width + 9
+    seq_len = num_blocks * 16 - 7
+    rq = torch.zeros(1, 24, 2, 16, device=DEVICE)
+    rq[..., 0] = 1.0 + torch.rand(1, 24, 2, device=DEVICE)  # every score is its summary's first component
+    keys = torch.randn(1, seq_len, 2, 16, device=DEVICE)
+    summaries = select.routing_summaries(keys, config)
+    block = torch.arange(summaries.shape[1], device=DEVICE) // subs
+    skipped = (block >= 2 * width) & (block < 3 * width)  # the chunk after the first sampled middle one
+    summaries[..., 0] = torch.where(skipped[None, :, None], 10.0, 0.0) + torch.rand_like(summaries[..., 0])
+    for rq_case in (rq, torch.randn_like(rq)):
+        want = select._route_flat(rq_case, summaries, seq_len, config, True)
+        got = triton_select.threshold_topk(rq_case, summaries, seq_len - 24, config, True)
+        assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+        assert torch.equal(got, want)
+
+
 def test_threshold_topk_keeps_the_best_when_more_pass_than_a_list_holds(monkeypatch, host_reads):
     """Every token's top 10 are among blocks in 10 of the 64 columns of a chunk, so each of those
     columns' blocks reach the threshold (18-21 a token on the CPU, distinct scores) against lists of

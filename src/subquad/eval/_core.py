@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import random
 import re
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -55,15 +56,80 @@ def check_tokenizer(tokenizer: Any) -> None:
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:
-    """Token ids the model sees for ``text``: special tokens (BOS) included, as ``tokenizer(text)`` does."""
+    """Token ids the model sees for ``text``: special tokens (BOS) included, as ``tokenizer(text)`` does.
+
+    Texts of more than ``2 * PIECE_CHARS`` characters are tokenized in pieces on all cores where that
+    gives the same ids (:func:`_piece_backend`): a 12M-token prompt is a ~35 MB string, ~40 s to
+    tokenize on one core, and a prompt is tokenized several times while its haystack is sized."""
     try:
         from transformers import PreTrainedTokenizerBase
     except ImportError:  # pragma: no cover - transformers is a dependency
         PreTrainedTokenizerBase = ()  # noqa: N806
     if isinstance(tokenizer, PreTrainedTokenizerBase):
+        if len(text) > 2 * PIECE_CHARS and (backend := _piece_backend(tokenizer)) is not None:
+            return _encode_in_pieces(backend, text, PIECE_CHARS)
         # verbose=False: prompts longer than model_max_length are the point here, not a mistake.
         return list(tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
     return list(tokenizer.encode(text))
+
+
+# Characters per piece of a long text tokenized in parallel (~64K tokens of English).
+PIECE_CHARS = 1 << 18
+# A space between two non-spaces: byte-level BPE's pre-tokenizer regex (GPT-2's) ends a match before it
+# and starts one at it, so the pieces' tokens are the text's.
+_PIECE_CUT = re.compile(r"(?<=\S) (?=\S)")
+# A text with such spaces, digits, punctuation and non-ASCII letters, tokenized both ways once per
+# tokenizer: the wrapper may add what its backend does not (a BOS it prepends itself, say).
+_PIECE_CHECK = "Ab 12 c. D\u00e9f,  g'h (3.5%) i\n\n j \u4e2d\u6587 k\tl - m " * 24
+_piece_verdicts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _piece_backend(tokenizer: Any) -> Any | None:
+    """``tokenizer``'s ``tokenizers`` backend where tokenizing a text in pieces cut at ``_PIECE_CUT``
+    gives its ids: no normalizer, a byte-level pre-tokenizer with its regex and no added prefix space,
+    no truncation or padding set, no added token containing a space; checked once on ``_PIECE_CHECK``
+    against the wrapper. None otherwise (the caller tokenizes the whole text)."""
+    try:
+        verdict = _piece_verdicts.get(tokenizer)
+    except TypeError:  # not weak-referenceable: check each time
+        verdict = None
+    if verdict is not None:
+        return tokenizer.backend_tokenizer if verdict else None
+    from tokenizers import pre_tokenizers
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pre = getattr(backend, "pre_tokenizer", None)
+    ok = (
+        isinstance(pre, pre_tokenizers.ByteLevel)
+        and pre.use_regex
+        and not pre.add_prefix_space
+        and backend.normalizer is None
+        and backend.truncation is None
+        and backend.padding is None
+        and not any(" " in t.content for t in backend.get_added_tokens_decoder().values())
+    )
+    if ok:
+        want = list(tokenizer(_PIECE_CHECK, add_special_tokens=True, verbose=False)["input_ids"])
+        ok = _encode_in_pieces(backend, _PIECE_CHECK, 16) == want
+    try:
+        _piece_verdicts[tokenizer] = ok
+    except TypeError:
+        pass
+    return backend if ok else None
+
+
+def _encode_in_pieces(backend: Any, text: str, piece_chars: int) -> list[int]:
+    """``backend``'s ids of ``text`` (special tokens added once), tokenizing pieces of about
+    ``piece_chars`` characters cut at ``_PIECE_CUT`` with its parallel batch encoder."""
+    from tokenizers import Encoding
+
+    cuts = [0]
+    while len(text) - cuts[-1] > piece_chars and (cut := _PIECE_CUT.search(text, cuts[-1] + piece_chars)):
+        cuts.append(cut.start())
+    cuts.append(len(text))
+    pieces = [text[a:b] for a, b in zip(cuts, cuts[1:])]
+    merged = Encoding.merge(backend.encode_batch(pieces, add_special_tokens=False), growing_offsets=True)
+    return list(backend.post_process(merged, add_special_tokens=True).ids)
 
 
 def count_tokens(tokenizer: Any, text: str) -> int:

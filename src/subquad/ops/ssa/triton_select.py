@@ -454,7 +454,8 @@ def _threshold_topk_kernel(
     T, pos_offset, HKV, num_blocks, num_summaries, block_size, top_k,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     K_PAD: tl.constexpr, CAP: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
-    IEEE: tl.constexpr, SUBS: tl.constexpr, REPAIR: tl.constexpr,
+    IEEE: tl.constexpr, SUBS: tl.constexpr, SAMPLE: tl.constexpr, KEEP_BEST: tl.constexpr,
+    REPAIR: tl.constexpr,
 ):
     """Exact top-k of a tile of tokens in two passes over their candidate blocks.
 
@@ -467,7 +468,13 @@ def _threshold_topk_kernel(
     a per-token list of ``CAP`` in registers, one per token per step (:func:`_append_passing`); the
     top-k of the list is the answer. ``COUNT`` gets how many blocks passed: above ``CAP`` a list was
     cut (many near-equal scores). ``REPAIR=True`` (a second launch) redoes only the tiles with a cut
-    list, keeping the best ``CAP`` of each list, so the answer is exact without the host looking.
+    list, keeping the best ``CAP`` of each list (``KEEP_BEST``), so the answer is exact without the host
+    looking.
+
+    ``SAMPLE > 1``: pass 1 scores only every ``SAMPLE``-th chunk of the unmasked middle (the masked
+    chunks at both ends always). Its maxima are still scores of distinct candidate blocks, so tau stays
+    a score that k blocks reach, only lower: about ``SAMPLE`` times as many blocks pass, so the lists keep
+    the best from the start (``KEEP_BEST``, one launch). Pass 1 costs ``1 / SAMPLE`` of a pass.
 
     Causal: the chunks that hold only candidates of every token of the tile (after the sink chunk,
     before the first token's local window; most of them) are scored without masks.
@@ -499,7 +506,7 @@ def _threshold_topk_kernel(
         s = _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks,
                               num_summaries, D, SINK, LOCAL, CAUSAL, IEEE, SUBS)
         colmax = tl.maximum(colmax, s)
-    for start in range(head_end, mid_end, BLOCK_N):
+    for start in range(head_end, mid_end, BLOCK_N * SAMPLE):
         s = _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks,
                               num_summaries, D, SINK, LOCAL, CAUSAL, IEEE, SUBS, MASK=False)
         colmax = tl.maximum(colmax, s)
@@ -522,16 +529,16 @@ def _threshold_topk_kernel(
     for start in range(0, head_end, BLOCK_N):
         s = _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks,
                               num_summaries, D, SINK, LOCAL, CAUSAL, IEEE, SUBS)
-        vals, ids, count = _append_passing(s, tau, start, cols, slots, vals, ids, count, CAP, REPAIR)
+        vals, ids, count = _append_passing(s, tau, start, cols, slots, vals, ids, count, CAP, KEEP_BEST)
     for start in range(head_end, mid_end, BLOCK_N):
         s = _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks,
                               num_summaries, D, SINK, LOCAL, CAUSAL, IEEE, SUBS, MASK=False)
-        vals, ids, count = _append_passing(s, tau, start, cols, slots, vals, ids, count, CAP, REPAIR)
+        vals, ids, count = _append_passing(s, tau, start, cols, slots, vals, ids, count, CAP, KEEP_BEST)
     for start in range(mid_end, stop, BLOCK_N):
         s = _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks,
                               num_summaries, D, SINK, LOCAL, CAUSAL, IEEE, SUBS)
-        vals, ids, count = _append_passing(s, tau, start, cols, slots, vals, ids, count, CAP, REPAIR)
-    if not REPAIR:
+        vals, ids, count = _append_passing(s, tau, start, cols, slots, vals, ids, count, CAP, KEEP_BEST)
+    if not KEEP_BEST:
         tl.store(COUNT + bh.to(tl.int64) * T + rows, count, mask=row_ok)
 
     top = tl.topk(_pack_keys(vals, ids, ids >= 0), K_PAD)
@@ -554,6 +561,8 @@ _THRESHOLD_CAP_PER_K = 2
 _THRESHOLD_NUM_WARPS = 4
 _THRESHOLD_NUM_STAGES = 3
 _THRESHOLD_MAX_TOP_K = 16
+# Pass 1 scores every SAMPLE-th middle chunk (kernel docstring), by summaries per block: (one, several).
+_THRESHOLD_SAMPLE = (1, 4)
 # Its two passes read the summaries twice. Programs run one KV head at a time (tiles vary fastest), so
 # one head's summaries are the working set: while they fit in L2 the second read is cheap (4 MB at 1M
 # for layer-8b, 25 MB at 12M for `small`: faster), past it the kernel streams them from HBM twice
@@ -574,8 +583,11 @@ def threshold_topk(rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int, c
     count = torch.empty(batch, heads, seq_len_q, device=rq.device, dtype=torch.int32)
     out = torch.empty(batch, heads, seq_len_q, config.top_k, device=rq.device, dtype=torch.int32)
     block_m = _THRESHOLD_BLOCK_M * (_THRESHOLD_SUBS_TILE_SCALE if per_block > 1 else 1)
+    sample = _THRESHOLD_SAMPLE[per_block > 1]
     grid = (triton.cdiv(seq_len_q, block_m), batch * heads)
-    for repair in (False, True):
+    # (keep the best, repair): a full first pass's lists are cut and repaired, a sampled one's keep the best.
+    launches = ((False, False), (True, True)) if sample == 1 else ((True, False),)
+    for keep_best, repair in launches:
         _threshold_topk_kernel[grid](
             rq, summaries, count, out,
             rq.stride(0), rq.stride(1), rq.stride(2),
@@ -584,7 +596,7 @@ def threshold_topk(rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int, c
             D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=block_m,
             BLOCK_N=max(_THRESHOLD_BLOCK_N, k_pad), K_PAD=k_pad, CAP=_THRESHOLD_CAP_PER_K * k_pad,
             SINK=config.sink_blocks, LOCAL=config.local_blocks, CAUSAL=causal, IEEE=rq.dtype == torch.float32,
-            SUBS=per_block, REPAIR=repair,
+            SUBS=per_block, SAMPLE=sample, KEEP_BEST=keep_best, REPAIR=repair,
             num_warps=_THRESHOLD_NUM_WARPS, num_stages=_THRESHOLD_NUM_STAGES,
         )
     return out
