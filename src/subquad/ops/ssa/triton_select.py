@@ -422,8 +422,9 @@ def _append_passing(s, tau, start, cols, slots, vals, ids, count, CAP: tl.conste
     CAP``: cut, many near-equal scores). ``KEEP_BEST=True``: into the list's lowest slot (-inf while
     there is room), and only if the block scores higher, so the list holds the best ``CAP`` that
     passed and is never cut; exact ties with a full list (repeated text) take no steps. Its row minima
-    cost ~14% on random inputs (layer-8b at 1M: 167 vs 146 ms; NOTES item 73), so it only repairs the
-    tiles whose lists were cut. The steps are counted first: one tile-wide reduction per chunk, not a
+    cost ~14% on random inputs (layer-8b at 1M: 167 vs 146 ms; NOTES item 73), so after a full pass 1
+    it only repairs the tiles whose lists were cut; after a sampled one (many more blocks pass) it is
+    the only mode. The steps are counted first: one tile-wide reduction per chunk, not a
     tile-wide test after every step (that cost more than the steps themselves)."""
     if KEEP_BEST:
         passing = (s >= tau[:, None]) & (s > tl.min(vals, axis=1)[:, None])
@@ -575,8 +576,9 @@ _THRESHOLD_MAX_HEAD_BYTES = 32 << 20
 
 def threshold_topk(rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int, config, causal: bool
                    ) -> torch.Tensor:
-    """Exact flat top-k (``_threshold_topk_kernel``, then its repair of the tiles whose lists were
-    cut): ``[B, Hkv, T, top_k]`` int32 block ids sorted by score, -1 padded."""
+    """Exact flat top-k (``_threshold_topk_kernel``: with a full pass 1, a second launch repairs the
+    tiles whose lists were cut; with a sampled one, one launch whose lists keep the best):
+    ``[B, Hkv, T, top_k]`` int32 block ids sorted by score, -1 padded."""
     batch, seq_len_q, heads, dim = rq.shape
     k_pad = max(16, triton.next_power_of_2(config.top_k))
     num_blocks, num_summaries, per_block = _summary_layout(summaries, config)
