@@ -2,11 +2,13 @@
 
 For each length: build the RULER prompt (sample 0 of ``--task``), tokenize it, prefill it (``generate``
 with one new token, the runner's path), generate ``--new-tokens`` tokens, and prefill it again (no
-compiles left to pay). Options, each on one more prefill: ``--profile`` groups its CUDA kernels as
-``profile_prefill.py`` does (routing, attention, matmuls, the rest); ``--host N`` lists the N operators
-that hold the host longest; ``--syncs N`` lists the N lines of subquad's code where it made the host wait
-for the GPU (torch's sync debug mode), with counts. Every phase is timed after a CUDA synchronize. The
-first length pays the warm-up (Triton compiles): put a short one first.
+compiles left to pay). ``decode_ms_per_token``: a second generation less that warm prefill, per step
+after the first (fewer steps run if the model ends its answer sooner). Options, each on one more prefill:
+``--profile`` groups its CUDA kernels as ``profile_prefill.py`` does (routing, attention, matmuls, the
+rest); ``--host N`` lists the N operators that hold the host longest; ``--syncs N`` lists the N lines
+of subquad's code where it made the host wait for the GPU (torch's sync debug mode), with counts. Every
+phase is timed after a CUDA synchronize. The first length pays the warm-up (Triton compiles): put a
+short one first.
 
 GPU:  PYTHONPATH=src python scripts/profile_needle.py --lengths 32k,1m,2m --profile
 """
@@ -102,6 +104,7 @@ def measure(model, tokenizer, device, length: int, args) -> dict:
     _, prefill_s = timed(lambda: _greedy_generate(model, tokenizer, [ids], 1), device)
     out, generate_s = timed(lambda: _greedy_generate(model, tokenizer, [ids], args.new_tokens), device)
     _, warm_s = timed(lambda: _greedy_generate(model, tokenizer, [ids], 1), device)
+    _, again_s = timed(lambda: _greedy_generate(model, tokenizer, [ids], args.new_tokens), device)
     row = {
         "length": length,
         "tokens": len(ids),
@@ -110,6 +113,7 @@ def measure(model, tokenizer, device, length: int, args) -> dict:
         "prefill_s": round(prefill_s, 2),
         f"generate_{args.new_tokens}_s": round(generate_s, 2),
         "prefill_again_s": round(warm_s, 2),
+        "decode_ms_per_token": round((again_s - warm_s) / max(1, args.new_tokens - 1) * 1e3, 1),
         "found": ruler.score(args.task, postprocess_prediction(out[0]), sample.answers) == 1.0,
     }
     if args.profile and device.type == "cuda":

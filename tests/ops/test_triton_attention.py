@@ -305,6 +305,43 @@ def test_sampled_threshold_is_exact_when_the_best_blocks_are_not_sampled(monkeyp
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize(
+    "batch,seq_len_q,causal,subs,rows_per_call",
+    [(1, 1, True, 1, None), (2, 5, True, 4, None), (1, 21, False, 4, None), (1, 37, True, 1, 8)],
+    ids=["decode-token", "batch2-max4", "full-max4", "rows-in-calls"],
+)
+def test_split_route_matches_reference(monkeypatch, batch, seq_len_q, causal, subs, rows_per_call):
+    """The few-token router (programs split the blocks) picks the reference's blocks, best first, on
+    random inputs: one decode token, a batch, sub-block summaries, not causal, and tokens routed a few
+    rows per call when their scores would not fit at once."""
+    from subquad.ops.ssa import select, triton_select
+
+    if rows_per_call is not None:
+        monkeypatch.setattr(triton_select, "_CHUNK_ELEMENTS", rows_per_call * 2 * 203)
+    torch.manual_seed(7)
+    extra = {} if subs == 1 else {"summary": "max", "sub_block_size": 16 // subs}
+    config = subquad.SSAConfig(block_size=16, top_k=5, **extra)
+    num_blocks = 203  # four chunks of the split kernel, the last partial
+    seq_len_k = num_blocks * 16 - 9
+    rq = torch.randn(batch, seq_len_q, 2, 16, device=DEVICE)
+    summaries = select.routing_summaries(torch.randn(batch, seq_len_k, 2, 16, device=DEVICE), config)
+    if rows_per_call is not None:  # later blocks score higher: each row's picks follow its own position
+        rq[..., 0] = rq[..., 0].abs() + 4.0
+        summaries[..., 0] += torch.arange(summaries.shape[1], device=DEVICE)[None, :, None] / subs
+    want = select._route_flat(rq, summaries, seq_len_k, config, causal)
+    got = triton_select.route_flat_triton(rq, summaries, seq_len_k, config, causal, split=True)
+    assert torch.equal(got, want)
+
+
+def test_split_route_is_taken_for_few_tokens_and_many_blocks():
+    from subquad.ops.ssa import triton_select
+
+    assert triton_select.split_pays(1, 3145728)  # a decode step at 12M, nano `max4` summaries
+    assert triton_select.split_pays(64, 16384)  # 1M keys, one summary a block
+    assert not triton_select.split_pays(65, 3145728)  # a prefill chunk: the tile kernels
+    assert not triton_select.split_pays(1, 2048)  # 128K keys, one summary a block: one program walks them
+
+
 def test_threshold_topk_keeps_the_best_when_more_pass_than_a_list_holds(monkeypatch, host_reads):
     """Every token's top 10 are among blocks in 10 of the 64 columns of a chunk, so each of those
     columns' blocks reach the threshold (18-21 a token on the CPU, distinct scores) against lists of

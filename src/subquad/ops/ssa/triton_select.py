@@ -20,6 +20,9 @@ kernel below takes it as the block's one score, computed from its ``SUBS`` summa
 ``flat`` with a small budget takes a faster exact route instead (:func:`threshold_topk`): two passes
 over the scores, the first for a per-token threshold that the k-th best block must reach, the second
 collecting the few blocks that reach it; no per-chunk merges and no gathered rescore.
+
+A few tokens against a long context (a decode step) take :func:`split_topk`: there the programs split
+the blocks rather than the tokens, write every score, and ``torch.topk`` takes the top-k.
 """
 
 from __future__ import annotations
@@ -614,6 +617,92 @@ def threshold_pays(summaries: torch.Tensor, config) -> bool:
     return config.summaries_per_block > 1 or head_bytes <= _THRESHOLD_MAX_HEAD_BYTES
 
 
+# The integers that move with a decode step are not specialised on: a new pattern of them being 1 or a
+# multiple of 16 would compile a variant mid-generation.
+@triton.jit(do_not_specialize=["T", "pos_offset", "num_blocks", "num_summaries"])
+def _split_scores_kernel(
+    RQ, SUMM, OUT,
+    stride_rb, stride_rt, stride_rh,
+    stride_sb, stride_sn, stride_sh,
+    T, pos_offset, HKV, num_blocks, num_summaries, block_size,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SINK: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr, SUBS: tl.constexpr,
+):
+    """Every candidate score of a few tokens, ``OUT [B * Hkv, T, NB]`` (-inf where not a candidate):
+    program ``(chunk, tile, b * Hkv + h)`` scores one chunk of ``BLOCK_N`` blocks for one tile of
+    tokens, so the blocks, not the tokens, spread over the GPU."""
+    chunk = tl.program_id(0)
+    tile = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // HKV
+    h = bh % HKV
+    offs_d = tl.arange(0, BLOCK_D)
+    rows, row_ok, query_block, rq, stop = _routing_rows(
+        RQ, stride_rb, stride_rt, stride_rh, b, h, tile, T, pos_offset, num_blocks, block_size, offs_d,
+        D, BLOCK_M, LOCAL, CAUSAL,
+    )
+    start = chunk * BLOCK_N
+    cols = tl.arange(0, BLOCK_N)
+    if start < stop:
+        summ_base = SUMM + b.to(tl.int64) * stride_sb + h * stride_sh
+        s = _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks,
+                              num_summaries, D, SINK, LOCAL, CAUSAL, IEEE, SUBS)
+    else:  # after the tile's last candidate (causal): nothing to score
+        s = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)
+    blocks = start + cols
+    out_ptrs = OUT + (bh.to(tl.int64) * T + rows.to(tl.int64)[:, None]) * num_blocks + blocks[None, :]
+    tl.store(out_ptrs, s, mask=row_ok[:, None] & (blocks[None, :] < num_blocks))
+
+
+# Few tokens against many blocks (a decode step: one token a row). The tile kernels above give each
+# (tile of tokens, KV head) one program walking every block, so one token at 12M is one program for
+# 196K blocks while the rest of the GPU idles. Tokens up to ``_SPLIT_MAX_TOKENS`` against at least
+# ``_SPLIT_MIN_SUMMARIES`` summaries (a walking program's work) are routed by :func:`split_topk`
+# instead, whose programs split the blocks. Below it the walk was as fast or faster on an H200 (one
+# summary a block at 128K: 0.110 against 0.143 ms, layer-8b); above it the split won on every shape
+# (nano `max4`, one token: 1M 2.70 -> 0.18 ms, 12M 30.9 -> 0.33 ms; benchmarks/NOTES.md item 76).
+_SPLIT_MAX_TOKENS = 64
+_SPLIT_MIN_SUMMARIES = 16384
+_SPLIT_BLOCK_N = 64
+
+
+def split_pays(seq_len_q: int, num_summaries: int) -> bool:
+    """Whether :func:`split_topk` routes ``seq_len_q`` tokens over ``num_summaries`` summaries."""
+    return seq_len_q <= _SPLIT_MAX_TOKENS and num_summaries >= _SPLIT_MIN_SUMMARIES
+
+
+def split_topk(rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int, config, causal: bool
+               ) -> torch.Tensor:
+    """Exact flat top-k for a few tokens (``_split_scores_kernel``, then ``torch.topk``): ``[B, Hkv, T,
+    top_k]`` int32 block ids sorted by score, -1 padded. The scores are the threshold kernel's
+    (``_candidate_scores``); only tied blocks may come in another order."""
+    batch, seq_len_q, heads, dim = rq.shape
+    num_blocks, num_summaries, per_block = _summary_layout(summaries, config)
+    block_m = max(16, min(64, triton.next_power_of_2(seq_len_q)))
+    # Score rows held at once: a few hundred MB at most, whatever the length.
+    rows_per_call = max(1, _CHUNK_ELEMENTS // max(1, batch * heads * num_blocks))
+    out = []
+    for first in range(0, seq_len_q, rows_per_call):
+        rq_c = rq[:, first : first + rows_per_call]
+        rows = rq_c.shape[1]
+        scores = torch.empty(batch, heads, rows, num_blocks, device=rq.device, dtype=torch.float32)
+        grid = (triton.cdiv(num_blocks, _SPLIT_BLOCK_N), triton.cdiv(rows, block_m), batch * heads)
+        _split_scores_kernel[grid](
+            rq_c, summaries, scores,
+            rq_c.stride(0), rq_c.stride(1), rq_c.stride(2),
+            summaries.stride(0), summaries.stride(1), summaries.stride(2),
+            rows, pos_offset + first, heads, num_blocks, num_summaries, config.block_size,
+            D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=block_m, BLOCK_N=_SPLIT_BLOCK_N,
+            SINK=config.sink_blocks, LOCAL=config.local_blocks, CAUSAL=causal, IEEE=rq.dtype == torch.float32,
+            SUBS=per_block, num_warps=4, num_stages=2,
+        )
+        k_eff = min(config.top_k, num_blocks)
+        values, order = scores.topk(k_eff, dim=-1)
+        picked = torch.where(values > float("-inf"), order, -1).to(torch.int32)
+        out.append(torch.nn.functional.pad(picked, (0, config.top_k - k_eff), value=-1))
+    return torch.cat(out, dim=2)
+
+
 FLAT_GROUP = 16
 # Blocks scored per step of the fused group top-k (its score tile is [64, GROUP * K_PAD] fp32).
 _FUSED_MAX_BLOCKS = 256
@@ -622,14 +711,19 @@ _CHUNK_ELEMENTS = 1 << 28
 
 
 def route_flat_triton(rq, summaries, seq_len_k, config, causal, group: int = FLAT_GROUP,
-                      threshold: bool | None = None):
+                      threshold: bool | None = None, split: bool | None = None):
     """Exact flat top-k (module docstring): rq ``[B, T, Hkv, D]``, summaries ``[B, NS, Hkv, D]`` (a block's,
 or with ``summary="max"`` its sub-blocks', scored as the best of them).
 
+    ``split``: use :func:`split_topk` (default: a few tokens against many blocks, ``split_pays``).
     ``threshold``: use :func:`threshold_topk` (default: where it measured faster, small budgets and one
     head's summaries within L2), else group top-k + rescore.
     """
     batch, seq_len_q, heads, _ = rq.shape
+    if split is None:
+        split = split_pays(seq_len_q, summaries.shape[1])
+    if split:
+        return split_topk(rq, summaries, seq_len_k - seq_len_q, config, causal)
     if threshold is None:
         threshold = threshold_pays(summaries, config)
     if threshold:
