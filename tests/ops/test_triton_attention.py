@@ -333,7 +333,7 @@ def test_split_route_matches_reference(monkeypatch, batch, seq_len_q, causal, su
     assert torch.equal(got, want)
 
 
-def test_split_route_is_taken_for_few_tokens_and_many_blocks():
+def test_split_route_is_taken_for_few_tokens_and_many_summaries():
     from subquad.ops.ssa import triton_select
 
     assert triton_select.split_pays(1, 3145728)  # a decode step at 12M, nano `max4` summaries

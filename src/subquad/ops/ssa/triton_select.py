@@ -658,9 +658,10 @@ def _split_scores_kernel(
 # (tile of tokens, KV head) one program walking every block, so one token at 12M is one program for
 # 196K blocks while the rest of the GPU idles. Tokens up to ``_SPLIT_MAX_TOKENS`` against at least
 # ``_SPLIT_MIN_SUMMARIES`` summaries (a walking program's work) are routed by :func:`split_topk`
-# instead, whose programs split the blocks. Below it the walk was as fast or faster on an H200 (one
-# summary a block at 128K: 0.110 against 0.143 ms, layer-8b); above it the split won on every shape
-# (nano `max4`, one token: 1M 2.70 -> 0.18 ms, 12M 30.9 -> 0.33 ms; benchmarks/NOTES.md item 76).
+# instead, whose programs split the blocks. On an H200, with one summary a block the walk was as fast
+# or faster up to 128K keys (2,048 summaries; layer-8b, one token: 0.110 against 0.143 ms); from 16,384
+# summaries on the split won on every shape measured (nano `max4`, one token: 1M 2.70 -> 0.18 ms, 12M
+# 30.9 -> 0.33 ms; benchmarks/NOTES.md item 76).
 _SPLIT_MAX_TOKENS = 64
 _SPLIT_MIN_SUMMARIES = 16384
 _SPLIT_BLOCK_N = 64
@@ -676,10 +677,12 @@ def split_topk(rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int, confi
     """Exact flat top-k for a few tokens (``_split_scores_kernel``, then ``torch.topk``): ``[B, Hkv, T,
     top_k]`` int32 block ids sorted by score, -1 padded. The scores are the threshold kernel's
     (``_candidate_scores``); only tied blocks may come in another order."""
+    from subquad.ops.ssa.select import _topk_blocks
+
     batch, seq_len_q, heads, dim = rq.shape
     num_blocks, num_summaries, per_block = _summary_layout(summaries, config)
     block_m = max(16, min(64, triton.next_power_of_2(seq_len_q)))
-    # Score rows held at once: a few hundred MB at most, whatever the length.
+    # Token rows scored per launch: their score matrix stays within _CHUNK_ELEMENTS at any length.
     rows_per_call = max(1, _CHUNK_ELEMENTS // max(1, batch * heads * num_blocks))
     out = []
     for first in range(0, seq_len_q, rows_per_call):
@@ -696,10 +699,7 @@ def split_topk(rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int, confi
             SINK=config.sink_blocks, LOCAL=config.local_blocks, CAUSAL=causal, IEEE=rq.dtype == torch.float32,
             SUBS=per_block, num_warps=4, num_stages=2,
         )
-        k_eff = min(config.top_k, num_blocks)
-        values, order = scores.topk(k_eff, dim=-1)
-        picked = torch.where(values > float("-inf"), order, -1).to(torch.int32)
-        out.append(torch.nn.functional.pad(picked, (0, config.top_k - k_eff), value=-1))
+        out.append(_topk_blocks(scores, None, config.top_k))
     return torch.cat(out, dim=2)
 
 
