@@ -1,5 +1,7 @@
 """Subquad models: config validation, save/load, incremental decoding, generate, chunked prefill."""
 
+import math
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -60,14 +62,32 @@ def test_rotary_tables_rotate_like_the_pairwise_formula():
 
     rotary = SubquadRotary(64, 10000.0)
     positions = torch.randint(0, 12_000_000, (2, 50, 1))
-    freqs = positions.float()[..., None] * 10000.0 ** (-torch.arange(0, 32, dtype=torch.float32) / 32)
-    cos, sin = freqs.cos(), freqs.sin()
+    inv_freq = 10000.0 ** (-torch.arange(0, 32, dtype=torch.float32) / 32)
+    freqs = (positions.double()[..., None] * inv_freq.double()) % (2 * math.pi)
+    cos, sin = freqs.float().cos(), freqs.float().sin()
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         x = torch.randn(2, 50, 3, 64).to(dtype)
         x1, x2 = x.float()[..., :32], x.float()[..., 32:]
         want = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(dtype)
         assert torch.equal(rotary.rotate(x, rotary.tables(positions)), want)
         assert torch.equal(rotary(x, positions), want)
+
+
+def test_rotary_scores_depend_on_the_offset_alone_at_12m_positions():
+    # Rotary attention reads only relative positions: q at p and keys at p - 20 .. p must score alike at
+    # p = 20, 12M - 1 and 16M - 1. Float32 angles (position * inv_freq) rounded by up to 0.5 rad there, and
+    # the shipped local_rope model answered differently with its positions moved to 12M.
+    from subquad.models.subquad.modeling import SubquadRotary
+
+    rotary = SubquadRotary(64, 10000.0)
+    q, k = torch.randn(1, 1, 1, 64, dtype=torch.float64), torch.randn(1, 21, 1, 64, dtype=torch.float64)
+    scores = []
+    for start in (0, 12 * 2**20 - 21, 2**24 - 21):
+        q_rot = rotary(q, torch.tensor([[[start + 20]]]))
+        k_rot = rotary(k, torch.arange(start, start + 21)[None, :, None])
+        scores.append((q_rot * k_rot).sum(-1).flatten())
+    for other in scores[1:]:
+        torch.testing.assert_close(other, scores[0], rtol=0, atol=1e-4)
 
 
 def test_save_load_round_trip(tmp_path):
