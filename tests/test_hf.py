@@ -124,3 +124,52 @@ def test_padding_with_holes_is_rejected():
     mask[0, 5] = 0
     with pytest.raises(ValueError, match="padding between real tokens"):
         sparse(ids, attention_mask=mask)
+
+
+def shifted_logit_drift(model, ids, shift):
+    """Largest logit change when every position moves by ``shift`` (rotary reads offsets alone)."""
+    near = torch.arange(ids.shape[1])[None]
+    with torch.no_grad():
+        moved = model(ids, position_ids=near + shift).logits
+        return (moved - model(ids, position_ids=near).logits).abs().max()
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_precise_rotary_keeps_offsets_at_12m_positions(arch):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(configs()[arch], attn_implementation="eager").eval()
+    ids = torch.randint(0, 128, (1, 37))
+    with torch.no_grad():
+        logits = model(ids).logits
+    drift = shifted_logit_drift(model, ids, 12_000_000)
+    assert subquad.hf.precise_rotary(model) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, logits, atol=1e-5, rtol=1e-5)
+    precise_drift = shifted_logit_drift(model, ids, 12_000_000)
+    assert precise_drift < 1e-5  # measured ~2e-7 (float32 noise)
+    # The model's own float32 angles drift there (measured 3e-4 to 1e-2 on these tiny random models):
+    # what makes this test able to fail.
+    assert drift > 1e-4
+    assert subquad.hf.precise_rotary(model) == 0  # idempotent
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [{"rope_type": "dynamic", "factor": 2.0}, {"rope_type": "linear", "factor": 4.0}],
+)
+def test_precise_rotary_keeps_scaled_and_dynamic_frequencies(rope):
+    cfg = LlamaConfig(**COMMON, rope_parameters={"rope_theta": 10000.0, **rope})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    reference = copy.deepcopy(model)
+    subquad.hf.precise_rotary(model)
+    ids = torch.randint(0, 128, (1, 700))  # past max_position_embeddings: the dynamic update runs
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_precise_rotary_rejects_what_it_cannot_change():
+    with pytest.raises(TypeError, match="model"):
+        subquad.hf.precise_rotary("llama")
+    with pytest.raises(ValueError, match="no rotary module"):
+        subquad.hf.precise_rotary(torch.nn.Linear(4, 4))

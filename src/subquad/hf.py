@@ -7,7 +7,9 @@
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="ssa")
 
 SSA settings: ``model.config.ssa`` (a dict of ``SSAConfig`` fields) if present, else the default
-given to ``register`` (else ``SSAConfig()``). The model keeps its own rotary scheme.
+given to ``register`` (else ``SSAConfig()``). The model keeps its own rotary scheme; past a few
+million positions call ``precise_rotary(model)``, whose float64 angles keep nearby tokens' offsets (the
+model's own float32 angles drift by up to 0.5 rad at 12M positions).
 
 Masks. The ``"ssa"`` mask function returns ``None`` when nothing is padded, else a boolean
 ``[B, 1, 1, S]`` key mask (True = real token): SSA is causal by construction, so only padding needs
@@ -30,6 +32,7 @@ from typing import Any
 
 import torch
 
+from subquad.ops import fused
 from subquad.ops.ssa.config import SSAConfig
 from subquad.ops.ssa.interface import resolve_backend, ssa_attention
 from subquad.ops.ssa.select import select_blocks
@@ -56,6 +59,66 @@ def register(default: SSAConfig | dict[str, Any] | None = None) -> None:
 def default_ssa_config() -> SSAConfig:
     """The default given to :func:`register` (``SSAConfig()`` if none)."""
     return _DEFAULT if _DEFAULT is not None else SSAConfig()
+
+
+def precise_rotary(model: torch.nn.Module) -> int:
+    """Compute the rotary angles of ``model``'s rotary embeddings in float64, reduced mod 2 pi
+    (:func:`subquad.ops.fused.rotary_angles`), as Subquad models do. Returns how many modules changed.
+
+    transformers' rotary modules multiply ``position * inv_freq`` in float32, which rounds each angle by
+    up to 0.5 rad at 12M positions (0.06 at 1M), so past a few million tokens a query and its nearby
+    keys no longer see their true offset. The frequencies, the scaling and any dynamic frequency update
+    stay the model's own. Each module's new forward is checked against its old one on the first 64
+    positions first: a rotary module of another form raises ``ValueError`` instead of being changed.
+    Idempotent.
+    """
+    from transformers.modeling_rope_utils import dynamic_rope_update
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    rotaries = [m for m in model.modules() if hasattr(m, "inv_freq") and hasattr(m, "attention_scaling")]
+    if not rotaries:
+        raise ValueError(
+            f"model: {type(model).__name__} has no rotary module with inv_freq and attention_scaling "
+            "(Llama-style); nothing to make precise"
+        )
+    forward = dynamic_rope_update(_precise_rotary_forward)
+    changed = 0
+    for module in rotaries:
+        if getattr(module, "_subquad_precise_rotary", False):
+            continue
+        new = forward.__get__(module)
+        inv_freq = module.inv_freq
+        x = torch.ones(1, 64, inv_freq.numel() * 2, device=inv_freq.device)
+        positions = torch.arange(64, device=inv_freq.device)[None]
+        try:
+            before, after = module(x, positions), new(x, positions)
+            same = all(torch.allclose(b, a, atol=1e-5) for b, a in zip(before, after, strict=True))
+        except Exception as error:  # a forward of another signature or layout
+            raise ValueError(
+                f"model: its {type(module).__name__} is not a Llama-style rotary module ({error})"
+            ) from error
+        if not same:
+            raise ValueError(
+                f"model: its {type(module).__name__} computes other tables than cos/sin of "
+                "position * inv_freq; not changed"
+            )
+        module.forward = new
+        module._subquad_precise_rotary = True
+        changed += 1
+    return changed
+
+
+def _precise_rotary_forward(self, x: torch.Tensor, position_ids: torch.Tensor, layer_type=None):
+    """A Llama-style rotary module's forward with :func:`~subquad.ops.fused.rotary_angles`."""
+    if layer_type is not None:  # per-layer-type frequencies live under other names
+        raise ValueError(f"layer_type: {layer_type!r}; precise_rotary handles one set of frequencies")
+    angles = fused.rotary_angles(position_ids, self.inv_freq.to(x.device))
+    angles = torch.cat((angles, angles), dim=-1)
+    return (
+        (angles.cos() * self.attention_scaling).to(x.dtype),
+        (angles.sin() * self.attention_scaling).to(x.dtype),
+    )
 
 
 def ssa_config_for(config: Any) -> SSAConfig:

@@ -15,6 +15,9 @@ copies and the open block's summary re-summed a layer); an SSA step runs the sam
 ``linear_add_``, ``swiglu_linear_add_``) each replace cuBLAS and the norm, SwiGLU or residual add
 beside it (item 42).
 
+:func:`rotary_angles` is the one place rotary angles are computed (Subquad models, and transformers
+models through :func:`subquad.hf.precise_rotary`).
+
 The ``*_reference`` functions are the PyTorch definitions (the model's own math). The dispatching
 functions (:func:`rms_norm`, :func:`rotate`, :func:`silu_mul`, :func:`norm_linear`, ...) run PyTorch's
 ops wherever their kernel does not apply: on the CPU, and when a gradient is needed (training keeps the
@@ -23,6 +26,7 @@ autograd ops, which ``torch.compile`` fuses there).
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -40,6 +44,17 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
+
+
+def rotary_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """``positions[..., None] * inv_freq`` as float32 angles, computed in float64 and reduced mod 2 pi.
+
+    float32's own product rounds to half a unit in its last place: up to 0.5 rad at 12M positions for
+    the fastest frequencies, so a query and its nearby keys lose their relative rotation (all that
+    rotary attention reads). ``inv_freq`` is used as given (models keep the frequencies they trained
+    with)."""
+    angles = positions.to(torch.float64)[..., None] * inv_freq.to(torch.float64)
+    return torch.remainder(angles, 2 * math.pi).to(torch.float32)
 
 
 def rotate_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

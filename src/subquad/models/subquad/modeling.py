@@ -23,7 +23,6 @@ indices in the row: a left-padded batch behaves exactly like its prompts run one
 
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 from typing import Any
 
@@ -89,11 +88,7 @@ class SubquadRotary:
         """``([cos, cos], [-sin, sin])`` of ``positions``: float32 ``[*positions.shape, D]`` each."""
         half = self.head_dim // 2
         inv_freq = self.theta ** (-torch.arange(0, half, device=positions.device, dtype=torch.float32) / half)
-        # Angles in float64, reduced mod 2 pi, then float32: float32's position * inv_freq rounds to half
-        # a unit in its last place, up to 0.5 rad at 12M positions, and relative rotations (all that
-        # rotary attention reads) then lose their offsets. The frequencies stay float32, as trained.
-        freqs = positions.to(torch.float64)[..., None] * inv_freq.to(torch.float64)  # [..., D/2]
-        freqs = torch.remainder(freqs, 2 * math.pi).to(torch.float32)
+        freqs = fused.rotary_angles(positions, inv_freq)  # [..., D/2], exact to float32 at 12M positions
         cos, sin = freqs.cos(), freqs.sin()
         return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
