@@ -171,8 +171,9 @@ def needle_prompts(task: str, length: int, depth: float, tokenizer, samples: int
     return ruler.generate(task, length, tokenizer, num_samples=samples, seed=seed)
 
 
-def needle_ranks(model, tokenizer, sample, suffix: str = "", sub_blocks: tuple[int, ...] = (),
-                 dump: list | None = None) -> dict:
+def needle_ranks(
+    model, tokenizer, sample, suffix: str = "", sub_blocks: tuple[int, ...] = (), dump: list | None = None
+) -> dict:
     ids = tokenizer(sample.input + suffix, return_tensors="pt").input_ids.to(model.device)
     # The needle's value is the first place its digits appear; its token index is the length of the
     # prompt's text before it, tokenized the same way.

@@ -35,8 +35,12 @@ def main() -> None:
     parser.add_argument("--queries", default=None, help="route only the last this many tokens (default: all)")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="layer-8b")
     parser.add_argument("--tune", action="store_true", help="sweep the threshold kernel's launch knobs")
-    parser.add_argument("--sub-block", type=int, default=None,
-                        help="score blocks by their best sub-block of this many keys (summary='max')")
+    parser.add_argument(
+        "--sub-block",
+        type=int,
+        default=None,
+        help="score blocks by their best sub-block of this many keys (summary='max')",
+    )
     parser.add_argument("--torch", action="store_true", help="also time the PyTorch reference router")
     args = parser.parse_args()
     n = parse_length(args.length)

@@ -88,8 +88,12 @@ def test_corpus_rejects_bad_skill_document_lengths_before_building(tmp_path, cap
 def test_key_values_keeps_bracketed_commas_in_the_value():
     from subquad._args import key_values
 
-    got = key_values("router=learned,coarse_layers=[0, 1,2],ssa={\"top_k\": 8, \"block_size\": 64},name=x")
-    assert got == {"router": "learned", "coarse_layers": [0, 1, 2], "ssa": {"top_k": 8, "block_size": 64},
-                   "name": "x"}
+    got = key_values('router=learned,coarse_layers=[0, 1,2],ssa={"top_k": 8, "block_size": 64},name=x')
+    assert got == {
+        "router": "learned",
+        "coarse_layers": [0, 1, 2],
+        "ssa": {"top_k": 8, "block_size": 64},
+        "name": "x",
+    }
     with pytest.raises(ValueError, match="'oops': expected key=value"):
         key_values("top_k=8,oops")

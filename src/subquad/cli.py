@@ -103,9 +103,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         default="64k",
         help="longest length of the ladder 4k,16k,64k,256k,1m,2m,4m,12m to run (default: 64k)",
     )
-    p.add_argument(
-        "--depths", default=None, help="needle depths in percent, e.g. 10,50,90 (default: 50)"
-    )
+    p.add_argument("--depths", default=None, help="needle depths in percent, e.g. 10,50,90 (default: 50)")
     p.add_argument("--seed", type=int, default=0, help="prompt seed (default: 0)")
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="output directory (default: runs/demo)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -385,4 +385,3 @@ def test_fused_decode_step_rejects_bad_arguments():
     short = (inputs[0], inputs[1][:8], inputs[2][:8], *inputs[3:])
     with pytest.raises(ValueError, match=r"cos: shape \(8, 16\), expected 16 rows"):
         fused_decode_step(*short, plan, config, 0.3, "triton")
-

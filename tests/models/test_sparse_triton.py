@@ -103,7 +103,12 @@ def test_key_major_backward_twice_with_retained_graph(monkeypatch, backward_twic
     rotate = SubquadRotary(q.shape[-1], theta=10000.0)
     leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
     out = sparse_triton.sparse_attention_local_rotary_triton(
-        *leaves, block_idx, config.block_size, q.shape[-1] ** -0.5, rotate, config.sink_blocks,
+        *leaves,
+        block_idx,
+        config.block_size,
+        q.shape[-1] ** -0.5,
+        rotate,
+        config.sink_blocks,
         config.local_blocks,
     )
     backward_twice(out, leaves)

@@ -240,7 +240,7 @@ def test_embed_norm_linear_poisons_an_id_out_of_range():
 
 def test_norm_linear_advances_counters_once():
     x, weight = _gemv_inputs(3, 130, 2100, torch.float32)  # 2 x 525 programs, one advances
-    norm_weight = (1 + torch.randn(130, device=DEVICE) / 4)
+    norm_weight = 1 + torch.randn(130, device=DEVICE) / 4
     pos = torch.tensor([41], device=DEVICE)
     lengths = torch.tensor([42, 42, 42], device=DEVICE, dtype=torch.int32)
     got = fused.norm_linear_triton(x, norm_weight, 1e-6, weight, advance=(pos, lengths))

@@ -246,7 +246,16 @@ def test_routed_backward_matches_query_major_and_reference(case, holes, from_pla
     plan = None
     if from_plan:  # the forward's tiles and per-chunk work lists (its chunk and segment sizes)
         *_, plan = triton_routed.sparse_attention_fwd_routed(
-            q, k, v, idx, block_size, causal, scale, fixed, chunk_tokens=chunk, segment_tokens=seg,
+            q,
+            k,
+            v,
+            idx,
+            block_size,
+            causal,
+            scale,
+            fixed,
+            chunk_tokens=chunk,
+            segment_tokens=seg,
             keep_plan=True,
         )
         assert len(plan.chunks) == -(-q.shape[1] // plan.chunk_tokens)

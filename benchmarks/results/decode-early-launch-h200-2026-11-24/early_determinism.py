@@ -55,5 +55,8 @@ with torch.no_grad():
             if reference is None:
                 reference = rows[:1]
             diff = (rows - reference).abs().amax(dim=-1)
-            print(f"round {r} {name:6s} mismatched steps {int((diff > 0).sum())} of {args.repeats}, "
-                  f"largest difference {float(diff.max()):.4g}", flush=True)
+            print(
+                f"round {r} {name:6s} mismatched steps {int((diff > 0).sum())} of {args.repeats}, "
+                f"largest difference {float(diff.max()):.4g}",
+                flush=True,
+            )

@@ -43,5 +43,8 @@ with torch.no_grad():
                     token = want.argmax(-1, keepdim=True)
                     if action == "eager":
                         phase = "after"
-                print(f"{attention}-{index} B{batch} run {run}: largest difference before the eager steps "
-                      f"{worst['before']:.4f}, after {worst['after']:.4f}", flush=True)
+                print(
+                    f"{attention}-{index} B{batch} run {run}: largest difference before the eager steps "
+                    f"{worst['before']:.4f}, after {worst['after']:.4f}",
+                    flush=True,
+                )

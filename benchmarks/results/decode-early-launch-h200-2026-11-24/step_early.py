@@ -78,9 +78,13 @@ with torch.no_grad():
                 reference = logits
             equal = torch.equal(logits, reference)
             times[name].append(whole_step_ms())
-            print(f"round {r} {name:10s} {times[name][-1]:.4f} ms  logits equal to the first set: {equal}",
-                  flush=True)
+            print(
+                f"round {r} {name:10s} {times[name][-1]:.4f} ms  logits equal to the first set: {equal}",
+                flush=True,
+            )
 print(f"\nstep at {args.length} tokens, index {args.index}, median of {args.rounds} rounds (ms):")
 for name, early in sets.items():
-    print(f"  {name:10s} {statistics.median(times[name]):.4f}  [{', '.join(f'{t:.4f}' for t in times[name])}]"
-          f"  early: {','.join(sorted(early)) or '-'}")
+    print(
+        f"  {name:10s} {statistics.median(times[name]):.4f}  [{', '.join(f'{t:.4f}' for t in times[name])}]"
+        f"  early: {','.join(sorted(early)) or '-'}"
+    )

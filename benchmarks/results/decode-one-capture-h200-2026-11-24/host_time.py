@@ -63,8 +63,10 @@ with torch.no_grad():
         decoder.step(token)
         host.append(time.perf_counter() - t0)
     torch.cuda.synchronize()
-    print(f"host: replayed step median {statistics.median(host) * 1e6:.1f} us "
-          f"(min {min(host) * 1e6:.1f}, max {max(host) * 1e6:.1f})")
+    print(
+        f"host: replayed step median {statistics.median(host) * 1e6:.1f} us "
+        f"(min {min(host) * 1e6:.1f}, max {max(host) * 1e6:.1f})"
+    )
     graph = decoder._pieces[0][0]
     reps = []
     for _ in range(30):
@@ -93,8 +95,10 @@ with torch.no_grad():
         decoder.step(token)
         caps.append(time.perf_counter() - t0)
         torch.cuda.synchronize()
-    print(f"host: prepare step {[round(c * 1e3, 2) for c in caps]} ms, capture alone "
-          f"{decoder.capture_seconds * 1e3:.2f} ms")
+    print(
+        f"host: prepare step {[round(c * 1e3, 2) for c in caps]} ms, capture alone "
+        f"{decoder.capture_seconds * 1e3:.2f} ms"
+    )
     decoder.invalidate()
     torch.cuda.synchronize()
     prof = cProfile.Profile()
@@ -115,5 +119,7 @@ with torch.no_grad():
             decoder.step(token)
         torch.cuda.synchronize()
         ms = (time.perf_counter() - t0) / (2 * bs) * 1e3
-        print(f"run of {2 * bs} steps from offset {offset}: {ms:.4f} ms/token, "
-              f"{decoder.captures - before} captures")
+        print(
+            f"run of {2 * bs} steps from offset {offset}: {ms:.4f} ms/token, "
+            f"{decoder.captures - before} captures"
+        )

@@ -87,13 +87,19 @@ for on in (True, False):
             us = chain(lambda i, g=grid, w=warps, a=la: _empty_kernel[(g,)](bufs[0], num_warps=w, **a))
             rows.append((f"empty grid {grid} warps {warps}", on, us))
     for warps in (1, 4):
-        us = chain(lambda i, w=warps, a=la: _row_kernel[(384,)](bufs[i % 2], bufs[1 - i % 2], N=768,
-                                                                BLOCK=1024, num_warps=w, **a))
+        us = chain(
+            lambda i, w=warps, a=la: _row_kernel[(384,)](
+                bufs[i % 2], bufs[1 - i % 2], N=768, BLOCK=1024, num_warps=w, **a
+            )
+        )
         rows.append((f"row 768 -> 2 a program, grid 384 warps {warps}", on, us))
     for n in (256, 512):
         for warps in (1, 2, 4):
-            us = chain(lambda i, n=n, w=warps, a=la: _topk_kernel[(2, 19)](keys[i % 2], keys[1 - i % 2], N=n,
-                                                                           K=16, num_warps=w, **a))
+            us = chain(
+                lambda i, n=n, w=warps, a=la: _topk_kernel[(2, 19)](
+                    keys[i % 2], keys[1 - i % 2], N=n, K=16, num_warps=w, **a
+                )
+            )
             rows.append((f"top-16 of {n} int64, grid 38 warps {warps}", on, us))
 pdl.ENABLED = True
 print(f"{'chain of 96 links':48s} {'PDL':>4s} {'us a link':>10s}")

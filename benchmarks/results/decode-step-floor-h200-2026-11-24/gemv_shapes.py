@@ -100,8 +100,10 @@ with torch.no_grad():
             ms = graph_ms()
             err = (residual.float() - ref).abs().max().item()
             saved = (base - ms) * 1e3 / 12
-            print(f"{kind:8s} block_n {block_n:3d} warps {warps:2d}: {ms:.4f} ms the 48, {saved:+.2f} us a "
-                  f"product vs shipped (|diff| {err:.2g})")
+            print(
+                f"{kind:8s} block_n {block_n:3d} warps {warps:2d}: {ms:.4f} ms the 48, {saved:+.2f} us a "
+                f"product vs shipped (|diff| {err:.2g})"
+            )
             if saved > best.get(kind, (0.0, None))[0]:
                 best[kind] = (saved, (block_n, warps))
     shapes.clear()

@@ -23,10 +23,17 @@ parser.add_argument("--index", default="tree", choices=["flat", "tree"])
 parser.add_argument("--repeats", type=int, default=7)
 parser.add_argument("--profile", action="store_true")
 parser.add_argument("--logits", default=None, help="save the logits at the fixed position here (torch.save)")
-parser.add_argument("--head-prefetch-mb", type=int, default=None,
-                    help="graphed.HEAD_PREFETCH_BYTES in MiB (versions of src that have it)")
-parser.add_argument("--no-prefetch", action="store_true",
-                    help="no product asks L2 for later weights (versions of src that have _prefetch_targets)")
+parser.add_argument(
+    "--head-prefetch-mb",
+    type=int,
+    default=None,
+    help="graphed.HEAD_PREFETCH_BYTES in MiB (versions of src that have it)",
+)
+parser.add_argument(
+    "--no-prefetch",
+    action="store_true",
+    help="no product asks L2 for later weights (versions of src that have _prefetch_targets)",
+)
 args = parser.parse_args()
 
 if args.no_prefetch:
@@ -60,8 +67,11 @@ with torch.no_grad():
             decoder.step(token)
         torch.cuda.synchronize()
         walls.append((time.perf_counter() - t0) / 40 * 1e3)
-    print(f"step at {args.length} keys, index {args.index}: {statistics.median(walls):.4f} ms "
-          f"[{', '.join(f'{w:.4f}' for w in walls)}]", flush=True)
+    print(
+        f"step at {args.length} keys, index {args.index}: {statistics.median(walls):.4f} ms "
+        f"[{', '.join(f'{w:.4f}' for w in walls)}]",
+        flush=True,
+    )
     if args.logits:
         torch.save(logits.float().cpu(), args.logits)
 

@@ -63,8 +63,10 @@ def main() -> None:
                 q_, k_ = q.detach(), k.detach()
                 selection = attn.select(q_, k_, summaries, route)
                 group = q_.shape[2] // k_.shape[2]
-                rotary = None if attn.config.position_scheme == "rope" else (
-                    attn.rotary, ssa.sink_blocks, ssa.local_blocks
+                rotary = (
+                    None
+                    if attn.config.position_scheme == "rope"
+                    else (attn.rotary, ssa.sink_blocks, ssa.local_blocks)
                 )
                 row = {"layer": attn.layer_idx, "shared": {}, "per_head": {}}
                 for top_k in budgets:

@@ -105,16 +105,38 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     if rows.shape[0]:
         block = triton.next_power_of_2(cols)
         _rms_norm_kernel[(rows.shape[0],)](
-            rows, weight, out, cols, rows.stride(0), eps,
-            BLOCK=block, num_warps=min(16, max(1, block // 256)), **pdl.launch_args(x.device),
+            rows,
+            weight,
+            out,
+            cols,
+            rows.stride(0),
+            eps,
+            BLOCK=block,
+            num_warps=min(16, max(1, block // 256)),
+            **pdl.launch_args(x.device),
         )
     return out
 
 
 @triton.jit
-def _rotate_kernel(X, COS, SIN, OUT, T, H, stride_xb, stride_xt, stride_xh, stride_cb, stride_ct,
-                   stride_ch, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-                   PDL: tl.constexpr):
+def _rotate_kernel(
+    X,
+    COS,
+    SIN,
+    OUT,
+    T,
+    H,
+    stride_xb,
+    stride_xt,
+    stride_xh,
+    stride_cb,
+    stride_ct,
+    stride_ch,
+    D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
+):
     # One program per (row, token): all its heads. The tables broadcast over heads (stride_ch = 0) or not.
     pdl.wait(PDL)
     bt = tl.program_id(0)
@@ -169,9 +191,21 @@ def rotate_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     if out.numel():
         head_stride = cos.stride(2) if cos.shape[2] > 1 else 0
         _rotate_kernel[(batch * steps,)](
-            x, cos, sin, out, steps, heads, x.stride(0), x.stride(1), x.stride(2),
-            cos.stride(0), cos.stride(1), head_stride,
-            D=dim, BLOCK_H=triton.next_power_of_2(heads), BLOCK_D=triton.next_power_of_2(dim),
+            x,
+            cos,
+            sin,
+            out,
+            steps,
+            heads,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            cos.stride(0),
+            cos.stride(1),
+            head_stride,
+            D=dim,
+            BLOCK_H=triton.next_power_of_2(heads),
+            BLOCK_D=triton.next_power_of_2(dim),
             enable_fp_fusion=False,  # x * cos + swapped * sin rounded as PyTorch rounds it
             **pdl.launch_args(x.device),
         )
@@ -221,8 +255,14 @@ def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if out.numel():
         block = min(1024, triton.next_power_of_2(cols))
         _silu_mul_kernel[(gate_rows.shape[0], triton.cdiv(cols, block))](
-            gate_rows, up_rows, out, cols, gate_rows.stride(0), up_rows.stride(0),
-            BLOCK=block, num_warps=max(1, min(8, block // 256)),
+            gate_rows,
+            up_rows,
+            out,
+            cols,
+            gate_rows.stride(0),
+            up_rows.stride(0),
+            BLOCK=block,
+            num_warps=max(1, min(8, block // 256)),
         )
     return out
 
@@ -282,10 +322,35 @@ def _rotated_heads(X, cos, sin, d, ok, D: tl.constexpr):
 
 @triton.jit
 def _rotate_append_program(
-    QKV, COS, SIN, Q_OUT, KEY_BUF, VALUE_BUF, MEANS, POS, b, h, HKV,
-    s_x_b, s_x_h, s_kb_b, s_kb_s, s_kb_h, s_vb_b, s_vb_s, s_vb_h, s_m_b, s_m_n, s_m_h,
-    GROUP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
+    QKV,
+    COS,
+    SIN,
+    Q_OUT,
+    KEY_BUF,
+    VALUE_BUF,
+    MEANS,
+    POS,
+    b,
+    h,
+    HKV,
+    s_x_b,
+    s_x_h,
+    s_kb_b,
+    s_kb_s,
+    s_kb_h,
+    s_vb_b,
+    s_vb_s,
+    s_vb_h,
+    s_m_b,
+    s_m_n,
+    s_m_h,
+    GROUP: tl.constexpr,
+    D: tl.constexpr,
+    BS: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Row ``b``, KV head ``h`` of rotate_append_decode_token: its GROUP query heads, its key and value.
 
@@ -299,7 +364,8 @@ def _rotate_append_program(
     slots = block * BS + tl.arange(0, BLOCK_S)
     earlier = tl.load(
         KEY_BUF + b * s_kb_b + slots[:, None] * s_kb_s + h * s_kb_h + d[None, :],
-        mask=(slots[:, None] < pos) & d_ok[None, :], other=0.0,
+        mask=(slots[:, None] < pos) & d_ok[None, :],
+        other=0.0,
     )
     pdl.wait(PDL)
     g = tl.arange(0, BLOCK_G)[:, None]
@@ -319,18 +385,67 @@ def _rotate_append_program(
 
 @triton.jit
 def _rotate_append_kernel(
-    QKV, COS, SIN, Q_OUT, KEY_BUF, VALUE_BUF, MEANS, POS, HKV,
-    s_x_b, s_x_h, s_kb_b, s_kb_s, s_kb_h, s_vb_b, s_vb_s, s_vb_h, s_m_b, s_m_n, s_m_h,
-    GROUP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
+    QKV,
+    COS,
+    SIN,
+    Q_OUT,
+    KEY_BUF,
+    VALUE_BUF,
+    MEANS,
+    POS,
+    HKV,
+    s_x_b,
+    s_x_h,
+    s_kb_b,
+    s_kb_s,
+    s_kb_h,
+    s_vb_b,
+    s_vb_s,
+    s_vb_h,
+    s_m_b,
+    s_m_n,
+    s_m_h,
+    GROUP: tl.constexpr,
+    D: tl.constexpr,
+    BS: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # One program per (row, KV head).
     b = (tl.program_id(0) // HKV).to(tl.int64)
     h = (tl.program_id(0) % HKV).to(tl.int64)
     _rotate_append_program(
-        QKV, COS, SIN, Q_OUT, KEY_BUF, VALUE_BUF, MEANS, POS, b, h, HKV,
-        s_x_b, s_x_h, s_kb_b, s_kb_s, s_kb_h, s_vb_b, s_vb_s, s_vb_h, s_m_b, s_m_n, s_m_h,
-        GROUP, D, BS, BLOCK_G, BLOCK_S, BLOCK_D, PDL,
+        QKV,
+        COS,
+        SIN,
+        Q_OUT,
+        KEY_BUF,
+        VALUE_BUF,
+        MEANS,
+        POS,
+        b,
+        h,
+        HKV,
+        s_x_b,
+        s_x_h,
+        s_kb_b,
+        s_kb_s,
+        s_kb_h,
+        s_vb_b,
+        s_vb_s,
+        s_vb_h,
+        s_m_b,
+        s_m_n,
+        s_m_h,
+        GROUP,
+        D,
+        BS,
+        BLOCK_G,
+        BLOCK_S,
+        BLOCK_D,
+        PDL,
     )
 
 
@@ -422,13 +537,32 @@ def rotate_append_decode_token_triton(
     block_size = cos.shape[0]
     q = torch.empty(batch, 1, heads_q, dim, dtype=qkv.dtype, device=qkv.device)
     _rotate_append_kernel[(batch * heads_kv,)](
-        qkv, cos, sin, q, key_buf, value_buf, means, pos, heads_kv,
-        qkv.stride(0), qkv.stride(2),
-        key_buf.stride(0), key_buf.stride(1), key_buf.stride(2),
-        value_buf.stride(0), value_buf.stride(1), value_buf.stride(2),
-        means.stride(0), means.stride(1), means.stride(2),
-        GROUP=heads_q // heads_kv, D=dim, BS=block_size, BLOCK_G=triton.next_power_of_2(heads_q // heads_kv),
-        BLOCK_S=triton.next_power_of_2(block_size), BLOCK_D=triton.next_power_of_2(dim),
+        qkv,
+        cos,
+        sin,
+        q,
+        key_buf,
+        value_buf,
+        means,
+        pos,
+        heads_kv,
+        qkv.stride(0),
+        qkv.stride(2),
+        key_buf.stride(0),
+        key_buf.stride(1),
+        key_buf.stride(2),
+        value_buf.stride(0),
+        value_buf.stride(1),
+        value_buf.stride(2),
+        means.stride(0),
+        means.stride(1),
+        means.stride(2),
+        GROUP=heads_q // heads_kv,
+        D=dim,
+        BS=block_size,
+        BLOCK_G=triton.next_power_of_2(heads_q // heads_kv),
+        BLOCK_S=triton.next_power_of_2(block_size),
+        BLOCK_D=triton.next_power_of_2(dim),
         enable_fp_fusion=False,  # the rotation rounded as PyTorch rounds it
         **pdl.launch_args(key_buf.device),
     )
@@ -448,7 +582,11 @@ def prefetch_l2(ptrs, mask, PREFETCH: tl.constexpr):
     if PREFETCH:
         tl.inline_asm_elementwise(
             "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
-            "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
+            "=r,l,r",
+            [ptrs, mask.to(tl.int32)],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
         )
 
 

@@ -370,7 +370,13 @@ class SubquadAttention(nn.Module):
         ssa = config.ssa_config
         if self.training and self.routing_loss_queries and summaries is None:
             self.routing_loss = routing_distillation_loss(
-                q, k, ssa, self.scale, self.routing_loss_queries, route=route, focus=self.loss_focus,
+                q,
+                k,
+                ssa,
+                self.scale,
+                self.routing_loss_queries,
+                route=route,
+                focus=self.loss_focus,
                 temperature=self.routing_loss_temperature,
             )
         recall_loss = self.training and self.recall_loss_queries and summaries is None

@@ -65,7 +65,14 @@ def ssa_attention(
         from subquad.ops.ssa.triton_attention import sparse_attention_triton
 
         out = sparse_attention_triton(
-            q, k, v, selection.block_idx, selection.block_size, causal, scale, selection.num_fixed_slots,
+            q,
+            k,
+            v,
+            selection.block_idx,
+            selection.block_size,
+            causal,
+            scale,
+            selection.num_fixed_slots,
             selection.fixed_layout,
         )
     return (out, selection) if return_selection else out

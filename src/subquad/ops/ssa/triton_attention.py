@@ -70,15 +70,41 @@ def _tile_rows(tile, group, T, TOKENS: tl.constexpr, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _sparse_attention_fwd_kernel(
-    Q, K, V, OUT, LSE,
-    tile_blocks, tile_masks, tile_count,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh,
-    stride_ob, stride_ot, stride_oh,
-    T, S, HKV, group, num_tiles, union_width, scale_log2,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOKENS: tl.constexpr, CAUSAL: tl.constexpr,
+    Q,
+    K,
+    V,
+    OUT,
+    LSE,
+    tile_blocks,
+    tile_masks,
+    tile_count,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    T,
+    S,
+    HKV,
+    group,
+    num_tiles,
+    union_width,
+    scale_log2,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TOKENS: tl.constexpr,
+    CAUSAL: tl.constexpr,
 ):
     tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -89,8 +115,13 @@ def _sparse_attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n = tl.arange(0, BLOCK_N)
-    q_ptrs = (Q + b.to(tl.int64) * stride_qb + token.to(tl.int64)[:, None] * stride_qt
-              + q_head[:, None] * stride_qh + offs_d[None, :])
+    q_ptrs = (
+        Q
+        + b.to(tl.int64) * stride_qb
+        + token.to(tl.int64)[:, None] * stride_qt
+        + q_head[:, None] * stride_qh
+        + offs_d[None, :]
+    )
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     query_pos = token + (S - T)
 
@@ -106,10 +137,16 @@ def _sparse_attention_fwd_kernel(
         bits = tl.load(tile_masks + list_base + u)
         key_pos = block * BLOCK_N + offs_n
         key_ok = key_pos < S
-        k = tl.load(k_base + key_pos.to(tl.int64)[None, :] * stride_ks + offs_d[:, None],
-                    mask=key_ok[None, :] & (offs_d[:, None] < D), other=0.0)  # [BLOCK_D, BLOCK_N]
-        v = tl.load(v_base + key_pos.to(tl.int64)[:, None] * stride_vs + offs_dv[None, :],
-                    mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)  # [BLOCK_N, BLOCK_DV]
+        k = tl.load(
+            k_base + key_pos.to(tl.int64)[None, :] * stride_ks + offs_d[:, None],
+            mask=key_ok[None, :] & (offs_d[:, None] < D),
+            other=0.0,
+        )  # [BLOCK_D, BLOCK_N]
+        v = tl.load(
+            v_base + key_pos.to(tl.int64)[:, None] * stride_vs + offs_dv[None, :],
+            mask=key_ok[:, None] & (offs_dv[None, :] < DV),
+            other=0.0,
+        )  # [BLOCK_N, BLOCK_DV]
         s = tl.dot(q, k) * scale_log2
         chosen = ((bits >> token_in_tile.to(tl.int64)) & 1) != 0
         visible = chosen[:, None] & key_ok[None, :]
@@ -127,8 +164,13 @@ def _sparse_attention_fwd_kernel(
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
-    o_ptrs = (OUT + b.to(tl.int64) * stride_ob + token.to(tl.int64)[:, None] * stride_ot
-              + q_head[:, None] * stride_oh + offs_dv[None, :])
+    o_ptrs = (
+        OUT
+        + b.to(tl.int64) * stride_ob
+        + token.to(tl.int64)[:, None] * stride_ot
+        + q_head[:, None] * stride_oh
+        + offs_dv[None, :]
+    )
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
     # LSE (log2 domain) laid out [B, T, Hq] like the rows of q.
     lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.math.log2(l_safe))
@@ -138,15 +180,44 @@ def _sparse_attention_fwd_kernel(
 
 @triton.jit
 def _sparse_attention_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
-    tile_blocks, tile_masks, tile_count,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh,
-    stride_dob, stride_dot, stride_doh,
-    T, S, HKV, group, num_tiles, union_width, scale_log2, scale,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOKENS: tl.constexpr, CAUSAL: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    tile_blocks,
+    tile_masks,
+    tile_count,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_dob,
+    stride_dot,
+    stride_doh,
+    T,
+    S,
+    HKV,
+    group,
+    num_tiles,
+    union_width,
+    scale_log2,
+    scale,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TOKENS: tl.constexpr,
+    CAUSAL: tl.constexpr,
 ):
     tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -157,11 +228,17 @@ def _sparse_attention_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n = tl.arange(0, BLOCK_N)
-    row_off = (b.to(tl.int64) * stride_qb + token.to(tl.int64)[:, None] * stride_qt
-               + q_head[:, None] * stride_qh)
+    row_off = (
+        b.to(tl.int64) * stride_qb + token.to(tl.int64)[:, None] * stride_qt + q_head[:, None] * stride_qh
+    )
     q = tl.load(Q + row_off + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    do_ptrs = (DO + b.to(tl.int64) * stride_dob + token.to(tl.int64)[:, None] * stride_dot
-               + q_head[:, None] * stride_doh + offs_dv[None, :])
+    do_ptrs = (
+        DO
+        + b.to(tl.int64) * stride_dob
+        + token.to(tl.int64)[:, None] * stride_dot
+        + q_head[:, None] * stride_doh
+        + offs_dv[None, :]
+    )
     do = tl.load(do_ptrs, mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     stat = (b.to(tl.int64) * T + token) * (HKV * group) + q_head
     lse = tl.load(LSE + stat, mask=row_ok, other=float("inf"))
@@ -178,10 +255,16 @@ def _sparse_attention_bwd_dq_kernel(
         bits = tl.load(tile_masks + list_base + u)
         key_pos = block * BLOCK_N + offs_n
         key_ok = key_pos < S
-        k = tl.load(k_base + key_pos.to(tl.int64)[:, None] * stride_ks + offs_d[None, :],
-                    mask=key_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(v_base + key_pos.to(tl.int64)[:, None] * stride_vs + offs_dv[None, :],
-                    mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        k = tl.load(
+            k_base + key_pos.to(tl.int64)[:, None] * stride_ks + offs_d[None, :],
+            mask=key_ok[:, None] & (offs_d[None, :] < D),
+            other=0.0,
+        )  # [BLOCK_N, BLOCK_D]
+        v = tl.load(
+            v_base + key_pos.to(tl.int64)[:, None] * stride_vs + offs_dv[None, :],
+            mask=key_ok[:, None] & (offs_dv[None, :] < DV),
+            other=0.0,
+        )
         s = tl.dot(q, tl.trans(k)) * scale_log2
         chosen = ((bits >> token_in_tile.to(tl.int64)) & 1) != 0
         visible = chosen[:, None] & key_ok[None, :]
@@ -191,8 +274,11 @@ def _sparse_attention_bwd_dq_kernel(
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
-    tl.store(DQ + row_off + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(
+        DQ + row_off + offs_d[None, :],
+        (dq * scale).to(DQ.dtype.element_ty),
+        mask=row_ok[:, None] & (offs_d[None, :] < D),
+    )
 
 
 @triton.jit
@@ -208,25 +294,66 @@ def _segment_block(seg_block, seg_start, seg_end, num_blocks, HKV, S, BLOCK_N: t
 
 @triton.jit
 def _sparse_attention_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV_OUT,
-    seg_block, seg_start, seg_end, pair_tiles, pair_masks,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh,
-    stride_dob, stride_dot, stride_doh,
-    T, S, HKV, group, num_blocks, scale_log2, scale,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOKENS: tl.constexpr, CAUSAL: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV_OUT,
+    seg_block,
+    seg_start,
+    seg_end,
+    pair_tiles,
+    pair_masks,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_dob,
+    stride_dot,
+    stride_doh,
+    T,
+    S,
+    HKV,
+    group,
+    num_blocks,
+    scale_log2,
+    scale,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TOKENS: tl.constexpr,
+    CAUSAL: tl.constexpr,
 ):
     b, h, start, end, key_pos, key_ok = _segment_block(
         seg_block, seg_start, seg_end, num_blocks, HKV, S, BLOCK_N
     )
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k_ptrs = (K + b.to(tl.int64) * stride_kb + h * stride_kh + key_pos.to(tl.int64)[:, None] * stride_ks
-              + offs_d[None, :])
-    v_ptrs = (V + b.to(tl.int64) * stride_vb + h * stride_vh + key_pos.to(tl.int64)[:, None] * stride_vs
-              + offs_dv[None, :])
+    k_ptrs = (
+        K
+        + b.to(tl.int64) * stride_kb
+        + h * stride_kh
+        + key_pos.to(tl.int64)[:, None] * stride_ks
+        + offs_d[None, :]
+    )
+    v_ptrs = (
+        V
+        + b.to(tl.int64) * stride_vb
+        + h * stride_vh
+        + key_pos.to(tl.int64)[:, None] * stride_vs
+        + offs_dv[None, :]
+    )
     k = tl.load(k_ptrs, mask=key_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # [BLOCK_N, BLOCK_D]
     v = tl.load(v_ptrs, mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -236,11 +363,17 @@ def _sparse_attention_bwd_dkdv_kernel(
         bits = tl.load(pair_masks + pair)
         token_in_tile, head, token, row_ok = _tile_rows(tile, group, T, TOKENS, BLOCK_M)
         q_head = h * group + head
-        row_off = (b.to(tl.int64) * stride_qb + token.to(tl.int64)[:, None] * stride_qt
-                   + q_head[:, None] * stride_qh)
+        row_off = (
+            b.to(tl.int64) * stride_qb + token.to(tl.int64)[:, None] * stride_qt + q_head[:, None] * stride_qh
+        )
         q = tl.load(Q + row_off + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        do_ptrs = (DO + b.to(tl.int64) * stride_dob + token.to(tl.int64)[:, None] * stride_dot
-                   + q_head[:, None] * stride_doh + offs_dv[None, :])
+        do_ptrs = (
+            DO
+            + b.to(tl.int64) * stride_dob
+            + token.to(tl.int64)[:, None] * stride_dot
+            + q_head[:, None] * stride_doh
+            + offs_dv[None, :]
+        )
         do = tl.load(do_ptrs, mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
         stat = (b.to(tl.int64) * T + token) * (HKV * group) + q_head
         lse = tl.load(LSE + stat, mask=row_ok, other=float("inf"))
@@ -255,11 +388,19 @@ def _sparse_attention_bwd_dkdv_kernel(
         dp_t = tl.dot(v, tl.trans(do))
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q)
-    out_off = ((b.to(tl.int64) * S + key_pos.to(tl.int64)[:, None]) * HKV + h)
-    tl.atomic_add(DK + out_off * D + offs_d[None, :], dk * scale,
-                  mask=key_ok[:, None] & (offs_d[None, :] < D), sem="relaxed")
-    tl.atomic_add(DV_OUT + out_off * DV + offs_dv[None, :], dv,
-                  mask=key_ok[:, None] & (offs_dv[None, :] < DV), sem="relaxed")
+    out_off = (b.to(tl.int64) * S + key_pos.to(tl.int64)[:, None]) * HKV + h
+    tl.atomic_add(
+        DK + out_off * D + offs_d[None, :],
+        dk * scale,
+        mask=key_ok[:, None] & (offs_d[None, :] < D),
+        sem="relaxed",
+    )
+    tl.atomic_add(
+        DV_OUT + out_off * DV + offs_dv[None, :],
+        dv,
+        mask=key_ok[:, None] & (offs_dv[None, :] < DV),
+        sem="relaxed",
+    )
 
 
 def _launch_shape(
@@ -293,14 +434,37 @@ def sparse_attention_fwd(q, k, v, block_idx, block_size, causal, scale, tiles=No
     lse = torch.empty(batch, seq_len_q, heads_q, device=q.device, dtype=torch.float32)
     grid = (num_tiles, batch * heads_kv)
     _sparse_attention_fwd_kernel[grid](
-        q, k, v, out, lse,
-        tiles.blocks, tiles.masks, tiles.count,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        seq_len_q, seq_len_k, heads_kv, heads_q // heads_kv, num_tiles, width, scale * _LOG2E,
-        CAUSAL=causal, num_warps=num_warps, num_stages=2, **shape,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        tiles.blocks,
+        tiles.masks,
+        tiles.count,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        seq_len_q,
+        seq_len_k,
+        heads_kv,
+        heads_q // heads_kv,
+        num_tiles,
+        width,
+        scale * _LOG2E,
+        CAUSAL=causal,
+        num_warps=num_warps,
+        num_stages=2,
+        **shape,
     )
     return out, lse, tiles
 
@@ -316,8 +480,9 @@ def sparse_attention_bwd(do, q, k, v, out, lse, tiles, block_size, causal, scale
 
 
 @triton.jit
-def _attention_delta_kernel(DO, OUT, DELTA, num_rows, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-                            BLOCK_ROWS: tl.constexpr):
+def _attention_delta_kernel(
+    DO, OUT, DELTA, num_rows, DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_ROWS: tl.constexpr
+):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_DV)
     mask = (rows < num_rows)[:, None] & (cols < DV)[None, :]
@@ -336,8 +501,13 @@ def attention_delta(do: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     num_rows = delta.numel()
     block_rows = 32
     _attention_delta_kernel[(triton.cdiv(num_rows, block_rows),)](
-        do.contiguous(), out.contiguous(), delta, num_rows,
-        DV=dim_v, BLOCK_DV=max(16, triton.next_power_of_2(dim_v)), BLOCK_ROWS=block_rows,
+        do.contiguous(),
+        out.contiguous(),
+        delta,
+        num_rows,
+        DV=dim_v,
+        BLOCK_DV=max(16, triton.next_power_of_2(dim_v)),
+        BLOCK_ROWS=block_rows,
     )
     return delta
 
@@ -360,28 +530,74 @@ def query_major_bwd(
     if dq is None:
         dq = torch.empty_like(q)
     common = (
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        do.stride(0),
+        do.stride(1),
+        do.stride(2),
     )
     _sparse_attention_bwd_dq_kernel[(num_tiles, batch * heads_kv)](
-        q, k, v, do, lse, delta, dq,
-        tiles.blocks, tiles.masks, tiles.count,
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        dq,
+        tiles.blocks,
+        tiles.masks,
+        tiles.count,
         *common,
-        seq_len_q, seq_len_k, heads_kv, heads_q // heads_kv, num_tiles, width, scale * _LOG2E, scale,
-        CAUSAL=causal, num_warps=num_warps, num_stages=2, **shape,
+        seq_len_q,
+        seq_len_k,
+        heads_kv,
+        heads_q // heads_kv,
+        num_tiles,
+        width,
+        scale * _LOG2E,
+        scale,
+        CAUSAL=causal,
+        num_warps=num_warps,
+        num_stages=2,
+        **shape,
     )
     num_blocks = -(-seq_len_k // block_size)
     if work is None:
         work = invert_tiles(tiles, num_blocks)
     if work.seg_block.numel():
         _sparse_attention_bwd_dkdv_kernel[(work.seg_block.numel(),)](
-            q, k, v, do, lse, delta, dk_acc, dv_acc,
-            work.seg_block, work.seg_start, work.seg_end, work.tiles, work.masks,
+            q,
+            k,
+            v,
+            do,
+            lse,
+            delta,
+            dk_acc,
+            dv_acc,
+            work.seg_block,
+            work.seg_start,
+            work.seg_end,
+            work.tiles,
+            work.masks,
             *common,
-            seq_len_q, seq_len_k, heads_kv, heads_q // heads_kv, num_blocks, scale * _LOG2E, scale,
-            CAUSAL=causal, num_warps=num_warps, num_stages=1, **shape,
+            seq_len_q,
+            seq_len_k,
+            heads_kv,
+            heads_q // heads_kv,
+            num_blocks,
+            scale * _LOG2E,
+            scale,
+            CAUSAL=causal,
+            num_warps=num_warps,
+            num_stages=1,
+            **shape,
         )
     return dq
 
@@ -396,16 +612,29 @@ class SparseAttentionFunction(torch.autograd.Function):
 
             # The backward goes key-major too, on the forward's work lists (``ctx.plan``).
             out, lse, ctx.plan = sparse_attention_fwd_routed(
-                q, k, v, block_idx, block_size, causal, scale, num_fixed_slots,
-                keep_plan=any(ctx.needs_input_grad[:3]), fixed_layout=fixed_layout,
+                q,
+                k,
+                v,
+                block_idx,
+                block_size,
+                causal,
+                scale,
+                num_fixed_slots,
+                keep_plan=any(ctx.needs_input_grad[:3]),
+                fixed_layout=fixed_layout,
             )
             tile_tensors = ()
         else:
             out, lse, tiles = sparse_attention_fwd(q, k, v, block_idx, block_size, causal, scale)
             tile_tensors = (tiles.blocks, tiles.masks, tiles.count)
         ctx.save_for_backward(q, k, v, out, lse, block_idx, *tile_tensors)
-        ctx.meta = (block_size, causal, scale, tokens_per_tile(q.shape[2] // k.shape[2]),
-                    num_fixed_slots if routed else None)
+        ctx.meta = (
+            block_size,
+            causal,
+            scale,
+            tokens_per_tile(q.shape[2] // k.shape[2]),
+            num_fixed_slots if routed else None,
+        )
         return out
 
     @staticmethod

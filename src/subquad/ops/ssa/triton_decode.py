@@ -351,7 +351,6 @@ def sparse_decode_naive(
 
 
 if triton is not None:
-
     # Context-moving ints not specialised on, as triton_select's decode kernels.
     @triton.jit(do_not_specialize=["num_splits", "seq_len_k", "num_lists"])
     def _sparse_decode_split_kernel(
@@ -392,8 +391,11 @@ if triton is not None:
         if PICK:
             lists = tl.arange(0, LISTS_PAD)
             cols = tl.arange(0, K_PAD)
-            keys = tl.load(PART + (pid_bh.to(tl.int64) * num_lists + lists[:, None]) * K_PAD + cols[None, :],
-                           mask=(lists < num_lists)[:, None], other=-1)
+            keys = tl.load(
+                PART + (pid_bh.to(tl.int64) * num_lists + lists[:, None]) * K_PAD + cols[None, :],
+                mask=(lists < num_lists)[:, None],
+                other=-1,
+            )
             keys = tl.reshape(keys, [1, LISTS_PAD * K_PAD])
             if LISTS_PAD > 1:
                 keys = tl.topk(keys, K_PAD)
@@ -485,10 +487,10 @@ if triton is not None:
         o_ptrs = OUT + b * stride_ob + (h * GROUP + g) * stride_oh + offs_dv * stride_od
         tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=offs_dv < HEAD_DIM_V)
 
-
     @triton.jit
-    def _flat_tile_keys(rq, summ, blocks, last_candidate, SINK: tl.constexpr, K_PAD: tl.constexpr,
-                        TILE: tl.constexpr):
+    def _flat_tile_keys(
+        rq, summ, blocks, last_candidate, SINK: tl.constexpr, K_PAD: tl.constexpr, TILE: tl.constexpr
+    ):
         """The best ``K_PAD`` candidates of a tile of summaries ``[TILE, BLOCK_D]`` as packed keys ``[1,
         K_PAD]``: blocks after the sinks, up to ``last_candidate`` (the flat router's), scored by ``rq``."""
         score = tl.sum(rq[None, :] * summ, 1)
@@ -519,9 +521,35 @@ if triton is not None:
         h = (bh % HKV).to(tl.int64)
         if split == num_splits:
             fused._rotate_append_program(
-                QKV, COS, SIN, Q_OUT, KEY_BUF, VALUE_BUF, MEANS, POS, b, h, HKV,
-                s_x_b, s_x_h, s_kb_b, s_kb_s, s_kb_h, s_vb_b, s_vb_s, s_vb_h, s_m_b, s_m_n, s_m_h,
-                GROUP, D, BS, BLOCK_G, BLOCK_S, BLOCK_D, PDL,
+                QKV,
+                COS,
+                SIN,
+                Q_OUT,
+                KEY_BUF,
+                VALUE_BUF,
+                MEANS,
+                POS,
+                b,
+                h,
+                HKV,
+                s_x_b,
+                s_x_h,
+                s_kb_b,
+                s_kb_s,
+                s_kb_h,
+                s_vb_b,
+                s_vb_s,
+                s_vb_h,
+                s_m_b,
+                s_m_n,
+                s_m_h,
+                GROUP,
+                D,
+                BS,
+                BLOCK_G,
+                BLOCK_S,
+                BLOCK_D,
+                PDL,
             )
         else:
             d = tl.arange(0, BLOCK_D)
@@ -529,21 +557,28 @@ if triton is not None:
             summ_base = MEANS + b * s_m_b + h * s_m_h + d[None, :]
             first = split.to(tl.int64) * tiles_per_split * TILE
             blocks = first + tl.arange(0, TILE)
-            summ = tl.load(summ_base + blocks[:, None] * s_m_n,
-                           mask=(blocks < num_blocks)[:, None] & d_ok[None, :], other=0.0)
+            summ = tl.load(
+                summ_base + blocks[:, None] * s_m_n,
+                mask=(blocks < num_blocks)[:, None] & d_ok[None, :],
+                other=0.0,
+            )
             # Loaded before the wait as in fused._rotate_append_program (see there).
             pos, block, cos, sin = fused._token_tables(POS, COS, SIN, d, d_ok, D, BS)
             last_candidate = block - LOCAL
             pdl.wait(PDL)
             g = tl.arange(0, BLOCK_G)[:, None]
-            q = fused._rotated_heads(QKV + b * s_x_b + (h * GROUP + g) * s_x_h, cos, sin, d,
-                                     (g < GROUP) & d_ok[None, :], D)
+            q = fused._rotated_heads(
+                QKV + b * s_x_b + (h * GROUP + g) * s_x_h, cos, sin, d, (g < GROUP) & d_ok[None, :], D
+            )
             rq = tl.sum(q.to(QKV.dtype.element_ty).to(tl.float32), axis=0)  # select.routing_queries
             best = _flat_tile_keys(rq, summ, blocks, last_candidate, SINK, K_PAD, TILE)
             for t in range(1, tiles_per_split):
                 blocks = first + t * TILE + tl.arange(0, TILE)
-                summ = tl.load(summ_base + blocks[:, None] * s_m_n,
-                               mask=(blocks < num_blocks)[:, None] & d_ok[None, :], other=0.0)
+                summ = tl.load(
+                    summ_base + blocks[:, None] * s_m_n,
+                    mask=(blocks < num_blocks)[:, None] & d_ok[None, :],
+                    other=0.0,
+                )
                 keys = _flat_tile_keys(rq, summ, blocks, last_candidate, SINK, K_PAD, TILE)
                 best = _merge_top(best, keys, 1, K_PAD)
             cols = tl.arange(0, K_PAD)
@@ -770,9 +805,7 @@ def fused_decode_step(
 
     block_size = config.block_size
     if cos.dim() != 2 or cos.shape[0] != block_size:
-        raise ValueError(
-            f"cos: shape {tuple(cos.shape)}, expected {block_size} rows (a key block's tables)"
-        )
+        raise ValueError(f"cos: shape {tuple(cos.shape)}, expected {block_size} rows (a key block's tables)")
     heads_q = fused.check_rotate_append(qkv, cos, sin, pos, key_buf, value_buf, means)
     batch, _, heads_kv, dim = key_buf.shape
     q = torch.empty(batch, 1, heads_q, dim, dtype=qkv.dtype, device=qkv.device)

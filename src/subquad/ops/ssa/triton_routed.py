@@ -96,14 +96,41 @@ _BWD_NUM_STAGES = 1
 
 @triton.jit
 def _routed_partial_kernel(
-    Q, K, V, O_PART, LSE_PART,
-    seg_block, seg_start, seg_end, pair_entry,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh,
-    T, S, HKV, group, num_blocks, chunk_start, chunk_len, num_slots, scale_log2,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOKENS: tl.constexpr, CAUSAL: tl.constexpr,
+    Q,
+    K,
+    V,
+    O_PART,
+    LSE_PART,
+    seg_block,
+    seg_start,
+    seg_end,
+    pair_entry,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    T,
+    S,
+    HKV,
+    group,
+    num_blocks,
+    chunk_start,
+    chunk_len,
+    num_slots,
+    scale_log2,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TOKENS: tl.constexpr,
+    CAUSAL: tl.constexpr,
 ):
     b, h, start, end, key_pos, key_ok = _segment_block(
         seg_block, seg_start, seg_end, num_blocks, HKV, S, BLOCK_N
@@ -112,10 +139,20 @@ def _routed_partial_kernel(
         return
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k_ptrs = (K + b.to(tl.int64) * stride_kb + h * stride_kh + key_pos.to(tl.int64)[None, :] * stride_ks
-              + offs_d[:, None])
-    v_ptrs = (V + b.to(tl.int64) * stride_vb + h * stride_vh + key_pos.to(tl.int64)[:, None] * stride_vs
-              + offs_dv[None, :])
+    k_ptrs = (
+        K
+        + b.to(tl.int64) * stride_kb
+        + h * stride_kh
+        + key_pos.to(tl.int64)[None, :] * stride_ks
+        + offs_d[:, None]
+    )
+    v_ptrs = (
+        V
+        + b.to(tl.int64) * stride_vb
+        + h * stride_vh
+        + key_pos.to(tl.int64)[:, None] * stride_vs
+        + offs_dv[None, :]
+    )
     k = tl.load(k_ptrs, mask=key_ok[None, :] & (offs_d[:, None] < D), other=0.0)  # [BLOCK_D, BLOCK_N]
     v = tl.load(v_ptrs, mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)  # [BLOCK_N, BLOCK_DV]
     rows = tl.arange(0, BLOCK_M)
@@ -126,8 +163,9 @@ def _routed_partial_kernel(
     in_tile = token_in_tile < TOKENS
     # entry = token within the chunk * num_slots + routed slot, loaded a step ahead (the q gather
     # waits on it: ~8% of this kernel at 128K).
-    entry_next = tl.load(pair_entry + start + token_in_tile, mask=in_tile & (start + token_in_tile < end),
-                         other=0)
+    entry_next = tl.load(
+        pair_entry + start + token_in_tile, mask=in_tile & (start + token_in_tile < end), other=0
+    )
     for first in range(start, end, TOKENS):
         pair = first + token_in_tile
         row_ok = in_tile & (pair < end)
@@ -136,8 +174,13 @@ def _routed_partial_kernel(
         token_c = entry // num_slots
         slot = entry % num_slots
         token = chunk_start + token_c
-        q_ptrs = (Q + b.to(tl.int64) * stride_qb + token.to(tl.int64)[:, None] * stride_qt
-                  + q_head[:, None] * stride_qh + offs_d[None, :])
+        q_ptrs = (
+            Q
+            + b.to(tl.int64) * stride_qb
+            + token.to(tl.int64)[:, None] * stride_qt
+            + q_head[:, None] * stride_qh
+            + offs_d[None, :]
+        )
         q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
         s = tl.dot(q, k) * scale_log2  # [BLOCK_M, BLOCK_N]
         visible = row_ok[:, None] & key_ok[None, :]
@@ -154,16 +197,29 @@ def _routed_partial_kernel(
         lse = tl.where(l_sum == 0.0, float("-inf"), m_safe + tl.math.log2(l_safe))
         # Partial buffers: [B, Tc, Hq, num_slots] (+ [Dv]).
         part = ((b.to(tl.int64) * chunk_len + token_c) * heads_q + q_head) * num_slots + slot
-        tl.store(O_PART + part[:, None] * DV + offs_dv[None, :], out.to(O_PART.dtype.element_ty),
-                 mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+        tl.store(
+            O_PART + part[:, None] * DV + offs_dv[None, :],
+            out.to(O_PART.dtype.element_ty),
+            mask=row_ok[:, None] & (offs_dv[None, :] < DV),
+        )
         tl.store(LSE_PART + part, lse, mask=row_ok)
 
 
 @triton.jit
 def _merge_partials_kernel(
-    OUT, LSE, O_PART, LSE_PART,
-    T, chunk_start, chunk_len, heads_q, num_rows,
-    NUM_SLOTS: tl.constexpr, BLOCK_SLOTS: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    OUT,
+    LSE,
+    O_PART,
+    LSE_PART,
+    T,
+    chunk_start,
+    chunk_len,
+    heads_q,
+    num_rows,
+    NUM_SLOTS: tl.constexpr,
+    BLOCK_SLOTS: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
 ):
     # A row is one (batch, token of the chunk, q head); OUT / LSE are the contiguous [B, T, Hq(, Dv)].
@@ -177,42 +233,88 @@ def _merge_partials_kernel(
     lse_fixed = tl.load(LSE + full_row, mask=row_ok, other=float("inf"))
     # The query-major kernel marks an empty row with +inf (so its backward gives p = 0): weight 0 here.
     lse_fixed = tl.where(lse_fixed == float("inf"), float("-inf"), lse_fixed)
-    lse_parts = tl.load(LSE_PART + rows[:, None] * NUM_SLOTS + slots[None, :],
-                        mask=row_ok[:, None] & (slots[None, :] < NUM_SLOTS), other=float("-inf"))
+    lse_parts = tl.load(
+        LSE_PART + rows[:, None] * NUM_SLOTS + slots[None, :],
+        mask=row_ok[:, None] & (slots[None, :] < NUM_SLOTS),
+        other=float("-inf"),
+    )
     m = tl.maximum(lse_fixed, tl.max(lse_parts, 1))
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     weight = tl.math.exp2(lse_fixed - m_safe)
     total = weight
-    o_fixed = tl.load(OUT + full_row[:, None] * DV + offs_dv[None, :],
-                      mask=(row_ok & (lse_fixed > float("-inf")))[:, None] & dv_ok, other=0.0)
+    o_fixed = tl.load(
+        OUT + full_row[:, None] * DV + offs_dv[None, :],
+        mask=(row_ok & (lse_fixed > float("-inf")))[:, None] & dv_ok,
+        other=0.0,
+    )
     acc = weight[:, None] * o_fixed.to(tl.float32)
     for slot in range(NUM_SLOTS):
         lse_slot = tl.load(LSE_PART + rows * NUM_SLOTS + slot, mask=row_ok, other=float("-inf"))
         weight = tl.math.exp2(lse_slot - m_safe)
         # Unused slots are never written: mask their loads rather than multiply garbage by 0.
-        o_slot = tl.load(O_PART + (rows * NUM_SLOTS + slot)[:, None] * DV + offs_dv[None, :],
-                         mask=(row_ok & (lse_slot > float("-inf")))[:, None] & dv_ok, other=0.0)
+        o_slot = tl.load(
+            O_PART + (rows * NUM_SLOTS + slot)[:, None] * DV + offs_dv[None, :],
+            mask=(row_ok & (lse_slot > float("-inf")))[:, None] & dv_ok,
+            other=0.0,
+        )
         acc += weight[:, None] * o_slot.to(tl.float32)
         total += weight
     total_safe = tl.where(total == 0.0, 1.0, total)
     out = acc / total_safe[:, None]
     lse = tl.where(total == 0.0, float("inf"), m_safe + tl.math.log2(total_safe))
-    tl.store(OUT + full_row[:, None] * DV + offs_dv[None, :], out.to(OUT.dtype.element_ty),
-             mask=row_ok[:, None] & dv_ok)
+    tl.store(
+        OUT + full_row[:, None] * DV + offs_dv[None, :],
+        out.to(OUT.dtype.element_ty),
+        mask=row_ok[:, None] & dv_ok,
+    )
     tl.store(LSE + full_row, lse, mask=row_ok)
 
 
 @triton.jit
 def _routed_bwd_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ_PART, DK_ACC, DV_ACC,
-    seg_block, seg_start, seg_end, pair_entry,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh,
-    stride_dob, stride_dot, stride_doh,
-    T, S, HKV, group, num_blocks, chunk_start, chunk_len, num_slots, scale_log2, scale,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOKENS: tl.constexpr, CAUSAL: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ_PART,
+    DK_ACC,
+    DV_ACC,
+    seg_block,
+    seg_start,
+    seg_end,
+    pair_entry,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_dob,
+    stride_dot,
+    stride_doh,
+    T,
+    S,
+    HKV,
+    group,
+    num_blocks,
+    chunk_start,
+    chunk_len,
+    num_slots,
+    scale_log2,
+    scale,
+    D: tl.constexpr,
+    DV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TOKENS: tl.constexpr,
+    CAUSAL: tl.constexpr,
 ):
     """One segment of a key block's routed pairs: K/V loaded once, dK/dV summed over the segment in
     registers (one fp32 atomic add per segment), each token's dQ share stored to its (token, q head,
@@ -226,10 +328,24 @@ def _routed_bwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     # [BLOCK_N, BLOCK_D] and [BLOCK_N, BLOCK_DV]
-    k = tl.load(K + b.to(tl.int64) * stride_kb + h * stride_kh + key_pos.to(tl.int64)[:, None] * stride_ks
-                + offs_d[None, :], mask=key_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + b.to(tl.int64) * stride_vb + h * stride_vh + key_pos.to(tl.int64)[:, None] * stride_vs
-                + offs_dv[None, :], mask=key_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    k = tl.load(
+        K
+        + b.to(tl.int64) * stride_kb
+        + h * stride_kh
+        + key_pos.to(tl.int64)[:, None] * stride_ks
+        + offs_d[None, :],
+        mask=key_ok[:, None] & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    v = tl.load(
+        V
+        + b.to(tl.int64) * stride_vb
+        + h * stride_vh
+        + key_pos.to(tl.int64)[:, None] * stride_vs
+        + offs_dv[None, :],
+        mask=key_ok[:, None] & (offs_dv[None, :] < DV),
+        other=0.0,
+    )
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     rows = tl.arange(0, BLOCK_M)
@@ -238,8 +354,9 @@ def _routed_bwd_kernel(
     heads_q = HKV * group
     in_tile = token_in_tile < TOKENS
     # Pair entries a step ahead, as in the forward.
-    entry_next = tl.load(pair_entry + start + token_in_tile, mask=in_tile & (start + token_in_tile < end),
-                         other=0)
+    entry_next = tl.load(
+        pair_entry + start + token_in_tile, mask=in_tile & (start + token_in_tile < end), other=0
+    )
     for first in range(start, end, TOKENS):
         pair = first + token_in_tile
         row_ok = in_tile & (pair < end)
@@ -247,12 +364,19 @@ def _routed_bwd_kernel(
         entry_next = tl.load(pair_entry + pair + TOKENS, mask=in_tile & (pair + TOKENS < end), other=0)
         token_c = entry // num_slots
         token = chunk_start + token_c
-        row_off = (b.to(tl.int64) * stride_qb + token.to(tl.int64)[:, None] * stride_qt
-                   + q_head[:, None] * stride_qh)
+        row_off = (
+            b.to(tl.int64) * stride_qb + token.to(tl.int64)[:, None] * stride_qt + q_head[:, None] * stride_qh
+        )
         q = tl.load(Q + row_off + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        do = tl.load(DO + b.to(tl.int64) * stride_dob + token.to(tl.int64)[:, None] * stride_dot
-                     + q_head[:, None] * stride_doh + offs_dv[None, :],
-                     mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        do = tl.load(
+            DO
+            + b.to(tl.int64) * stride_dob
+            + token.to(tl.int64)[:, None] * stride_dot
+            + q_head[:, None] * stride_doh
+            + offs_dv[None, :],
+            mask=row_ok[:, None] & (offs_dv[None, :] < DV),
+            other=0.0,
+        )
         stat = (b.to(tl.int64) * T + token) * heads_q + q_head
         lse = tl.load(LSE + stat, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)
@@ -268,21 +392,46 @@ def _routed_bwd_kernel(
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
         dq = tl.dot(ds.to(k.dtype), k) * scale  # [BLOCK_M, BLOCK_D]
         part = ((b.to(tl.int64) * chunk_len + token_c) * heads_q + q_head) * num_slots + entry % num_slots
-        tl.store(DQ_PART + part[:, None] * D + offs_d[None, :], dq.to(DQ_PART.dtype.element_ty),
-                 mask=row_ok[:, None] & (offs_d[None, :] < D))
+        tl.store(
+            DQ_PART + part[:, None] * D + offs_d[None, :],
+            dq.to(DQ_PART.dtype.element_ty),
+            mask=row_ok[:, None] & (offs_d[None, :] < D),
+        )
     out_off = (b.to(tl.int64) * S + key_pos.to(tl.int64)[:, None]) * HKV + h
-    tl.atomic_add(DK_ACC + out_off * D + offs_d[None, :], dk * scale,
-                  mask=key_ok[:, None] & (offs_d[None, :] < D), sem="relaxed")
-    tl.atomic_add(DV_ACC + out_off * DV + offs_dv[None, :], dv,
-                  mask=key_ok[:, None] & (offs_dv[None, :] < DV), sem="relaxed")
+    tl.atomic_add(
+        DK_ACC + out_off * D + offs_d[None, :],
+        dk * scale,
+        mask=key_ok[:, None] & (offs_d[None, :] < D),
+        sem="relaxed",
+    )
+    tl.atomic_add(
+        DV_ACC + out_off * DV + offs_dv[None, :],
+        dv,
+        mask=key_ok[:, None] & (offs_dv[None, :] < DV),
+        sem="relaxed",
+    )
 
 
 @triton.jit
 def _sum_dq_partials_kernel(
-    DQ, DQ_FIXED, DQ_PART, ROUTED,
-    stride_rb, stride_rh, stride_rt, stride_rs,
-    T, chunk_start, chunk_len, heads_q, group, num_rows,
-    NUM_SLOTS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    DQ,
+    DQ_FIXED,
+    DQ_PART,
+    ROUTED,
+    stride_rb,
+    stride_rh,
+    stride_rt,
+    stride_rs,
+    T,
+    chunk_start,
+    chunk_len,
+    heads_q,
+    group,
+    num_rows,
+    NUM_SLOTS: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
 ):
     # A row is one (batch, token of the chunk, q head): DQ = DQ_FIXED (fp32, the fixed slots' share) +
     # the row's routed partials, in DQ's dtype; all three laid out [B, T, Hq, D]. Slots the token left
@@ -300,10 +449,14 @@ def _sum_dq_partials_kernel(
     acc = tl.load(DQ_FIXED + full_row[:, None] * D + offs_d[None, :], mask=row_ok[:, None] & d_ok, other=0.0)
     for slot in range(NUM_SLOTS):
         used = row_ok & (tl.load(routed + slot * stride_rs, mask=row_ok, other=-1) >= 0)
-        acc += tl.load(DQ_PART + (rows * NUM_SLOTS + slot)[:, None] * D + offs_d[None, :],
-                       mask=used[:, None] & d_ok, other=0.0).to(tl.float32)
-    tl.store(DQ + full_row[:, None] * D + offs_d[None, :], acc.to(DQ.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok)
+        acc += tl.load(
+            DQ_PART + (rows * NUM_SLOTS + slot)[:, None] * D + offs_d[None, :],
+            mask=used[:, None] & d_ok,
+            other=0.0,
+        ).to(tl.float32)
+    tl.store(
+        DQ + full_row[:, None] * D + offs_d[None, :], acc.to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok
+    )
 
 
 def routed_work(routed_idx: torch.Tensor, num_blocks: int, segment_tokens: int):
@@ -365,7 +518,11 @@ _FIXED_CACHE_SIZE = 4
 
 
 def fixed_part(
-    block_idx: torch.Tensor, num_fixed_slots: int, group: int, seq_len_k: int, block_size: int,
+    block_idx: torch.Tensor,
+    num_fixed_slots: int,
+    group: int,
+    seq_len_k: int,
+    block_size: int,
     layout: tuple | None = None,
 ) -> FixedPart:
     """The fixed slots' :class:`FixedPart`. ``layout``: what determines their content besides the shapes
@@ -425,8 +582,9 @@ def sparse_attention_fwd_routed(
     chunk_tokens = min(chunk_tokens, seq_len_q)
     plan = RoutedPlan(None, chunk_tokens)
     if num_fixed_slots:
-        plan.fixed = fixed_part(block_idx, num_fixed_slots, heads_q // heads_kv, seq_len_k, block_size,
-                                fixed_layout)
+        plan.fixed = fixed_part(
+            block_idx, num_fixed_slots, heads_q // heads_kv, seq_len_k, block_size, fixed_layout
+        )
         out, lse, _ = sparse_attention_fwd(
             q, k, v, None, block_size, causal, scale, plan.fixed.tiles, num_warps=_FIXED_NUM_WARPS
         )
@@ -453,20 +611,54 @@ def sparse_attention_fwd_routed(
         seg_block, seg_start, seg_end, pair_entry = work
         if seg_block.numel():
             _routed_partial_kernel[(seg_block.numel(),)](
-                q, k, v, o_part, chunk_lse,
-                seg_block, seg_start, seg_end, pair_entry,
-                q.stride(0), q.stride(1), q.stride(2),
-                k.stride(0), k.stride(1), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(2),
-                seq_len_q, seq_len_k, heads_kv, heads_q // heads_kv, num_blocks, chunk_start, chunk_len,
-                num_routed, scale * _LOG2E,
-                CAUSAL=causal, num_warps=_ROUTED_NUM_WARPS, num_stages=_ROUTED_NUM_STAGES, **shape,
+                q,
+                k,
+                v,
+                o_part,
+                chunk_lse,
+                seg_block,
+                seg_start,
+                seg_end,
+                pair_entry,
+                q.stride(0),
+                q.stride(1),
+                q.stride(2),
+                k.stride(0),
+                k.stride(1),
+                k.stride(2),
+                v.stride(0),
+                v.stride(1),
+                v.stride(2),
+                seq_len_q,
+                seq_len_k,
+                heads_kv,
+                heads_q // heads_kv,
+                num_blocks,
+                chunk_start,
+                chunk_len,
+                num_routed,
+                scale * _LOG2E,
+                CAUSAL=causal,
+                num_warps=_ROUTED_NUM_WARPS,
+                num_stages=_ROUTED_NUM_STAGES,
+                **shape,
             )
         _merge_partials_kernel[(triton.cdiv(num_rows, _MERGE_ROWS),)](
-            out, lse, o_part, chunk_lse,
-            seq_len_q, chunk_start, chunk_len, heads_q, num_rows,
-            NUM_SLOTS=num_routed, BLOCK_SLOTS=max(2, triton.next_power_of_2(num_routed)),
-            DV=dim_v, BLOCK_DV=shape["BLOCK_DV"], BLOCK_ROWS=_MERGE_ROWS, num_warps=4,
+            out,
+            lse,
+            o_part,
+            chunk_lse,
+            seq_len_q,
+            chunk_start,
+            chunk_len,
+            heads_q,
+            num_rows,
+            NUM_SLOTS=num_routed,
+            BLOCK_SLOTS=max(2, triton.next_power_of_2(num_routed)),
+            DV=dim_v,
+            BLOCK_DV=shape["BLOCK_DV"],
+            BLOCK_ROWS=_MERGE_ROWS,
+            num_warps=4,
         )
     return out, lse, plan
 
@@ -514,8 +706,23 @@ def sparse_attention_bwd_routed(
         fixed = plan.fixed if plan is not None else None
         if fixed is None:
             fixed = fixed_part(block_idx, num_fixed_slots, heads_q // heads_kv, seq_len_k, block_size)
-        query_major_bwd(do, q, k, v, lse, delta, fixed.tiles, block_size, causal, scale, dk, dv, dq=dq_fixed,
-                        num_warps=_FIXED_NUM_WARPS, work=fixed.key_major(num_blocks))
+        query_major_bwd(
+            do,
+            q,
+            k,
+            v,
+            lse,
+            delta,
+            fixed.tiles,
+            block_size,
+            causal,
+            scale,
+            dk,
+            dv,
+            dq=dq_fixed,
+            num_warps=_FIXED_NUM_WARPS,
+            work=fixed.key_major(num_blocks),
+        )
     else:
         dq_fixed = torch.zeros(batch, seq_len_q, heads_q, dim, device=q.device, dtype=torch.float32)
     if num_routed == 0:
@@ -541,20 +748,63 @@ def sparse_attention_bwd_routed(
             )
         if seg_block.numel():
             _routed_bwd_kernel[(seg_block.numel(),)](
-                q, k, v, do, lse, delta, dq_part, dk, dv,
-                seg_block, seg_start, seg_end, pair_entry,
-                q.stride(0), q.stride(1), q.stride(2),
-                k.stride(0), k.stride(1), k.stride(2),
-                v.stride(0), v.stride(1), v.stride(2),
-                do.stride(0), do.stride(1), do.stride(2),
-                seq_len_q, seq_len_k, heads_kv, heads_q // heads_kv, num_blocks, chunk_start, chunk_len,
-                num_routed, scale * _LOG2E, scale,
-                CAUSAL=causal, num_warps=_BWD_NUM_WARPS, num_stages=_BWD_NUM_STAGES, **shape,
+                q,
+                k,
+                v,
+                do,
+                lse,
+                delta,
+                dq_part,
+                dk,
+                dv,
+                seg_block,
+                seg_start,
+                seg_end,
+                pair_entry,
+                q.stride(0),
+                q.stride(1),
+                q.stride(2),
+                k.stride(0),
+                k.stride(1),
+                k.stride(2),
+                v.stride(0),
+                v.stride(1),
+                v.stride(2),
+                do.stride(0),
+                do.stride(1),
+                do.stride(2),
+                seq_len_q,
+                seq_len_k,
+                heads_kv,
+                heads_q // heads_kv,
+                num_blocks,
+                chunk_start,
+                chunk_len,
+                num_routed,
+                scale * _LOG2E,
+                scale,
+                CAUSAL=causal,
+                num_warps=_BWD_NUM_WARPS,
+                num_stages=_BWD_NUM_STAGES,
+                **shape,
             )
         num_rows = batch * chunk_len * heads_q
         _sum_dq_partials_kernel[(triton.cdiv(num_rows, _MERGE_ROWS),)](
-            dq, dq_fixed, dq_part, routed_idx, *routed_idx.stride(),
-            seq_len_q, chunk_start, chunk_len, heads_q, heads_q // heads_kv, num_rows,
-            NUM_SLOTS=num_routed, D=dim, BLOCK_D=shape["BLOCK_D"], BLOCK_ROWS=_MERGE_ROWS, num_warps=4,
+            dq,
+            dq_fixed,
+            dq_part,
+            routed_idx,
+            *routed_idx.stride(),
+            seq_len_q,
+            chunk_start,
+            chunk_len,
+            heads_q,
+            heads_q // heads_kv,
+            num_rows,
+            NUM_SLOTS=num_routed,
+            D=dim,
+            BLOCK_D=shape["BLOCK_D"],
+            BLOCK_ROWS=_MERGE_ROWS,
+            num_warps=4,
         )
     return dq, dk.to(k.dtype), dv.to(v.dtype)

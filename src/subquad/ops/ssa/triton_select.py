@@ -36,8 +36,9 @@ from subquad.ops.ssa import triton_attention  # noqa: F401  (interpreter fix for
 
 
 @triton.jit
-def _is_candidate(block, query_block, SINK: tl.constexpr, LOCAL: tl.constexpr, num_blocks,
-                  CAUSAL: tl.constexpr):
+def _is_candidate(
+    block, query_block, SINK: tl.constexpr, LOCAL: tl.constexpr, num_blocks, CAUSAL: tl.constexpr
+):
     """Routed candidates: after the sinks, outside (causal: before) the token's local window."""
     ok = (block >= SINK) & (block < num_blocks)
     if CAUSAL:
@@ -67,15 +68,38 @@ def _merge_top(best, key, BLOCK_M: tl.constexpr, K_PAD: tl.constexpr):
 
 
 @triton.jit
-def _routing_rows(RQ, stride_rb, stride_rt, stride_rh, b, h, tile, T, pos_offset, num_blocks, block_size,
-                  offs_d, D: tl.constexpr, BLOCK_M: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr):
+def _routing_rows(
+    RQ,
+    stride_rb,
+    stride_rt,
+    stride_rh,
+    b,
+    h,
+    tile,
+    T,
+    pos_offset,
+    num_blocks,
+    block_size,
+    offs_d,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    LOCAL: tl.constexpr,
+    CAUSAL: tl.constexpr,
+):
     """A tile's token rows, their key blocks, routing queries ``[BLOCK_M, BLOCK_D]`` and the first
     block no row of the tile may route to (causal: the start of the last row's local window)."""
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < T
     query_block = (rows + pos_offset) // block_size
-    rq = tl.load(RQ + b.to(tl.int64) * stride_rb + rows.to(tl.int64)[:, None] * stride_rt + h * stride_rh
-                 + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    rq = tl.load(
+        RQ
+        + b.to(tl.int64) * stride_rb
+        + rows.to(tl.int64)[:, None] * stride_rt
+        + h * stride_rh
+        + offs_d[None, :],
+        mask=row_ok[:, None] & (offs_d[None, :] < D),
+        other=0.0,
+    )
     if CAUSAL:
         last_row = tl.minimum(tile * BLOCK_M + BLOCK_M - 1, T - 1)
         stop = (last_row + pos_offset) // block_size - LOCAL + 1
@@ -92,9 +116,24 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks, num_summaries,
-                      D: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
-                      IEEE: tl.constexpr, SUBS: tl.constexpr, MASK: tl.constexpr = True):
+def _candidate_scores(
+    rq,
+    summ_base,
+    stride_sn,
+    start,
+    cols,
+    offs_d,
+    query_block,
+    num_blocks,
+    num_summaries,
+    D: tl.constexpr,
+    SINK: tl.constexpr,
+    LOCAL: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    IEEE: tl.constexpr,
+    SUBS: tl.constexpr,
+    MASK: tl.constexpr = True,
+):
     """Routing scores ``[BLOCK_M, BLOCK_N]`` of the blocks ``start + cols``, -inf where not a candidate.
 
     ``SUBS`` summaries per block (``SSAConfig.summaries_per_block``): a block scores as its best
@@ -105,16 +144,21 @@ def _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block
     every row (and complete), so no bounds or candidate masks are applied."""
     blocks = start + cols
     if SUBS == 1:
-        summ = tl.load(summ_base + blocks.to(tl.int64)[None, :] * stride_sn + offs_d[:, None],
-                       mask=((blocks[None, :] < num_blocks) | (not MASK)) & (offs_d[:, None] < D), other=0.0)
+        summ = tl.load(
+            summ_base + blocks.to(tl.int64)[None, :] * stride_sn + offs_d[:, None],
+            mask=((blocks[None, :] < num_blocks) | (not MASK)) & (offs_d[:, None] < D),
+            other=0.0,
+        )
         s = _dot(rq, summ, IEEE)
     else:
         s = tl.full([rq.shape[0], cols.shape[0]], float("-inf"), tl.float32)
         for j in range(SUBS):
             sub = blocks * SUBS + j
-            summ = tl.load(summ_base + sub.to(tl.int64)[None, :] * stride_sn + offs_d[:, None],
-                           mask=((sub[None, :] < num_summaries) | (not MASK)) & (offs_d[:, None] < D),
-                           other=0.0)
+            summ = tl.load(
+                summ_base + sub.to(tl.int64)[None, :] * stride_sn + offs_d[:, None],
+                mask=((sub[None, :] < num_summaries) | (not MASK)) & (offs_d[:, None] < D),
+                other=0.0,
+            )
             # Sub-blocks past the last key (a partial last block) take no part in the maximum.
             if MASK:
                 s = tl.maximum(s, tl.where(sub[None, :] < num_summaries, _dot(rq, summ, IEEE), float("-inf")))
@@ -128,12 +172,31 @@ def _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block
 
 @triton.jit
 def _group_max_kernel(
-    RQ, SUMM, OUT,
-    stride_rb, stride_rt, stride_rh,
-    stride_sb, stride_sn, stride_sh,
-    T, pos_offset, HKV, num_blocks, num_summaries, num_groups, block_size,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    GROUP: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr, SUBS: tl.constexpr,
+    RQ,
+    SUMM,
+    OUT,
+    stride_rb,
+    stride_rt,
+    stride_rh,
+    stride_sb,
+    stride_sn,
+    stride_sh,
+    T,
+    pos_offset,
+    HKV,
+    num_blocks,
+    num_summaries,
+    num_groups,
+    block_size,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr,
+    SINK: tl.constexpr,
+    LOCAL: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    SUBS: tl.constexpr,
 ):
     tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -141,16 +204,45 @@ def _group_max_kernel(
     h = bh % HKV
     offs_d = tl.arange(0, BLOCK_D)
     rows, row_ok, query_block, rq, stop = _routing_rows(
-        RQ, stride_rb, stride_rt, stride_rh, b, h, tile, T, pos_offset, num_blocks, block_size, offs_d,
-        D, BLOCK_M, LOCAL, CAUSAL,
+        RQ,
+        stride_rb,
+        stride_rt,
+        stride_rh,
+        b,
+        h,
+        tile,
+        T,
+        pos_offset,
+        num_blocks,
+        block_size,
+        offs_d,
+        D,
+        BLOCK_M,
+        LOCAL,
+        CAUSAL,
     )
     out_base = OUT + (bh.to(tl.int64) * T + rows.to(tl.int64)[:, None]) * num_groups
     groups_per_chunk: tl.constexpr = BLOCK_N // GROUP
     cols = tl.arange(0, BLOCK_N)
     summ_base = SUMM + b.to(tl.int64) * stride_sb + h * stride_sh
     for start in range(0, stop, BLOCK_N):
-        s = _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks,
-                              num_summaries, D, SINK, LOCAL, CAUSAL, False, SUBS)
+        s = _candidate_scores(
+            rq,
+            summ_base,
+            stride_sn,
+            start,
+            cols,
+            offs_d,
+            query_block,
+            num_blocks,
+            num_summaries,
+            D,
+            SINK,
+            LOCAL,
+            CAUSAL,
+            False,
+            SUBS,
+        )
         gmax = tl.max(tl.reshape(s, [BLOCK_M, groups_per_chunk, GROUP]), axis=2)
         groups = start // GROUP + tl.arange(0, groups_per_chunk)
         tl.store(out_base + groups[None, :], gmax, mask=row_ok[:, None] & (groups[None, :] < num_groups))
@@ -162,8 +254,9 @@ def _summary_layout(summaries: torch.Tensor, config) -> tuple[int, int, int]:
     return -(-summaries.shape[1] // per_block), summaries.shape[1], per_block
 
 
-def group_max_scores(rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int, config, group: int,
-                     causal: bool) -> torch.Tensor:
+def group_max_scores(
+    rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int, config, group: int, causal: bool
+) -> torch.Tensor:
     """Max routing score per group of ``group`` candidate blocks: ``[B, Hkv, T, NG]`` fp32, -inf if none.
 
     rq: ``[B, T, Hkv, D]`` routing queries of tokens at positions ``pos_offset + i``;
@@ -176,12 +269,32 @@ def group_max_scores(rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int,
     block_m, block_n = 64, max(64, group)
     grid = (triton.cdiv(seq_len_q, block_m), batch * heads)
     _group_max_kernel[grid](
-        rq, summaries, out,
-        rq.stride(0), rq.stride(1), rq.stride(2),
-        summaries.stride(0), summaries.stride(1), summaries.stride(2),
-        seq_len_q, pos_offset, heads, num_blocks, num_summaries, num_groups, config.block_size,
-        D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=block_m, BLOCK_N=block_n, GROUP=group,
-        SINK=config.sink_blocks, LOCAL=config.local_blocks, CAUSAL=causal, SUBS=per_block, num_warps=4,
+        rq,
+        summaries,
+        out,
+        rq.stride(0),
+        rq.stride(1),
+        rq.stride(2),
+        summaries.stride(0),
+        summaries.stride(1),
+        summaries.stride(2),
+        seq_len_q,
+        pos_offset,
+        heads,
+        num_blocks,
+        num_summaries,
+        num_groups,
+        config.block_size,
+        D=dim,
+        BLOCK_D=max(16, triton.next_power_of_2(dim)),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        GROUP=group,
+        SINK=config.sink_blocks,
+        LOCAL=config.local_blocks,
+        CAUSAL=causal,
+        SUBS=per_block,
+        num_warps=4,
         num_stages=2,
     )
     return out
@@ -189,12 +302,31 @@ def group_max_scores(rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int,
 
 @triton.jit
 def _top_groups_kernel(
-    RQ, SUMM, OUT,
-    stride_rb, stride_rt, stride_rh,
-    stride_sb, stride_sn, stride_sh,
-    T, pos_offset, HKV, num_blocks, num_summaries, block_size, num_out,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, GROUP: tl.constexpr,
-    K_PAD: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr, SUBS: tl.constexpr,
+    RQ,
+    SUMM,
+    OUT,
+    stride_rb,
+    stride_rt,
+    stride_rh,
+    stride_sb,
+    stride_sn,
+    stride_sh,
+    T,
+    pos_offset,
+    HKV,
+    num_blocks,
+    num_summaries,
+    block_size,
+    num_out,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    GROUP: tl.constexpr,
+    K_PAD: tl.constexpr,
+    SINK: tl.constexpr,
+    LOCAL: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    SUBS: tl.constexpr,
 ):
     """As ``_group_max_kernel``, but keeps each row's best ``K_PAD`` groups in registers instead of
     writing every group maximum: a chunk of ``GROUP * K_PAD`` blocks yields ``K_PAD`` group maxima,
@@ -206,15 +338,44 @@ def _top_groups_kernel(
     h = bh % HKV
     offs_d = tl.arange(0, BLOCK_D)
     rows, row_ok, query_block, rq, stop = _routing_rows(
-        RQ, stride_rb, stride_rt, stride_rh, b, h, tile, T, pos_offset, num_blocks, block_size, offs_d,
-        D, BLOCK_M, LOCAL, CAUSAL,
+        RQ,
+        stride_rb,
+        stride_rt,
+        stride_rh,
+        b,
+        h,
+        tile,
+        T,
+        pos_offset,
+        num_blocks,
+        block_size,
+        offs_d,
+        D,
+        BLOCK_M,
+        LOCAL,
+        CAUSAL,
     )
     best = tl.full([BLOCK_M, K_PAD], -1, tl.int64)
     cols = tl.arange(0, BLOCK_N)
     summ_base = SUMM + b.to(tl.int64) * stride_sb + h * stride_sh
     for start in range(0, stop, BLOCK_N):
-        s = _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks,
-                              num_summaries, D, SINK, LOCAL, CAUSAL, False, SUBS)
+        s = _candidate_scores(
+            rq,
+            summ_base,
+            stride_sn,
+            start,
+            cols,
+            offs_d,
+            query_block,
+            num_blocks,
+            num_summaries,
+            D,
+            SINK,
+            LOCAL,
+            CAUSAL,
+            False,
+            SUBS,
+        )
         gmax = tl.max(tl.reshape(s, [BLOCK_M, K_PAD, GROUP]), axis=2)
         groups = start // GROUP + tl.arange(0, K_PAD)
         best = _merge_top(best, _pack_keys(gmax, groups[None, :], gmax > float("-inf")), BLOCK_M, K_PAD)
@@ -225,8 +386,9 @@ def _top_groups_kernel(
     tl.store(out_ptrs, picked, mask=row_ok[:, None] & (slots[None, :] < num_out))
 
 
-def top_groups(rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int, config, group: int,
-               causal: bool) -> torch.Tensor:
+def top_groups(
+    rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int, config, group: int, causal: bool
+) -> torch.Tensor:
     """The ``top_k`` groups with the highest candidate-block maximum: ``[B, Hkv, T, top_k]`` int32."""
     batch, seq_len_q, heads, dim = rq.shape
     k_pad = max(16, triton.next_power_of_2(config.top_k))
@@ -235,20 +397,54 @@ def top_groups(rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int, confi
     block_m = 64
     grid = (triton.cdiv(seq_len_q, block_m), batch * heads)
     _top_groups_kernel[grid](
-        rq, summaries, out,
-        rq.stride(0), rq.stride(1), rq.stride(2),
-        summaries.stride(0), summaries.stride(1), summaries.stride(2),
-        seq_len_q, pos_offset, heads, num_blocks, num_summaries, config.block_size, config.top_k,
-        D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=block_m, GROUP=group, K_PAD=k_pad,
-        SINK=config.sink_blocks, LOCAL=config.local_blocks, CAUSAL=causal, SUBS=per_block, num_warps=8,
+        rq,
+        summaries,
+        out,
+        rq.stride(0),
+        rq.stride(1),
+        rq.stride(2),
+        summaries.stride(0),
+        summaries.stride(1),
+        summaries.stride(2),
+        seq_len_q,
+        pos_offset,
+        heads,
+        num_blocks,
+        num_summaries,
+        config.block_size,
+        config.top_k,
+        D=dim,
+        BLOCK_D=max(16, triton.next_power_of_2(dim)),
+        BLOCK_M=block_m,
+        GROUP=group,
+        K_PAD=k_pad,
+        SINK=config.sink_blocks,
+        LOCAL=config.local_blocks,
+        CAUSAL=causal,
+        SUBS=per_block,
+        num_warps=8,
         num_stages=2,
     )
     return out
 
 
 @triton.jit
-def _probed_rows(RQ, SUMM, GROUPS, stride_rb, stride_rt, stride_rh, stride_sb, stride_sh, T, pos_offset, HKV,
-                 num_slots, block_size, BLOCK_M: tl.constexpr):
+def _probed_rows(
+    RQ,
+    SUMM,
+    GROUPS,
+    stride_rb,
+    stride_rt,
+    stride_rh,
+    stride_sb,
+    stride_sh,
+    T,
+    pos_offset,
+    HKV,
+    num_slots,
+    block_size,
+    BLOCK_M: tl.constexpr,
+):
     """A rescore program's token rows, their key blocks, and the bases of their probed group ids,
     routing queries and (batch, KV head) summaries."""
     tile = tl.program_id(0)
@@ -265,15 +461,32 @@ def _probed_rows(RQ, SUMM, GROUPS, stride_rb, stride_rt, stride_rh, stride_sb, s
 
 
 @triton.jit
-def _probed_scores(rq_base, summ_base, stride_sn, groups_base, row_ok, query_block, col, width, num_blocks,
-                   num_summaries, D: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
-                   SINK: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr, SUBS: tl.constexpr):
+def _probed_scores(
+    rq_base,
+    summ_base,
+    stride_sn,
+    groups_base,
+    row_ok,
+    query_block,
+    col,
+    width,
+    num_blocks,
+    num_summaries,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr,
+    SINK: tl.constexpr,
+    LOCAL: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    SUBS: tl.constexpr,
+):
     """Scores ``[BLOCK_M, W]`` of the blocks at positions ``col`` ``[W]`` of each row's virtual list of
     probed blocks (block ``j`` of the row's ``i``-th group at ``i * GROUP + j``), with the block ids and
     whether each is a candidate of the row (scores of non-candidates are 0, not -inf). With ``SUBS``
     summaries per block, a block's best sub-block."""
-    group_id = tl.load(groups_base + (col // GROUP)[None, :], mask=row_ok[:, None] & (col < width)[None, :],
-                       other=-1)
+    group_id = tl.load(
+        groups_base + (col // GROUP)[None, :], mask=row_ok[:, None] & (col < width)[None, :], other=-1
+    )
     block = group_id * GROUP + (col % GROUP)[None, :]
     ok = (group_id >= 0) & _is_candidate(block, query_block[:, None], SINK, LOCAL, num_blocks, CAUSAL)
     best = tl.full(block.shape, float("-inf"), tl.float32)
@@ -284,8 +497,11 @@ def _probed_scores(rq_base, summ_base, stride_sn, groups_base, row_ok, query_blo
         for d0 in range(0, BLOCK_D, 32):
             d = d0 + tl.arange(0, 32)[None, None, :]
             q = tl.load(rq_base + d, mask=row_ok[:, None, None] & (d < D), other=0.0).to(tl.float32)
-            s = tl.load(summ_base + sub.to(tl.int64)[:, :, None] * stride_sn + d,
-                        mask=inside[:, :, None] & (d < D), other=0.0).to(tl.float32)
+            s = tl.load(
+                summ_base + sub.to(tl.int64)[:, :, None] * stride_sn + d,
+                mask=inside[:, :, None] & (d < D),
+                other=0.0,
+            ).to(tl.float32)
             score += tl.sum(q * s, axis=2)
         best = tl.maximum(best, tl.where(inside | ~ok, score, float("-inf")))
     return best, block, ok
@@ -293,26 +509,75 @@ def _probed_scores(rq_base, summ_base, stride_sn, groups_base, row_ok, query_blo
 
 @triton.jit
 def _rescore_topk_kernel(
-    RQ, SUMM, GROUPS, OUT,
-    stride_rb, stride_rt, stride_rh,
-    stride_sb, stride_sn, stride_sh,
-    T, pos_offset, HKV, num_blocks, num_summaries, num_slots, block_size, top_k,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, K_PAD: tl.constexpr,
-    GROUP: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr, SUBS: tl.constexpr,
+    RQ,
+    SUMM,
+    GROUPS,
+    OUT,
+    stride_rb,
+    stride_rt,
+    stride_rh,
+    stride_sb,
+    stride_sn,
+    stride_sh,
+    T,
+    pos_offset,
+    HKV,
+    num_blocks,
+    num_summaries,
+    num_slots,
+    block_size,
+    top_k,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    K_PAD: tl.constexpr,
+    GROUP: tl.constexpr,
+    SINK: tl.constexpr,
+    LOCAL: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    SUBS: tl.constexpr,
 ):
     bh = tl.program_id(1)
     rows, row_ok, query_block, groups_base, rq_base, summ_base = _probed_rows(
-        RQ, SUMM, GROUPS, stride_rb, stride_rt, stride_rh, stride_sb, stride_sh, T, pos_offset, HKV,
-        num_slots, block_size, BLOCK_M,
+        RQ,
+        SUMM,
+        GROUPS,
+        stride_rb,
+        stride_rt,
+        stride_rh,
+        stride_sb,
+        stride_sh,
+        T,
+        pos_offset,
+        HKV,
+        num_slots,
+        block_size,
+        BLOCK_M,
     )
     cols = tl.arange(0, K_PAD)
     # Running top-k as packed keys (_pack_keys); -1 = empty.
     best = tl.full([BLOCK_M, K_PAD], -1, tl.int64)
     width = num_slots * GROUP
     for start in range(0, width, K_PAD):
-        score, block, ok = _probed_scores(rq_base, summ_base, stride_sn, groups_base, row_ok, query_block,
-                                          start + cols, width, num_blocks, num_summaries, D, BLOCK_D, GROUP,
-                                          SINK, LOCAL, CAUSAL, SUBS)
+        score, block, ok = _probed_scores(
+            rq_base,
+            summ_base,
+            stride_sn,
+            groups_base,
+            row_ok,
+            query_block,
+            start + cols,
+            width,
+            num_blocks,
+            num_summaries,
+            D,
+            BLOCK_D,
+            GROUP,
+            SINK,
+            LOCAL,
+            CAUSAL,
+            SUBS,
+        )
         best = _merge_top(best, _pack_keys(score, block, ok), BLOCK_M, K_PAD)
     best = tl.sort(best, descending=True)
     picked = tl.where(best >= 0, (best & 0xFFFFFFFF).to(tl.int32), -1)
@@ -322,30 +587,81 @@ def _rescore_topk_kernel(
 
 @triton.jit
 def _probed_scores_kernel(
-    RQ, SUMM, GROUPS, OUT,
-    stride_rb, stride_rt, stride_rh,
-    stride_sb, stride_sn, stride_sh,
-    T, pos_offset, HKV, num_blocks, num_summaries, num_slots, block_size,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr,
-    GROUP: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr, SUBS: tl.constexpr,
+    RQ,
+    SUMM,
+    GROUPS,
+    OUT,
+    stride_rb,
+    stride_rt,
+    stride_rh,
+    stride_sb,
+    stride_sn,
+    stride_sh,
+    T,
+    pos_offset,
+    HKV,
+    num_blocks,
+    num_summaries,
+    num_slots,
+    block_size,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    GROUP: tl.constexpr,
+    SINK: tl.constexpr,
+    LOCAL: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    SUBS: tl.constexpr,
 ):
     """Every probed block's score, ``OUT[b, h, t, i * GROUP + j]`` for block ``j`` of the row's ``i``-th
     group; -inf where it is not a candidate."""
     bh = tl.program_id(1)
     rows, row_ok, query_block, groups_base, rq_base, summ_base = _probed_rows(
-        RQ, SUMM, GROUPS, stride_rb, stride_rt, stride_rh, stride_sb, stride_sh, T, pos_offset, HKV,
-        num_slots, block_size, BLOCK_M,
+        RQ,
+        SUMM,
+        GROUPS,
+        stride_rb,
+        stride_rt,
+        stride_rh,
+        stride_sb,
+        stride_sh,
+        T,
+        pos_offset,
+        HKV,
+        num_slots,
+        block_size,
+        BLOCK_M,
     )
     cols = tl.arange(0, BLOCK_W)
     width = num_slots * GROUP
     out_base = OUT + (bh.to(tl.int64) * T + rows.to(tl.int64)[:, None]) * width
     for start in range(0, width, BLOCK_W):
         col = start + cols
-        score, block, ok = _probed_scores(rq_base, summ_base, stride_sn, groups_base, row_ok, query_block,
-                                          col, width, num_blocks, num_summaries, D, BLOCK_D, GROUP, SINK,
-                                          LOCAL, CAUSAL, SUBS)
-        tl.store(out_base + col[None, :], tl.where(ok, score, float("-inf")),
-                 mask=row_ok[:, None] & (col < width)[None, :])
+        score, block, ok = _probed_scores(
+            rq_base,
+            summ_base,
+            stride_sn,
+            groups_base,
+            row_ok,
+            query_block,
+            col,
+            width,
+            num_blocks,
+            num_summaries,
+            D,
+            BLOCK_D,
+            GROUP,
+            SINK,
+            LOCAL,
+            CAUSAL,
+            SUBS,
+        )
+        tl.store(
+            out_base + col[None, :],
+            tl.where(ok, score, float("-inf")),
+            mask=row_ok[:, None] & (col < width)[None, :],
+        )
 
 
 # Largest padded budget rescored by the in-register merge: each chunk's ``tl.topk`` over ``2 K_PAD``
@@ -357,8 +673,15 @@ _MERGE_MAX_K_PAD = 16
 _RESCORE_CHUNK_ELEMENTS = 1 << 27
 
 
-def rescore_topk(rq: torch.Tensor, summaries: torch.Tensor, groups: torch.Tensor, pos_offset: int, config,
-                 group: int, causal: bool) -> torch.Tensor:
+def rescore_topk(
+    rq: torch.Tensor,
+    summaries: torch.Tensor,
+    groups: torch.Tensor,
+    pos_offset: int,
+    config,
+    group: int,
+    causal: bool,
+) -> torch.Tensor:
     """Top-k candidate blocks among the probed groups: ``[B, Hkv, T, top_k]`` int32 sorted by score,
     -1 padded.
 
@@ -376,12 +699,34 @@ def rescore_topk(rq: torch.Tensor, summaries: torch.Tensor, groups: torch.Tensor
     out = torch.empty(batch, heads, seq_len_q, top_k, device=rq.device, dtype=torch.int32)
     grid = (triton.cdiv(seq_len_q, block_m), batch * heads)
     _rescore_topk_kernel[grid](
-        rq, summaries, groups, out,
-        rq.stride(0), rq.stride(1), rq.stride(2),
-        summaries.stride(0), summaries.stride(1), summaries.stride(2),
-        seq_len_q, pos_offset, heads, num_blocks, num_summaries, groups.shape[-1], config.block_size, top_k,
-        D=dim, BLOCK_D=max(32, triton.next_power_of_2(dim)), BLOCK_M=block_m, K_PAD=k_pad, GROUP=group,
-        SINK=config.sink_blocks, LOCAL=config.local_blocks, CAUSAL=causal, SUBS=per_block, num_warps=4,
+        rq,
+        summaries,
+        groups,
+        out,
+        rq.stride(0),
+        rq.stride(1),
+        rq.stride(2),
+        summaries.stride(0),
+        summaries.stride(1),
+        summaries.stride(2),
+        seq_len_q,
+        pos_offset,
+        heads,
+        num_blocks,
+        num_summaries,
+        groups.shape[-1],
+        config.block_size,
+        top_k,
+        D=dim,
+        BLOCK_D=max(32, triton.next_power_of_2(dim)),
+        BLOCK_M=block_m,
+        K_PAD=k_pad,
+        GROUP=group,
+        SINK=config.sink_blocks,
+        LOCAL=config.local_blocks,
+        CAUSAL=causal,
+        SUBS=per_block,
+        num_warps=4,
     )
     return out
 
@@ -402,13 +747,33 @@ def _rescore_topk_sorted(rq, summaries, groups, pos_offset, config, group, causa
         scores = torch.empty(batch, heads, stop - start, width, device=rq.device, dtype=torch.float32)
         grid = (triton.cdiv(stop - start, block_m), batch * heads)
         _probed_scores_kernel[grid](
-            rq[:, start:stop], summaries, groups_c, scores,
-            rq.stride(0), rq.stride(1), rq.stride(2),
-            summaries.stride(0), summaries.stride(1), summaries.stride(2),
-            stop - start, pos_offset + start, heads, num_blocks, num_summaries, groups.shape[-1],
-            config.block_size, D=dim, BLOCK_D=max(32, triton.next_power_of_2(dim)), BLOCK_M=block_m,
-            BLOCK_W=block_w, GROUP=group, SINK=config.sink_blocks, LOCAL=config.local_blocks, CAUSAL=causal,
-            SUBS=per_block, num_warps=4,
+            rq[:, start:stop],
+            summaries,
+            groups_c,
+            scores,
+            rq.stride(0),
+            rq.stride(1),
+            rq.stride(2),
+            summaries.stride(0),
+            summaries.stride(1),
+            summaries.stride(2),
+            stop - start,
+            pos_offset + start,
+            heads,
+            num_blocks,
+            num_summaries,
+            groups.shape[-1],
+            config.block_size,
+            D=dim,
+            BLOCK_D=max(32, triton.next_power_of_2(dim)),
+            BLOCK_M=block_m,
+            BLOCK_W=block_w,
+            GROUP=group,
+            SINK=config.sink_blocks,
+            LOCAL=config.local_blocks,
+            CAUSAL=causal,
+            SUBS=per_block,
+            num_warps=4,
         )
         values, slots = scores.topk(min(top_k, width), dim=-1)
         blocks = groups_c.gather(-1, slots // group) * group + slots % group
@@ -452,13 +817,36 @@ def _append_passing(s, tau, start, cols, slots, vals, ids, count, CAP: tl.conste
 
 @triton.jit
 def _threshold_topk_kernel(
-    RQ, SUMM, COUNT, OUT,
-    stride_rb, stride_rt, stride_rh,
-    stride_sb, stride_sn, stride_sh,
-    T, pos_offset, HKV, num_blocks, num_summaries, block_size, top_k,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    K_PAD: tl.constexpr, CAP: tl.constexpr, SINK: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr,
-    IEEE: tl.constexpr, SUBS: tl.constexpr, SAMPLE: tl.constexpr, KEEP_BEST: tl.constexpr,
+    RQ,
+    SUMM,
+    COUNT,
+    OUT,
+    stride_rb,
+    stride_rt,
+    stride_rh,
+    stride_sb,
+    stride_sn,
+    stride_sh,
+    T,
+    pos_offset,
+    HKV,
+    num_blocks,
+    num_summaries,
+    block_size,
+    top_k,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    K_PAD: tl.constexpr,
+    CAP: tl.constexpr,
+    SINK: tl.constexpr,
+    LOCAL: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    IEEE: tl.constexpr,
+    SUBS: tl.constexpr,
+    SAMPLE: tl.constexpr,
+    KEEP_BEST: tl.constexpr,
     REPAIR: tl.constexpr,
 ):
     """Exact top-k of a tile of tokens in two passes over their candidate blocks.
@@ -493,8 +881,22 @@ def _threshold_topk_kernel(
     h = bh % HKV
     offs_d = tl.arange(0, BLOCK_D)
     rows, row_ok, query_block, rq, stop = _routing_rows(
-        RQ, stride_rb, stride_rt, stride_rh, b, h, tile, T, pos_offset, num_blocks, block_size, offs_d,
-        D, BLOCK_M, LOCAL, CAUSAL,
+        RQ,
+        stride_rb,
+        stride_rt,
+        stride_rh,
+        b,
+        h,
+        tile,
+        T,
+        pos_offset,
+        num_blocks,
+        block_size,
+        offs_d,
+        D,
+        BLOCK_M,
+        LOCAL,
+        CAUSAL,
     )
     cols = tl.arange(0, BLOCK_N)
     summ_base = SUMM + b.to(tl.int64) * stride_sb + h * stride_sh
@@ -507,16 +909,62 @@ def _threshold_topk_kernel(
 
     colmax = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)
     for start in range(0, head_end, BLOCK_N):
-        s = _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks,
-                              num_summaries, D, SINK, LOCAL, CAUSAL, IEEE, SUBS)
+        s = _candidate_scores(
+            rq,
+            summ_base,
+            stride_sn,
+            start,
+            cols,
+            offs_d,
+            query_block,
+            num_blocks,
+            num_summaries,
+            D,
+            SINK,
+            LOCAL,
+            CAUSAL,
+            IEEE,
+            SUBS,
+        )
         colmax = tl.maximum(colmax, s)
     for start in range(head_end, mid_end, BLOCK_N * SAMPLE):
-        s = _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks,
-                              num_summaries, D, SINK, LOCAL, CAUSAL, IEEE, SUBS, MASK=False)
+        s = _candidate_scores(
+            rq,
+            summ_base,
+            stride_sn,
+            start,
+            cols,
+            offs_d,
+            query_block,
+            num_blocks,
+            num_summaries,
+            D,
+            SINK,
+            LOCAL,
+            CAUSAL,
+            IEEE,
+            SUBS,
+            MASK=False,
+        )
         colmax = tl.maximum(colmax, s)
     for start in range(mid_end, stop, BLOCK_N):
-        s = _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks,
-                              num_summaries, D, SINK, LOCAL, CAUSAL, IEEE, SUBS)
+        s = _candidate_scores(
+            rq,
+            summ_base,
+            stride_sn,
+            start,
+            cols,
+            offs_d,
+            query_block,
+            num_blocks,
+            num_summaries,
+            D,
+            SINK,
+            LOCAL,
+            CAUSAL,
+            IEEE,
+            SUBS,
+        )
         colmax = tl.maximum(colmax, s)
     kth = tl.topk(colmax, K_PAD)  # [BLOCK_M, K_PAD], descending
     tau = tl.max(tl.where(tl.arange(0, K_PAD)[None, :] == top_k - 1, kth, float("-inf")), axis=1)
@@ -531,16 +979,62 @@ def _threshold_topk_kernel(
     ids = tl.full([BLOCK_M, CAP], -1, tl.int32)
     count = tl.zeros([BLOCK_M], tl.int32)
     for start in range(0, head_end, BLOCK_N):
-        s = _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks,
-                              num_summaries, D, SINK, LOCAL, CAUSAL, IEEE, SUBS)
+        s = _candidate_scores(
+            rq,
+            summ_base,
+            stride_sn,
+            start,
+            cols,
+            offs_d,
+            query_block,
+            num_blocks,
+            num_summaries,
+            D,
+            SINK,
+            LOCAL,
+            CAUSAL,
+            IEEE,
+            SUBS,
+        )
         vals, ids, count = _append_passing(s, tau, start, cols, slots, vals, ids, count, CAP, KEEP_BEST)
     for start in range(head_end, mid_end, BLOCK_N):
-        s = _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks,
-                              num_summaries, D, SINK, LOCAL, CAUSAL, IEEE, SUBS, MASK=False)
+        s = _candidate_scores(
+            rq,
+            summ_base,
+            stride_sn,
+            start,
+            cols,
+            offs_d,
+            query_block,
+            num_blocks,
+            num_summaries,
+            D,
+            SINK,
+            LOCAL,
+            CAUSAL,
+            IEEE,
+            SUBS,
+            MASK=False,
+        )
         vals, ids, count = _append_passing(s, tau, start, cols, slots, vals, ids, count, CAP, KEEP_BEST)
     for start in range(mid_end, stop, BLOCK_N):
-        s = _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks,
-                              num_summaries, D, SINK, LOCAL, CAUSAL, IEEE, SUBS)
+        s = _candidate_scores(
+            rq,
+            summ_base,
+            stride_sn,
+            start,
+            cols,
+            offs_d,
+            query_block,
+            num_blocks,
+            num_summaries,
+            D,
+            SINK,
+            LOCAL,
+            CAUSAL,
+            IEEE,
+            SUBS,
+        )
         vals, ids, count = _append_passing(s, tau, start, cols, slots, vals, ids, count, CAP, KEEP_BEST)
     if not KEEP_BEST:
         tl.store(COUNT + bh.to(tl.int64) * T + rows, count, mask=row_ok)
@@ -577,8 +1071,9 @@ _THRESHOLD_SAMPLE = (1, 4)
 _THRESHOLD_MAX_HEAD_BYTES = 32 << 20
 
 
-def threshold_topk(rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int, config, causal: bool
-                   ) -> torch.Tensor:
+def threshold_topk(
+    rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int, config, causal: bool
+) -> torch.Tensor:
     """Exact flat top-k (``_threshold_topk_kernel``: with a full pass 1, a second launch repairs the
     tiles whose lists were cut; with a sampled one, one launch whose lists keep the best):
     ``[B, Hkv, T, top_k]`` int32 block ids sorted by score, -1 padded."""
@@ -594,15 +1089,39 @@ def threshold_topk(rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int, c
     launches = ((False, False), (True, True)) if sample == 1 else ((True, False),)
     for keep_best, repair in launches:
         _threshold_topk_kernel[grid](
-            rq, summaries, count, out,
-            rq.stride(0), rq.stride(1), rq.stride(2),
-            summaries.stride(0), summaries.stride(1), summaries.stride(2),
-            seq_len_q, pos_offset, heads, num_blocks, num_summaries, config.block_size, config.top_k,
-            D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=block_m,
-            BLOCK_N=max(_THRESHOLD_BLOCK_N, k_pad), K_PAD=k_pad, CAP=_THRESHOLD_CAP_PER_K * k_pad,
-            SINK=config.sink_blocks, LOCAL=config.local_blocks, CAUSAL=causal, IEEE=rq.dtype == torch.float32,
-            SUBS=per_block, SAMPLE=sample, KEEP_BEST=keep_best, REPAIR=repair,
-            num_warps=_THRESHOLD_NUM_WARPS, num_stages=_THRESHOLD_NUM_STAGES,
+            rq,
+            summaries,
+            count,
+            out,
+            rq.stride(0),
+            rq.stride(1),
+            rq.stride(2),
+            summaries.stride(0),
+            summaries.stride(1),
+            summaries.stride(2),
+            seq_len_q,
+            pos_offset,
+            heads,
+            num_blocks,
+            num_summaries,
+            config.block_size,
+            config.top_k,
+            D=dim,
+            BLOCK_D=max(16, triton.next_power_of_2(dim)),
+            BLOCK_M=block_m,
+            BLOCK_N=max(_THRESHOLD_BLOCK_N, k_pad),
+            K_PAD=k_pad,
+            CAP=_THRESHOLD_CAP_PER_K * k_pad,
+            SINK=config.sink_blocks,
+            LOCAL=config.local_blocks,
+            CAUSAL=causal,
+            IEEE=rq.dtype == torch.float32,
+            SUBS=per_block,
+            SAMPLE=sample,
+            KEEP_BEST=keep_best,
+            REPAIR=repair,
+            num_warps=_THRESHOLD_NUM_WARPS,
+            num_stages=_THRESHOLD_NUM_STAGES,
         )
     return out
 
@@ -621,12 +1140,30 @@ def threshold_pays(summaries: torch.Tensor, config) -> bool:
 # multiple of 16 would compile a variant mid-generation.
 @triton.jit(do_not_specialize=["T", "pos_offset", "num_blocks", "num_summaries"])
 def _split_scores_kernel(
-    RQ, SUMM, OUT,
-    stride_rb, stride_rt, stride_rh,
-    stride_sb, stride_sn, stride_sh,
-    T, pos_offset, HKV, num_blocks, num_summaries, block_size,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SINK: tl.constexpr, LOCAL: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr, SUBS: tl.constexpr,
+    RQ,
+    SUMM,
+    OUT,
+    stride_rb,
+    stride_rt,
+    stride_rh,
+    stride_sb,
+    stride_sn,
+    stride_sh,
+    T,
+    pos_offset,
+    HKV,
+    num_blocks,
+    num_summaries,
+    block_size,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SINK: tl.constexpr,
+    LOCAL: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    IEEE: tl.constexpr,
+    SUBS: tl.constexpr,
 ):
     """Every candidate score of a few tokens, ``OUT [B * Hkv, T, NB]`` (-inf where not a candidate):
     program ``(chunk, tile, b * Hkv + h)`` scores one chunk of ``BLOCK_N`` blocks for one tile of
@@ -638,15 +1175,44 @@ def _split_scores_kernel(
     h = bh % HKV
     offs_d = tl.arange(0, BLOCK_D)
     rows, row_ok, query_block, rq, stop = _routing_rows(
-        RQ, stride_rb, stride_rt, stride_rh, b, h, tile, T, pos_offset, num_blocks, block_size, offs_d,
-        D, BLOCK_M, LOCAL, CAUSAL,
+        RQ,
+        stride_rb,
+        stride_rt,
+        stride_rh,
+        b,
+        h,
+        tile,
+        T,
+        pos_offset,
+        num_blocks,
+        block_size,
+        offs_d,
+        D,
+        BLOCK_M,
+        LOCAL,
+        CAUSAL,
     )
     start = chunk * BLOCK_N
     cols = tl.arange(0, BLOCK_N)
     if start < stop:
         summ_base = SUMM + b.to(tl.int64) * stride_sb + h * stride_sh
-        s = _candidate_scores(rq, summ_base, stride_sn, start, cols, offs_d, query_block, num_blocks,
-                              num_summaries, D, SINK, LOCAL, CAUSAL, IEEE, SUBS)
+        s = _candidate_scores(
+            rq,
+            summ_base,
+            stride_sn,
+            start,
+            cols,
+            offs_d,
+            query_block,
+            num_blocks,
+            num_summaries,
+            D,
+            SINK,
+            LOCAL,
+            CAUSAL,
+            IEEE,
+            SUBS,
+        )
     else:  # after the tile's last candidate (causal): nothing to score
         s = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)
     blocks = start + cols
@@ -672,8 +1238,9 @@ def split_pays(seq_len_q: int, num_summaries: int) -> bool:
     return seq_len_q <= _SPLIT_MAX_TOKENS and num_summaries >= _SPLIT_MIN_SUMMARIES
 
 
-def split_topk(rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int, config, causal: bool
-               ) -> torch.Tensor:
+def split_topk(
+    rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int, config, causal: bool
+) -> torch.Tensor:
     """Exact flat top-k for a few tokens (``_split_scores_kernel``, then ``torch.topk``): ``[B, Hkv, T,
     top_k]`` int32 block ids sorted by score, -1 padded. The scores are the threshold kernel's
     (``_candidate_scores``); only tied blocks may come in another order."""
@@ -691,13 +1258,32 @@ def split_topk(rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int, confi
         scores = torch.empty(batch, heads, rows, num_blocks, device=rq.device, dtype=torch.float32)
         grid = (triton.cdiv(num_blocks, _SPLIT_BLOCK_N), triton.cdiv(rows, block_m), batch * heads)
         _split_scores_kernel[grid](
-            rq_c, summaries, scores,
-            rq_c.stride(0), rq_c.stride(1), rq_c.stride(2),
-            summaries.stride(0), summaries.stride(1), summaries.stride(2),
-            rows, pos_offset + first, heads, num_blocks, num_summaries, config.block_size,
-            D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=block_m, BLOCK_N=_SPLIT_BLOCK_N,
-            SINK=config.sink_blocks, LOCAL=config.local_blocks, CAUSAL=causal, IEEE=rq.dtype == torch.float32,
-            SUBS=per_block, num_warps=4, num_stages=2,
+            rq_c,
+            summaries,
+            scores,
+            rq_c.stride(0),
+            rq_c.stride(1),
+            rq_c.stride(2),
+            summaries.stride(0),
+            summaries.stride(1),
+            summaries.stride(2),
+            rows,
+            pos_offset + first,
+            heads,
+            num_blocks,
+            num_summaries,
+            config.block_size,
+            D=dim,
+            BLOCK_D=max(16, triton.next_power_of_2(dim)),
+            BLOCK_M=block_m,
+            BLOCK_N=_SPLIT_BLOCK_N,
+            SINK=config.sink_blocks,
+            LOCAL=config.local_blocks,
+            CAUSAL=causal,
+            IEEE=rq.dtype == torch.float32,
+            SUBS=per_block,
+            num_warps=4,
+            num_stages=2,
         )
         out.append(_topk_blocks(scores, None, config.top_k))
     return torch.cat(out, dim=2)
@@ -710,14 +1296,22 @@ _FUSED_MAX_BLOCKS = 256
 _CHUNK_ELEMENTS = 1 << 28
 
 
-def route_flat_triton(rq, summaries, seq_len_k, config, causal, group: int = FLAT_GROUP,
-                      threshold: bool | None = None, split: bool | None = None):
+def route_flat_triton(
+    rq,
+    summaries,
+    seq_len_k,
+    config,
+    causal,
+    group: int = FLAT_GROUP,
+    threshold: bool | None = None,
+    split: bool | None = None,
+):
     """Exact flat top-k (module docstring): rq ``[B, T, Hkv, D]``, summaries ``[B, NS, Hkv, D]`` (a block's,
-or with ``summary="max"`` its sub-blocks', scored as the best of them).
+    or with ``summary="max"`` its sub-blocks', scored as the best of them).
 
-    ``split``: use :func:`split_topk` (default: a few tokens against many blocks, ``split_pays``).
-    ``threshold``: use :func:`threshold_topk` (default: where it measured faster, small budgets and one
-    head's summaries within L2), else group top-k + rescore.
+        ``split``: use :func:`split_topk` (default: a few tokens against many blocks, ``split_pays``).
+        ``threshold``: use :func:`threshold_topk` (default: where it measured faster, small budgets and one
+        head's summaries within L2), else group top-k + rescore.
     """
     batch, seq_len_q, heads, _ = rq.shape
     if split is None:
@@ -781,13 +1375,46 @@ def route_tree_triton(rq, summaries, seq_len_k, config, causal):
 
 @triton.jit
 def _tree_lists_program(
-    Q, HI, LO, SUMM, PART, COS, SIN, POS, b, h, bh, slot,
-    stride_qb, stride_qh, stride_hb, stride_hh, stride_hg, stride_sb, stride_sn, stride_sh,
-    probe, group, window_first, window_last, last_candidate, sink_blocks, local_blocks, num_blocks,
+    Q,
+    HI,
+    LO,
+    SUMM,
+    PART,
+    COS,
+    SIN,
+    POS,
+    b,
+    h,
+    bh,
+    slot,
+    stride_qb,
+    stride_qh,
+    stride_hb,
+    stride_hh,
+    stride_hg,
+    stride_sb,
+    stride_sn,
+    stride_sh,
+    probe,
+    group,
+    window_first,
+    window_last,
+    last_candidate,
+    sink_blocks,
+    local_blocks,
+    num_blocks,
     num_groups,
-    GROUP_Q: tl.constexpr, BLOCK_GQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPAD: tl.constexpr, BLOCK_G: tl.constexpr, K_PAD: tl.constexpr, NUM_GROUP_SLOTS: tl.constexpr,
-    FROM_QKV: tl.constexpr, BS: tl.constexpr, PDL: tl.constexpr,
+    GROUP_Q: tl.constexpr,
+    BLOCK_GQ: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPAD: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    K_PAD: tl.constexpr,
+    NUM_GROUP_SLOTS: tl.constexpr,
+    FROM_QKV: tl.constexpr,
+    BS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """A slot of _decode_tree_lists_kernel (see there)."""
     offs_d = tl.arange(0, BLOCK_D)
@@ -796,8 +1423,12 @@ def _tree_lists_program(
     # select.best_of_stretches' stretch of the groups before the window: slot, slot + probe, ...
     groups = slot + probe * tl.arange(0, SPAD)
     bounded = probing & (groups < num_groups) & ((groups + 1) * group > sink_blocks)
-    base = (b.to(tl.int64) * stride_hb + h * stride_hh + groups.to(tl.int64)[:, None] * stride_hg
-            + offs_d[None, :])
+    base = (
+        b.to(tl.int64) * stride_hb
+        + h * stride_hh
+        + groups.to(tl.int64)[:, None] * stride_hg
+        + offs_d[None, :]
+    )
     # The bounds before the PDL wait: no kernel of a decode step writes them (the cache layer updates
     # its kept bounds with PyTorch ops before the step's routing, and only when a group fills). Masked
     # by the rows held, not by the window, which may come from the position: the loads need not wait
@@ -831,8 +1462,15 @@ def _tree_lists_program(
     blocks = gid * group + member
     ok = (gid >= 0) & (member < group) & (blocks >= sink_blocks) & (blocks <= last_candidate)
     ok = ok & (blocks < num_blocks)
-    summ = tl.load(SUMM + b.to(tl.int64) * stride_sb + blocks.to(tl.int64)[:, None] * stride_sn
-                   + h * stride_sh + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+    summ = tl.load(
+        SUMM
+        + b.to(tl.int64) * stride_sb
+        + blocks.to(tl.int64)[:, None] * stride_sn
+        + h * stride_sh
+        + offs_d[None, :],
+        mask=ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
     score = tl.sum(rq[None, :] * summ.to(tl.float32), 1)
     keys = _pack_keys(score, blocks, ok)[None, :]
     if BLOCK_G > K_PAD:
@@ -845,13 +1483,57 @@ def _tree_lists_program(
     do_not_specialize=["probe", "window_first", "window_last", "last_candidate", "num_blocks", "num_groups"]
 )
 def _decode_tree_lists_kernel(
-    Q, HI, LO, SUMM, PART, COS, SIN, POS, Q_OUT, KEY_BUF, VALUE_BUF, MEANS,
-    stride_qb, stride_qh, stride_hb, stride_hh, stride_hg, stride_sb, stride_sn, stride_sh,
-    s_kb_b, s_kb_s, s_kb_h, s_vb_b, s_vb_s, s_vb_h, s_m_b, s_m_n, s_m_h,
-    HKV, probe, group, window_first, window_last, last_candidate, sink_blocks, local_blocks, num_blocks,
-    num_groups, GROUP_Q: tl.constexpr, BLOCK_GQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPAD: tl.constexpr, BLOCK_G: tl.constexpr, K_PAD: tl.constexpr, NUM_GROUP_SLOTS: tl.constexpr,
-    FROM_QKV: tl.constexpr, BS: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
+    Q,
+    HI,
+    LO,
+    SUMM,
+    PART,
+    COS,
+    SIN,
+    POS,
+    Q_OUT,
+    KEY_BUF,
+    VALUE_BUF,
+    MEANS,
+    stride_qb,
+    stride_qh,
+    stride_hb,
+    stride_hh,
+    stride_hg,
+    stride_sb,
+    stride_sn,
+    stride_sh,
+    s_kb_b,
+    s_kb_s,
+    s_kb_h,
+    s_vb_b,
+    s_vb_s,
+    s_vb_h,
+    s_m_b,
+    s_m_n,
+    s_m_h,
+    HKV,
+    probe,
+    group,
+    window_first,
+    window_last,
+    last_candidate,
+    sink_blocks,
+    local_blocks,
+    num_blocks,
+    num_groups,
+    GROUP_Q: tl.constexpr,
+    BLOCK_GQ: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SPAD: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    K_PAD: tl.constexpr,
+    NUM_GROUP_SLOTS: tl.constexpr,
+    FROM_QKV: tl.constexpr,
+    BS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program (row x KV head, slot). Slot < ``probe``: the routing query against the bounds of the
     slot-th stretch of the ``window_first`` groups before the window (``select.best_of_stretches``;
@@ -873,35 +1555,140 @@ def _decode_tree_lists_kernel(
     if FROM_QKV:
         if slot == NUM_GROUP_SLOTS:
             fused._rotate_append_program(
-                Q, COS, SIN, Q_OUT, KEY_BUF, VALUE_BUF, MEANS, POS, b.to(tl.int64), h.to(tl.int64), HKV,
-                stride_qb, stride_qh, s_kb_b, s_kb_s, s_kb_h, s_vb_b, s_vb_s, s_vb_h, s_m_b, s_m_n, s_m_h,
-                GROUP_Q, D, BS, BLOCK_GQ, BLOCK_S, BLOCK_D, PDL,
+                Q,
+                COS,
+                SIN,
+                Q_OUT,
+                KEY_BUF,
+                VALUE_BUF,
+                MEANS,
+                POS,
+                b.to(tl.int64),
+                h.to(tl.int64),
+                HKV,
+                stride_qb,
+                stride_qh,
+                s_kb_b,
+                s_kb_s,
+                s_kb_h,
+                s_vb_b,
+                s_vb_s,
+                s_vb_h,
+                s_m_b,
+                s_m_n,
+                s_m_h,
+                GROUP_Q,
+                D,
+                BS,
+                BLOCK_GQ,
+                BLOCK_S,
+                BLOCK_D,
+                PDL,
             )
         else:
             _tree_lists_program(
-                Q, HI, LO, SUMM, PART, COS, SIN, POS, b, h, bh, slot,
-                stride_qb, stride_qh, stride_hb, stride_hh, stride_hg, stride_sb, stride_sn, stride_sh,
-                probe, group, window_first, window_last, last_candidate, sink_blocks, local_blocks,
-                num_blocks, num_groups, GROUP_Q, BLOCK_GQ, D, BLOCK_D, SPAD, BLOCK_G, K_PAD, NUM_GROUP_SLOTS,
-                FROM_QKV, BS, PDL,
+                Q,
+                HI,
+                LO,
+                SUMM,
+                PART,
+                COS,
+                SIN,
+                POS,
+                b,
+                h,
+                bh,
+                slot,
+                stride_qb,
+                stride_qh,
+                stride_hb,
+                stride_hh,
+                stride_hg,
+                stride_sb,
+                stride_sn,
+                stride_sh,
+                probe,
+                group,
+                window_first,
+                window_last,
+                last_candidate,
+                sink_blocks,
+                local_blocks,
+                num_blocks,
+                num_groups,
+                GROUP_Q,
+                BLOCK_GQ,
+                D,
+                BLOCK_D,
+                SPAD,
+                BLOCK_G,
+                K_PAD,
+                NUM_GROUP_SLOTS,
+                FROM_QKV,
+                BS,
+                PDL,
             )
     else:
         _tree_lists_program(
-            Q, HI, LO, SUMM, PART, COS, SIN, POS, b, h, bh, slot,
-            stride_qb, stride_qh, stride_hb, stride_hh, stride_hg, stride_sb, stride_sn, stride_sh,
-            probe, group, window_first, window_last, last_candidate, sink_blocks, local_blocks,
-            num_blocks, num_groups, GROUP_Q, BLOCK_GQ, D, BLOCK_D, SPAD, BLOCK_G, K_PAD, NUM_GROUP_SLOTS,
-            FROM_QKV, BS, PDL,
+            Q,
+            HI,
+            LO,
+            SUMM,
+            PART,
+            COS,
+            SIN,
+            POS,
+            b,
+            h,
+            bh,
+            slot,
+            stride_qb,
+            stride_qh,
+            stride_hb,
+            stride_hh,
+            stride_hg,
+            stride_sb,
+            stride_sn,
+            stride_sh,
+            probe,
+            group,
+            window_first,
+            window_last,
+            last_candidate,
+            sink_blocks,
+            local_blocks,
+            num_blocks,
+            num_groups,
+            GROUP_Q,
+            BLOCK_GQ,
+            D,
+            BLOCK_D,
+            SPAD,
+            BLOCK_G,
+            K_PAD,
+            NUM_GROUP_SLOTS,
+            FROM_QKV,
+            BS,
+            PDL,
         )
 
 
 @triton.jit
 def _decode_pick_kernel(
-    PART_B, FIXED, OUT,
-    stride_fb, stride_ob, stride_oh,
-    HKV, top_k,
-    NUM_FIXED: tl.constexpr, FIXED_PAD: tl.constexpr, K_PAD: tl.constexpr,
-    NUM_GROUP_SLOTS: tl.constexpr, SLOTS_PAD: tl.constexpr, PDL: tl.constexpr,
+    PART_B,
+    FIXED,
+    OUT,
+    stride_fb,
+    stride_ob,
+    stride_oh,
+    HKV,
+    top_k,
+    NUM_FIXED: tl.constexpr,
+    FIXED_PAD: tl.constexpr,
+    K_PAD: tl.constexpr,
+    NUM_GROUP_SLOTS: tl.constexpr,
+    SLOTS_PAD: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program (row x KV head): the sink and local slots, then the ``top_k`` best of B's lists."""
     pdl.wait(PDL)
@@ -914,8 +1701,11 @@ def _decode_pick_kernel(
     tl.store(out + fcols, fixed, mask=fcols < NUM_FIXED)
     slots = tl.arange(0, SLOTS_PAD)
     cols = tl.arange(0, K_PAD)
-    keys = tl.load(PART_B + (bh.to(tl.int64) * NUM_GROUP_SLOTS + slots[:, None]) * K_PAD + cols[None, :],
-                   mask=(slots < NUM_GROUP_SLOTS)[:, None], other=-1)
+    keys = tl.load(
+        PART_B + (bh.to(tl.int64) * NUM_GROUP_SLOTS + slots[:, None]) * K_PAD + cols[None, :],
+        mask=(slots < NUM_GROUP_SLOTS)[:, None],
+        other=-1,
+    )
     top = tl.sort(tl.topk(tl.reshape(keys, [1, SLOTS_PAD * K_PAD]), K_PAD), descending=True)
     picked = tl.where(top >= 0, (top & 0xFFFFFFFF).to(tl.int32), -1)
     tl.store(out + NUM_FIXED + cols[None, :], picked, mask=cols[None, :] < top_k)
@@ -934,11 +1724,20 @@ def decode_route_tree(q, summaries, hi, lo, fixed, step, config) -> torch.Tensor
     out = torch.empty(batch, heads_kv, num_fixed + config.top_k, device=q.device, dtype=torch.int32)
     fixed = fixed.contiguous()
     _decode_pick_kernel[(batch * heads_kv,)](
-        part_b, fixed, out,
-        fixed.stride(0), out.stride(0), out.stride(1),
-        heads_kv, config.top_k,
-        NUM_FIXED=num_fixed, FIXED_PAD=max(2, triton.next_power_of_2(num_fixed)), K_PAD=k_pad,
-        NUM_GROUP_SLOTS=group_slots, SLOTS_PAD=max(2, triton.next_power_of_2(group_slots)), num_warps=4,
+        part_b,
+        fixed,
+        out,
+        fixed.stride(0),
+        out.stride(0),
+        out.stride(1),
+        heads_kv,
+        config.top_k,
+        NUM_FIXED=num_fixed,
+        FIXED_PAD=max(2, triton.next_power_of_2(num_fixed)),
+        K_PAD=k_pad,
+        NUM_GROUP_SLOTS=group_slots,
+        SLOTS_PAD=max(2, triton.next_power_of_2(group_slots)),
+        num_warps=4,
         **pdl.launch_args(q.device),
     )
     return out
