@@ -1,44 +1,51 @@
-"""A 1M ``niah_single_1`` sample's needle (same key, value and depth) in shorter noise haystacks, on the CPU.
+"""A long RULER single-needle sample's needle (same key, value and depth) in shorter haystacks, on the CPU.
 
-    PYTHONPATH=src python3 benchmarks/results/float64-needles-2026-11-25/shrink.py INDEX LINES,LINES,...
+    PYTHONPATH=src python3 benchmarks/results/float64-needles-2026-11-25/shrink.py --index 37 \
+        --sizes 5,10,30,100,500,1000 [--task niah_single_1 --length 1m]
 
-One JSON line per haystack size (noise lines; ~33 tokens a line): does the shipped nano find it?
+``--sizes`` are the task's haystack units (noise lines for ``niah_single_1``, ~33 tokens each; essay
+words for ``niah_single_2``, ~1.6 tokens each). One JSON line per size: does the shipped nano find it?
 """
 
+import argparse
 import json
-import sys
 import time
 
 import torch
 
+from subquad.benchmark import parse_length
 from subquad.eval import ruler
 from subquad.eval._core import sample_rng
 from subquad.eval.runner import load_model
 
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--index", type=int, required=True, help="the sample's index in its cell (seed 0)")
+parser.add_argument("--sizes", required=True, help="haystack sizes, comma-separated")
+parser.add_argument("--task", default="niah_single_1")
+parser.add_argument("--length", default="1m", help="the cell the sample comes from")
+args = parser.parse_args()
+
 model, tok = load_model("src/subquad/assets/subquad-nano", device="cpu")
 model.eval()
-index = int(sys.argv[1]) if len(sys.argv) > 1 else 37
-for lines in map(int, sys.argv[2].split(",")):
-    rng = sample_rng("ruler", "niah_single_1", 1048576, 0, index)
-    build, _ = ruler._builder("niah_single_1", rng, 1048576, tok)
-    built = build(lines)
+length = parse_length(args.length)
+for size in map(int, args.sizes.split(",")):
+    build, _ = ruler._builder(args.task, sample_rng("ruler", args.task, length, 0, args.index), length, tok)
+    built = build(size)
     ids = torch.tensor([tok(built.text)["input_ids"]])
-    t0 = time.time()
+    start = time.time()
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=16, do_sample=False)
-    pred = tok.decode(out[0, ids.shape[1] :])
-    print(
-        json.dumps(
-            {
-                "index": index,
-                "lines": lines,
-                "tokens": ids.shape[1],
-                "depths": built.meta["depths"],
-                "answer": built.answers[0],
-                "found": built.answers[0] in pred,
-                "prediction": pred[:40],
-                "s": round(time.time() - t0, 1),
-            }
-        ),
-        flush=True,
-    )
+    prediction = tok.decode(out[0, ids.shape[1] :])
+    row = {
+        "task": args.task,
+        "length": args.length,
+        "index": args.index,
+        "size": size,
+        "tokens": ids.shape[1],
+        "depths": built.meta["depths"],
+        "answer": built.answers[0],
+        "found": built.answers[0] in prediction,
+        "prediction": prediction[:40],
+        "seconds": round(time.time() - start, 1),
+    }
+    print(json.dumps(row), flush=True)
