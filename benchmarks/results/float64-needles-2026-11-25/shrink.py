@@ -1,6 +1,6 @@
 """A long RULER single-needle sample's needle (same key, value and depth) in shorter haystacks, on the CPU.
 
-    PYTHONPATH=src python3 benchmarks/results/float64-needles-2026-11-25/shrink.py --index 37 \
+    PYTHONPATH=src python3 benchmarks/results/float64-needles-2026-11-25/shrink.py --indices 37 \
         --sizes 5,10,30,100,500,1000 [--task niah_single_1 --length 1m]
 
 ``--sizes`` are the task's haystack units (noise lines for ``niah_single_1``, ~33 tokens each; essay
@@ -8,6 +8,7 @@ words for ``niah_single_2``, ~1.6 tokens each). One JSON line per size: does the
 """
 
 import argparse
+import itertools
 import json
 import time
 
@@ -19,7 +20,9 @@ from subquad.eval._core import sample_rng
 from subquad.eval.runner import load_model
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--index", type=int, required=True, help="the sample's index in its cell (seed 0)")
+parser.add_argument(
+    "--indices", required=True, help="the samples' indices in their cell (seed 0): 37 or 0-49"
+)
 parser.add_argument("--sizes", required=True, help="haystack sizes, comma-separated")
 parser.add_argument("--task", default="niah_single_1")
 parser.add_argument("--length", default="1m", help="the cell the sample comes from")
@@ -28,8 +31,11 @@ args = parser.parse_args()
 model, tok = load_model("src/subquad/assets/subquad-nano", device="cpu")
 model.eval()
 length = parse_length(args.length)
-for size in map(int, args.sizes.split(",")):
-    build, _ = ruler._builder(args.task, sample_rng("ruler", args.task, length, 0, args.index), length, tok)
+first, _, last = args.indices.partition("-")
+for index, size in itertools.product(
+    range(int(first), int(last or first) + 1), map(int, args.sizes.split(","))
+):
+    build, _ = ruler._builder(args.task, sample_rng("ruler", args.task, length, 0, index), length, tok)
     built = build(size)
     ids = torch.tensor([tok(built.text)["input_ids"]])
     start = time.time()
@@ -39,7 +45,7 @@ for size in map(int, args.sizes.split(",")):
     row = {
         "task": args.task,
         "length": args.length,
-        "index": args.index,
+        "index": index,
         "size": size,
         "tokens": ids.shape[1],
         "depths": built.meta["depths"],
