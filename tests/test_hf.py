@@ -173,3 +173,24 @@ def test_precise_rotary_rejects_what_it_cannot_change():
         subquad.hf.precise_rotary("llama")
     with pytest.raises(ValueError, match="no rotary module"):
         subquad.hf.precise_rotary(torch.nn.Linear(4, 4))
+
+
+class InterleavedRotary(torch.nn.Module):
+    """A rotary module of another layout (pairs interleaved): precise_rotary must not replace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.inv_freq = 10000.0 ** (-torch.arange(0, 8) / 8)
+        self.attention_scaling = 1.0
+        self.rope_type = "default"
+
+    def forward(self, x, position_ids):
+        angles = (position_ids[..., None].float() * self.inv_freq).repeat_interleave(2, dim=-1)
+        return angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+
+
+def test_precise_rotary_leaves_a_rotary_module_of_another_form():
+    module = InterleavedRotary()
+    with pytest.raises(ValueError, match="InterleavedRotary computes other tables"):
+        subquad.hf.precise_rotary(torch.nn.Sequential(module))
+    assert "forward" not in vars(module)
