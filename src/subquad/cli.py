@@ -105,6 +105,13 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--depths", default=None, help="needle depths in percent, e.g. 10,50,90 (default: 50)")
     p.add_argument("--seed", type=int, default=0, help="prompt seed (default: 0)")
+    p.add_argument(
+        "--attention",
+        default="saved",
+        choices=("saved", "ssa"),
+        help="saved: as the model was saved; ssa: run a transformers --model (Llama, Mistral, Qwen2, "
+        "Qwen3, ...) with SSA (default: saved)",
+    )
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="output directory (default: runs/demo)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -114,6 +121,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     from subquad import demo
     from subquad.eval._core import format_length, parse_length, parse_lengths
+    from subquad.eval.runner import ssa_config_of
 
     def fail(message: str) -> int:
         print(f"subquad demo: error: {message}", file=sys.stderr)
@@ -149,10 +157,10 @@ def _run_demo(args: argparse.Namespace) -> int:
             )
         return fail(f"--model {args.model!r}: not a model directory (no config.json there)")
     try:
-        model, tokenizer = demo.load(path, device=args.device)
+        model, tokenizer = demo.load(path, device=args.device, attention=args.attention)
     except (OSError, ValueError) as exc:
         return fail(f"could not load the model at {path}: {exc}")
-    ssa = demo.ssa_config_of(model.config)
+    ssa = ssa_config_of(model.config)
     attention = (
         f"SSA (block {ssa.block_size}, {ssa.sink_blocks} sink + {ssa.local_blocks} local + {ssa.top_k} "
         f"routed blocks)"

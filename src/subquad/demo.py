@@ -29,6 +29,7 @@ from typing import Any
 
 from subquad.eval import runner
 from subquad.eval._core import format_length, parse_length
+from subquad.eval.runner import ssa_config_of
 from subquad.ops.ssa.config import SSAConfig
 
 __all__ = [
@@ -44,7 +45,6 @@ __all__ = [
     "parse_depths",
     "run",
     "selected_pairs",
-    "ssa_config_of",
 ]
 
 # The lengths a demo walks up, cut at --max-length: the CPU default stops at 64K, a GPU run at 12M.
@@ -88,17 +88,6 @@ def parse_depths(spec: str | Sequence[int]) -> list[int]:
     return sorted(depths)
 
 
-def ssa_config_of(config: Any) -> SSAConfig | None:
-    """The SSA settings of a model config, or ``None`` when the model attends densely."""
-    if getattr(config, "model_type", None) == "subquad":
-        return SSAConfig.from_dict(config.ssa) if config.attention == "ssa" else None
-    if getattr(config, "_attn_implementation", None) == "ssa":
-        from subquad.hf import ssa_config_for
-
-        return ssa_config_for(config)
-    return None
-
-
 def selected_pairs(ssa: SSAConfig, length: int) -> int:
     """(query, key) pairs SSA attends in one causal pass over ``length`` tokens (per KV head).
 
@@ -131,10 +120,11 @@ def key_share(config: Any, length: int) -> float:
     return selected_pairs(ssa, length) / (length * (length + 1) / 2)
 
 
-def load(path: str | os.PathLike, device: str = "cpu") -> tuple[Any, Any]:
-    """Model and tokenizer from a transformers directory: float32 on the CPU, bfloat16 on CUDA."""
+def load(path: str | os.PathLike, device: str = "cpu", attention: str = "saved") -> tuple[Any, Any]:
+    """Model and tokenizer from a transformers directory: float32 on the CPU, bfloat16 on CUDA.
+    ``attention="ssa"`` runs another transformers model with SSA (:func:`runner.load_causal_lm`)."""
     dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
-    return runner.load_model(path, device=device, dtype=dtype)
+    return runner.load_model(path, device=device, dtype=dtype, attention=attention)
 
 
 def run(

@@ -177,6 +177,70 @@ def test_ssa_overrides_route_the_same_weights_otherwise(tmp_path, bpe_tokenizer,
     assert "top_k=-1" in capsys.readouterr().err
 
 
+def test_attention_ssa_routes_a_transformers_model(
+    tiny_model_dir, tmp_path, capsys, monkeypatch, bpe_tokenizer
+):
+    from subquad import hf
+    from subquad.models import SubquadConfig, SubquadForCausalLM
+    from subquad.ops.ssa.config import SSAConfig
+
+    small = {"block_size": 16, "top_k": 1, "local_blocks": 1}
+    saved = runner.load_causal_lm(tiny_model_dir, device="cpu")
+    routed = runner.load_causal_lm(tiny_model_dir, device="cpu", attention="ssa", ssa=small)
+    assert saved.config._attn_implementation != "ssa" and runner.ssa_config_of(saved.config) is None
+    assert routed.config._attn_implementation == "ssa"
+    assert runner.ssa_config_of(routed.config) == SSAConfig(**small)
+    rotary = [m for m in routed.modules() if hasattr(m, "inv_freq")]
+    assert rotary and all(getattr(m, "_subquad_precise_rotary", False) for m in rotary)
+    ids = torch.randint(3, len(bpe_tokenizer), (1, 200))
+    with torch.no_grad():
+        # 3 blocks of 16: every block is selected, so SSA is dense attention; 13 blocks: one routed
+        torch.testing.assert_close(
+            routed(ids[:, :40]).logits, saved(ids[:, :40]).logits, atol=1e-4, rtol=1e-4
+        )
+        assert (routed(ids).logits[0, -1] - saved(ids).logits[0, -1]).abs().max() > 1e-3
+
+    # a rotary module it cannot make precise is kept, with a warning that says so
+    def refuse(model):
+        raise ValueError("not Llama-style")
+
+    monkeypatch.setattr(hf, "precise_rotary", refuse)
+    with pytest.warns(UserWarning, match="float32 rotary angles.*not Llama-style"):
+        runner.load_causal_lm(tiny_model_dir, device="cpu", attention="ssa")
+    monkeypatch.undo()
+
+    out = tmp_path / "niah"
+    argv = ["--model", str(tiny_model_dir), "--suite", "niah", "--lengths", "300", "--samples", "1"]
+    argv += ["--tasks", "50", "--out", str(out), "--device", "cpu", "--max-new-tokens", "2", "--no-progress"]
+    assert main([*argv, "--attention", "ssa", "--ssa", "block_size=16,top_k=1"]) == 0
+    assert json.loads((out / "summary.json").read_text())["ssa"]["top_k"] == 1
+    # SSA fields for a model that keeps its saved (dense) attention would be ignored: refused
+    assert main([*argv, "--ssa", "top_k=1"]) == 2
+    assert "keeps its saved attention; ask for attention='ssa'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="attention 'flash' is not supported"):
+        runner.load_causal_lm(tiny_model_dir, device="cpu", attention="flash")
+    # a dense Subquad model is converted by training, not switched at load time
+    dense = tmp_path / "subquad-dense"
+    config = SubquadConfig.from_flavor("debug", vocab_size=len(bpe_tokenizer), attention="dense")
+    SubquadForCausalLM(config).save_pretrained(dense)
+    with pytest.raises(ValueError, match="dense Subquad model; convert it first"):
+        runner.load_causal_lm(dense, device="cpu", attention="ssa")
+    assert runner.ssa_config_of(runner.load_causal_lm(dense, device="cpu").config) is None
+
+
+def test_demo_runs_a_transformers_model_with_ssa(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from subquad import demo
+    from subquad.cli import main as subquad_main
+
+    monkeypatch.setattr(demo, "MAX_NEW_TOKENS", 2)
+    args = ["demo", "--model", str(tiny_model_dir), "--lengths", "300", "--depths", "50", "--no-progress"]
+    assert subquad_main([*args, "--out", str(tmp_path / "saved")]) == 0
+    assert "dense attention" in capsys.readouterr().out
+    assert subquad_main([*args, "--attention", "ssa", "--out", str(tmp_path / "ssa")]) == 0
+    assert "SSA (block 64, 1 sink + 2 local + 16 routed blocks)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "ssa" / "demo.json").read_text())["attention"] == "ssa"
+
+
 class EchoModel:
     """generate() repeats each prompt's last token: enough to write records, at no model cost."""
 

@@ -10,7 +10,7 @@ import sys
 
 from subquad._args import key_values
 
-from .runner import SUITES, evaluate_path
+from .runner import ATTENTIONS, SUITES, evaluate_path
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +59,13 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="SSA settings replacing the model's, e.g. summary=max,sub_block_size=4 or top_k=64 (or JSON)",
     )
+    parser.add_argument(
+        "--attention",
+        default="saved",
+        choices=ATTENTIONS,
+        help="saved: as the model was saved; ssa: run a transformers model (Llama, Mistral, Qwen2, Qwen3, "
+        "...) with SSA (default: saved)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -71,6 +78,7 @@ def run_eval(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             ssa=ssa,
+            attention=args.attention,
             suite=args.suite,
             lengths=args.lengths,
             num_samples=args.samples,

@@ -29,18 +29,23 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import mrcr, niah, ruler
 from ._core import Sample, check_int, encode, format_length, parse_lengths, postprocess_prediction
 
+if TYPE_CHECKING:
+    from subquad.ops.ssa.config import SSAConfig
+
 __all__ = [
-    "DTYPES", "SUITES", "evaluate", "evaluate_path", "load_causal_lm", "load_model", "parse_lengths",
-    "suite_tasks",
+    "ATTENTIONS", "DTYPES", "SUITES", "evaluate", "evaluate_path", "load_causal_lm", "load_model",
+    "parse_lengths", "ssa_config_of", "suite_tasks",
 ]  # fmt: skip
 
 SUITES: tuple[str, ...] = ("ruler", "mrcr", "niah")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# "saved": as the model was saved; "ssa": another transformers model run with SSA (subquad.hf)
+ATTENTIONS = ("saved", "ssa")
 
 
 def suite_tasks(suite: str, tasks: str | Sequence[str] | None = None) -> list[str]:
@@ -354,9 +359,9 @@ def evaluate(
         "seed": seed,
         "max_new_tokens": max_new_tokens,
     }
-    ssa = getattr(getattr(model, "config", None), "ssa", None)
-    if isinstance(ssa, dict):
-        settings["ssa"] = ssa  # the routing the scores were measured with (overrides included)
+    ssa = ssa_config_of(getattr(model, "config", None))
+    if ssa is not None:
+        settings["ssa"] = ssa.to_dict()  # the routing the scores were measured with (overrides included)
     return write_summary(records, settings, out)
 
 
@@ -424,15 +429,36 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     return title + "\n".join(rows) + "\n"
 
 
+def ssa_config_of(config: Any) -> SSAConfig | None:
+    """The :class:`subquad.SSAConfig` a model config routes with, or ``None`` when it attends densely."""
+    from subquad.ops.ssa.config import SSAConfig
+
+    if getattr(config, "model_type", None) == "subquad":
+        return SSAConfig.from_dict(config.ssa) if config.attention == "ssa" else None
+    if getattr(config, "_attn_implementation", None) == "ssa":
+        from subquad.hf import ssa_config_for
+
+        return ssa_config_for(config)
+    return None
+
+
 def load_causal_lm(
-    path: str | os.PathLike, device: str = "auto", dtype: str = "auto", ssa: dict[str, Any] | None = None
+    path: str | os.PathLike,
+    device: str = "auto",
+    dtype: str = "auto",
+    ssa: dict[str, Any] | None = None,
+    attention: str = "saved",
 ) -> Any:
     """Load a causal LM with ``AutoModelForCausalLM`` (no remote code), on ``device``, in eval mode.
 
     ``dtype="auto"`` keeps the stored dtype, except that float32 weights become bfloat16 on CUDA: the
     SSA kernels run in bf16/fp16, and float32 there silently takes the PyTorch reference path, some
     30x slower on long prompts. Ask for ``"float32"`` to keep it. ``ssa``: :class:`subquad.SSAConfig`
-    fields that replace the saved model's (e.g. ``{"top_k": 64}``): the same weights, routed otherwise."""
+    fields that replace the saved model's (e.g. ``{"top_k": 64}``): the same weights, routed otherwise.
+    ``attention="ssa"`` runs another transformers model (Llama, Mistral, Qwen2, Qwen3, ...) with SSA
+    (:mod:`subquad.hf`, with float64 rotary angles: :func:`subquad.hf.precise_rotary`); Subquad models
+    keep the attention their config names (a dense one is converted with ``subquad train
+    --convert-from``)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -442,6 +468,8 @@ def load_causal_lm(
         raise ValueError(f"model path {os.fspath(path)!r} does not exist; expected a saved model directory")
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; expected one of {', '.join(DTYPES)}")
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention {attention!r} is not supported; expected one of {', '.join(ATTENTIONS)}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -452,15 +480,60 @@ def load_causal_lm(
         raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    routed_here = attention == "ssa" and config.model_type != "subquad"
+    _check_attention(config, attention, ssa, path)
     override_ssa(config, ssa, path)
+    extra = {}
+    if routed_here:
+        from subquad import hf
+
+        hf.register()
+        extra["attn_implementation"] = "ssa"
     model = AutoModelForCausalLM.from_pretrained(
-        path, config=config, dtype=torch_dtype, trust_remote_code=False
+        path, config=config, dtype=torch_dtype, trust_remote_code=False, **extra
     )
+    if routed_here:
+        _precise_rotary(model, path)
     if dtype == "auto" and torch_device.type == "cuda" and model.dtype == torch.float32:
         model.to(torch.bfloat16)
     model.to(torch_device)
     model.eval()
     return model
+
+
+def _check_attention(
+    config: Any, attention: str, ssa: dict[str, Any] | None, path: str | os.PathLike
+) -> None:
+    """Refuse what would not route as asked: SSA fields for a model that keeps its dense attention, or
+    ``attention="ssa"`` for a dense Subquad model (converting one is a training step)."""
+    where = f"the model at {os.fspath(path)!r}"
+    if config.model_type == "subquad":
+        if attention == "ssa" and config.attention != "ssa":
+            raise ValueError(
+                f"attention='ssa': {where} is a dense Subquad model; convert it first "
+                f"(subquad train --convert-from {os.fspath(path)} --out DIR)"
+            )
+    elif ssa and attention != "ssa":
+        raise ValueError(
+            f"ssa={ssa!r}: {where} ({config.model_type}) keeps its saved attention; "
+            "ask for attention='ssa' (--attention ssa) to route it"
+        )
+
+
+def _precise_rotary(model: Any, path: str | os.PathLike) -> None:
+    """float64 rotary angles where the model's rotary modules allow it; a warning where they do not."""
+    import warnings
+
+    from subquad import hf
+
+    try:
+        hf.precise_rotary(model)
+    except ValueError as error:
+        warnings.warn(
+            f"the model at {os.fspath(path)!r} keeps its own float32 rotary angles, which drift past a few "
+            f"million positions: {error}",
+            stacklevel=3,
+        )
 
 
 def override_ssa(config: Any, ssa: dict[str, Any] | None, path: str | os.PathLike) -> None:
@@ -478,12 +551,16 @@ def override_ssa(config: Any, ssa: dict[str, Any] | None, path: str | os.PathLik
 
 
 def load_model(
-    path: str | os.PathLike, device: str = "auto", dtype: str = "auto", ssa: dict[str, Any] | None = None
+    path: str | os.PathLike,
+    device: str = "auto",
+    dtype: str = "auto",
+    ssa: dict[str, Any] | None = None,
+    attention: str = "saved",
 ) -> tuple[Any, Any]:
     """Load a causal LM (:func:`load_causal_lm`) and its tokenizer with the transformers Auto classes."""
     from transformers import AutoTokenizer
 
-    model = load_causal_lm(path, device=device, dtype=dtype, ssa=ssa)
+    model = load_causal_lm(path, device=device, dtype=dtype, ssa=ssa, attention=attention)
     return model, AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
@@ -493,9 +570,10 @@ def evaluate_path(
     device: str = "auto",
     dtype: str = "auto",
     ssa: dict[str, Any] | None = None,
+    attention: str = "saved",
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Load the model at ``model_path`` (see ``load_model``) and run ``evaluate`` on it."""
-    model, tokenizer = load_model(model_path, device=device, dtype=dtype, ssa=ssa)
+    model, tokenizer = load_model(model_path, device=device, dtype=dtype, ssa=ssa, attention=attention)
     kwargs.setdefault("model_name", Path(model_path).name or os.fspath(model_path))
     return evaluate(model, tokenizer, **kwargs)
