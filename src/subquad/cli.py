@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from subquad.eval.cli import add_eval_arguments, run_eval
+from subquad.eval.runner import ATTENTIONS
 from subquad.train.cli import add_corpus_arguments, add_train_arguments, run_corpus, run_train
 
 
@@ -108,7 +109,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--attention",
         default="saved",
-        choices=("saved", "ssa"),
+        choices=ATTENTIONS,
         help="saved: as the model was saved; ssa: run a transformers --model (Llama, Mistral, Qwen2, "
         "Qwen3, ...) with SSA (default: saved)",
     )

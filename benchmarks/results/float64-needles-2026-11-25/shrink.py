@@ -16,7 +16,7 @@ import torch
 
 from subquad.benchmark import parse_length
 from subquad.eval import ruler
-from subquad.eval._core import sample_rng
+from subquad.eval._core import encode, postprocess_prediction, sample_rng
 from subquad.eval.runner import load_model
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,7 +37,7 @@ for index, size in itertools.product(
 ):
     build, _ = ruler._builder(args.task, sample_rng("ruler", args.task, length, 0, index), length, tok)
     built = build(size)
-    ids = torch.tensor([tok(built.text)["input_ids"]])
+    ids = torch.tensor([encode(tok, built.text)])
     start = time.time()
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=16, do_sample=False)
@@ -50,7 +50,7 @@ for index, size in itertools.product(
         "tokens": ids.shape[1],
         "depths": built.meta["depths"],
         "answer": built.answers[0],
-        "found": built.answers[0] in prediction,
+        "found": ruler.score(args.task, postprocess_prediction(prediction), built.answers) == 1.0,
         "prediction": prediction[:40],
         "seconds": round(time.time() - start, 1),
     }
