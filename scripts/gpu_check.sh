@@ -9,6 +9,8 @@
 #   profile: GPU time per kernel of one attention call, fwd+bwd at 128K and forward at 1M
 #   max-routing: routing tests, then the Triton routers with summary="max" (best 4-token sub-block)
 #   against the PyTorch router and against summary="mean", nano's routing shape at 1M
+#   beam: routing tests, then `long` with index="beam" at 128k-12m (and flat at 1m, 4m beside it) and
+#   the routing comparison (flat, tree, beam) at 64k-1m
 #   needle-ranks: the shipped model's needle ranks per layer (RULER niah_single_1/2, $SAMPLES prompts
 #   at $LENGTHS, default 5 at 1m) routed by mean and by max, and under other rules (routing_rules.py)
 # Results land in $OUT (or ./gpu_out) and benchmarks/results/ of the copy.
@@ -24,6 +26,11 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1
 
 if [ "$MODE" = max-routing ]; then
   python3 -m pytest -q tests/ops/test_triton_attention.py tests/ops/test_max_summary.py > "$OUT/tests.txt" 2>&1
+  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.txt"
+fi
+if [ "$MODE" = beam ]; then
+  python3 -m pytest -q tests/ops/test_triton_attention.py tests/ops/test_ssa_reference.py tests/models/test_decode.py \
+    tests/test_hf.py -k "beam or routing" > "$OUT/tests.txt" 2>&1
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.txt"
 fi
 if [ "$MODE" = quick ] || [ "$MODE" = full ] || [ "$MODE" = backward ]; then
@@ -56,6 +63,13 @@ case "$MODE" in
   long)
     bench --shape long --lengths 128k,1m,4m,12m --reps 2 --backward-max-len 0 --flex-max-len 0 \
       --time-budget 330 --tag attention-long ;;
+  beam)
+    bench --shape long --index beam --lengths 128k,1m,4m,12m --reps 2 --backward-max-len 0 --flex-max-len 0 \
+      --time-budget 300 --tag attention-long-beam
+    bench --shape long --lengths 1m,4m --reps 2 --dense-max-len 0 --backward-max-len 0 --flex-max-len 0 \
+      --time-budget 100 --tag attention-long-flat
+    python3 benchmarks/attention.py --routing --lengths 64k,256k,1m --reps 2 --out "$OUT" --tag routing-layer-8b \
+      2>&1 | tee -a "$OUT/bench.log" ;;
   routing)
     python3 benchmarks/attention.py --routing --lengths 64k,256k,1m --out "$OUT" --tag routing-layer-8b 2>&1 \
       | tee -a "$OUT/bench.log" ;;

@@ -4,7 +4,9 @@ import json
 
 import pytest
 
+from subquad import SSAConfig
 from subquad.cli import main
+from subquad.ops.ssa.select import beam_cost_per_query
 
 
 def test_bench_writes_results(tmp_path, capsys):
@@ -20,6 +22,19 @@ def test_bench_writes_results(tmp_path, capsys):
         tmp_path / "attention-layer-8b-cpu.png"
     ).exists()
     assert "| 320 | 16 |" in capsys.readouterr().out
+
+
+def test_bench_routing_compares_the_indexes_with_flat(tmp_path):
+    # top_k 4: the beam keeps 4 of its 8 level-1 nodes, so it prunes (and the CPU reference is quick).
+    args = ["--routing", "--lengths", "4k", "--top-k", "4", "--reps", "1", "--device", "cpu", "--tag", "r"]
+    assert main(["bench", *args, "--out", str(tmp_path)]) == 0
+    (row,) = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert row["flat_dots_per_query"] == 64
+    for name in ("tree", "beam"):
+        assert 0 < row[f"{name}_agreement_random"] < 1 and row[f"{name}_ms_needle"] > 0
+    assert row["beam_dots_per_query"] == beam_cost_per_query(64, SSAConfig(top_k=4, index="beam"))
+    table = (tmp_path / "r.md").read_text()
+    assert "| 4096 | 64 | tree |" in table and "| 4096 | 64 | beam | 8 / 4 |" in table
 
 
 @pytest.mark.parametrize(

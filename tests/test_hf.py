@@ -71,12 +71,12 @@ def test_ssa_equals_eager_at_full_budget(arch):
 
 @pytest.mark.parametrize(
     "arch,index,summary",
-    [("llama", "flat", {}), ("qwen3", "flat", {}), ("llama", "tree", {}),
+    [("llama", "flat", {}), ("qwen3", "flat", {}), ("llama", "tree", {}), ("llama", "beam", {}),
      ("llama", "flat", {"summary": "max", "sub_block_size": 4})],
-    ids=["llama", "qwen3", "llama-tree", "llama-max"],
+    ids=["llama", "qwen3", "llama-tree", "llama-beam", "llama-max"],
 )  # fmt: skip
 def test_sparse_incremental_decoding_equals_full_forward(arch, index, summary, monkeypatch):
-    tree_group = 2 if index == "tree" else None
+    tree_group = 2 if index != "flat" else None
     eager, sparse = pair(configs()[arch], {**SPARSE, "index": index, "tree_group": tree_group, **summary})
     ids = torch.randint(0, 128, (2, 150))
     plans = []

@@ -471,13 +471,20 @@ def run_routing_benchmark(
     out_dir: str | Path | None = "benchmarks/results",
     tag: str | None = None,
 ) -> dict:
-    """Flat router vs tree index: time, summary dot products per query, and agreement.
+    """Flat router vs the sub-linear indexes (``tree``, ``beam``): time, summary dot products per query,
+    and agreement.
 
-    Agreement is the share of the flat router's routed blocks that the tree also picks, on i.i.d.
+    Agreement is the share of the flat router's routed blocks that an index also picks, on i.i.d.
     random inputs and on inputs with planted needle blocks (see ``_routing_inputs``), where the needle
     hit rate of each router is reported too.
     """
-    from subquad.ops.ssa.select import routing_agreement, tree_cost_per_query, tree_shape
+    from subquad.ops.ssa.select import (
+        beam_cost_per_query,
+        beam_shape,
+        routing_agreement,
+        tree_cost_per_query,
+        tree_shape,
+    )
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     heads_q, heads_kv, head_dim, _ = SHAPES[shape]
@@ -489,33 +496,31 @@ def run_routing_benchmark(
     rows = []
     for seq_len in lengths:
         gen = torch.Generator(device=dev).manual_seed(seq_len)
-        flat, tree = SSAConfig(top_k=top_k, index="flat"), SSAConfig(top_k=top_k, index="tree")
+        flat = SSAConfig(top_k=top_k, index="flat")
+        indexes = {name: SSAConfig(top_k=top_k, index=name) for name in _SUBLINEAR}
         num_blocks = -(-seq_len // flat.block_size)
-        group, probe = tree_shape(num_blocks, tree)
-        row = {
-            "seq_len": seq_len,
-            "num_blocks": num_blocks,
-            "tree_group": group,
-            "tree_probe": probe,
-            "flat_dots_per_query": num_blocks,
-            "tree_dots_per_query": tree_cost_per_query(num_blocks, tree),
-        }
+        shapes = {"tree": tree_shape(num_blocks, indexes["tree"]), "beam": beam_shape(indexes["beam"])}
+        costs = {"tree": tree_cost_per_query, "beam": beam_cost_per_query}
+        row = {"seq_len": seq_len, "num_blocks": num_blocks, "flat_dots_per_query": num_blocks}
+        for name, cfg in indexes.items():
+            row[f"{name}_group"], row[f"{name}_probe"] = shapes[name]
+            row[f"{name}_dots_per_query"] = costs[name](num_blocks, cfg)
         for kind in ("random", "needle"):
             q, k, needles = _routing_inputs(
                 kind, seq_len, heads_q, heads_kv, head_dim, flat.block_size, dev, dtype, gen
             )
-            row[f"tree_ms_{kind}"] = timed(lambda q=q, k=k, cfg=tree: select_blocks(q, k, cfg))
-            tree_sel = select_blocks(q, k, tree)
-            if needles:
-                row["tree_needle_hits"] = _needle_hit_rate(tree_sel, needles, seq_len)
-            if seq_len > flat_max_len:
-                continue
-            row[f"flat_ms_{kind}"] = timed(lambda q=q, k=k, cfg=flat: select_blocks(q, k, cfg))
-            flat_sel = select_blocks(q, k, flat)
-            if needles:
-                row["flat_needle_hits"] = _needle_hit_rate(flat_sel, needles, seq_len)
-            row[f"agreement_{kind}"] = routing_agreement(flat_sel, tree_sel)
-            del q, k, flat_sel, tree_sel
+            selections = {}
+            for name, cfg in [("flat", flat), *indexes.items()]:
+                if name == "flat" and seq_len > flat_max_len:
+                    continue
+                row[f"{name}_ms_{kind}"] = timed(lambda q=q, k=k, cfg=cfg: select_blocks(q, k, cfg))
+                selections[name] = select_blocks(q, k, cfg)
+                if needles:
+                    row[f"{name}_needle_hits"] = _needle_hit_rate(selections[name], needles, seq_len)
+            if "flat" in selections:
+                for name in indexes:
+                    row[f"{name}_agreement_{kind}"] = routing_agreement(selections["flat"], selections[name])
+            del q, k, selections
         rows.append(row)
         print(json.dumps(row), flush=True)
     result = {"environment": _environment(dev), "shape": shape, "top_k": top_k, "rows": rows}
@@ -531,27 +536,41 @@ def run_routing_benchmark(
 def _routing_markdown(result: dict) -> str:
     env = result["environment"]
     lines = [
-        f"# Routing: flat router vs tree index ({result['shape']}, top_k={result['top_k']})",
+        f"# Routing: flat router vs sub-linear indexes ({result['shape']}, top_k={result['top_k']})",
         "",
         f"{env.get('gpu') or env.get('cpu')}; torch {env['torch']}; triton {env['triton']}; {env['date']}",
         f"Command: `{env['command']}`",
         "",
-        "| N | blocks | tree G / P | flat dots/query | tree dots/query | flat ms | tree ms "
-        "| agreement (random) | agreement (needle) | needle hits flat | needle hits tree |",
-        "|" + "---|" * 11,
+        "| N | blocks | index | G / P | flat dots/query | index dots/query | flat ms | index ms "
+        "| agreement (random) | agreement (needle) | needle hits flat | needle hits index |",
+        "|" + "---|" * 12,
     ]
     for r in result["rows"]:
-        lines.append(
-            f"| {r['seq_len']} | {r['num_blocks']} | {r['tree_group']} / {r['tree_probe']} "
-            f"| {r['flat_dots_per_query']} | {r['tree_dots_per_query']} | {_fmt(r.get('flat_ms_random'))} "
-            f"| {_fmt(r.get('tree_ms_random'))} | {_fmt(r.get('agreement_random'), '.3f')} "
-            f"| {_fmt(r.get('agreement_needle'), '.3f')} | {_fmt(r.get('flat_needle_hits'), '.3f')} "
-            f"| {_fmt(r.get('tree_needle_hits'), '.3f')} |"
-        )
+        for name in _SUBLINEAR:
+            cells = [
+                r["seq_len"],
+                r["num_blocks"],
+                name,
+                f"{r[f'{name}_group']} / {r[f'{name}_probe']}",
+                r["flat_dots_per_query"],
+                r[f"{name}_dots_per_query"],
+                _fmt(r.get("flat_ms_random")),
+                _fmt(r.get(f"{name}_ms_random")),
+                _fmt(r.get(f"{name}_agreement_random"), ".3f"),
+                _fmt(r.get(f"{name}_agreement_needle"), ".3f"),
+                _fmt(r.get("flat_needle_hits"), ".3f"),
+                _fmt(r.get(f"{name}_needle_hits"), ".3f"),
+            ]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines += [
         "",
-        "Agreement: share of the flat router's routed blocks the tree also picks. Needle hits: share of",
+        "Agreement: share of the flat router's routed blocks the index also picks. Needle hits: share of",
         "8 planted blocks (keys sharing a direction with the last quarter's queries) that those queries",
         "select. Random inputs have no structure, so no sub-linear index can agree with exact top-k there.",
+        "G / P: tree: blocks per group / groups probed; beam: children per node / nodes kept per level.",
     ]
     return "\n".join(lines) + "\n"
+
+
+# The indexes the routing benchmark compares with the flat router.
+_SUBLINEAR = ("tree", "beam")

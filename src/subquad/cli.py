@@ -9,6 +9,7 @@ import sys
 
 from subquad.eval.cli import add_eval_arguments, run_eval
 from subquad.eval.runner import ATTENTIONS
+from subquad.ops.ssa.config import INDEXES
 from subquad.train.cli import add_corpus_arguments, add_train_arguments, run_corpus, run_train
 
 
@@ -19,7 +20,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "--lengths", default=None, help="comma-separated lengths, e.g. 16k,128k,1m (default per device)"
     )
     p.add_argument("--top-k", default="16", help="comma-separated routed-block budgets, e.g. 16,64,240")
-    p.add_argument("--index", default="flat", choices=["flat", "tree"], help="router")
+    p.add_argument("--index", default="flat", choices=INDEXES, help="router")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--dense-max-len", default="128k", help="longest length at which dense runs (0: never)")
     p.add_argument(
@@ -33,7 +34,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="benchmarks/results", help="directory for JSON, markdown and PNG")
     p.add_argument("--tag", default=None, help="file name stem for the results")
     p.add_argument(
-        "--routing", action="store_true", help="compare the flat router and the tree index instead"
+        "--routing", action="store_true", help="compare the flat router and the sub-linear indexes instead"
     )
 
 

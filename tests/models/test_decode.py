@@ -106,7 +106,7 @@ def test_triton_decode_kernel_interpreted():
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 
 
-@pytest.mark.parametrize("index", ["flat", "tree"])
+@pytest.mark.parametrize("index", ["flat", "tree", "beam"])
 def test_decode_select_matches_full_routing_per_row(index):
     # Each row's newest token must get the selection a full forward over that row gives it, for
     # both routers (the tree's grouping depends on the row's own length).
@@ -126,7 +126,7 @@ def test_decode_select_matches_full_routing_per_row(index):
         assert torch.equal(got[b].sort(-1).values, want.sort(-1).values)
 
 
-@pytest.mark.parametrize("index", ["flat", "tree"])
+@pytest.mark.parametrize("index", ["flat", "tree", "beam"])
 def test_shared_plan_and_kept_bounds_route_like_the_reference(index):
     # A model's decode step builds one plan for all layers (reused while rows stay in their blocks) and
     # keeps the tree's group bounds in the cache layer; the picks must equal routing each step afresh
@@ -233,16 +233,16 @@ def _host_syncs(fn, *args, **kwargs):
     return out, (Count.scalars, len(calls))
 
 
-@pytest.mark.parametrize("index", ["flat", "tree"])
+@pytest.mark.parametrize("index", ["flat", "tree", "beam"])
 @pytest.mark.parametrize("ragged", [False, True])
 def test_model_decode_step_matches_full_forward_without_host_syncs(index, ragged):
     # Rows of different lengths (a left-padded batch) decode in one batched step; each row's logits
     # equal a full forward over that row alone, and the step never reads a device value on the host.
     from subquad.models import SubquadConfig, SubquadForCausalLM
 
-    cfg = SubquadConfig.from_flavor(
-        "debug", position_scheme="rope", ssa={"block_size": 16, "top_k": 2, "index": index}
-    )
+    tree_group = 2 if index == "beam" else None  # nodes of 8 blocks would hold all 10: it would route flat
+    ssa = {"block_size": 16, "top_k": 2, "index": index, "tree_group": tree_group}
+    cfg = SubquadConfig.from_flavor("debug", position_scheme="rope", ssa=ssa)
     model = SubquadForCausalLM(cfg).eval()
     lengths = [150, 93] if ragged else [150, 150]
     rows = [torch.randint(0, 256, (1, n + 4)) for n in lengths]

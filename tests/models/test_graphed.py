@@ -398,6 +398,8 @@ def test_unsupported_inputs_are_refused():
         config = SubquadConfig.from_flavor("debug", attention=attention, position_scheme="local_rope")
         with pytest.raises(ValueError, match="position_scheme='local_rope'"):
             GraphedDecoder(SubquadForCausalLM(config))
+    with pytest.raises(ValueError, match="ssa.index='beam'"):
+        GraphedDecoder(make_model(index="beam"), capture=False)
     with pytest.raises(ValueError, match="ssa.summary='max'"):
         GraphedDecoder(make_model(ssa={"summary": "max", "sub_block_size": 4}), capture=False)
     model = make_model()

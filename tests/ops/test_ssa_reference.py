@@ -2,7 +2,7 @@
 
 Checks the contract of DESIGN.md ("SSA semantics"): full budget equals dense; every output equals dense
 attention masked to the returned selection; strict causality; sink and local blocks always present;
-a planted needle is routed; gradients; the tree index; attention recall.
+a planted needle is routed; gradients; the tree and beam indexes; attention recall.
 """
 
 from __future__ import annotations
@@ -14,7 +14,13 @@ import subquad
 import subquad.ops.ssa.naive as naive_module
 import subquad.ops.ssa.select as select_module
 from subquad import SSAConfig, SSASelection, attention_recall, block_summaries, select_blocks, ssa_attention
-from subquad.ops.ssa.select import best_of_stretches, routing_agreement, tree_cost_per_query, tree_shape
+from subquad.ops.ssa.select import (
+    beam_cost_per_query,
+    best_of_stretches,
+    routing_agreement,
+    tree_cost_per_query,
+    tree_shape,
+)
 
 BLOCK = 16
 
@@ -79,7 +85,7 @@ def query_blocks(seq_len_q, seq_len_k):
 # (a) full budget equals dense
 
 
-@pytest.mark.parametrize("index", ["flat", "tree"])
+@pytest.mark.parametrize("index", ["flat", "tree", "beam"])
 @pytest.mark.parametrize("case", FULL_CASES, ids=shape_dtype_id)
 def test_full_budget_equals_dense_causal(case, index, reference):
     shape, dtype = case
@@ -119,7 +125,7 @@ def test_full_budget_dense_with_distinct_value_dim():
 SPARSE_CASES = [(s, d) for s, d in SHAPE_DTYPES if s[2] > 6 * BLOCK]
 
 
-@pytest.mark.parametrize("index", ["flat", "tree"])
+@pytest.mark.parametrize("index", ["flat", "tree", "beam"])
 @pytest.mark.parametrize("case", SPARSE_CASES, ids=shape_dtype_id)
 def test_sparse_equals_masked_dense(case, index, reference):
     shape, dtype = case
@@ -186,7 +192,7 @@ def test_reused_selection_and_precomputed_summaries_give_same_result():
 
 def test_chunked_paths_equal_unchunked(monkeypatch):
     q, k, v = random_qkv(2, 77, 200, 8, 2, 16)
-    configs = [SSAConfig(block_size=BLOCK, top_k=3, index=i) for i in ("flat", "tree")]
+    configs = [SSAConfig(block_size=BLOCK, top_k=3, index=i, tree_group=2) for i in ("flat", "tree", "beam")]
     before = [ssa_attention(q, k, v, c, return_selection=True) for c in configs]
     # One query per chunk everywhere: the chunk loops and their position offsets are exercised.
     for module in (naive_module, select_module):
@@ -215,7 +221,7 @@ def test_backend_auto_on_cpu_is_torch_and_outputs_are_written(poison_empty, refe
 # (c) causality
 
 
-@pytest.mark.parametrize("index", ["flat", "tree"])
+@pytest.mark.parametrize("index", ["flat", "tree", "beam"])
 @pytest.mark.parametrize(
     "shape,position",
     [((1, 200, 200, 4, 1, 32), 100), ((1, 200, 200, 4, 1, 32), 143), ((1, 150, 333, 8, 2, 64), 250)],
@@ -224,7 +230,7 @@ def test_backend_auto_on_cpu_is_torch_and_outputs_are_written(poison_empty, refe
 def test_causality_later_inputs_do_not_change_earlier_outputs(shape, position, index):
     batch, seq_len_q, seq_len_k = shape[:3]
     q, k, v = random_qkv(*shape)
-    config = SSAConfig(block_size=BLOCK, top_k=2, index=index, tree_group=2 if index == "tree" else None)
+    config = SSAConfig(block_size=BLOCK, top_k=2, index=index, tree_group=2 if index != "flat" else None)
     out, sel = ssa_attention(q, k, v, config, return_selection=True)
     row = position - (seq_len_k - seq_len_q)  # query row sitting at absolute position `position`
     q2, k2, v2 = q.clone(), k.clone(), v.clone()
@@ -261,8 +267,11 @@ def expected_candidates(qblock, nb, config, causal):
     return blocks[ok]
 
 
-@pytest.mark.parametrize("index", ["flat", "tree"])
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize(
+    "index,causal",
+    [("flat", True), ("flat", False), ("tree", True), ("tree", False), ("beam", True)],
+    ids=["flat-causal", "flat-noncausal", "tree-causal", "tree-noncausal", "beam-causal"],
+)
 @pytest.mark.parametrize(
     "sink,local,top_k",
     [(1, 2, 3), (0, 1, 2), (2, 3, 1), (3, 1, 5)],
@@ -271,7 +280,15 @@ def expected_candidates(qblock, nb, config, causal):
 def test_selection_structure(sink, local, top_k, causal, index):
     batch, seq_len_q, seq_len_k, heads_q, heads_kv, dim = 2, 45, 173, 4, 2, 16
     q, k, _ = random_qkv(batch, seq_len_q, seq_len_k, heads_q, heads_kv, dim)
-    config = SSAConfig(block_size=BLOCK, top_k=top_k, sink_blocks=sink, local_blocks=local, index=index)
+    # Beam nodes of 2 blocks: with 8 (the default) its top_k nodes would hold every block, and it routes flat.
+    config = SSAConfig(
+        block_size=BLOCK,
+        top_k=top_k,
+        sink_blocks=sink,
+        local_blocks=local,
+        index=index,
+        tree_group=2 if index == "beam" else None,
+    )
     sel = select_blocks(q, k, config, causal=causal)
     idx = sel.block_idx
     nb = num_blocks(seq_len_k)
@@ -299,7 +316,7 @@ def test_selection_structure(sink, local, top_k, causal, index):
                     assert all(x < qb - local + 1 for x in routed), (
                         "routed block at or after the local window"
                     )
-                # The tree probes top_k groups of >= 2 blocks: it finds as many blocks as flat does.
+                # The indexes probe top_k groups of >= 2 blocks: they find as many blocks as flat does.
                 assert len(routed) == min(top_k, len(candidates))
 
 
@@ -363,7 +380,7 @@ def test_num_selected_keys_counts_partial_blocks():
 # (e) needle
 
 
-@pytest.mark.parametrize("index", ["flat", "tree"])
+@pytest.mark.parametrize("index", ["flat", "tree", "beam"])
 @pytest.mark.parametrize("needle", [3, 30, 55])
 def test_planted_needle_is_routed(needle, index):
     batch, seq_len_k, heads_q, heads_kv, dim = 1, 1000, 8, 2, 64
@@ -401,7 +418,7 @@ def assert_grads_close(got, want, atol=1e-5):
         torch.testing.assert_close(g, w, atol=atol, rtol=1e-4, msg=lambda m, n=name: f"d{n}: {m}")
 
 
-@pytest.mark.parametrize("index", ["flat", "tree"])
+@pytest.mark.parametrize("index", ["flat", "tree", "beam"])
 @pytest.mark.parametrize("shape", GRAD_SHAPES, ids=shape_id)
 def test_gradients_full_budget_equal_dense(shape, index):
     q, k, v = random_qkv(*shape)
@@ -641,3 +658,63 @@ def test_recall_max_queries_subset(max_queries):
     torch.testing.assert_close(subset, full[:, rows], atol=1e-6, rtol=0)
     if count > 1:
         assert rows[0] == 0 and rows[-1] == 89
+
+
+# (h) the beam index
+
+
+@pytest.mark.parametrize(
+    "seq_len_q,seq_len_k,fanout,sink,local",
+    [(40, 1000, 2, 1, 2), (1000, 1000, 4, 5, 3), (1, 4097, 2, 0, 1), (77, 4097, 8, 9, 2)],
+)
+def test_beam_keeping_every_node_equals_flat(seq_len_q, seq_len_k, fanout, sink, local):
+    # With at least as many kept nodes as level-1 nodes, every candidate block reaches the last level
+    # (select_blocks then routes flat outright: the beam reference is called here).
+    rq, summaries = torch.randn(1, seq_len_q, 2, 32), torch.randn(1, num_blocks(seq_len_k), 2, 32)
+    common = {"block_size": BLOCK, "top_k": 5, "sink_blocks": sink, "local_blocks": local}
+    flat = select_module._route_flat(rq, summaries, seq_len_k, SSAConfig(**common), True)
+    config = SSAConfig(**common, index="beam", tree_group=fanout, tree_probe=num_blocks(seq_len_k))
+    beam = select_module._route_beam(rq, summaries, seq_len_k, config, True)
+    assert torch.equal(flat.sort(-1).values, beam.sort(-1).values)
+
+
+def test_beam_finds_what_its_bounds_point_to():
+    # 256 blocks, fan-out 4, one node kept per level: the only path whose bounds a needle raises is the
+    # one down to it, so the beam must find the needle block among 255 look-alikes (a flat-equal pick).
+    dim, needle = 32, 150
+    direction = torch.nn.functional.normalize(torch.randn(dim), dim=0)
+    k = torch.randn(1, 256 * BLOCK, 1, dim) * 0.1
+    k[0, needle * BLOCK : (needle + 1) * BLOCK] += 2 * direction
+    q = (direction * 5 + 0.1 * torch.randn(8, dim)).view(1, 8, 1, dim)
+    config = SSAConfig(block_size=BLOCK, top_k=1, index="beam", tree_group=4, tree_probe=1)
+    sel = select_blocks(q, k, config)
+    assert (sel.block_idx[..., -1] == needle).all()
+    assert torch.equal(sel.block_idx, select_blocks(q, k, SSAConfig(block_size=BLOCK, top_k=1)).block_idx)
+
+
+def test_beam_prunes_and_stays_causal():
+    # Few kept nodes over 256 blocks: fewer blocks reach the last level than flat scores, and the picks
+    # of tokens up to p do not move when the keys after p change (no bound mixes in a later key).
+    q, k, _ = random_qkv(1, 300, 4096, 4, 2, 32)
+    config = SSAConfig(block_size=BLOCK, top_k=3, index="beam", tree_group=4, tree_probe=2)
+    sel = select_blocks(q, k, config)
+    flat = select_blocks(q, k, SSAConfig(block_size=BLOCK, top_k=3))
+    assert 0.05 < routing_agreement(flat, sel) < 1.0
+    position = 4096 - 300 + 120
+    k2 = k.clone()
+    k2[:, position + 1 :] = 3 * torch.randn_like(k2[:, position + 1 :])
+    assert torch.equal(select_blocks(q, k2, config).block_idx[:, :, :121], sel.block_idx[:, :, :121])
+
+
+def test_beam_cost_grows_with_the_level_2_nodes_only():
+    config = SSAConfig(block_size=64, top_k=16, index="beam")
+    costs = {n: beam_cost_per_query(n, config) for n in (1 << 14, 1 << 16, 196608)}
+    # 1M, 4M and 12M tokens: the gathers stay 3 * 17 * 8 = 408; the level-2 bounds grow as N / 64.
+    assert costs == {1 << 14: 2 * 256 + 408, 1 << 16: 2 * 1024 + 408, 196608: 2 * 3072 + 408}
+    assert all(cost < n / 8 for n, cost in costs.items())
+
+
+def test_beam_refuses_noncausal_attention():
+    q, k, v = random_qkv(1, 40, 200, 4, 2, 16)
+    with pytest.raises(ValueError, match="causal=False.*index='beam'"):
+        ssa_attention(q, k, v, SSAConfig(block_size=BLOCK, top_k=2, index="beam"), causal=False)

@@ -176,6 +176,9 @@ MAX4 = {"summary": "max", "sub_block_size": 4}
         ("tree", True, {"tree_group": 2}),
         ("tree", True, {"top_k": 20, "tree_group": 2}),  # probed scores + torch.topk
         ("tree", False, {"tree_group": 4}),
+        ("beam", True, {"tree_group": 2}),  # every node kept: flat's picks
+        ("beam", True, {"tree_group": 2, "tree_probe": 2, "seq_len_k": 700}),  # pruned
+        ("beam", True, {"top_k": 20, "tree_group": 4, "sink_blocks": 5, "seq_len_k": 1500}),  # wide lists
         ("flat", True, MAX4),
         ("flat", False, MAX4),  # the partial last block lacks sub-blocks
         ("flat", True, {**MAX4, "threshold": False}),
@@ -189,6 +192,9 @@ MAX4 = {"summary": "max", "sub_block_size": 4}
         "tree-causal",
         "tree-causal-k20",
         "tree-full",
+        "beam-causal",
+        "beam-causal-pruned",
+        "beam-causal-k20",
         "max-causal",
         "max-full",
         "max-causal-groups",
@@ -201,12 +207,16 @@ def test_triton_routing_matches_reference(index, causal, extra):
     torch.manual_seed(3)
     extra = dict(extra)
     route = {"threshold": extra.pop("threshold")} if "threshold" in extra else {}
+    seq_len_q, seq_len_k = 40, extra.pop("seq_len_k", 150)
     config = subquad.SSAConfig(block_size=16, index=index, **{"top_k": 3, **extra})
-    seq_len_q, seq_len_k = 40, 150
     rq = torch.randn(1, seq_len_q, 2, 16, device=DEVICE)
     summaries = select.routing_summaries(torch.randn(1, seq_len_k, 2, 16, device=DEVICE), config)
-    reference = select._route_flat if index == "flat" else select._route_tree
-    router = triton_select.route_flat_triton if index == "flat" else triton_select.route_tree_triton
+    reference = {"flat": select._route_flat, "tree": select._route_tree, "beam": select._route_beam}[index]
+    router = {
+        "flat": triton_select.route_flat_triton,
+        "tree": triton_select.route_tree_triton,
+        "beam": triton_select.route_beam_triton,
+    }[index]
     want = reference(rq, summaries, seq_len_k, config, causal)
     got = router(rq, summaries, seq_len_k, config, causal, **route)
     assert torch.equal(got.sort(-1).values, want.sort(-1).values)

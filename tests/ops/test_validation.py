@@ -226,6 +226,8 @@ def test_auto_backend_on_cpu_runs_torch(monkeypatch):
         ({"tree_group": 1}, ValueError, ["tree_group=1", ">= 2"]),
         ({"tree_group": True}, TypeError, ["tree_group=True", "int"]),
         ({"tree_probe": 0}, ValueError, ["tree_probe=0", ">= 1"]),
+        ({"index": "beam", "tree_group": 6}, ValueError, ["tree_group=6", "'beam'", "power of two"]),
+        ({"index": "beam", "summary": "max", "sub_block_size": 16}, ValueError, ["index='beam'", "'flat'"]),
     ],
     ids=lambda x: x if isinstance(x, str) else None,
 )

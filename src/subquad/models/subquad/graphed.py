@@ -76,7 +76,7 @@ class GraphedDecoder:
 
     Args:
         model: a :class:`SubquadForCausalLM` with ``attention="ssa"`` and ``position_scheme="rope"`` (the
-            decode-kernel path; flat or tree index), or a dense twin (``attention="dense"``).
+            decode-kernel path; flat or tree index, not beam), or a dense twin (``attention="dense"``).
         cache: the :class:`subquad.SSACache` to decode into (default: a new one). Its rows must hold one
             length (no padding).
         capture: record CUDA graphs (the model on CUDA, float16 or bfloat16). False runs the ops the
@@ -102,6 +102,11 @@ class GraphedDecoder:
             raise ValueError(
                 f"router={config.router!r}: the graphed step supports router='shared' only (a learned "
                 "router routes on the PyTorch path, outside the decode kernels)"
+            )
+        if config.attention == "ssa" and config.ssa_config.index == "beam":
+            raise ValueError(
+                "ssa.index='beam': the graphed step supports 'flat' and 'tree' (the beam index routes each "
+                "step on the host's view of the context length, which a replayed graph cannot follow)"
             )
         if config.attention == "ssa" and config.ssa_config.summary != "mean":
             raise ValueError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-INDEXES = ("flat", "tree")
+INDEXES = ("flat", "tree", "beam")
 SUMMARIES = ("mean", "max")
 
 
@@ -25,7 +25,9 @@ class SSAConfig:
         index: ``"flat"`` scores every earlier block (exact top-k, ``O(N/block_size)`` per query);
             ``"tree"`` scores groups of blocks by an upper bound first, then only the blocks of the best
             group of each of ``tree_probe`` interleaved stretches of groups (``O(sqrt(N))`` per query;
-            see ``select.py``).
+            see ``select.py``); ``"beam"`` (causal only) searches a three-level tree of blocks, groups of
+            ``tree_group`` blocks and groups of ``tree_group`` groups, keeping the ``tree_probe`` best
+            nodes per level (``O(N / (tree_group**2 * block_size) + tree_probe * tree_group)`` per query).
         summary: how a block scores for routing: ``"mean"``, the routing query against the block's
             mean key; ``"max"``, the best score of the block's sub-blocks of ``sub_block_size`` keys,
             each summarised by its mean key. A few distinctive keys among many ordinary ones move a
@@ -34,7 +36,9 @@ class SSAConfig:
         sub_block_size: keys per sub-block for ``summary="max"`` (a power of two below
             ``block_size``); None for ``"mean"``.
         tree_group: blocks per group for ``index="tree"``; ``None`` picks ``~sqrt(num_blocks / top_k)``.
-        tree_probe: groups expanded per query (stretches) for ``index="tree"``; ``None`` means ``top_k``.
+            For ``"beam"``: children per node (a power of two), ``None`` means 8.
+        tree_probe: groups expanded per query (stretches) for ``index="tree"``; for ``"beam"`` the nodes
+            kept per level; ``None`` means ``top_k``.
     """
 
     block_size: int = 64
@@ -78,6 +82,8 @@ class SSAConfig:
                 raise ValueError(f"index={self.index!r}: summary='max' routes with index='flat' only")
         if self.tree_group is not None:
             _check_int("tree_group", self.tree_group, minimum=2)
+            if self.index == "beam" and self.tree_group & (self.tree_group - 1):
+                raise ValueError(f"tree_group={self.tree_group!r}: index='beam' expects a power of two")
         if self.tree_probe is not None:
             _check_int("tree_probe", self.tree_probe, minimum=1)
 

@@ -5,7 +5,7 @@ Every query token gets its own selection (``DESIGN.md``, "SSA semantics"): the s
 Routed candidates are only complete blocks strictly before the local window, so a summary never mixes
 in a key later than the token: routing is causal by construction.
 
-Two routers produce the routed part:
+Three routers produce the routed part:
 
 * ``flat``: scores the token's routing query against every candidate block summary, exact top-k.
   ``O(N / block_size)`` dot products per query: quadratic over a whole sequence.
@@ -20,6 +20,15 @@ Two routers produce the routed part:
   without ranking them all (one kernel instead of a bounds kernel and a sort of every group's bound,
   ``triton_select.decode_tree_lists``), and neighbouring groups, which often hold related keys, land
   in different stretches.
+
+* ``beam`` (causal only): a three-level tree, blocks under level-1 nodes of ``F`` blocks under level-2
+  nodes of ``F`` level-1 nodes, each node bounded as the tree's groups are (elementwise max and min of
+  its non-sink block summaries). A token scores every level-2 node that ends before its local window,
+  keeps the ``W`` best, scores their children plus the complete level-1 nodes of the level-2 node its
+  window starts in, keeps the ``W`` best, and scores the blocks of those plus the complete blocks of
+  the level-1 node its window starts in, exactly, for the top-k. ``N/(F^2 b) + 2 (W + 1) F`` dot
+  products per query: linear in N with a ``1/F^2`` slope, the gathers constant. With ``W`` at least the
+  number of level-1 nodes it equals ``flat``. Only complete nodes before the window are bounded.
 
 A block's score is its routing query against its summary: the block's mean key, or with
 ``summary="max"`` the best of the means of its sub-blocks (``block_scores``), so summaries are
@@ -182,18 +191,36 @@ def select_blocks(
     layout = (config.sink_blocks, config.local_blocks, causal)
     if config.top_k == 0:
         return SSASelection(fixed.contiguous(), block_size, fixed.shape[-1], layout)
-    rq = routing_queries(q, num_kv_heads)  # [B, T, Hkv, D]
-    if q.is_cuda and _triton_available():
+    routed = route(routing_queries(q, num_kv_heads), summaries, seq_len_k, config, causal)
+    return SSASelection(torch.cat([fixed, routed], dim=-1).contiguous(), block_size, fixed.shape[-1], layout)
+
+
+def route(
+    rq: torch.Tensor, summaries: torch.Tensor, seq_len_k: int, config: SSAConfig, causal: bool
+) -> torch.Tensor:
+    """The routed part of a selection, ``[B, Hkv, T, top_k]`` int32 (-1 padded), by ``config.index``:
+    Triton on CUDA (bf16 scores), the PyTorch references elsewhere (fp32). rq: ``[B, T, Hkv, D]``
+    routing queries of the tokens at positions ``seq_len_k - T ..``; summaries ``[B, NS, Hkv, D]``."""
+    index = config.index
+    if index == "beam":
+        if not causal:
+            raise ValueError(
+                "causal=False: index='beam' routes causal attention only; use index='flat' or 'tree'"
+            )
+        fanout, width = beam_shape(config)
+        if width * fanout >= -(-seq_len_k // config.block_size):
+            index = "flat"  # it would keep every level-1 node: its picks are flat's, at flat's cost
+    if rq.is_cuda and _triton_available():
         from subquad.ops.ssa import triton_select
 
-        router = (
-            triton_select.route_flat_triton if config.index == "flat" else triton_select.route_tree_triton
-        )
-        routed = router(rq.bfloat16(), summaries.bfloat16().contiguous(), seq_len_k, config, causal)
-    else:
-        router = _route_flat if config.index == "flat" else _route_tree
-        routed = router(rq, summaries.float(), seq_len_k, config, causal)
-    return SSASelection(torch.cat([fixed, routed], dim=-1).contiguous(), block_size, fixed.shape[-1], layout)
+        router = {
+            "flat": triton_select.route_flat_triton,
+            "tree": triton_select.route_tree_triton,
+            "beam": triton_select.route_beam_triton,
+        }[index]
+        return router(rq.bfloat16(), summaries.bfloat16().contiguous(), seq_len_k, config, causal)
+    router = {"flat": _route_flat, "tree": _route_tree, "beam": _route_beam}[index]
+    return router(rq, summaries.float(), seq_len_k, config, causal)
 
 
 def routing_agreement(reference: SSASelection, other: SSASelection) -> float:
@@ -408,3 +435,111 @@ def _route_tree(rq, summaries, seq_len_k, config, causal):
         scores.masked_fill_(~ok, float("-inf"))
         out.append(_topk_blocks(scores, blocks, config.top_k))
     return torch.cat(out, dim=2)
+
+
+# Children per node of ``index="beam"`` when ``tree_group`` is unset.
+BEAM_FANOUT = 8
+
+
+def beam_shape(config: SSAConfig) -> tuple[int, int]:
+    """(children per node ``F``, nodes kept per level ``W``) of ``index="beam"``."""
+    return config.tree_group or BEAM_FANOUT, config.tree_probe or max(1, config.top_k)
+
+
+def beam_cost_per_query(num_blocks: int, config: SSAConfig) -> int:
+    """Summary-sized dot products one query pays with ``index="beam"`` at most (a bound is two)."""
+    fanout, width = beam_shape(config)
+    level2 = -(-num_blocks // fanout**2)
+    return 2 * level2 + 2 * (width + 1) * fanout + (width + 1) * fanout
+
+
+def beam_levels(summaries: torch.Tensor, config: SSAConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Box bounds of the beam index's level-1 and level-2 nodes, ``[hi, lo]`` on the feature axis:
+    ``[B, NG1, Hkv, 2D]`` and ``[B, NG2, Hkv, 2D]`` float32 for summaries ``[B, NB, Hkv, D]``.
+
+    A node bounds its non-sink blocks; nodes without any (sink-only, or padding past the last block) are
+    zeros, and no token may probe them. ``[q+, q-] . [hi, lo]`` bounds ``q . s`` of every block in the
+    node from above.
+    """
+    fanout, _ = beam_shape(config)
+    summ = summaries.float()
+    batch, num_blocks, heads, dim = summ.shape
+    nodes2 = max(1, -(-num_blocks // fanout**2))
+    pad = nodes2 * fanout**2 - num_blocks
+    excluded = torch.arange(num_blocks + pad, device=summ.device)
+    excluded = ((excluded < config.sink_blocks) | (excluded >= num_blocks)).view(1, -1, 1, 1)
+    summ = torch.nn.functional.pad(summ, (0, 0, 0, 0, 0, pad))
+    hi = summ.masked_fill(excluded, float("-inf")).view(batch, -1, fanout, heads, dim).amax(2)
+    lo = summ.masked_fill(excluded, float("inf")).view(batch, -1, fanout, heads, dim).amin(2)
+    hi2 = hi.view(batch, nodes2, fanout, heads, dim).amax(2)
+    lo2 = lo.view(batch, nodes2, fanout, heads, dim).amin(2)
+    levels = []
+    for h, low in ((hi, lo), (hi2, lo2)):
+        node = torch.cat([h, low], dim=-1)
+        levels.append(node.masked_fill(~torch.isfinite(node), 0.0))
+    return levels[0][:, : -(-num_blocks // fanout)], levels[1]
+
+
+def beam_queries(rq: torch.Tensor) -> torch.Tensor:
+    """``[q+, q-]``: routing queries ``[B, T, Hkv, D]`` as the features bounds are scored with."""
+    return torch.cat([rq.clamp(min=0), rq.clamp(max=0)], dim=-1)
+
+
+def _window_starts(first_pos: int, count: int, config: SSAConfig, device: torch.device) -> torch.Tensor:
+    """First block of each token's local window, ``[count]`` int64: routed blocks lie before it."""
+    qblock = torch.arange(first_pos, first_pos + count, device=device) // config.block_size
+    return (qblock - config.local_blocks + 1).clamp(min=0)
+
+
+def _route_beam(rq, summaries, seq_len_k, config, causal):
+    """Reference beam index (module docstring): two levels of bounds, then the blocks scored exactly."""
+    if not causal:
+        raise ValueError(
+            "causal=False: index='beam' routes causal attention only; use index='flat' or 'tree'"
+        )
+    batch, seq_len_q, heads, dim = rq.shape
+    num_blocks = summaries.shape[1]
+    fanout, width = beam_shape(config)
+    level1, level2 = beam_levels(summaries, config)
+    children = torch.arange(fanout, device=rq.device)
+    per_token = batch * heads * (level2.shape[1] + 2 * (width + 1) * fanout * 2 * dim)
+    out = []
+    for start, stop, first_pos in _query_chunks(seq_len_q, seq_len_k, per_token, rq.device):
+        rq_c = rq[:, start:stop].transpose(1, 2)  # [B, Hkv, Tc, D]
+        feats = beam_queries(rq_c)
+        window = _window_starts(first_pos, stop - start, config, rq.device)  # [Tc]
+        # Level 2: every complete node before the window (and not sink-only), by bound.
+        nodes = torch.arange(level2.shape[1], device=rq.device)
+        ok = (nodes >= config.sink_blocks // fanout**2) & (nodes < (window // fanout**2)[:, None])
+        scores = torch.matmul(feats, level2.permute(0, 2, 3, 1)).masked_fill(~ok, float("-inf"))
+        parents = _topk_blocks(scores, None, width).long()
+        # Level 1: the kept nodes' children and the complete children of the node the window starts in.
+        parents = torch.cat(
+            [parents, (window // fanout**2).view(1, 1, -1, 1).expand(batch, heads, -1, 1)], -1
+        )
+        nodes = (parents[..., None] * fanout + children).flatten(-2)  # [B, Hkv, Tc, (W + 1) F]
+        ok = (parents >= 0).repeat_interleave(fanout, dim=-1)
+        ok &= (nodes >= config.sink_blocks // fanout) & (nodes < (window // fanout)[:, None])
+        scores = _gathered_scores(feats, level1, nodes.clamp(0, level1.shape[1] - 1), ok)
+        parents = _topk_blocks(scores, nodes, width).long()
+        # Blocks: the kept level-1 nodes' and the complete ones of the node the window starts in.
+        parents = torch.cat([parents, (window // fanout).view(1, 1, -1, 1).expand(batch, heads, -1, 1)], -1)
+        blocks = (parents[..., None] * fanout + children).flatten(-2)
+        qblock = torch.arange(first_pos, first_pos + stop - start, device=rq.device) // config.block_size
+        ok = (parents >= 0).repeat_interleave(fanout, dim=-1) & is_candidate(
+            blocks, qblock, config, causal, num_blocks
+        )
+        scores = _gathered_scores(rq_c, summaries, blocks.clamp(0, num_blocks - 1), ok)
+        out.append(_topk_blocks(scores, blocks, config.top_k))
+    return torch.cat(out, dim=2)
+
+
+def _gathered_scores(feats: torch.Tensor, table: torch.Tensor, ids: torch.Tensor, ok: torch.Tensor):
+    """``feats [B, Hkv, Tc, F] . table[ids]`` for rows ``ids [B, Hkv, Tc, M]`` of ``table [B, N, Hkv, F]``,
+    -inf where not ``ok``."""
+    batch, heads, seq, width = ids.shape
+    rows = table.transpose(1, 2)  # [B, Hkv, N, F]
+    index = ids.reshape(batch, heads, -1, 1).expand(-1, -1, -1, rows.shape[-1])
+    gathered = rows.gather(2, index).view(batch, heads, seq, width, -1)
+    scores = torch.einsum("bhtf,bhtmf->bhtm", feats, gathered)
+    return scores.masked_fill(~ok, float("-inf"))

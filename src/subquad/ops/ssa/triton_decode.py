@@ -34,6 +34,7 @@ from subquad.ops.ssa.select import (
     _topk_blocks,
     best_of_stretches,
     block_scores,
+    route,
     routing_queries,
     tree_bounds,
     tree_shape,
@@ -111,8 +112,8 @@ def decode_plan(
     batch = seqlens.shape[0]
     bs = config.block_size
     seqlens = seqlens.to(torch.int32)
-    if lengths is None and config.index == "tree" and config.top_k:
-        lengths = seqlens.tolist()  # the tree's grouping depends on each row's length: host values
+    if lengths is None and config.index != "flat" and config.top_k:
+        lengths = seqlens.tolist()  # tree and beam route by each row's length: host values
     blocks_key = None
     if lengths is not None:
         lengths = tuple(int(n) for n in lengths)
@@ -134,7 +135,7 @@ def decode_plan(
         blocks = torch.arange(num_blocks, device=device)
         ok = (blocks >= config.sink_blocks) & (blocks[None, :] <= (qblock - config.local_blocks)[:, None])
         plan.not_candidate = ~ok[:, None, :]
-    elif len(set(lengths)) == 1 and -(-lengths[0] // bs) == num_blocks:
+    elif config.index == "tree" and len(set(lengths)) == 1 and -(-lengths[0] // bs) == num_blocks:
         plan.tree = _tree_step(lengths[0], config, device)
     return plan
 
@@ -251,6 +252,15 @@ def decode_select(
         hi, lo = tree_step_bounds(summaries, plan.tree, config, tree_bounds)
         return decode_route_tree(q, summaries, hi, lo, plan.fixed, plan.tree, config)
     rq = routing_queries(q[:, None], num_kv_heads)[:, 0]  # [B, Hkv, D] fp32
+    if config.index == "beam":
+        # Each row as a full forward over it routes its last token (the index keeps no state across
+        # steps: its bounds are rebuilt from the summaries, O(NB) a step).
+        bs = config.block_size
+        rows = [
+            route(rq[b, None, None], summaries[b : b + 1, : -(-n // bs)], n, config, True)
+            for b, n in enumerate(plan.lengths)
+        ]
+        return torch.cat([fixed, torch.cat(rows, dim=0)[:, :, 0]], dim=-1)
     if config.index == "tree":
         if plan.tree is not None:
             routed = _route_tree_step(rq, summaries.float(), plan.tree, config, tree_bounds)

@@ -1362,6 +1362,58 @@ def route_tree_triton(rq, summaries, seq_len_k, config, causal):
     return torch.cat(out, dim=2)
 
 
+def route_beam_triton(rq, summaries, seq_len_k, config, causal):
+    """The beam index (``select._route_beam``) from the flat router's kernels: the level-2 nodes by
+    :func:`route_flat_triton`, the level-1 nodes and the blocks by :func:`rescore_topk`.
+
+    Nodes are scored as blocks of ``block_size * F**level`` keys by ``[q+, q-] . [hi, lo]``. A token may
+    probe a node that ends before its local window: shifting the token's position back to its window's
+    first key makes that the kernels' own test for a window of one block (``local_blocks=1``).
+    """
+    from subquad.ops.ssa.config import SSAConfig
+    from subquad.ops.ssa.select import beam_levels, beam_queries, beam_shape
+
+    if not causal:
+        raise ValueError(
+            "causal=False: index='beam' routes causal attention only; use index='flat' or 'tree'"
+        )
+    batch, seq_len_q, heads, dim = rq.shape
+    fanout, width = beam_shape(config)
+    level1, level2 = (t.to(rq.dtype).contiguous() for t in beam_levels(summaries, config))
+    bs, shift = config.block_size, (config.local_blocks - 1) * config.block_size
+    levels = [
+        SSAConfig(
+            block_size=bs * fanout**n,
+            top_k=width,
+            sink_blocks=config.sink_blocks // fanout**n,
+            local_blocks=1,
+        )
+        for n in (1, 2)
+    ]
+    # Query features and node ids of a chunk stay within _CHUNK_ELEMENTS.
+    chunk = max(64, _CHUNK_ELEMENTS // max(1, batch * heads * (2 * dim + 2 * (width + 1))))
+    out = []
+    for start in range(0, seq_len_q, chunk):
+        rq_c = rq[:, start : start + chunk]
+        count, offset = rq_c.shape[1], seq_len_k - seq_len_q + start
+        feats = beam_queries(rq_c)
+        window = ((torch.arange(count, device=rq.device) + offset) // bs - config.local_blocks + 1).clamp(
+            min=0
+        )
+        parents = route_flat_triton(feats, level2, offset - shift + count, levels[1], True)
+        # The kept nodes' children, and the complete ones of the parent the token's window starts in.
+        for table, query, pos, level, span in (
+            (level1, feats, offset - shift, levels[0], fanout**2),
+            (summaries, rq_c, offset, config, fanout),
+        ):
+            straddled = (window // span).to(torch.int32).view(1, 1, -1, 1).expand(batch, heads, -1, 1)
+            parents = rescore_topk(
+                query, table, torch.cat([parents, straddled], dim=-1), pos, level, fanout, True
+            )
+        out.append(parents)
+    return torch.cat(out, dim=2)
+
+
 # --- Decode: the tree router for one new token per row, in two launches -------------------------------
 # The PyTorch step (``triton_decode._route_tree_step``) is ~25 small kernels, each a launch that costs
 # more than its work at any context length. Here: (A) one program per stretch of probe-able groups
