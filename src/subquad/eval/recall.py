@@ -22,8 +22,8 @@ KV head's query heads, which share a selection). No router can do better at that
 Two numbers about the operator on these real routing inputs come with it, per layer: the **tile
 overhead** of the query-major kernel (blocks visited for all tokens of a query tile over blocks the
 tokens chose; ``subquad.ops.ssa.tiles.tile_overhead``, i.i.d. random inputs being the worst case)
-and the **index agreement**, the share of the flat router's routed blocks that the tree index also
-picks (``routing_agreement``), whichever index the model itself uses.
+and the **index agreement**, the share of the flat router's routed blocks that a sub-linear index also
+picks (``routing_agreement``): the model's own index, or the tree index when the model routes flat.
 
 Command line::
 
@@ -311,15 +311,16 @@ def _layer_recall(attn: Any, q, k, summaries, route, max_queries) -> dict[str, A
         local_rotary = (attn.rotary, ssa.sink_blocks, ssa.local_blocks)
     _check_inputs(q, k, selection, "none", local_rotary)
     recall, oracle = _recalls(q, k, selection, attn.scale, max_queries, local_rotary, oracle=True)
-    # The same routing inputs through the other index (the layer's own summaries are block means of
-    # whichever keys route, as select_blocks computes them when given none); summary="max" has no tree.
+    # The same routing inputs through the other router, flat or (for a flat model) the tree (the layer's
+    # own summaries are block means of whichever keys route, as select_blocks computes them when given
+    # none); summary="max" routes flat only.
     agreement = None
     if ssa.summary == "mean":
         route_q, route_k = (q, k) if route is None else (route[0].detach(), route[1].detach())
         other = dataclasses.replace(ssa, index="tree" if ssa.index == "flat" else "flat")
         other_selection = select_blocks(route_q, route_k, other, causal=True, summaries=summaries)
-        flat, tree = (selection, other_selection) if ssa.index == "flat" else (other_selection, selection)
-        agreement = routing_agreement(flat, tree)
+        flat, index = (selection, other_selection) if ssa.index == "flat" else (other_selection, selection)
+        agreement = routing_agreement(flat, index)
     from subquad.ops.ssa.triton_attention import tokens_per_tile  # imports triton: only when measuring
 
     group = q.shape[2] // k.shape[2]
@@ -573,9 +574,10 @@ def _ratio(part: float, whole: float) -> str:
 def recall_table(result: dict[str, Any]) -> str:
     """A markdown table: one row per layer (recall, oracle recall, their ratio, keys attended, tile
     overhead, index agreement), the mean last."""
+    index = (result.get("ssa") or {}).get("index", "flat")
     rows = [
         "| layer | recall | oracle recall | recall / oracle | keys attended | tile overhead "
-        "| flat picks the tree also picks |",
+        f"| flat picks the {'tree' if index == 'flat' else index} also picks |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["layers"]:
