@@ -26,9 +26,10 @@ Three routers produce the routed part:
   its non-sink block summaries). A token scores every level-2 node that ends before its local window,
   keeps the ``W`` best, scores their children plus the complete level-1 nodes of the level-2 node its
   window starts in, keeps the ``W`` best, and scores the blocks of those plus the complete blocks of
-  the level-1 node its window starts in, exactly, for the top-k. ``N/(F^2 b) + 2 (W + 1) F`` dot
-  products per query: linear in N with a ``1/F^2`` slope, the gathers constant. With ``W`` at least the
-  number of level-1 nodes it equals ``flat``. Only complete nodes before the window are bounded.
+  the level-1 node its window starts in, exactly, for the top-k. ``2 N/(F^2 b) + 3 (W + 1) F``
+  summary-sized dot products per query (a bound counts two): linear in N with a ``1/F^2`` slope, the
+  gathered rows constant. With ``W F`` at least the number of blocks it keeps every level-1 node and
+  equals ``flat``, so ``route`` routes flat there. Only complete nodes before the window are bounded.
 
 A block's score is its routing query against its summary: the block's mean key, or with
 ``summary="max"`` the best of the means of its sub-blocks (``block_scores``), so summaries are

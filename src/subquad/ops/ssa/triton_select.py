@@ -21,6 +21,9 @@ kernel below takes it as the block's one score, computed from its ``SUBS`` summa
 over the scores, the first for a per-token threshold that the k-th best block must reach, the second
 collecting the few blocks that reach it; no per-chunk merges and no gathered rescore.
 
+``beam`` (:func:`route_beam_triton`) runs on these kernels: its level-2 nodes through the flat router,
+its level-1 nodes and blocks through :func:`rescore_topk`.
+
 A few tokens against a long context (a decode step) take :func:`split_topk`: there the programs split
 the blocks rather than the tokens, write every score, and ``torch.topk`` takes the top-k.
 """
@@ -1368,7 +1371,9 @@ def route_beam_triton(rq, summaries, seq_len_k, config, causal):
 
     Nodes are scored as blocks of ``block_size * F**level`` keys by ``[q+, q-] . [hi, lo]``. A token may
     probe a node that ends before its local window: shifting the token's position back to its window's
-    first key makes that the kernels' own test for a window of one block (``local_blocks=1``).
+    first key makes that the kernels' own test for a window of one block (``local_blocks=1``). Tokens
+    whose window starts in block 0 get negative positions; whichever way the kernels round their
+    division, those admit no node.
     """
     from subquad.ops.ssa.config import SSAConfig
     from subquad.ops.ssa.select import beam_levels, beam_queries, beam_shape
