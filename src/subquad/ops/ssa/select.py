@@ -204,10 +204,7 @@ def route(
     routing queries of the tokens at positions ``seq_len_k - T ..``; summaries ``[B, NS, Hkv, D]``."""
     index = config.index
     if index == "beam":
-        if not causal:
-            raise ValueError(
-                "causal=False: index='beam' routes causal attention only; use index='flat' or 'tree'"
-            )
+        beam_check_causal(causal)
         fanout, width = beam_shape(config)
         if width * fanout >= -(-seq_len_k // config.block_size):
             index = "flat"  # it would keep every level-1 node: its picks are flat's, at flat's cost
@@ -418,24 +415,30 @@ def _route_tree(rq, summaries, seq_len_k, config, causal):
     num_blocks = summaries.shape[1]
     group, probe = tree_shape(num_blocks, config)
     bounds = tree_bounds(summaries, config, group)
-    summ = summaries.transpose(1, 2)  # [B, Hkv, NB, D]
-    offsets = torch.arange(group, device=rq.device)
     width = (min(probe, bounds[0].shape[2]) + _own_group_slots(config, group)) * group
     per_token = batch * heads * (width * dim + 6 * bounds[0].shape[2])  # bounds, their int64 keys
     out = []
     for start, stop, first_pos in _query_chunks(seq_len_q, seq_len_k, per_token, rq.device):
-        groups = tree_probe_groups(rq[:, start:stop], bounds, num_blocks, first_pos, config, causal).long()
-        blocks = (groups[..., None] * group + offsets).flatten(-2)  # [B, Hkv, Tc, M]
-        qblock = torch.arange(first_pos, first_pos + stop - start, device=rq.device) // config.block_size
-        ok = (groups >= 0).repeat_interleave(group, dim=-1) & is_candidate(
-            blocks, qblock, config, causal, num_blocks
-        )
-        gather_idx = blocks.clamp(0, num_blocks - 1).flatten(2)[..., None].expand(-1, -1, -1, dim)
-        gathered = summ.gather(2, gather_idx).view(batch, heads, stop - start, -1, dim)
-        scores = torch.einsum("bhtd,bhtmd->bhtm", rq[:, start:stop].transpose(1, 2), gathered)
-        scores.masked_fill_(~ok, float("-inf"))
-        out.append(_topk_blocks(scores, blocks, config.top_k))
+        groups = tree_probe_groups(rq[:, start:stop], bounds, num_blocks, first_pos, config, causal)
+        out.append(_rescore_groups(rq[:, start:stop], summaries, groups, first_pos, config, group, causal))
     return torch.cat(out, dim=2)
+
+
+def _rescore_groups(rq, summaries, groups, first_pos, config, group, causal):
+    """Reference of ``triton_select.rescore_topk``: the candidate blocks of the probed groups (``groups``
+    ``[B, Hkv, Tc, P]``, -1 = none; group ``g`` holds blocks ``g * group ..``) scored exactly, top-k as
+    ``[B, Hkv, Tc, top_k]`` int32. rq: ``[B, Tc, Hkv, D]`` for tokens at positions ``first_pos + i``."""
+    num_blocks = summaries.shape[1]
+    groups = groups.long()
+    blocks = (groups[..., None] * group + torch.arange(group, device=rq.device)).flatten(
+        -2
+    )  # [B, Hkv, Tc, M]
+    qblock = torch.arange(first_pos, first_pos + rq.shape[1], device=rq.device) // config.block_size
+    ok = (groups >= 0).repeat_interleave(group, dim=-1) & is_candidate(
+        blocks, qblock, config, causal, num_blocks
+    )
+    scores = _gathered_scores(rq.transpose(1, 2), summaries, blocks.clamp(0, num_blocks - 1), ok)
+    return _topk_blocks(scores, blocks, config.top_k)
 
 
 # Children per node of ``index="beam"`` when ``tree_group`` is unset.
@@ -481,6 +484,14 @@ def beam_levels(summaries: torch.Tensor, config: SSAConfig) -> tuple[torch.Tenso
     return levels[0][:, : -(-num_blocks // fanout)], levels[1]
 
 
+def beam_check_causal(causal: bool) -> None:
+    """The beam index bounds only nodes before a token's window: it routes causal attention only."""
+    if not causal:
+        raise ValueError(
+            "causal=False: index='beam' routes causal attention only; use index='flat' or 'tree'"
+        )
+
+
 def beam_queries(rq: torch.Tensor) -> torch.Tensor:
     """``[q+, q-]``: routing queries ``[B, T, Hkv, D]`` as the features bounds are scored with."""
     return torch.cat([rq.clamp(min=0), rq.clamp(max=0)], dim=-1)
@@ -494,12 +505,8 @@ def _window_starts(first_pos: int, count: int, config: SSAConfig, device: torch.
 
 def _route_beam(rq, summaries, seq_len_k, config, causal):
     """Reference beam index (module docstring): two levels of bounds, then the blocks scored exactly."""
-    if not causal:
-        raise ValueError(
-            "causal=False: index='beam' routes causal attention only; use index='flat' or 'tree'"
-        )
+    beam_check_causal(causal)
     batch, seq_len_q, heads, dim = rq.shape
-    num_blocks = summaries.shape[1]
     fanout, width = beam_shape(config)
     level1, level2 = beam_levels(summaries, config)
     children = torch.arange(fanout, device=rq.device)
@@ -525,13 +532,7 @@ def _route_beam(rq, summaries, seq_len_k, config, causal):
         parents = _topk_blocks(scores, nodes, width).long()
         # Blocks: the kept level-1 nodes' and the complete ones of the node the window starts in.
         parents = torch.cat([parents, (window // fanout).view(1, 1, -1, 1).expand(batch, heads, -1, 1)], -1)
-        blocks = (parents[..., None] * fanout + children).flatten(-2)
-        qblock = torch.arange(first_pos, first_pos + stop - start, device=rq.device) // config.block_size
-        ok = (parents >= 0).repeat_interleave(fanout, dim=-1) & is_candidate(
-            blocks, qblock, config, causal, num_blocks
-        )
-        scores = _gathered_scores(rq_c, summaries, blocks.clamp(0, num_blocks - 1), ok)
-        out.append(_topk_blocks(scores, blocks, config.top_k))
+        out.append(_rescore_groups(rq[:, start:stop], summaries, parents, first_pos, config, fanout, causal))
     return torch.cat(out, dim=2)
 
 

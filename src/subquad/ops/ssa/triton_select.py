@@ -1376,12 +1376,15 @@ def route_beam_triton(rq, summaries, seq_len_k, config, causal):
     division, those admit no node.
     """
     from subquad.ops.ssa.config import SSAConfig
-    from subquad.ops.ssa.select import beam_levels, beam_queries, beam_shape
+    from subquad.ops.ssa.select import (
+        _window_starts,
+        beam_check_causal,
+        beam_levels,
+        beam_queries,
+        beam_shape,
+    )
 
-    if not causal:
-        raise ValueError(
-            "causal=False: index='beam' routes causal attention only; use index='flat' or 'tree'"
-        )
+    beam_check_causal(causal)
     batch, seq_len_q, heads, dim = rq.shape
     fanout, width = beam_shape(config)
     level1, level2 = (t.to(rq.dtype).contiguous() for t in beam_levels(summaries, config))
@@ -1402,9 +1405,7 @@ def route_beam_triton(rq, summaries, seq_len_k, config, causal):
         rq_c = rq[:, start : start + chunk]
         count, offset = rq_c.shape[1], seq_len_k - seq_len_q + start
         feats = beam_queries(rq_c)
-        window = ((torch.arange(count, device=rq.device) + offset) // bs - config.local_blocks + 1).clamp(
-            min=0
-        )
+        window = _window_starts(offset, count, config, rq.device)
         parents = route_flat_triton(feats, level2, offset - shift + count, levels[1], True)
         # The kept nodes' children, and the complete ones of the parent the token's window starts in.
         for table, query, pos, level, span in (
