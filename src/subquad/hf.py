@@ -36,7 +36,7 @@ from subquad.ops import fused
 from subquad.ops.ssa.config import SSAConfig
 from subquad.ops.ssa.interface import resolve_backend, ssa_attention
 from subquad.ops.ssa.select import select_blocks
-from subquad.ops.ssa.triton_decode import DecodePlan, TreeBounds, decode_plan, decode_step, ssa_decode
+from subquad.ops.ssa.triton_decode import DecodePlan, decode_plan, decode_step, kept_index, ssa_decode
 
 _DEFAULT: SSAConfig | None = None
 
@@ -234,8 +234,8 @@ def ssa_attention_forward(
 
 def _decode_from_cache(q, k, v, config, scale, layer, summaries) -> torch.Tensor:
     """One new token per row over an :class:`subquad.SSACache` layer, as ``ssa_decode`` but with the
-    step's routing plan built once for all layers (``layer.shared``) and the tree router's group bounds
-    kept in the layer across steps, as Subquad models decode."""
+    step's routing plan built once for all layers (``layer.shared``) and the tree's or the beam's node
+    bounds kept in the layer across steps (``kept_index``), as Subquad models decode."""
     batch, seq_len = k.shape[:2]
     key = (config, batch, seq_len, summaries.shape[1], q.device)
     kept = layer.shared.get("hf_decode_plan")
@@ -247,7 +247,7 @@ def _decode_from_cache(q, k, v, config, scale, layer, summaries) -> torch.Tensor
         num_blocks = -(-seq_len // config.block_size)
         plan = decode_plan(seqlens, num_blocks, config, [seq_len] * batch, previous=previous)
         layer.shared["hf_decode_plan"] = (key, plan)
-    bounds = layer.derived.setdefault("tree_bounds", TreeBounds()) if config.index == "tree" else None
+    bounds = kept_index(layer.derived, config)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return decode_step(q, k, v, summaries, plan, config, scale, resolve_backend("auto", q, v), bounds)[0]
 

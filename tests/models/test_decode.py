@@ -129,32 +129,61 @@ def test_decode_select_matches_full_routing_per_row(index):
 @pytest.mark.parametrize("index", ["flat", "tree", "beam"])
 def test_shared_plan_and_kept_bounds_route_like_the_reference(index):
     # A model's decode step builds one plan for all layers (reused while rows stay in their blocks) and
-    # keeps the tree's group bounds in the cache layer; the picks must equal routing each step afresh
-    # (select_blocks on the whole row), across group-size changes and a crop.
+    # keeps the tree's group bounds or the beam's node bounds in the cache layer; the picks must equal
+    # routing each step afresh (select_blocks on the whole row), across group-size changes, level-1 and
+    # level-2 nodes completing (the beam's nodes of 2 and 4 blocks) and a crop.
     from subquad.cache import SSACacheLayer
-    from subquad.ops.ssa.triton_decode import TreeBounds, decode_plan
+    from subquad.ops.ssa.triton_decode import decode_plan, kept_index
 
-    config = subquad.SSAConfig(block_size=16, top_k=3, sink_blocks=1, local_blocks=2, index=index)
+    tree_group = 2 if index == "beam" else None
+    config = subquad.SSAConfig(
+        block_size=16, top_k=3, sink_blocks=1, local_blocks=2, index=index, tree_group=tree_group
+    )
     layer = SSACacheLayer(block_size=16)
     keys = torch.randn(2, 700, 2, 16)
     layer.append(keys[:, :40], keys[:, :40])
-    bounds, plan = TreeBounds(), None
+    plan = None
     for step in range(40, 700):
         layer.append(keys[:, step : step + 1], keys[:, step : step + 1])
         if step == 500:
             layer.crop(-100)
-            bounds = layer.derived.setdefault("tree_bounds", TreeBounds())
         n = layer.lengths[0]
         summaries = layer.summaries()
         q = torch.randn(2, 4, 16)
         seqlens = torch.full((2,), n)
         plan = decode_plan(seqlens, summaries.shape[1], config, [n, n], previous=plan)
-        got = decode_select(q, summaries, seqlens, config, plan, bounds)
+        got = decode_select(q, summaries, seqlens, config, plan, kept_index(layer.derived, config))
         want = subquad.select_blocks(q[:, None], layer.keys_bshd(), config).block_idx[:, :, 0]
         assert torch.equal(got.sort(-1).values, want.sort(-1).values), n
-    assert layer.derived  # kept by the cache until something rewrites its tokens
-    layer.reorder_cache(torch.tensor([1, 0]))
-    assert not layer.derived
+    if index != "flat":  # kept by the cache until something rewrites its tokens
+        kept = kept_index(layer.derived, config)
+        assert (kept.done if index == "tree" else kept.done[1]) > 0  # bounds were kept, not rebuilt
+        layer.reorder_cache(torch.tensor([1, 0]))
+        assert not layer.derived
+
+
+def test_kept_beam_levels_equal_the_reference_levels():
+    # The kept node bounds equal select.beam_levels on every node before the token's window (the only
+    # ones it may probe), as they grow past their capacity, with sink blocks inside the first nodes.
+    from subquad.ops.ssa.select import beam_levels
+    from subquad.ops.ssa.triton_decode import BeamLevels
+
+    config = subquad.SSAConfig(
+        block_size=16, top_k=2, sink_blocks=3, local_blocks=3, index="beam", tree_group=2
+    )
+    summaries = torch.randn(2, 700, 3, 5)
+    kept = BeamLevels()
+    for length in (1, 33, 160, 161, 1200, 1201, 4400, 11199, 11200):
+        num_blocks = -(-length // 16)
+        got = kept.levels(summaries[:, :num_blocks], length, config)
+        want = beam_levels(summaries[:, :num_blocks], config)
+        window = max((length - 1) // 16 - 2, 0)
+        for level, (g, w) in enumerate(zip(got, want)):
+            assert g.shape == w.shape
+            done = window // 2 ** (level + 1)
+            assert torch.equal(g[:, :done], w[:, :done]), (length, level)
+            assert not g[:, done:].any()  # not yet bounded: zeros, never probed
+    assert kept.tables[0].shape[1] >= 350
 
 
 TREE_DECODE_STEPS = (20, 150, 700, 1076, 1500, 2199)  # group size 2 -> 8; 1076: a crop
@@ -357,7 +386,7 @@ def test_fused_tree_step_takes_its_key_block_from_the_position():
     kept = TreeBounds()
     tree_step_bounds(inputs[6][:, : fresh.num_blocks], fresh.tree, config, kept)
     stale = replace(stale, seqlens=fresh.seqlens, fixed=fresh.fixed)
-    out, idx = fused_decode_step(*inputs, stale, config, 0.3, "triton", tree_bounds=kept)
+    out, idx = fused_decode_step(*inputs, stale, config, 0.3, "triton", kept=kept)
     want, want_idx = fused_decode_step(*ref_inputs, fresh, config, 0.3, "torch")
     for got_buf, want_buf in zip(inputs[4:6], ref_inputs[4:6]):
         assert torch.equal(got_buf, want_buf)

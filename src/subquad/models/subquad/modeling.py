@@ -48,10 +48,10 @@ from subquad.ops.ssa.interface import resolve_backend, ssa_attention
 from subquad.ops.ssa.select import SSASelection, select_blocks
 from subquad.ops.ssa.triton_decode import (
     DecodePlan,
-    TreeBounds,
     decode_plan,
     decode_step,
     fused_decode_step,
+    kept_index,
     ssa_decode,
 )
 
@@ -249,12 +249,12 @@ class SubquadAttention(nn.Module):
     @torch.compiler.disable
     def _decode_sparse(self, q, k, v, summaries, plan: DecodePlan, cache_layer: SSACacheLayer):
         """One new token per row against the cache, with the step's shared plan: no input checks and
-        no host sync (``ssa_decode`` without its validation); the tree router's group bounds are kept
-        in the cache layer between steps."""
+        no host sync (``ssa_decode`` without its validation); the tree's and the beam's node bounds are
+        kept in the cache layer between steps (``kept_index``)."""
         ssa = self.config.ssa_config
         backend = resolve_backend("auto", q, v)
-        bounds = cache_layer.derived.setdefault("tree_bounds", TreeBounds()) if ssa.index == "tree" else None
-        return decode_step(q, k, v, summaries, plan, ssa, self.scale, backend, bounds)[0]
+        kept = kept_index(cache_layer.derived, ssa)
+        return decode_step(q, k, v, summaries, plan, ssa, self.scale, backend, kept)[0]
 
     @torch.compiler.disable
     def _decode_from_projection(self, qkv, rope, pos, plan: DecodePlan, cache_layer: SSACacheLayer):
@@ -265,8 +265,8 @@ class SubquadAttention(nn.Module):
         ssa = self.config.ssa_config
         buffers = cache_layer._key_buf, cache_layer._value_buf, cache_layer._means
         backend = resolve_backend("auto", qkv, buffers[1])
-        bounds = cache_layer.derived.setdefault("tree_bounds", TreeBounds()) if ssa.index == "tree" else None
-        return fused_decode_step(qkv, *rope, pos, *buffers, plan, ssa, self.scale, backend, bounds)[0]
+        kept = kept_index(cache_layer.derived, ssa)
+        return fused_decode_step(qkv, *rope, pos, *buffers, plan, ssa, self.scale, backend, kept)[0]
 
     def _attend_rows(self, q, k_all, v_all, summaries, route, lengths, valid) -> torch.Tensor:
         """Rows of different lengths: each row attends over its own tokens (padded queries give 0)."""

@@ -205,9 +205,8 @@ def route(
     index = config.index
     if index == "beam":
         beam_check_causal(causal)
-        fanout, width = beam_shape(config)
-        if width * fanout >= -(-seq_len_k // config.block_size):
-            index = "flat"  # it would keep every level-1 node: its picks are flat's, at flat's cost
+        if beam_routes_flat(-(-seq_len_k // config.block_size), config):
+            index = "flat"
     if rq.is_cuda and _triton_available():
         from subquad.ops.ssa import triton_select
 
@@ -457,31 +456,48 @@ def beam_cost_per_query(num_blocks: int, config: SSAConfig) -> int:
     return 2 * level2 + 2 * (width + 1) * fanout + (width + 1) * fanout
 
 
-def beam_levels(summaries: torch.Tensor, config: SSAConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Box bounds of the beam index's level-1 and level-2 nodes, ``[hi, lo]`` on the feature axis:
-    ``[B, NG1, Hkv, 2D]`` and ``[B, NG2, Hkv, 2D]`` float32 for summaries ``[B, NB, Hkv, D]``.
+def beam_routes_flat(num_blocks: int, config: SSAConfig) -> bool:
+    """Whether ``index="beam"`` over ``num_blocks`` key blocks keeps every level-1 node (``W F`` at least
+    the blocks): its picks are then flat's, and it is routed flat, at flat's cost."""
+    fanout, width = beam_shape(config)
+    return width * fanout >= num_blocks
+
+
+def beam_node_bounds(
+    summaries: torch.Tensor, config: SSAConfig, level: int, first: int, stop: int
+) -> torch.Tensor:
+    """Box bounds ``[hi, lo]`` of the beam index's level-``level`` nodes ``first .. stop - 1`` (a node
+    covers ``F**level`` blocks): ``[B, stop - first, Hkv, 2D]`` float32 for summaries ``[B, NB, Hkv, D]``.
 
     A node bounds its non-sink blocks; nodes without any (sink-only, or padding past the last block) are
     zeros, and no token may probe them. ``[q+, q-] . [hi, lo]`` bounds ``q . s`` of every block in the
     node from above.
     """
     fanout, _ = beam_shape(config)
-    summ = summaries.float()
-    batch, num_blocks, heads, dim = summ.shape
-    nodes2 = max(1, -(-num_blocks // fanout**2))
-    pad = nodes2 * fanout**2 - num_blocks
-    excluded = torch.arange(num_blocks + pad, device=summ.device)
-    excluded = ((excluded < config.sink_blocks) | (excluded >= num_blocks)).view(1, -1, 1, 1)
+    span = fanout**level
+    summ = summaries[:, first * span : stop * span].float()
+    batch, count, heads, dim = summ.shape
+    pad = (stop - first) * span - count
+    block = torch.arange(first * span, stop * span, device=summ.device)
+    excluded = ((block < config.sink_blocks) | (block >= first * span + count)).view(1, -1, 1, 1)
     summ = torch.nn.functional.pad(summ, (0, 0, 0, 0, 0, pad))
-    hi = summ.masked_fill(excluded, float("-inf")).view(batch, -1, fanout, heads, dim).amax(2)
-    lo = summ.masked_fill(excluded, float("inf")).view(batch, -1, fanout, heads, dim).amin(2)
-    hi2 = hi.view(batch, nodes2, fanout, heads, dim).amax(2)
-    lo2 = lo.view(batch, nodes2, fanout, heads, dim).amin(2)
-    levels = []
-    for h, low in ((hi, lo), (hi2, lo2)):
-        node = torch.cat([h, low], dim=-1)
-        levels.append(node.masked_fill(~torch.isfinite(node), 0.0))
-    return levels[0][:, : -(-num_blocks // fanout)], levels[1]
+    hi = summ.masked_fill(excluded, float("-inf")).view(batch, -1, span, heads, dim).amax(2)
+    lo = summ.masked_fill(excluded, float("inf")).view(batch, -1, span, heads, dim).amin(2)
+    node = torch.cat([hi, lo], dim=-1)
+    return node.masked_fill(~torch.isfinite(node), 0.0)
+
+
+def beam_level_sizes(num_blocks: int, config: SSAConfig) -> tuple[int, int]:
+    """Nodes of the beam index's level 1 and level 2 over ``num_blocks`` blocks (level 2 has at least one)."""
+    fanout, _ = beam_shape(config)
+    return -(-num_blocks // fanout), max(1, -(-num_blocks // fanout**2))
+
+
+def beam_levels(summaries: torch.Tensor, config: SSAConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every node's :func:`beam_node_bounds`: ``[B, NG1, Hkv, 2D]`` and ``[B, NG2, Hkv, 2D]`` float32 for
+    summaries ``[B, NB, Hkv, D]``."""
+    sizes = beam_level_sizes(summaries.shape[1], config)
+    return tuple(beam_node_bounds(summaries, config, level, 0, n) for level, n in zip((1, 2), sizes))
 
 
 def beam_check_causal(causal: bool) -> None:
@@ -503,12 +519,14 @@ def _window_starts(first_pos: int, count: int, config: SSAConfig, device: torch.
     return (qblock - config.local_blocks + 1).clamp(min=0)
 
 
-def _route_beam(rq, summaries, seq_len_k, config, causal):
-    """Reference beam index (module docstring): two levels of bounds, then the blocks scored exactly."""
+def _route_beam(rq, summaries, seq_len_k, config, causal, levels=None):
+    """Reference beam index (module docstring): two levels of bounds, then the blocks scored exactly.
+    ``levels``: :func:`beam_levels` of ``summaries`` when the caller keeps them (a decode step's cache
+    layer, :class:`triton_decode.BeamLevels`: only the nodes before the tokens' windows need be right)."""
     beam_check_causal(causal)
     batch, seq_len_q, heads, dim = rq.shape
     fanout, width = beam_shape(config)
-    level1, level2 = beam_levels(summaries, config)
+    level1, level2 = beam_levels(summaries, config) if levels is None else levels
     children = torch.arange(fanout, device=rq.device)
     per_token = batch * heads * (level2.shape[1] + 2 * (width + 1) * fanout * 2 * dim)
     out = []

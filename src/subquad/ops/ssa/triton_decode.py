@@ -30,8 +30,13 @@ import torch
 from subquad.ops.ssa.config import SSAConfig
 from subquad.ops.ssa.select import (
     _own_group_slots,
+    _route_beam,
     _route_tree,
     _topk_blocks,
+    beam_level_sizes,
+    beam_node_bounds,
+    beam_routes_flat,
+    beam_shape,
     best_of_stretches,
     block_scores,
     route,
@@ -218,13 +223,68 @@ class TreeBounds:
         return self.hi[:, :, :num_groups], self.lo[:, :, :num_groups]
 
 
+class BeamLevels:
+    """The beam index's node bounds (``select.beam_levels``) of one cache layer, kept across steps.
+
+    A token may probe only nodes that end before its local window; their blocks are complete, so their
+    bounds never change while tokens are appended. A step therefore bounds only the level-1 nodes (every
+    ``F`` blocks) and level-2 nodes (every ``F**2``) that became probe-able since the last one, instead
+    of rebuilding both levels from every block's summary. Keep one per cache layer in
+    ``SSACacheLayer.derived`` (:func:`kept_index`), which the cache clears when stored tokens change other
+    than by appending.
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.tables: list[torch.Tensor | None] = [None, None]  # level 1, level 2: [B, capacity, Hkv, 2D]
+        self.done = [0, 0]  # nodes bounded so far, per level
+
+    def levels(
+        self, summaries: torch.Tensor, length: int, config: SSAConfig
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``beam_levels(summaries, config)`` for the nodes before the window of the token at position
+        ``length - 1``, zeros for the later ones (which it may not probe). ``summaries``: ``[B, NB, Hkv,
+        D]`` of ``length`` tokens a row."""
+        batch, num_blocks, heads, dim = summaries.shape
+        fanout, _ = beam_shape(config)
+        key = (fanout, config.sink_blocks, batch, heads, dim, summaries.device)
+        if key != self.key:
+            self.key, self.tables, self.done = key, [None, None], [0, 0]
+        window = max((length - 1) // config.block_size - config.local_blocks + 1, 0)
+        out = []
+        for level, nodes in enumerate(beam_level_sizes(num_blocks, config)):
+            table = self.tables[level]
+            if table is None or nodes > table.shape[1]:
+                grown = summaries.new_zeros(batch, max(64, 2 * nodes), heads, 2 * dim, dtype=torch.float32)
+                if table is not None:
+                    grown[:, : self.done[level]] = table[:, : self.done[level]]
+                self.tables[level] = table = grown
+            first, stop = self.done[level], min(nodes, window // fanout ** (level + 1))
+            if first < stop:
+                table[:, first:stop] = beam_node_bounds(summaries, config, level + 1, first, stop)
+                self.done[level] = stop
+            out.append(table[:, :nodes])
+        return out[0], out[1]
+
+
+def kept_index(derived: dict, config: SSAConfig) -> TreeBounds | BeamLevels | None:
+    """The routing index state a cache layer keeps across decode steps for ``config.index``, from its
+    ``derived`` dict (created on first use): :class:`TreeBounds` or :class:`BeamLevels`; ``None`` for flat,
+    which keeps none."""
+    if config.index == "tree":
+        return derived.setdefault("tree_bounds", TreeBounds())
+    if config.index == "beam":
+        return derived.setdefault("beam_levels", BeamLevels())
+    return None
+
+
 def decode_select(
     q: torch.Tensor,
     summaries: torch.Tensor,
     seqlens: torch.Tensor,
     config: SSAConfig,
     plan: DecodePlan | None = None,
-    tree_bounds: TreeBounds | None = None,
+    kept: TreeBounds | BeamLevels | None = None,
     backend: str = "torch",
 ) -> torch.Tensor:
     """Selection of each row's newest token: ``[B, Hkv, K]`` int32 block ids, ``-1`` for empty slots.
@@ -234,10 +294,11 @@ def decode_select(
     length are ignored); seqlens: ``[B]``
     tokens per row including the new one. Same selection as ``select_blocks`` for that token.
     ``plan``: :func:`decode_plan` of these ``seqlens`` and ``NB``, when the caller shares it across
-    layers (built here otherwise). ``tree_bounds``: the :class:`TreeBounds` of the cache layer that
-    holds ``summaries``, for ``index="tree"`` across steps. ``backend="triton"`` (CUDA) routes a tree
-    step of rows of one length with two Triton kernels (``triton_select.decode_route_tree``) instead
-    of ~25 PyTorch ops; same picks up to floating-point summation order.
+    layers (built here otherwise). ``kept``: the routing index state of the cache layer that holds
+    ``summaries`` (:func:`kept_index`: the tree's group bounds, the beam's node bounds), kept across
+    steps. ``backend="triton"`` (CUDA) routes a tree step of rows of one length with two Triton
+    kernels (``triton_select.decode_route_tree``) instead of ~25 PyTorch ops; same picks up to
+    floating-point summation order.
     """
     num_kv_heads = summaries.shape[2]
     if plan is None:
@@ -249,21 +310,33 @@ def decode_select(
     if config.index == "tree" and plan.tree is not None and backend == "triton":
         from subquad.ops.ssa.triton_select import decode_route_tree
 
-        hi, lo = tree_step_bounds(summaries, plan.tree, config, tree_bounds)
+        hi, lo = tree_step_bounds(summaries, plan.tree, config, kept)
         return decode_route_tree(q, summaries, hi, lo, plan.fixed, plan.tree, config)
     rq = routing_queries(q[:, None], num_kv_heads)[:, 0]  # [B, Hkv, D] fp32
     if config.index == "beam":
-        # Each row as a full forward over it routes its last token (the index keeps no state across
-        # steps: its bounds are rebuilt from the summaries, O(NB) a step).
         bs = config.block_size
-        rows = [
-            route(rq[b, None, None], summaries[b : b + 1, : -(-n // bs)], n, config, True)
-            for b, n in enumerate(plan.lengths)
-        ]
-        return torch.cat([fixed, torch.cat(rows, dim=0)[:, :, 0]], dim=-1)
+        length = plan.lengths[0]
+        if (
+            kept is not None
+            and len(set(plan.lengths)) == 1
+            and not beam_routes_flat(-(-length // bs), config)
+        ):
+            # The reference's arithmetic on the kept node bounds: float32 on every device, as flat's
+            # decode scores are (a full forward on CUDA routes in bf16: picks agree up to rounding).
+            summ = summaries[:, : -(-length // bs)].float()
+            levels = kept.levels(summ, length, config)
+            routed = _route_beam(rq[:, None], summ, length, config, True, levels)[:, :, 0]
+        else:
+            # Each row as a full forward over it routes its last token (bounds built from scratch).
+            rows = [
+                route(rq[b, None, None], summaries[b : b + 1, : -(-n // bs)], n, config, True)
+                for b, n in enumerate(plan.lengths)
+            ]
+            routed = torch.cat(rows, dim=0)[:, :, 0]
+        return torch.cat([fixed, routed], dim=-1)
     if config.index == "tree":
         if plan.tree is not None:
-            routed = _route_tree_step(rq, summaries.float(), plan.tree, config, tree_bounds)
+            routed = _route_tree_step(rq, summaries.float(), plan.tree, config, kept)
         else:
             # The tree's grouping depends on each row's own block count: route row by row, exactly as
             # a full forward over that row would.
@@ -745,15 +818,15 @@ def decode_step(
     config: SSAConfig,
     scale: float,
     backend: str,
-    tree_bounds: TreeBounds | None = None,
+    kept: TreeBounds | BeamLevels | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`ssa_decode` without its checks, for callers that built the inputs themselves (a model's
     decode step, once per layer): ``(out [B, 1, Hq, Dv], block_idx [B, Hkv, K])``. ``summaries`` hold
-    ``plan.num_blocks`` blocks' summaries; ``backend`` is ``"torch"`` or ``"triton"``; ``tree_bounds`` as in
+    ``plan.num_blocks`` blocks' summaries; ``backend`` is ``"torch"`` or ``"triton"``; ``kept`` as in
     :func:`decode_select`."""
     q1 = q[:, 0]
     with torch.no_grad():
-        block_idx = decode_select(q1, summaries, plan.seqlens, config, plan, tree_bounds, backend)
+        block_idx = decode_select(q1, summaries, plan.seqlens, config, plan, kept, backend)
     if backend == "triton":
         out = sparse_decode_triton(q1, k, v, block_idx, plan.seqlens, config.block_size, scale)
     else:
@@ -780,7 +853,7 @@ def fused_decode_step(
     config: SSAConfig,
     scale: float,
     backend: str,
-    tree_bounds: TreeBounds | None = None,
+    kept: TreeBounds | BeamLevels | None = None,
     route_lists: int | None = None,
     route_tile: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -789,7 +862,7 @@ def fused_decode_step(
 
     ``qkv``, ``cos``, ``sin``, ``pos`` and the cache's ``key_buf``, ``value_buf``, ``means`` as
     :func:`fused.rotate_append_decode_token_reference`; ``plan`` (for ``pos + 1`` tokens a row), ``config``,
-    ``scale``, ``backend``, ``tree_bounds`` as :func:`decode_step`, which this equals over the cache's first
+    ``scale``, ``backend``, ``kept`` as :func:`decode_step`, which this equals over the cache's first
     ``plan.num_blocks`` blocks after the append: ``(out [B, 1, Hq, Dv], block_idx [B, Hkv, K])``.
 
     With ``backend="triton"``, the append runs inside the router's first kernel and the split-K
@@ -811,7 +884,7 @@ def fused_decode_step(
         else:
             q = fused.rotate_append_decode_token_reference(qkv, cos, sin, pos, key_buf, value_buf, means)
         k, v, summaries = key_buf[:, :keys], value_buf[:, :keys], means[:, :num_blocks]
-        return decode_step(q, k, v, summaries, plan, config, scale, backend, tree_bounds)
+        return decode_step(q, k, v, summaries, plan, config, scale, backend, kept)
 
     block_size = config.block_size
     if cos.dim() != 2 or cos.shape[0] != block_size:
@@ -824,9 +897,9 @@ def fused_decode_step(
         from subquad.ops.ssa.triton_select import decode_tree_lists
 
         summaries = means[:, :num_blocks]
-        hi, lo = tree_step_bounds(summaries, plan.tree, config, tree_bounds)
-        if tree_bounds is not None:  # the kept buffers whole, rows past the window included: the kernel
-            hi, lo = tree_bounds.hi, tree_bounds.lo  # takes the window from pos, in any later block
+        hi, lo = tree_step_bounds(summaries, plan.tree, config, kept)
+        if kept is not None:  # the kept buffers whole, rows past the window included: the kernel
+            hi, lo = kept.hi, kept.lo  # takes the window from pos, in any later block
         part, lists, k_pad = decode_tree_lists(qkv, summaries, hi, lo, plan.tree, config, append)
     else:
         part, lists, k_pad = _flat_lists(qkv, append, num_blocks, config, route_lists, route_tile)
