@@ -77,9 +77,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import subquad  # noqa: E402
 from subquad.models import GraphedDecoder, SubquadConfig, SubquadForCausalLM, prefill  # noqa: E402
 from subquad.models.subquad import modeling  # noqa: E402
+from subquad.ops.ssa.config import INDEXES  # noqa: E402
 from subquad.ops.ssa.interface import resolve_backend  # noqa: E402
-from subquad.ops.ssa.select import _own_group_slots, tree_shape  # noqa: E402
-from subquad.ops.ssa.triton_decode import TreeBounds, decode_plan, decode_step  # noqa: E402
+from subquad.ops.ssa.select import (  # noqa: E402
+    _own_group_slots,
+    beam_cost_per_query,
+    beam_routes_flat,
+    tree_shape,
+)
+from subquad.ops.ssa.triton_decode import decode_plan, decode_step, kept_index  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 K, M = 1 << 10, 1 << 20
@@ -101,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--chunk", type=int, default=None, help="SSA prefill chunk (default 64K; 256 with --quick)"
     )
-    p.add_argument("--index", default="tree", choices=["flat", "tree"], help="SSA router")
+    p.add_argument("--index", default="tree", choices=INDEXES, help="SSA router")
     p.add_argument(
         "--position-scheme",
         default="rope",
@@ -138,6 +144,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
+    if args.graph and args.index == "beam":
+        p.error("--graph: the graphed decode step supports --index flat and tree, not beam")
     quick = args.quick
     # --only attention times the `small` attention shape even with --quick (it is cheap on a CPU).
     args.attention_flavor = args.flavor or "small"
@@ -332,7 +340,8 @@ def fill_attention_cache(ssa, length, heads_kv, dim, device, dtype):
 def attention_bytes_read(attention, tokens, heads_kv, dim, itemsize, ssa) -> int:
     """Bytes one decode step reads (a model of it): dense, every cached key and value; SSA, the keys and
     values of its selected blocks plus the routing reads (float32 summaries: the tree's group bounds and
-    the probed groups' blocks; the flat router's every block)."""
+    the probed groups' blocks; the beam's level-2 bounds and its gathered rows; the flat router's every
+    block)."""
     token_kv = 2 * heads_kv * dim * itemsize
     if attention != "ssa":
         return tokens * token_kv
@@ -344,6 +353,8 @@ def attention_bytes_read(attention, tokens, heads_kv, dim, itemsize, ssa) -> int
         group, probe = tree_shape(num_blocks, ssa)
         num_groups = -(-num_blocks // group)
         routing = (2 * num_groups + (min(probe, num_groups) + _own_group_slots(ssa, group)) * group) * summary
+    elif ssa.index == "beam" and not beam_routes_flat(num_blocks, ssa):
+        routing = beam_cost_per_query(num_blocks, ssa) * summary
     else:
         routing = num_blocks * summary
     return min(tokens, slots * bs) * token_kv + routing
@@ -355,11 +366,11 @@ def attention_steps(layer, q, ssa) -> dict:
     ``_decode_sparse`` (routing + split-K kernel) and ``_dense_decode`` (the dense twin's SDPA call)."""
     k, v, summaries = layer.keys_bshd(), layer.values_bshd(), layer.summaries()
     plan = decode_plan(layer.seqlens, summaries.shape[1], ssa, layer.lengths)
-    bounds = layer.derived.setdefault("tree_bounds", TreeBounds()) if ssa.index == "tree" else None
+    kept = kept_index(layer.derived, ssa)
     backend = resolve_backend("auto", q, v)
     scale = q.shape[-1] ** -0.5
     return {
-        "ssa": lambda: decode_step(q, k, v, summaries, plan, ssa, scale, backend, bounds)[0],
+        "ssa": lambda: decode_step(q, k, v, summaries, plan, ssa, scale, backend, kept)[0],
         "dense": lambda: modeling._dense_decode(q, k, v, scale),
     }
 
