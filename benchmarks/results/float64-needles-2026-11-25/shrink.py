@@ -26,6 +26,9 @@ parser.add_argument(
 parser.add_argument("--sizes", required=True, help="haystack sizes, comma-separated")
 parser.add_argument("--task", default="niah_single_1")
 parser.add_argument("--length", default="1m", help="the cell the sample comes from")
+parser.add_argument(
+    "--max-new-tokens", type=int, default=16, help="16 reads a number; the evaluation's 32 for a UUID"
+)
 args = parser.parse_args()
 
 model, tok = load_model("src/subquad/assets/subquad-nano", device="cpu")
@@ -40,7 +43,7 @@ for index, size in itertools.product(
     ids = torch.tensor([encode(tok, built.text)])
     start = time.time()
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=16, do_sample=False)
+        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
     prediction = tok.decode(out[0, ids.shape[1] :])
     row = {
         "task": args.task,
@@ -51,7 +54,7 @@ for index, size in itertools.product(
         "depths": built.meta["depths"],
         "answer": built.answers[0],
         "found": ruler.score(args.task, postprocess_prediction(prediction), built.answers) == 1.0,
-        "prediction": prediction[:40],
+        "prediction": prediction[:60],
         "seconds": round(time.time() - start, 1),
     }
     print(json.dumps(row), flush=True)
