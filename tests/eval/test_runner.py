@@ -5,6 +5,7 @@ import itertools
 import json
 import threading
 import time
+import warnings
 
 import pytest
 import torch
@@ -292,6 +293,25 @@ def test_resume_builds_only_the_missing_prompts_and_the_same_ones(tmp_path, monk
         assert hints == expect_hints
         resumed = [r for r in _lines(out / "results.jsonl") if r["index"] in lost]
         assert _prompts(resumed) == _prompts(r for r in straight if r["index"] in lost)
+
+
+def test_a_cap_shorter_than_the_answers_warns_once_per_task(tmp_path):
+    # A UUID answer is ~25-34 tokens: a 2-token cap cuts every prediction short of it (warned once), a
+    # cap the answers fit in, or the task's own length, warns nothing.
+    tokenizer = AutoTokenizer.from_pretrained(SHIPPED)
+    kwargs = dict(
+        suite="ruler", tasks="niah_single_3", lengths="2k", num_samples=2, batch_size=1, progress=False
+    )
+    with pytest.warns(
+        UserWarning, match=r"max_new_tokens=2: niah_single_3 answers take up to \d+ tokens"
+    ) as seen:
+        runner.evaluate(EchoModel(), tokenizer, out_dir=tmp_path / "short", max_new_tokens=2, **kwargs)
+    assert sum("answers take up to" in str(w.message) for w in seen) == 1
+    for name, cap in (("fits", 64), ("default", None)):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            runner.evaluate(EchoModel(), tokenizer, out_dir=tmp_path / name, max_new_tokens=cap, **kwargs)
+        assert not [w for w in seen if "answers take up to" in str(w.message)], name
 
 
 class NoCopy:

@@ -52,7 +52,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-new-tokens",
         type=int,
         default=None,
-        help="cap on tokens generated per sample (default: per task)",
+        help="cap on tokens generated per sample (default: per task; warns if shorter than an answer)",
     )
     parser.add_argument(
         "--ssa",

@@ -26,6 +26,7 @@ import os
 import queue
 import threading
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -148,6 +149,21 @@ def _pad_id(tokenizer: Any) -> int:
         if isinstance(value, int):
             return value
     return 0
+
+
+def _warn_if_cap_cuts_answers(task: str, batch: list[Sample], cap: int, tokenizer: Any, warned: set) -> None:
+    """Warn once per task when ``max_new_tokens`` is shorter than one of the batch's answers: a prediction
+    cut off before its answer ends scores as a miss (a UUID is 25-34 tokens of the shipped tokenizer)."""
+    if task in warned:
+        return
+    longest = max(len(encode(tokenizer, " " + answer)) for sample in batch for answer in sample.answers)
+    if longest > cap:
+        warned.add(task)
+        warnings.warn(
+            f"max_new_tokens={cap}: {task} answers take up to {longest} tokens, so a prediction can be cut "
+            "off before its answer ends and score as a miss",
+            stacklevel=3,
+        )
 
 
 def _greedy_generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
@@ -310,6 +326,7 @@ def evaluate(
     # The prompts' own tokenizer: a copy for the prompt thread, or this one where it cannot be copied.
     builder = _worker_tokenizer(tokenizer)
     build = builder if builder is not None else tokenizer
+    capped_tasks: set[str] = set()  # tasks already warned about a cap shorter than their answers
     with prefill_progress(None if progress else False), results_path.open("a", encoding="utf-8") as sink:
         for length in length_list:
             for task in tasks_to_run:
@@ -322,8 +339,9 @@ def evaluate(
                 batches = _encoded(_batches(samples, per_batch), build)
                 for batch, prompts, encode_seconds in batches if builder is None else _ahead(batches):
                     new_tokens = max(s.max_new_tokens for s in batch)
-                    if max_new_tokens is not None:
-                        new_tokens = min(new_tokens, max_new_tokens)
+                    if max_new_tokens is not None and max_new_tokens < new_tokens:
+                        new_tokens = max_new_tokens
+                        _warn_if_cap_cuts_answers(task, batch, new_tokens, tokenizer, capped_tasks)
                     start = time.perf_counter()
                     outputs = _greedy_generate(model, tokenizer, prompts, new_tokens)
                     # Tokenizing counts, as when it ran here, though now it overlapped the last batch.
