@@ -71,6 +71,19 @@ def test_demo_end_to_end(debug_model_dir, tmp_path, capsys, monkeypatch):
     assert len((out / "results.jsonl").read_text().splitlines()) == 1
 
 
+def test_ssa_settings_replace_the_saved_ones(debug_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(demo, "MAX_NEW_TOKENS", 2)
+    out = tmp_path / "demo"
+    args = ["demo", "--model", str(debug_model_dir), "--lengths", "512", "--ssa", "top_k=1"]
+    assert main([*args, "--out", str(out), "--no-progress"]) == 0
+    assert "1 routed blocks" in capsys.readouterr().out
+    result = json.loads((out / "demo.json").read_text())
+    ssa = SSAConfig.from_dict(result["ssa"])
+    assert ssa.top_k == 1 and ssa.block_size == 16  # the other fields stay the saved ones
+    assert result["rows"][0]["key_share"] == pytest.approx(demo.key_share(ssa, 512))
+    assert demo.key_share(ssa, 512) < demo.key_share(SSAConfig(block_size=16, top_k=2), 512)
+
+
 def test_missing_default_model_says_where_and_what_to_do(monkeypatch, tmp_path, capsys):
     missing = tmp_path / "assets" / "subquad-nano"
     monkeypatch.setattr(demo, "default_model_path", lambda: missing)
@@ -90,6 +103,9 @@ def test_missing_default_model_says_where_and_what_to_do(monkeypatch, tmp_path, 
         ["--depths", "ten"],
         ["--device", "abacus"],
         ["--model", "no/such/dir"],
+        ["--ssa", "top_k"],
+        ["--ssa", "top_k=-1"],
+        ["--ssa", "routed=8"],
     ],
 )
 def test_bad_arguments_exit_2_naming_them(args, tmp_path, capsys):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from subquad._args import key_values
 from subquad.eval.cli import add_eval_arguments, run_eval
 from subquad.eval.runner import ATTENTIONS
 from subquad.ops.ssa.config import INDEXES
@@ -114,6 +115,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         help="saved: as the model was saved; ssa: run a transformers --model (Llama, Mistral, Qwen2, "
         "Qwen3, ...) with SSA (default: saved)",
     )
+    p.add_argument(
+        "--ssa",
+        default=None,
+        help="SSA settings replacing the model's, e.g. top_k=8 (past 128K the shipped model finds more "
+        "needles with 8 routed blocks than with its 16) or JSON",
+    )
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="output directory (default: runs/demo)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -159,9 +166,14 @@ def _run_demo(args: argparse.Namespace) -> int:
             )
         return fail(f"--model {args.model!r}: not a model directory (no config.json there)")
     try:
-        model, tokenizer = demo.load(path, device=args.device, attention=args.attention)
-    except (OSError, ValueError) as exc:
-        return fail(f"could not load the model at {path}: {exc}")
+        ssa_override = key_values(args.ssa) if args.ssa is not None else None
+    except ValueError as exc:
+        return fail(f"--ssa {args.ssa!r}: {exc} (e.g. --ssa top_k=8)")
+    try:
+        model, tokenizer = demo.load(path, device=args.device, attention=args.attention, ssa=ssa_override)
+    except (OSError, ValueError, TypeError) as exc:
+        where = f"--ssa {args.ssa!r}" if ssa_override else f"could not load the model at {path}"
+        return fail(f"{where}: {exc}")
     ssa = ssa_config_of(model.config)
     attention = (
         f"SSA (block {ssa.block_size}, {ssa.sink_blocks} sink + {ssa.local_blocks} local + {ssa.top_k} "

@@ -120,11 +120,17 @@ def key_share(config: Any, length: int) -> float:
     return selected_pairs(ssa, length) / (length * (length + 1) / 2)
 
 
-def load(path: str | os.PathLike, device: str = "cpu", attention: str = "saved") -> tuple[Any, Any]:
+def load(
+    path: str | os.PathLike,
+    device: str = "cpu",
+    attention: str = "saved",
+    ssa: dict[str, Any] | None = None,
+) -> tuple[Any, Any]:
     """Model and tokenizer from a transformers directory: float32 on the CPU, bfloat16 on CUDA.
-    ``attention="ssa"`` runs another transformers model with SSA (:func:`runner.load_causal_lm`)."""
+    ``attention="ssa"`` runs another transformers model with SSA (:func:`runner.load_causal_lm`);
+    ``ssa``: SSAConfig fields replacing the saved ones (e.g. ``{"top_k": 8}``)."""
     dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
-    return runner.load_model(path, device=device, dtype=dtype, attention=attention)
+    return runner.load_model(path, device=device, dtype=dtype, ssa=ssa, attention=attention)
 
 
 def run(
