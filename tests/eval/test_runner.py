@@ -312,6 +312,10 @@ def test_a_cap_shorter_than_the_answers_warns_once_per_task(tmp_path):
             warnings.simplefilter("always")
             runner.evaluate(EchoModel(), tokenizer, out_dir=tmp_path / name, max_new_tokens=cap, **kwargs)
         assert not [w for w in seen if "answers take up to" in str(w.message)], name
+    # Each row records the cap it ran under (the task's own, 128, when none lowers it).
+    for name, cap in (("short", 2), ("fits", 64), ("default", 128)):
+        rows = (tmp_path / name / "results.jsonl").read_text().splitlines()
+        assert [json.loads(row)["max_new_tokens"] for row in rows] == [cap, cap], name
 
 
 class NoCopy:

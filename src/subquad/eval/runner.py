@@ -359,6 +359,8 @@ def evaluate(
                             "prediction": prediction,
                             "answers": sample.answers,
                             "prompt_tokens": sample.prompt_tokens,
+                            # the cap this answer ran under: a resumed cell may mix caps
+                            "max_new_tokens": new_tokens,
                             "seconds": round(seconds, 4),
                             "meta": sample.meta,
                         }
