@@ -172,8 +172,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     try:
         model, tokenizer = demo.load(path, device=args.device, attention=args.attention, ssa=ssa_override)
     except (OSError, ValueError, TypeError) as exc:
-        where = f"--ssa {args.ssa!r}" if ssa_override else f"could not load the model at {path}"
-        return fail(f"{where}: {exc}")
+        with_ssa = f" with --ssa {args.ssa!r}" if ssa_override else ""
+        return fail(f"could not load the model at {path}{with_ssa}: {exc}")
     ssa = ssa_config_of(model.config)
     attention = (
         f"SSA (block {ssa.block_size}, {ssa.sink_blocks} sink + {ssa.local_blocks} local + {ssa.top_k} "
