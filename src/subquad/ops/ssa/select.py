@@ -429,9 +429,8 @@ def _rescore_groups(rq, summaries, groups, first_pos, config, group, causal):
     ``[B, Hkv, Tc, top_k]`` int32. rq: ``[B, Tc, Hkv, D]`` for tokens at positions ``first_pos + i``."""
     num_blocks = summaries.shape[1]
     groups = groups.long()
-    blocks = (groups[..., None] * group + torch.arange(group, device=rq.device)).flatten(
-        -2
-    )  # [B, Hkv, Tc, M]
+    offsets = torch.arange(group, device=rq.device)
+    blocks = (groups[..., None] * group + offsets).flatten(-2)  # [B, Hkv, Tc, M]
     qblock = torch.arange(first_pos, first_pos + rq.shape[1], device=rq.device) // config.block_size
     ok = (groups >= 0).repeat_interleave(group, dim=-1) & is_candidate(
         blocks, qblock, config, causal, num_blocks
