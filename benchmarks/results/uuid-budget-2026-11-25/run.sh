@@ -7,12 +7,13 @@
 #   bash benchmarks/results/uuid-budget-2026-11-25/run.sh cell TASK LEN SECONDS SSA
 #       a fresh cell of 50 prompts under `--ssa SSA` (e.g. top_k=8), stopped after SECONDS (resumable from
 #       this folder); the task's own answer cap, or CAP=n tokens (the grid's essay cells used 32)
-# Everything is packed into $OUT/cells.tar.gz; unpack it into this folder after every call.
+# Everything is packed into $OUT/cells.tar.gz; unpack it into this folder after every call. HERE=folder
+# resumes cells from another results folder (a later study's, e.g. route-margin-2026-11-25/).
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
 OUT=${OUT:?set OUT to the return folder}
 SHIPPED=src/subquad/assets/subquad-nano
-HERE=benchmarks/results/uuid-budget-2026-11-25
+HERE=${HERE:-benchmarks/results/uuid-budget-2026-11-25}
 work=runs/uuid-budget
 mkdir -p $work
 
