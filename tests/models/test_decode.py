@@ -106,12 +106,11 @@ def test_triton_decode_kernel_interpreted():
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 
 
-@pytest.mark.parametrize("margin", [None, 0.3], ids=["all-routed", "margin"])
 @pytest.mark.parametrize("index", ["flat", "tree", "beam"])
-def test_decode_select_matches_full_routing_per_row(index, margin):
+def test_decode_select_matches_full_routing_per_row(index):
     # Each row's newest token must get the selection a full forward over that row gives it, for
-    # both routers (the tree's grouping depends on the row's own length), with or without a margin.
-    config = subquad.SSAConfig(block_size=16, top_k=3, index=index, tree_group=2, route_margin=margin)
+    # both routers (the tree's grouping depends on the row's own length).
+    config = subquad.SSAConfig(block_size=16, top_k=3, index=index, tree_group=2)
     lengths = [400, 257, 130]
     q = torch.randn(len(lengths), 400, 4, 16)
     k = torch.randn(len(lengths), 400, 2, 16)

@@ -7,8 +7,6 @@ a planted needle is routed; gradients; the tree and beam indexes; attention reca
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 
@@ -19,9 +17,7 @@ from subquad import SSAConfig, SSASelection, attention_recall, block_summaries, 
 from subquad.ops.ssa.select import (
     beam_cost_per_query,
     best_of_stretches,
-    drop_far_routed,
     routing_agreement,
-    routing_queries,
     tree_cost_per_query,
     tree_shape,
 )
@@ -342,70 +338,6 @@ def test_flat_router_is_exact_top_k(causal):
             for h in range(heads_kv):
                 best = candidates[scores[b, h, t, candidates].topk(min(3, len(candidates))).indices]
                 assert set(sel.block_idx[b, h, t, -3:].tolist()) - {-1} == set(best.tolist())
-
-
-@pytest.mark.parametrize(
-    "index,summary",
-    [("flat", "mean"), ("flat", "max"), ("tree", "mean"), ("beam", "mean")],
-    ids=["flat-mean", "flat-max", "tree", "beam"],
-)
-def test_route_margin_drops_the_routed_blocks_far_below_the_best(index, summary, reference):
-    batch, seq_len_q, seq_len_k, heads_q, heads_kv, dim = 2, 37, 301, 6, 2, 16
-    q, k, v = random_qkv(batch, seq_len_q, seq_len_k, heads_q, heads_kv, dim)
-    sub = 4 if summary == "max" else None
-    base = SSAConfig(block_size=BLOCK, top_k=6, index=index, summary=summary, sub_block_size=sub,
-                     tree_group=2 if index != "flat" else None)  # fmt: skip
-    margin = 0.4
-    sel = select_blocks(q, k, replace(base, route_margin=margin))
-    before = select_blocks(q, k, base).block_idx
-    fixed = sel.num_fixed_slots
-    assert torch.equal(sel.block_idx[..., :fixed], before[..., :fixed])
-    # Brute-force block scores: the summed query heads against each block's (best sub-block's) mean key.
-    size = sub or BLOCK
-    means = torch.stack([k[:, j : j + size].mean(1) for j in range(0, seq_len_k, size)], dim=1)
-    routing_q = q.view(batch, seq_len_q, heads_kv, heads_q // heads_kv, dim).sum(3)
-    per_sub = torch.einsum("bthd,bnhd->bhtn", routing_q, means)
-    per_block = BLOCK // size
-    whole = per_sub.shape[-1] // per_block * per_block  # the partial last block is never routed
-    scores = per_sub[..., :whole].unflatten(-1, (-1, per_block)).amax(-1)
-    dropped = 0
-    for b in range(batch):
-        for h in range(heads_kv):
-            for t in range(seq_len_q):
-                routed = [x for x in before[b, h, t, fixed:].tolist() if x >= 0]
-                if not routed:
-                    continue
-                best = max(float(scores[b, h, t, x]) for x in routed)
-                want = [x for x in routed if float(scores[b, h, t, x]) >= best - margin * dim**0.5]
-                got = sel.block_idx[b, h, t, fixed:].tolist()
-                # The kept blocks in the router's order, then the -1 slots.
-                assert got == want + [-1] * (base.top_k - len(want))
-                dropped += len(routed) - len(want)
-    assert dropped > 0  # the margin bites on these inputs
-    out = ssa_attention(q, k, v, replace(base, route_margin=margin))
-    mask = reference.selection_mask(sel.block_idx, BLOCK, seq_len_k, heads_q)
-    torch.testing.assert_close(out, reference.attention(q, k, v, mask=mask), atol=1e-5, rtol=1e-4)
-
-
-def test_route_margin_bounds():
-    q, k, _ = random_qkv(1, 50, 400, 4, 1, 16)
-    base = SSAConfig(block_size=BLOCK, top_k=4)
-    wide = select_blocks(q, k, replace(base, route_margin=1e6)).block_idx
-    assert torch.equal(wide, select_blocks(q, k, base).block_idx)
-    # A margin of 0 keeps only the best routed block (random scores do not tie).
-    routed = select_blocks(q, k, replace(base, route_margin=0)).block_idx[..., 3:]
-    has_candidates = wide[..., 3] >= 0
-    assert torch.equal((routed >= 0).sum(-1), has_candidates.long())
-    assert torch.equal(routed[..., 0], wide[..., 3:][..., 0].where(has_candidates, -1))
-    # Whatever order a router returns (the Triton ones need not sort by score), the kept blocks come
-    # first in that order: here the CPU router's best-first picks reversed.
-    config = replace(base, route_margin=0.5)
-    rq, summaries = routing_queries(q, 1), block_summaries(k, BLOCK)
-    kept = drop_far_routed(wide[..., 3:], rq, summaries, config)
-    flipped = drop_far_routed(wide[..., 3:].flip(-1), rq, summaries, config)
-    for row, row_flipped in zip(kept.flatten(0, 2).tolist(), flipped.flatten(0, 2).tolist()):
-        valid = [x for x in row if x >= 0]
-        assert row_flipped == valid[::-1] + [-1] * (4 - len(valid))
 
 
 def test_gqa_heads_share_the_routing_of_their_summed_queries():

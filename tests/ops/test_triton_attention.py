@@ -222,30 +222,6 @@ def test_triton_routing_matches_reference(index, causal, extra):
     assert torch.equal(got.sort(-1).values, want.sort(-1).values)
 
 
-@pytest.mark.parametrize("index", ["flat", "tree"])  # beam left out: ~9 s interpreted
-def test_route_margin_after_triton_routing_keeps_the_reference_blocks_first(index):
-    # The Triton routers return their picks in no particular order; the margin must still drop the same
-    # blocks as after the reference router, and leave the -1 slots last.
-    from subquad.ops.ssa import select, triton_select
-
-    torch.manual_seed(5)
-    config = subquad.SSAConfig(block_size=16, index=index, top_k=4, tree_group=2, route_margin=0.3)
-    rq = torch.randn(1, 16, 2, 16, device=DEVICE)
-    summaries = select.routing_summaries(torch.randn(1, 180, 2, 16, device=DEVICE), config)
-    reference = {"flat": select._route_flat, "tree": select._route_tree, "beam": select._route_beam}[index]
-    router = {
-        "flat": triton_select.route_flat_triton,
-        "tree": triton_select.route_tree_triton,
-        "beam": triton_select.route_beam_triton,
-    }[index]
-    want = select.drop_far_routed(reference(rq, summaries, 180, config, True), rq, summaries, config)
-    got = select.drop_far_routed(router(rq, summaries, 180, config, True), rq, summaries, config)
-    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
-    held = (got >= 0).int()
-    assert torch.equal(held, held.sort(-1, descending=True).values)  # kept slots first
-    assert int((got < 0).sum()) > int((router(rq, summaries, 180, config, True) < 0).sum())  # it dropped some
-
-
 def test_threshold_route_is_taken_where_it_measured_faster():
     from subquad.ops.ssa import triton_select
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -40,11 +39,6 @@ class SSAConfig:
             For ``"beam"``: children per node (a power of two), ``None`` means 8.
         tree_probe: groups expanded per query (stretches) for ``index="tree"``; for ``"beam"`` the nodes
             kept per level; ``None`` means ``top_k``.
-        route_margin: ``None`` attends to every routed block. A number ``m >= 0`` drops the routed blocks
-            whose score falls more than ``m`` below the token's best routed block, in units of
-            ``score / sqrt(head_dim)`` (the router loss's logits at the default softmax scale, so a
-            trained router keeps the blocks it expects to hold at least ``e**-m`` of the best one's
-            attention mass). ``top_k`` stays the most a token routes; the dropped slots are ``-1``.
     """
 
     block_size: int = 64
@@ -56,7 +50,6 @@ class SSAConfig:
     sub_block_size: int | None = None
     tree_group: int | None = None
     tree_probe: int | None = None
-    route_margin: float | None = None
 
     def __post_init__(self) -> None:
         _check_int("block_size", self.block_size, minimum=1)
@@ -93,12 +86,6 @@ class SSAConfig:
                 raise ValueError(f"tree_group={self.tree_group!r}: index='beam' expects a power of two")
         if self.tree_probe is not None:
             _check_int("tree_probe", self.tree_probe, minimum=1)
-        if self.route_margin is not None:
-            margin = self.route_margin
-            if isinstance(margin, bool) or not isinstance(margin, (int, float)):
-                raise TypeError(f"route_margin={margin!r}: expected a number >= 0 or None")
-            if not 0 <= margin < math.inf:
-                raise ValueError(f"route_margin={margin!r}: expected a finite number >= 0 or None")
 
     @property
     def blocks_per_query(self) -> int:

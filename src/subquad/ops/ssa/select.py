@@ -215,50 +215,9 @@ def route(
             "tree": triton_select.route_tree_triton,
             "beam": triton_select.route_beam_triton,
         }[index]
-        routed = router(rq.bfloat16(), summaries.bfloat16().contiguous(), seq_len_k, config, causal)
-    else:
-        router = {"flat": _route_flat, "tree": _route_tree, "beam": _route_beam}[index]
-        routed = router(rq, summaries.float(), seq_len_k, config, causal)
-    return drop_far_routed(routed, rq, summaries, config)
-
-
-def drop_far_routed(
-    routed: torch.Tensor, rq: torch.Tensor, summaries: torch.Tensor, config: SSAConfig
-) -> torch.Tensor:
-    """``routed`` ``[B, Hkv, T, top_k]`` without the blocks scoring more than ``config.route_margin``
-    below each token's best routed block (``SSAConfig.route_margin``); kept blocks first, in their
-    order, then ``-1``. Unchanged when the margin is None.
-
-    The scores are recomputed in float32 from the routing queries ``rq [B, T, Hkv, D]`` and summaries
-    ``[B, NS, Hkv, D]``, a chunk of tokens at a time: ``top_k * summaries_per_block`` dot products a
-    token, whichever router picked the blocks.
-    """
-    if config.route_margin is None or routed.shape[-1] == 0:
-        return routed
-    batch, heads, seq_len_q, top_k = routed.shape
-    dim = rq.shape[-1]
-    per_block = config.summaries_per_block
-    summ = summaries.transpose(1, 2)  # [B, Hkv, NS, D]
-    last = summ.shape[2] - 1
-    offsets = torch.arange(per_block, device=routed.device)
-    threshold = config.route_margin * math.sqrt(dim)
-    chunk = max(1, _chunk_elements(routed.device) // max(1, batch * heads * top_k * per_block * dim))
-    out = []
-    for start in range(0, seq_len_q, chunk):
-        ids = routed[:, :, start : start + chunk].long()  # [B, Hkv, Tc, K]
-        tokens = ids.shape[2]
-        sub = (ids.clamp(min=0)[..., None] * per_block + offsets).clamp(max=last).flatten(2)
-        gathered = summ.gather(2, sub[..., None].expand(-1, -1, -1, dim)).float()
-        gathered = gathered.view(batch, heads, tokens, top_k * per_block, dim)
-        queries = rq[:, start : start + chunk].transpose(1, 2).float()  # [B, Hkv, Tc, D]
-        scores = torch.einsum("bhtd,bhtmd->bhtm", queries, gathered)
-        scores = scores.view(batch, heads, tokens, top_k, per_block).amax(-1)
-        scores.masked_fill_(ids < 0, float("-inf"))
-        keep = scores >= scores.amax(-1, keepdim=True) - threshold
-        # Kept blocks first: a stable sort on "dropped" keeps their order and moves the -1 slots last.
-        order = (~keep).to(torch.int8).sort(dim=-1, stable=True).indices
-        out.append(torch.where(keep, ids, -1).gather(-1, order).to(torch.int32))
-    return torch.cat(out, dim=2)
+        return router(rq.bfloat16(), summaries.bfloat16().contiguous(), seq_len_k, config, causal)
+    router = {"flat": _route_flat, "tree": _route_tree, "beam": _route_beam}[index]
+    return router(rq, summaries.float(), seq_len_k, config, causal)
 
 
 def routing_agreement(reference: SSASelection, other: SSASelection) -> float:

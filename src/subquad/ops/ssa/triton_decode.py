@@ -39,7 +39,6 @@ from subquad.ops.ssa.select import (
     beam_shape,
     best_of_stretches,
     block_scores,
-    drop_far_routed,
     route,
     routing_queries,
     tree_bounds,
@@ -301,21 +300,9 @@ def decode_select(
     kernels (``triton_select.decode_route_tree``) instead of ~25 PyTorch ops; same picks up to
     floating-point summation order.
     """
+    num_kv_heads = summaries.shape[2]
     if plan is None:
         plan = decode_plan(seqlens, -(-summaries.shape[1] // config.summaries_per_block), config)
-    block_idx = _decode_route(q, summaries, config, plan, kept, backend)
-    if config.route_margin is None or block_idx.shape[-1] == plan.fixed.shape[-1]:
-        return block_idx
-    num_fixed = plan.fixed.shape[-1]
-    rq = routing_queries(q[:, None], summaries.shape[2])  # [B, 1, Hkv, D]
-    routed = drop_far_routed(block_idx[:, :, None, num_fixed:], rq, summaries, config)[:, :, 0]
-    return torch.cat([block_idx[..., :num_fixed], routed], dim=-1)
-
-
-def _decode_route(q, summaries, config, plan, kept, backend) -> torch.Tensor:
-    """:func:`decode_select`'s picks before ``config.route_margin`` drops any: the fixed slots, then the
-    ``top_k`` routed ones."""
-    num_kv_heads = summaries.shape[2]
     fixed = plan.fixed.expand(-1, num_kv_heads, -1)
     if config.top_k == 0 or plan.num_blocks == 0:
         return fixed.contiguous()
@@ -928,8 +915,6 @@ def _fused_path(plan: DecodePlan, config: SSAConfig, backend: str) -> str | None
     """Which fused step :func:`fused_decode_step` runs: ``"tree"``, ``"flat"`` or None (the append, then
     :func:`decode_step`)."""
     if backend != "triton" or config.top_k == 0 or plan.num_blocks == 0:
-        return None
-    if config.route_margin is not None:  # the fused kernels attend to every routed pick
         return None
     if config.index == "tree" and plan.tree is not None:
         return "tree"
