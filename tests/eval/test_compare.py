@@ -5,17 +5,20 @@ import math
 
 import pytest
 
-from subquad.eval.compare import compare_runs, main
+from subquad.eval.compare import compare_runs, comparison_markdown, main
 
 
-def _write(path, rows):
-    """rows: (task, length, index, score[, prompt_tokens]) -> a results.jsonl as the runner writes it."""
+def _write(path, rows, cap=None):
+    """rows: (task, length, index, score[, prompt_tokens]) -> a results.jsonl as the runner writes it;
+    ``cap``: the rows' ``max_new_tokens`` (None: rows written before caps were recorded)."""
     path.mkdir(parents=True, exist_ok=True)
     lines = []
     for task, length, index, score, *tokens in rows:
         record = {"id": f"ruler/{task}/{length}/0/{index}", "suite": "ruler", "task": task, "length": length,
                   "seed": 0, "index": index, "score": score,
                   "prompt_tokens": tokens[0] if tokens else length - 7}  # fmt: skip
+        if cap is not None:
+            record["max_new_tokens"] = cap
         lines.append(json.dumps(record))
     (path / "results.jsonl").write_text("\n".join(lines) + "\n")
     return path
@@ -41,6 +44,19 @@ def test_paired_averages_and_error_by_hand(tmp_path):
     assert short["tasks"]["cwe"] == {"a": 55.0, "b": 20.0, "n": 2} and short["prompts"] == 5
     long = result["lengths"]["8192"]
     assert (long["a"], long["b"], long["difference"], long["stderr"], long["prompts"]) == (100, 0, 100, 0, 1)
+
+
+def test_different_answer_caps_are_counted_and_shown(tmp_path):
+    rows = [("niah_single_3", 4096, i, 1.0) for i in range(3)]
+    short, full = _write(tmp_path / "short", rows, cap=32), _write(tmp_path / "full", rows, cap=128)
+    result = compare_runs(short, full)
+    assert result["cap_mismatches"] == {"32 -> 128": 3}
+    markdown = comparison_markdown(result)
+    assert "Answer caps differ" in markdown and "3 at 32 -> 128" in markdown
+    # The same cap, or a row that does not record one, is no mismatch.
+    assert compare_runs(full, _write(tmp_path / "same", rows, cap=128))["cap_mismatches"] == {}
+    unknown = compare_runs(full, _write(tmp_path / "old", rows))
+    assert unknown["cap_mismatches"] == {} and "Answer caps" not in comparison_markdown(unknown)
 
 
 def test_errors_name_the_problem(tmp_path):

@@ -8,6 +8,9 @@ difference A - B with its standard error. Pairing removes the prompts' own diffi
 noise: each task's mean difference has variance ``s^2 / n`` over its prompts, and the average's
 variance is the sum of those over the number of tasks squared. A target such as "no more than one
 point below the twin" can then be read against that error rather than against two separate ones.
+
+Rows record the answer cap they ran under (``max_new_tokens``); shared prompts whose caps differ are
+counted and named in the table, since a shorter cap can cut off a correct answer.
 """
 
 from __future__ import annotations
@@ -52,8 +55,10 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> dict[str, Any]:
 
     Each length holds ``a`` and ``b`` (suite averages in percent over the shared prompts),
     ``difference`` (a - b), ``stderr`` (of the difference), ``prompts`` and ``tasks`` (per task:
-    ``a``, ``b``, ``n``). Raises ValueError when the runs share no prompt or show one prompt with
-    two token counts (different tokenizers or generators).
+    ``a``, ``b``, ``n``). ``cap_mismatches``: ``{"A cap -> B cap": prompts}`` for the shared prompts
+    whose rows both record an answer cap and differ (rows written before caps were recorded count as
+    unknown, not as a mismatch). Raises ValueError when the runs share no prompt or show one prompt
+    with two token counts (different tokenizers or generators).
     """
     a, b = load_results(run_a), load_results(run_b)
     shared = sorted(set(a) & set(b))
@@ -63,8 +68,12 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> dict[str, Any]:
         )
     # (length, task) -> per-prompt (score a, score b) in percent
     pairs: dict[int, dict[str, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
+    cap_mismatches: dict[str, int] = defaultdict(int)
     for sample in shared:
         ra, rb = a[sample], b[sample]
+        cap_a, cap_b = ra.get("max_new_tokens"), rb.get("max_new_tokens")
+        if cap_a is not None and cap_b is not None and cap_a != cap_b:
+            cap_mismatches[f"{cap_a} -> {cap_b}"] += 1
         if ra.get("prompt_tokens") != rb.get("prompt_tokens"):
             raise ValueError(
                 f"prompt {sample!r}: {ra.get('prompt_tokens')} tokens in run A, {rb.get('prompt_tokens')} in "
@@ -94,14 +103,27 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> dict[str, Any]:
             "prompts": sum(t["n"] for t in tasks.values()),
             "tasks": tasks,
         }
-    return {"run_a": str(run_a), "run_b": str(run_b), "prompts": len(shared), "lengths": lengths}
+    return {
+        "run_a": str(run_a),
+        "run_b": str(run_b),
+        "prompts": len(shared),
+        "cap_mismatches": dict(cap_mismatches),
+        "lengths": lengths,
+    }
 
 
 def comparison_markdown(result: dict[str, Any]) -> str:
     """Per length and task: A, B, A - B; each length's average row with the difference's error."""
-    lines = [
-        f"A: `{result['run_a']}`; B: `{result['run_b']}`; {result['prompts']} shared prompts.",
-        "",
+    lines = [f"A: `{result['run_a']}`; B: `{result['run_b']}`; {result['prompts']} shared prompts.", ""]
+    mismatches = result.get("cap_mismatches") or {}
+    if mismatches:
+        caps = ", ".join(f"{n} at {caps}" for caps, n in mismatches.items())
+        lines += [
+            f"**Answer caps differ** (max_new_tokens, A -> B: {caps}): a shorter cap can cut off a "
+            "correct answer, so those pairs may differ for that reason alone.",
+            "",
+        ]
+    lines += [
         "| length | task | prompts | A | B | A - B |",
         "|---|---|---:|---:|---:|---:|",
     ]
