@@ -15,10 +15,10 @@ Measures (issue 3):
   which run eagerly): ms of a replayed step, ms per token over 2 key blocks back to back (re-captures
   included, one sync at the end, as ``GraphedDecoder.generate`` runs), then ms of a step that prepares
   and captures (its eager step plus the capture, forced 3 times) and of the capture alone (host time:
-  recording and instantiation). On the CPU the graphed step's ops run eagerly (``capture=False``). On
-  an H200 the same graph replays ~4% faster when it is among the first three CUDA graphs the process
-  instantiated (``benchmarks/NOTES.md`` item 52): the forced captures come after the timed steps, so a
-  process that times one model at one length measures what a fresh ``generate()`` gets;
+  recording and instantiation). On the CPU the graphed step's ops run eagerly (``capture=False``). The
+  graphs are recorded through the driver (``subquad.ops.cuda_graph``): on an H200 every graph of a process
+  replays ~4% slower once it has recorded four through ``torch.cuda.CUDAGraph`` (``benchmarks/NOTES.md``
+  items 52 and 90); ``--torch-graphs`` records with torch's, to compare;
 * ``--only attention``: one decode layer's attention alone, no model around it, so the operator is
   compared and not the eager model step (whose ~900 kernel launches bound both sides): for the
   ``layer-8b`` shape (Hq 32, Hkv 8, D 128) and the flavor's attention shape, B=1, a random
@@ -77,6 +77,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import subquad  # noqa: E402
 from subquad.models import GraphedDecoder, SubquadConfig, SubquadForCausalLM, prefill  # noqa: E402
 from subquad.models.subquad import modeling  # noqa: E402
+from subquad.ops import cuda_graph  # noqa: E402
 from subquad.ops.ssa.config import INDEXES  # noqa: E402
 from subquad.ops.ssa.interface import resolve_backend  # noqa: E402
 from subquad.ops.ssa.select import (  # noqa: E402
@@ -134,6 +135,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also time the model's decode step through GraphedDecoder (CUDA-graph replays; its ops run "
         "eagerly on the CPU), rows 'timing: graph'",
+    )
+    p.add_argument(
+        "--torch-graphs",
+        action="store_true",
+        help="--graph: record the steps with torch.cuda.CUDAGraph, not through the driver "
+        "(subquad.ops.cuda_graph), to compare the two",
     )
     p.add_argument("--skip-dense", action="store_true")
     p.add_argument(
@@ -272,8 +279,8 @@ def run_decode_graph(model, cache, steps, device, timer):
     included, one sync at the end, after 2 blocks untimed (``ms_per_token_run``, ``captures_per_run``);
     then, forced 3 times (``invalidate``), the median ms of a step that prepares and captures
     (``prepare_step_ms``: its eager step plus the capture) and the capture's host time alone
-    (``capture_ms``). The forced captures come last: they would make the timed steps replay a
-    process's fourth graph or later (module docstring)."""
+    (``capture_ms``). The forced captures come last: with ``--torch-graphs`` they would make the timed
+    steps replay in a process that has recorded four of torch's graphs (module docstring)."""
     cuda = device.type == "cuda"
     decoder = GraphedDecoder(model, cache, capture=cuda)
     token = torch.randint(0, model.config.vocab_size, (1, 1), device=device)
@@ -497,6 +504,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.only == "attention":
         return main_attention(args, device)
     timer = Timer(device)
+    cuda_graph.DRIVER = not args.torch_graphs
     sparse, dense = build_models(args, device)
     cfg = sparse.config
     env = dict(
@@ -511,6 +519,7 @@ def main(argv: list[str] | None = None) -> dict:
         position_scheme=args.position_scheme,
         prefill_chunk=args.chunk,
         dense_decode_backends=[b.name for b in modeling.DENSE_DECODE_BACKENDS or []] or "sdpa auto",
+        graphs="driver" if cuda_graph.DRIVER and cuda_graph.driver_graphs_available() else "torch",
         command="python " + " ".join(sys.argv),
     )
     rows: list[dict] = []

@@ -10,7 +10,7 @@ from torch.utils._pytree import tree_flatten
 
 import subquad
 from subquad.models import GraphedDecoder, SubquadConfig, SubquadForCausalLM
-from subquad.ops import pdl
+from subquad.ops import cuda_graph, pdl
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 # (attention, index): the two SSA routers and the dense twin.
@@ -194,9 +194,9 @@ def test_prepared_step_is_what_a_graph_replays(attention, index):
 
 
 class _EmulatedGraph:
-    """A CPU stand-in for ``torch.cuda.CUDAGraph``. Capturing records each aten call with the tensors it
-    read and wrote (their memory fixed, as a graph fixes pointers, shapes and Python numbers) and then
-    undoes its writes (a capture runs nothing); a replay runs the calls again, writing fresh outputs
+    """A CPU stand-in for ``cuda_graph.new_graph``'s graphs. Capturing records each aten call with the
+    tensors it read and wrote (their memory fixed, as a graph fixes pointers, shapes and Python numbers)
+    and then undoes its writes (a capture runs nothing); a replay runs the calls again, writing fresh outputs
     into the recorded ones."""
 
     def __init__(self):
@@ -257,7 +257,7 @@ class _Stream:
 def test_emulated_capture_replays_equal_eager_steps(monkeypatch, attention, index):
     # The capture / replay control flow on the CPU (pieces around the dense twin's attention, re-captures
     # per key block and growth, eager steps and crops in between) with a graph emulated as recorded calls.
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", _EmulatedGraph)
+    monkeypatch.setattr(cuda_graph, "new_graph", _EmulatedGraph)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _Stream())
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: nullcontext())
     model = make_model(attention, index)
@@ -333,7 +333,7 @@ def test_recaptures_skip_the_eager_step_and_fall_back_to_it(monkeypatch, index):
     # After the first capture, a new key block is captured and replayed without an eager step first; the
     # tree router's kept bounds are brought up to the block before that capture (else the graph would
     # record their update). One re-capture fails: that step runs eagerly and captures as the first.
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FailingOnce)
+    monkeypatch.setattr(cuda_graph, "new_graph", _FailingOnce)
     monkeypatch.setattr(_FailingOnce, "failures", 1)
     monkeypatch.setattr(_FailingOnce, "recorded", [])
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _Stream())

@@ -54,7 +54,7 @@ from subquad.cache import SSACache, SSACacheLayer
 from subquad.models.prefill import prefill
 from subquad.models.subquad import modeling
 from subquad.models.subquad.modeling import SubquadForCausalLM
-from subquad.ops import fused
+from subquad.ops import cuda_graph, fused
 from subquad.ops.ssa.interface import resolve_backend
 from subquad.ops.ssa.triton_decode import (
     DecodePlan,
@@ -159,7 +159,7 @@ class GraphedDecoder:
         self._captured_batch: int | None = None
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [block_size, D] float32
         self._rope_block: int | None = None  # the key block they hold
-        self._pieces: list[tuple[torch.cuda.CUDAGraph, tuple | None]] = []
+        self._pieces: list[tuple[cuda_graph.DriverGraph | torch.cuda.CUDAGraph, tuple | None]] = []
         self._logits: torch.Tensor | None = None
 
     # --- public ----------------------------------------------------------------------------------
@@ -486,8 +486,10 @@ class GraphedDecoder:
         """Record the step: one graph, or for a dense twin one per stretch between attention calls.
 
         ``capture_begin`` / ``capture_end`` rather than ``torch.cuda.graph``, which synchronises and
-        empties the allocator's cache on entry. New graphs share the memory pool of the ones they
-        replace, which are kept until then: the pool is never freed, and re-capturing costs no allocation.
+        empties the allocator's cache on entry. The graphs are the driver's (``ops.cuda_graph``: once a
+        process has recorded four of torch's, every replay is slower). New graphs share the memory pool of
+        the ones they replace, which are kept until then: the pool is never freed, and re-capturing costs
+        no allocation.
         """
         start = time.perf_counter()
         pool = self._pieces[0][0].pool() if self._pieces else None
@@ -496,7 +498,7 @@ class GraphedDecoder:
         self._stream.wait_stream(current)
         with torch.cuda.stream(self._stream):
             while logits is None:
-                graph = torch.cuda.CUDAGraph()
+                graph = cuda_graph.new_graph()
                 graph.capture_begin(pool=pool, capture_error_mode=capture_error_mode)
                 try:
                     request = forward.send(sent)
