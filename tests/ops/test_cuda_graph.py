@@ -36,14 +36,14 @@ def test_misuse_is_reported_before_any_cuda_call():
         graph.pool()
 
 
-def _capture(step, pool=None, mode="global"):
+def _capture(step, pool=None):
     """``step()`` recorded on a side stream: (graph, its output)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         step()  # warm up (cuBLAS handles, kernels) outside the capture
         graph = cuda_graph.DriverGraph()
-        graph.capture_begin(pool=pool, capture_error_mode=mode)
+        graph.capture_begin(pool=pool)
         out = step()
         graph.capture_end()
     torch.cuda.current_stream().wait_stream(stream)

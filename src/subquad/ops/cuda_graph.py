@@ -11,8 +11,8 @@ found: not its instantiation flags, not the device allocator's pool calls, not p
 
 :class:`DriverGraph` keeps ``torch.cuda.CUDAGraph``'s interface (``capture_begin(pool,
 capture_error_mode)``, ``capture_end``, ``replay``, ``pool``) and leaves out what the decode step does not
-use: the CUDA generator's graph-safe state (a random op recorded here fails with torch's "not
-currently capturing" error) and pinned host memory allocated during the capture. Allocations during the
+use: the CUDA generator's graph-safe state (a random op recorded here fails with torch's "CUDA generator
+not in capture mode" error) and pinned host memory allocated during the capture. Allocations during the
 capture go to the pool when they are made on the capture stream; the decode step records on one stream.
 ``DRIVER = False`` makes :func:`new_graph` return torch's graphs (for comparisons), as does a build of
 torch or a machine without what the driver path needs.
@@ -116,11 +116,9 @@ class DriverGraph:
         finally:
             self._end_allocating()
         try:
-            executable = ctypes.c_void_p()
-            flags = _AUTO_FREE_ON_LAUNCH
-            _check(
-                _driver().cuGraphInstantiateWithFlags(ctypes.byref(executable), graph, flags), "instantiate"
-            )
+            executable, flags = ctypes.c_void_p(), _AUTO_FREE_ON_LAUNCH
+            result = _driver().cuGraphInstantiateWithFlags(ctypes.byref(executable), graph, flags)
+            _check(result, "cuGraphInstantiateWithFlags")
             self._exec = executable
         finally:
             _driver().cuGraphDestroy(graph)  # the executable does not need it
