@@ -131,6 +131,13 @@ def test_routed_work_groups_pairs_by_block(host_reads):
     assert got == sorted(want)
 
 
+def test_partial_rows_past_int32_are_refused():
+    # The kernels index a chunk's partial rows in int32; only a caller's oversized chunk_tokens gets there.
+    triton_routed._check_partial_rows(65536, 32 * 16)  # the default chunk at layer-8b
+    with pytest.raises(ValueError, match=r"chunk_tokens=4194304: .*2\*\*31"):
+        triton_routed._check_partial_rows(4 << 20, 32 * 16)
+
+
 @pytest.mark.parametrize("segment_len", [1, 2, 5])
 def test_segment_owners_bound_pads_the_exact_segments(segment_len):
     """With ``max_segments`` (no host sync) the segments are the exact ones, then empty ones; the bound

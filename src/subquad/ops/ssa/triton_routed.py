@@ -65,9 +65,11 @@ from subquad.ops.ssa.tiles import (
 )
 from subquad.ops.ssa.triton_attention import (
     _LOG2E,
+    _exp2,
     _launch_shape,
     _segment_block,
     attention_delta,
+    fast_exp2,
     query_major_bwd,
     sparse_attention_fwd,
     tokens_per_tile,
@@ -81,6 +83,9 @@ _SEGMENT_TOKENS = 256
 _ROUTED_ROWS = 64
 _ROUTED_NUM_WARPS = 4
 _ROUTED_NUM_STAGES = 1
+# Register cap a thread (0: the compiler's choice, ~208): 168 lets three programs share an SM without
+# spills (scripts/kernel_resources.py); the step is latency-bound, so more programs hide more of it.
+_ROUTED_MAX_REGISTERS = 168
 # (token, q head) rows per merge program.
 _MERGE_ROWS = 16
 # Fixed slots (sink + local, query-major): matrix rows per query tile and warps (tuning only).
@@ -92,6 +97,21 @@ _BWD_SEGMENT_TOKENS = 256
 _BWD_ROUTED_ROWS = 128
 _BWD_NUM_WARPS = 8
 _BWD_NUM_STAGES = 1
+
+
+@triton.jit
+def _segment_needs_mask(
+    pair_entry, start, key_pos, chunk_start, T, S, NUM_SLOTS: tl.constexpr, CAUSAL: tl.constexpr
+):
+    """Whether any score of a routed segment must be masked: its block runs past the last key, or (causal)
+    ends after its first token's position. ``select_blocks`` routes only blocks before a token's local
+    window, and a segment's tokens ascend, so its scores need no mask; hand-made selections may."""
+    last_key = tl.max(key_pos, 0)
+    masked = last_key >= S
+    if CAUSAL:
+        first_token = chunk_start + tl.load(pair_entry + start) // NUM_SLOTS
+        masked = masked | (last_key > first_token + (S - T))
+    return masked
 
 
 @triton.jit
@@ -121,7 +141,6 @@ def _routed_partial_kernel(
     num_blocks,
     chunk_start,
     chunk_len,
-    num_slots,
     scale_log2,
     D: tl.constexpr,
     DV: tl.constexpr,
@@ -130,7 +149,9 @@ def _routed_partial_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     TOKENS: tl.constexpr,
+    NUM_SLOTS: tl.constexpr,
     CAUSAL: tl.constexpr,
+    FAST_EXP2: tl.constexpr,
 ):
     b, h, start, end, key_pos, key_ok = _segment_block(
         seg_block, seg_start, seg_end, num_blocks, HKV, S, BLOCK_N
@@ -161,18 +182,21 @@ def _routed_partial_kernel(
     q_head = h * group + head
     heads_q = HKV * group
     in_tile = token_in_tile < TOKENS
-    # entry = token within the chunk * num_slots + routed slot, loaded a step ahead (the q gather
-    # waits on it: ~8% of this kernel at 128K).
+    # entry = token within the chunk * NUM_SLOTS + routed slot, loaded a step ahead (the q gather
+    # waits on it: ~8% of this kernel at 128K). NUM_SLOTS is a constant so that // and % compile to
+    # shifts: as a runtime value they were integer divisions, repeated in each layout the rows take
+    # (7% of this kernel at 1M).
     entry_next = tl.load(
         pair_entry + start + token_in_tile, mask=in_tile & (start + token_in_tile < end), other=0
     )
+    masked = _segment_needs_mask(pair_entry, start, key_pos, chunk_start, T, S, NUM_SLOTS, CAUSAL)
     for first in range(start, end, TOKENS):
         pair = first + token_in_tile
         row_ok = in_tile & (pair < end)
         entry = entry_next
         entry_next = tl.load(pair_entry + pair + TOKENS, mask=in_tile & (pair + TOKENS < end), other=0)
-        token_c = entry // num_slots
-        slot = entry % num_slots
+        token_c = entry // NUM_SLOTS
+        slot = entry % NUM_SLOTS
         token = chunk_start + token_c
         q_ptrs = (
             Q
@@ -181,24 +205,28 @@ def _routed_partial_kernel(
             + q_head[:, None] * stride_qh
             + offs_d[None, :]
         )
-        q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        s = tl.dot(q, k) * scale_log2  # [BLOCK_M, BLOCK_N]
-        visible = row_ok[:, None] & key_ok[None, :]
-        if CAUSAL:
-            # Routed blocks precede the token's window; the mask only guards hand-made selections.
-            visible = visible & (key_pos[None, :] <= (token + (S - T))[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m = tl.max(s, 1)
+        # Rows past the segment's end read the row of entry 0 (their entries' default): scores of their
+        # own, never stored, so their loads need no mask.
+        q = tl.load(q_ptrs, mask=offs_d[None, :] < D, other=0.0)
+        s = tl.dot(q, k)  # [BLOCK_M, BLOCK_N], unscaled: the scale goes into the exponent's FMA
+        if masked:
+            visible = key_ok[None, :]
+            if CAUSAL:
+                visible = visible & (key_pos[None, :] <= (token + (S - T))[:, None])
+            s = tl.where(visible, s, float("-inf"))
+        m = tl.max(s, 1) * scale_log2  # scale > 0 (checked by the interface)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
-        p = tl.math.exp2(s - m_safe[:, None])
+        p = _exp2(s * scale_log2 - m_safe[:, None], FAST_EXP2)
         l_sum = tl.sum(p, 1)
         l_safe = tl.where(l_sum == 0.0, 1.0, l_sum)
-        out = tl.dot(p.to(v.dtype), v) / l_safe[:, None]  # [BLOCK_M, BLOCK_DV]
+        # One reciprocal a row: `/` is div.full.f32, with a range test and rescale on every element.
+        out = tl.dot(p.to(v.dtype), v) * (1.0 / l_safe)[:, None]  # [BLOCK_M, BLOCK_DV]
         lse = tl.where(l_sum == 0.0, float("-inf"), m_safe + tl.math.log2(l_safe))
-        # Partial buffers: [B, Tc, Hq, num_slots] (+ [Dv]).
-        part = ((b.to(tl.int64) * chunk_len + token_c) * heads_q + q_head) * num_slots + slot
+        # Partial buffers: [B, Tc, Hq, NUM_SLOTS] (+ [Dv]). The row index fits int32 (a chunk's buffer
+        # holds at most _PARTIAL_BYTES / 32 rows); only the element offset needs 64 bits.
+        part = ((b * chunk_len + token_c) * heads_q + q_head) * NUM_SLOTS + slot
         tl.store(
-            O_PART + part[:, None] * DV + offs_dv[None, :],
+            O_PART + part.to(tl.int64)[:, None] * DV + offs_dv[None, :],
             out.to(O_PART.dtype.element_ty),
             mask=row_ok[:, None] & (offs_dv[None, :] < DV),
         )
@@ -304,7 +332,6 @@ def _routed_bwd_kernel(
     num_blocks,
     chunk_start,
     chunk_len,
-    num_slots,
     scale_log2,
     scale,
     D: tl.constexpr,
@@ -314,11 +341,13 @@ def _routed_bwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     TOKENS: tl.constexpr,
+    NUM_SLOTS: tl.constexpr,
     CAUSAL: tl.constexpr,
+    FAST_EXP2: tl.constexpr,
 ):
     """One segment of a key block's routed pairs: K/V loaded once, dK/dV summed over the segment in
     registers (one fp32 atomic add per segment), each token's dQ share stored to its (token, q head,
-    slot) row of ``DQ_PART`` (``[B, Tc, Hq, num_slots, D]`` in q's dtype, summed per token by
+    slot) row of ``DQ_PART`` (``[B, Tc, Hq, NUM_SLOTS, D]`` in q's dtype, summed per token by
     ``_sum_dq_partials_kernel``)."""
     b, h, start, end, key_pos, key_ok = _segment_block(
         seg_block, seg_start, seg_end, num_blocks, HKV, S, BLOCK_N
@@ -357,12 +386,13 @@ def _routed_bwd_kernel(
     entry_next = tl.load(
         pair_entry + start + token_in_tile, mask=in_tile & (start + token_in_tile < end), other=0
     )
+    masked = _segment_needs_mask(pair_entry, start, key_pos, chunk_start, T, S, NUM_SLOTS, CAUSAL)
     for first in range(start, end, TOKENS):
         pair = first + token_in_tile
         row_ok = in_tile & (pair < end)
         entry = entry_next
         entry_next = tl.load(pair_entry + pair + TOKENS, mask=in_tile & (pair + TOKENS < end), other=0)
-        token_c = entry // num_slots
+        token_c = entry // NUM_SLOTS
         token = chunk_start + token_c
         row_off = (
             b.to(tl.int64) * stride_qb + token.to(tl.int64)[:, None] * stride_qt + q_head[:, None] * stride_qh
@@ -380,20 +410,22 @@ def _routed_bwd_kernel(
         stat = (b.to(tl.int64) * T + token) * heads_q + q_head
         lse = tl.load(LSE + stat, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)
-        visible = row_ok[:, None] & key_ok[None, :]
-        if CAUSAL:
-            # Routed blocks precede the token's window; the mask only guards hand-made selections.
-            visible = visible & (key_pos[None, :] <= (token + (S - T))[:, None])
-        s = tl.dot(q, tl.trans(k)) * scale_log2  # [BLOCK_M, BLOCK_N]
-        p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
+        # Rows past the segment's end have LSE +inf: p = 0.
+        p = _exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse[:, None], FAST_EXP2)  # [BLOCK_M, BLOCK_N]
+        if masked:
+            visible = key_ok[None, :]
+            if CAUSAL:
+                visible = visible & (key_pos[None, :] <= (token + (S - T))[:, None])
+            p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dv += tl.dot(tl.trans(p.to(do.dtype)), do)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
         dq = tl.dot(ds.to(k.dtype), k) * scale  # [BLOCK_M, BLOCK_D]
-        part = ((b.to(tl.int64) * chunk_len + token_c) * heads_q + q_head) * num_slots + entry % num_slots
+        # The row index in int32, as in the forward.
+        part = ((b * chunk_len + token_c) * heads_q + q_head) * NUM_SLOTS + entry % NUM_SLOTS
         tl.store(
-            DQ_PART + part[:, None] * D + offs_d[None, :],
+            DQ_PART + part.to(tl.int64)[:, None] * D + offs_d[None, :],
             dq.to(DQ_PART.dtype.element_ty),
             mask=row_ok[:, None] & (offs_d[None, :] < D),
         )
@@ -465,8 +497,8 @@ def routed_work(routed_idx: torch.Tensor, num_blocks: int, segment_tokens: int):
     routed_idx: ``[B, Hkv, Tc, R]`` int32 (``-1`` unused). Returns ``(seg_block, seg_start, seg_end,
     pair_entry)``: per segment the flat block ``bh * NB + block`` and a ``[start, end)`` range of at
     most ``segment_tokens`` pairs into ``pair_entry`` (int32 ``token * R + slot``), tokens ascending
-    within a block. Sized by a bound, not counted (no host sync): the segments past the needed ones are
-    empty, and the kernels skip them.
+    within a block (the kernels' mask test reads only a segment's first token). Sized by a bound, not
+    counted (no host sync): the segments past the needed ones are empty, and the kernels skip them.
     """
     batch, heads, chunk_len, slots = routed_idx.shape
     bh_count = batch * heads
@@ -542,6 +574,15 @@ def fixed_part(
     return part
 
 
+def _check_partial_rows(chunk_tokens: int, rows_per_token: int) -> None:
+    """The kernels index a chunk's partial rows in int32 (the default chunks hold at most 2**28)."""
+    if chunk_tokens * rows_per_token >= 2**31:
+        raise ValueError(
+            f"chunk_tokens={chunk_tokens}: {chunk_tokens} x {rows_per_token} partial rows a chunk, "
+            "expected fewer than 2**31 (a smaller chunk_tokens, or None for the default)"
+        )
+
+
 def sparse_attention_fwd_routed(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -580,6 +621,7 @@ def sparse_attention_fwd_routed(
     if chunk_tokens is None:
         chunk_tokens = max(1, _PARTIAL_BYTES // per_token)
     chunk_tokens = min(chunk_tokens, seq_len_q)
+    _check_partial_rows(chunk_tokens, batch * heads_q * num_routed)
     plan = RoutedPlan(None, chunk_tokens)
     if num_fixed_slots:
         plan.fixed = fixed_part(
@@ -636,11 +678,13 @@ def sparse_attention_fwd_routed(
                 num_blocks,
                 chunk_start,
                 chunk_len,
-                num_routed,
                 scale * _LOG2E,
+                NUM_SLOTS=num_routed,
                 CAUSAL=causal,
+                FAST_EXP2=fast_exp2(q.device),
                 num_warps=_ROUTED_NUM_WARPS,
                 num_stages=_ROUTED_NUM_STAGES,
+                maxnreg=_ROUTED_MAX_REGISTERS or None,
                 **shape,
             )
         _merge_partials_kernel[(triton.cdiv(num_rows, _MERGE_ROWS),)](
@@ -735,6 +779,7 @@ def sparse_attention_bwd_routed(
     elif chunk_tokens is None:
         chunk_tokens = max(1, _PARTIAL_BYTES // per_token)
     chunk_tokens = min(chunk_tokens, seq_len_q)
+    _check_partial_rows(chunk_tokens, batch * heads_q * num_routed)
     dq_part = torch.empty(chunk_tokens * per_token // q.element_size(), device=q.device, dtype=q.dtype)
     dq = torch.empty_like(q)
     routed_idx = block_idx[..., num_fixed_slots:]
@@ -780,10 +825,11 @@ def sparse_attention_bwd_routed(
                 num_blocks,
                 chunk_start,
                 chunk_len,
-                num_routed,
                 scale * _LOG2E,
                 scale,
+                NUM_SLOTS=num_routed,
                 CAUSAL=causal,
+                FAST_EXP2=fast_exp2(q.device),
                 num_warps=_BWD_NUM_WARPS,
                 num_stages=_BWD_NUM_STAGES,
                 **shape,
