@@ -14,6 +14,7 @@ import argparse
 import collections
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 
 import triton
@@ -69,22 +70,30 @@ def compile_kernel(name: str, stages: int | None, maxnreg: int | None):
     return triton.compile(source, target=GPUTarget("cuda", 90, 128), options=options)
 
 
-def _tool(name: str) -> str:
-    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    """``cuobjdump FLAG`` of a cubin, with the binary Triton bundles."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([str(tool), flag, f.name], capture_output=True, text=True, check=True).stdout
 
 
 def loop_opcodes(sass: str) -> collections.Counter:
     """Opcodes of the longest backward-branching range (the kernel's main loop)."""
-    lines = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)([^;]*);", sass)
-    best = (0, 0)
+    lines = [
+        (int(addr, 16), op, rest)
+        for addr, op, rest in re.findall(
+            r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)([^;]*);", sass
+        )
+    ]
+    loops = [(0, 0)]
     for addr, op, rest in lines:
-        target = re.match(r"\s*(0x[0-9a-f]+)", rest)
-        if op == "BRA" and target and int(target.group(1), 16) < int(addr, 16):
-            best = max(
-                best, (int(addr, 16) - int(target.group(1), 16), int(target.group(1), 16)), key=lambda x: x[0]
-            )
-    length, start = best
-    return collections.Counter(op for addr, op, _ in lines if start <= int(addr, 16) <= start + length)
+        target = re.match(r"\s*0x([0-9a-f]+)", rest)
+        if op == "BRA" and target and int(target.group(1), 16) < addr:
+            loops.append((int(target.group(1), 16), addr))
+    start, end = max(loops, key=lambda loop: loop[1] - loop[0])
+    return collections.Counter(op for addr, op, _ in lines if start <= addr <= end)
 
 
 def main() -> None:
@@ -97,22 +106,10 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12, help="opcodes listed")
     args = parser.parse_args()
     compiled = compile_kernel(args.kernel, args.stages, args.maxnreg)
-    with open("/tmp/kernel_resources.cubin", "wb") as f:
-        f.write(compiled.asm["cubin"])
-    usage = subprocess.run(
-        [_tool("cuobjdump"), "--dump-resource-usage", "/tmp/kernel_resources.cubin"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    usage = _cuobjdump(compiled.asm["cubin"], "--dump-resource-usage")
     regs = re.search(r"REG:(\d+)", usage).group(1)
     stack = re.search(r"STACK:(\d+)", usage).group(1)
-    sass = subprocess.run(
-        [_tool("cuobjdump"), "-sass", "/tmp/kernel_resources.cubin"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    sass = _cuobjdump(compiled.asm["cubin"], "-sass")
     ops = loop_opcodes(sass)
     print(
         f"{args.kernel}: {regs} registers, {stack} bytes of stack (spills), "
