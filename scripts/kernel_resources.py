@@ -17,15 +17,16 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from subquad.ops.ssa import triton_routed
-from subquad.ops.ssa.triton_attention import tokens_per_tile
+from subquad.ops.ssa.triton_attention import _launch_shape, tokens_per_tile
 
 # The layer-8b shape: Hq 32, Hkv 8, D 128, block 64, top_k 16.
-GROUP, DIM, BLOCK, SLOTS = 4, 128, 64, 16
+GROUP, HEADS_KV, DIM, BLOCK, SLOTS = 4, 8, 128, 64, 16
 # Integer arguments that are multiples of 16 at that shape (the others: HKV, group, scales).
 MULTIPLES_OF_16 = {"T", "S", "num_blocks", "chunk_start", "chunk_len"}
 FLOAT_ARGS = {"scale_log2", "scale"}
@@ -44,11 +45,9 @@ def _kernel(name: str):
 
 def compile_kernel(name: str, stages: int | None, maxnreg: int | None):
     fn, rows, warps, default_stages, default_cap = _kernel(name)
-    tokens = tokens_per_tile(GROUP, rows)
-    constants = dict(
-        D=DIM, DV=DIM, BLOCK_D=DIM, BLOCK_DV=DIM, BLOCK_N=BLOCK, NUM_SLOTS=SLOTS, CAUSAL=True, FAST_EXP2=True
-    )
-    constants.update(BLOCK_M=max(16, triton.next_power_of_2(tokens * GROUP)), TOKENS=tokens)
+    q = torch.empty(1, 1, GROUP * HEADS_KV, DIM, device="meta")  # the launch reads shapes only
+    constants = _launch_shape(q, q[:, :, :HEADS_KV], HEADS_KV, BLOCK, tokens_per_tile(GROUP, rows))
+    constants.update(NUM_SLOTS=SLOTS, CAUSAL=True, FAST_EXP2=True)
     signature, attrs = {}, {}
     for i, arg in enumerate(fn.arg_names):
         if arg in constants:

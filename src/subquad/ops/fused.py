@@ -569,16 +569,16 @@ def rotate_append_decode_token_triton(
     return q
 
 
-def can_prefetch(device: torch.device) -> bool:
-    """Whether kernels on ``device`` may call :func:`prefetch_l2`: compiled CUDA (inline PTX), not the
-    interpreter."""
+def inline_ptx(device: torch.device) -> bool:
+    """Whether kernels on ``device`` may emit inline PTX (:func:`prefetch_l2`, ``triton_attention._exp2``):
+    compiled CUDA, not the interpreter."""
     return device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 @triton.jit
 def prefetch_l2(ptrs, mask, PREFETCH: tl.constexpr):
     """Ask L2 for the lines at ``ptrs`` where ``mask`` (``prefetch.global.L2``; nothing unless PREFETCH,
-    :func:`can_prefetch`). No register waits on a prefetch, so it holds back nothing after it."""
+    :func:`inline_ptx`). No register waits on a prefetch, so it holds back nothing after it."""
     if PREFETCH:
         tl.inline_asm_elementwise(
             "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",

@@ -57,17 +57,12 @@ def tokens_per_tile(group: int, rows: int = _ROWS_PER_TILE) -> int:
     return max(1, min(64, rows // group))
 
 
-def fast_exp2(device: torch.device) -> bool:
-    """Whether kernels on ``device`` may take :func:`_exp2`'s inline PTX (compiled CUDA, not the
-    interpreter)."""
-    return device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
-
-
 @triton.jit
 def _exp2(x, FAST: tl.constexpr):
-    """``2 ** x``. ``FAST``: PTX's ``ex2.approx.ftz.f32``, one MUFU instruction; ``tl.math.exp2`` is the
-    non-flushing ``ex2.approx.f32``, which ptxas wraps in more instructions to scale inputs below -126.
-    Results under 2**-126 become 0, nothing beside a softmax row's largest term (1)."""
+    """``2 ** x``. ``FAST`` (``fused.inline_ptx``): PTX's ``ex2.approx.ftz.f32``, one MUFU instruction;
+    ``tl.math.exp2`` is the non-flushing ``ex2.approx.f32``, which ptxas wraps in more instructions to
+    scale inputs below -126. Results under 2**-126 become 0, nothing beside a softmax row's largest term
+    (1)."""
     if FAST:
         return tl.inline_asm_elementwise(
             "ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1

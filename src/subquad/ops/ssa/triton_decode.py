@@ -737,7 +737,7 @@ def _split_merge(q, k, v, block_idx, seqlens, block_size, scale, slots_per_split
         GROUP=group, BLOCK_G=block_g, BLOCK_SIZE=block_size, HEAD_DIM=dim, BLOCK_D=block_d,
         HEAD_DIM_V=dim_v, BLOCK_DV=block_dv, SLOTS_PER_SPLIT=slots_per_split, PICK=picking,
         NUM_FIXED=num_fixed, FIXED_PAD=max(2, _next_pow2(num_fixed)), LISTS_PAD=_next_pow2(pick.num_lists),
-        K_PAD=pick.k_pad, PREFETCH=fused.can_prefetch(q.device), **pdl.launch_args(q.device),
+        K_PAD=pick.k_pad, PREFETCH=fused.inline_ptx(q.device), **pdl.launch_args(q.device),
     )  # fmt: skip
     _sparse_decode_merge_kernel[(batch * heads_kv, group)](
         m_part, l_part, acc_part, out,

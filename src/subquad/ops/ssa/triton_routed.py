@@ -55,6 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
+from subquad.ops import fused
 from subquad.ops.ssa.tiles import (
     KeyBlockWork,
     QueryTiles,
@@ -69,7 +70,6 @@ from subquad.ops.ssa.triton_attention import (
     _launch_shape,
     _segment_block,
     attention_delta,
-    fast_exp2,
     query_major_bwd,
     sparse_attention_fwd,
     tokens_per_tile,
@@ -681,7 +681,7 @@ def sparse_attention_fwd_routed(
                 scale * _LOG2E,
                 NUM_SLOTS=num_routed,
                 CAUSAL=causal,
-                FAST_EXP2=fast_exp2(q.device),
+                FAST_EXP2=fused.inline_ptx(q.device),
                 num_warps=_ROUTED_NUM_WARPS,
                 num_stages=_ROUTED_NUM_STAGES,
                 maxnreg=_ROUTED_MAX_REGISTERS or None,
@@ -829,7 +829,7 @@ def sparse_attention_bwd_routed(
                 scale,
                 NUM_SLOTS=num_routed,
                 CAUSAL=causal,
-                FAST_EXP2=fast_exp2(q.device),
+                FAST_EXP2=fused.inline_ptx(q.device),
                 num_warps=_BWD_NUM_WARPS,
                 num_stages=_BWD_NUM_STAGES,
                 **shape,
