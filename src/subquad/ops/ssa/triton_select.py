@@ -135,7 +135,6 @@ def _candidate_scores(
     CAUSAL: tl.constexpr,
     IEEE: tl.constexpr,
     SUBS: tl.constexpr,
-    MASK: tl.constexpr = True,
 ):
     """Routing scores ``[BLOCK_M, BLOCK_N]`` of the blocks ``start + cols``, -inf where not a candidate.
 
@@ -143,13 +142,12 @@ def _candidate_scores(
     sub-block (``summary="max"``), one ``[BLOCK_M, BLOCK_N]`` product per sub-block position, so the
     tile stays the size of a one-summary block's. ``IEEE``: float32 inputs are multiplied in full
     precision (not TF32), so the ranking is the reference's; bf16/fp16 products are exact in the fp32
-    accumulator anyway. ``MASK=False``: the caller knows every block of the range is a candidate of
-    every row (and complete), so no bounds or candidate masks are applied."""
+    accumulator anyway. Chunks without masks take :func:`_interior_scores`."""
     blocks = start + cols
     if SUBS == 1:
         summ = tl.load(
             summ_base + blocks.to(tl.int64)[None, :] * stride_sn + offs_d[:, None],
-            mask=((blocks[None, :] < num_blocks) | (not MASK)) & (offs_d[:, None] < D),
+            mask=(blocks[None, :] < num_blocks) & (offs_d[:, None] < D),
             other=0.0,
         )
         s = _dot(rq, summ, IEEE)
@@ -159,17 +157,26 @@ def _candidate_scores(
             sub = blocks * SUBS + j
             summ = tl.load(
                 summ_base + sub.to(tl.int64)[None, :] * stride_sn + offs_d[:, None],
-                mask=((sub[None, :] < num_summaries) | (not MASK)) & (offs_d[:, None] < D),
+                mask=(sub[None, :] < num_summaries) & (offs_d[:, None] < D),
                 other=0.0,
             )
             # Sub-blocks past the last key (a partial last block) take no part in the maximum.
-            if MASK:
-                s = tl.maximum(s, tl.where(sub[None, :] < num_summaries, _dot(rq, summ, IEEE), float("-inf")))
-            else:
-                s = tl.maximum(s, _dot(rq, summ, IEEE))
-    if MASK:
-        ok = _is_candidate(blocks[None, :], query_block[:, None], SINK, LOCAL, num_blocks, CAUSAL)
-        s = tl.where(ok, s, float("-inf"))
+            s = tl.maximum(s, tl.where(sub[None, :] < num_summaries, _dot(rq, summ, IEEE), float("-inf")))
+    ok = _is_candidate(blocks[None, :], query_block[:, None], SINK, LOCAL, num_blocks, CAUSAL)
+    return tl.where(ok, s, float("-inf"))
+
+
+@triton.jit
+def _interior_scores(
+    rq, summ_ptrs, stride_sn, offs_d, D: tl.constexpr, IEEE: tl.constexpr, SUBS: tl.constexpr
+):
+    """:func:`_candidate_scores` of a chunk whose blocks are all complete candidates of every row (no
+    masks), from the pointers to its blocks' first summaries (``[BLOCK_D, BLOCK_N]``): a loop advances
+    them by a chunk, where recomputing each row's 64-bit address cost ~40 instructions a chunk."""
+    s = _dot(rq, tl.load(summ_ptrs, mask=offs_d[:, None] < D, other=0.0), IEEE)
+    for j in range(1, SUBS):
+        summ = tl.load(summ_ptrs + j * stride_sn, mask=offs_d[:, None] < D, other=0.0)
+        s = tl.maximum(s, _dot(rq, summ, IEEE))
     return s
 
 
@@ -786,8 +793,11 @@ def _rescore_topk_sorted(rq, summaries, groups, pos_offset, config, group, causa
 
 @triton.jit
 def _append_passing(s, tau, start, cols, slots, vals, ids, count, CAP: tl.constexpr, KEEP_BEST: tl.constexpr):
-    """Move a chunk's blocks scoring ``>= tau`` into the per-token lists ``vals``/``ids``, one per token
-    per step, best first; ``count`` counts the blocks that passed.
+    """Move a chunk's blocks scoring above ``tau`` into the per-token lists ``vals``/``ids``, one per token
+    per step, best first; ``count`` counts the blocks that passed. (``tau`` is below the k-th best score,
+    so ``>`` keeps every block ``>=`` would that can be in the top-k. One compare a score against a
+    per-token floor and the count as a float sum: a chunk's instructions outside the steps went 417 ->
+    274 against a mask summed as integers, which compiled to bit-packing; NOTES item 92.)
 
     ``KEEP_BEST=False``: in arrival order, into slot ``count``; a list stops at ``CAP`` (``count >
     CAP``: cut, many near-equal scores). ``KEEP_BEST=True``: into the list's lowest slot (-inf while
@@ -798,11 +808,11 @@ def _append_passing(s, tau, start, cols, slots, vals, ids, count, CAP: tl.conste
     the only mode. The steps are counted first: one tile-wide reduction per chunk, not a
     tile-wide test after every step (that cost more than the steps themselves)."""
     if KEEP_BEST:
-        passing = (s >= tau[:, None]) & (s > tl.min(vals, axis=1)[:, None])
+        floor = tl.maximum(tau, tl.min(vals, axis=1))
     else:  # tokens whose list is already cut take no more (bounds the steps when many scores tie)
-        passing = (s >= tau[:, None]) & (count[:, None] <= CAP)
-    s = tl.where(passing, s, float("-inf"))
-    for _ in range(tl.max(tl.sum(passing.to(tl.int32), axis=1))):
+        floor = tl.where(count <= CAP, tau, float("inf"))
+    s = tl.where(s > floor[:, None], s, float("-inf"))
+    for _ in range(tl.max(tl.sum(tl.where(s == float("-inf"), 0.0, 1.0), axis=1)).to(tl.int32)):
         best, col = tl.max(s, axis=1, return_indices=True)
         if KEEP_BEST:
             low, slot = tl.min(vals, axis=1, return_indices=True)
@@ -859,7 +869,7 @@ def _threshold_topk_kernel(
     maxima, ``tau``, is a score that k different blocks reach: the k-th best block scores at least
     ``tau``. (Candidates are contiguous ranges, so a token with k candidates has k non-empty
     columns; with fewer, tau is -inf and every candidate passes.) Pass 2 recomputes the same scores
-    and moves the blocks scoring ``>= tau`` (about k per token on random inputs, a few per chunk) into
+    and moves the blocks scoring above ``tau`` (about k per token on random inputs, a few per chunk) into
     a per-token list of ``CAP`` in registers, one per token per step (:func:`_append_passing`); the
     top-k of the list is the answer. ``COUNT`` gets how many blocks passed: above ``CAP`` a list was
     cut (many near-equal scores). ``REPAIR=True`` (a second launch) redoes only the tiles with a cut
@@ -930,25 +940,10 @@ def _threshold_topk_kernel(
             SUBS,
         )
         colmax = tl.maximum(colmax, s)
-    for start in range(head_end, mid_end, BLOCK_N * SAMPLE):
-        s = _candidate_scores(
-            rq,
-            summ_base,
-            stride_sn,
-            start,
-            cols,
-            offs_d,
-            query_block,
-            num_blocks,
-            num_summaries,
-            D,
-            SINK,
-            LOCAL,
-            CAUSAL,
-            IEEE,
-            SUBS,
-            MASK=False,
-        )
+    summ_ptrs = summ_base + (head_end + cols).to(tl.int64)[None, :] * SUBS * stride_sn + offs_d[:, None]
+    for _ in range(head_end, mid_end, BLOCK_N * SAMPLE):
+        s = _interior_scores(rq, summ_ptrs, stride_sn, offs_d, D, IEEE, SUBS)
+        summ_ptrs += BLOCK_N * SAMPLE * SUBS * stride_sn.to(tl.int64)
         colmax = tl.maximum(colmax, s)
     for start in range(mid_end, stop, BLOCK_N):
         s = _candidate_scores(
@@ -1000,25 +995,10 @@ def _threshold_topk_kernel(
             SUBS,
         )
         vals, ids, count = _append_passing(s, tau, start, cols, slots, vals, ids, count, CAP, KEEP_BEST)
+    summ_ptrs = summ_base + (head_end + cols).to(tl.int64)[None, :] * SUBS * stride_sn + offs_d[:, None]
     for start in range(head_end, mid_end, BLOCK_N):
-        s = _candidate_scores(
-            rq,
-            summ_base,
-            stride_sn,
-            start,
-            cols,
-            offs_d,
-            query_block,
-            num_blocks,
-            num_summaries,
-            D,
-            SINK,
-            LOCAL,
-            CAUSAL,
-            IEEE,
-            SUBS,
-            MASK=False,
-        )
+        s = _interior_scores(rq, summ_ptrs, stride_sn, offs_d, D, IEEE, SUBS)
+        summ_ptrs += BLOCK_N * SUBS * stride_sn.to(tl.int64)
         vals, ids, count = _append_passing(s, tau, start, cols, slots, vals, ids, count, CAP, KEEP_BEST)
     for start in range(mid_end, stop, BLOCK_N):
         s = _candidate_scores(
@@ -1062,6 +1042,10 @@ _THRESHOLD_CAP_PER_K = 2
 _THRESHOLD_NUM_WARPS = 4
 _THRESHOLD_NUM_STAGES = 3
 _THRESHOLD_MAX_TOP_K = 16
+# Register cap (Triton's ``maxnreg``; 0: none) for one summary a block: the layer-8b kernel needs 168
+# without spills, so three programs share an SM instead of two (64 KB of shared memory each; NOTES item
+# 92). Sub-block summaries' larger tiles already spill uncapped, and are left alone.
+_THRESHOLD_MAX_REGISTERS = 168
 # Pass 1 scores every SAMPLE-th middle chunk (kernel docstring), by summaries per block: (one, several).
 _THRESHOLD_SAMPLE = (1, 4)
 # Its two passes read the summaries twice. Programs run one KV head at a time (tiles vary fastest), so
@@ -1074,6 +1058,36 @@ _THRESHOLD_SAMPLE = (1, 4)
 _THRESHOLD_MAX_HEAD_BYTES = 32 << 20
 
 
+def _threshold_launch(dim: int, config, per_block: int, causal: bool, ieee: bool) -> tuple[dict, dict, tuple]:
+    """The threshold kernel's compile-time constants, launch options and (keep the best, repair) of each
+    launch, for a head dim, a config, summaries per block, causality and float32 (IEEE) inputs.
+    ``scripts/kernel_resources.py`` compiles the kernel from the same values."""
+    k_pad = max(16, triton.next_power_of_2(config.top_k))
+    sample = _THRESHOLD_SAMPLE[per_block > 1]
+    constants = dict(
+        D=dim,
+        BLOCK_D=max(16, triton.next_power_of_2(dim)),
+        BLOCK_M=_THRESHOLD_BLOCK_M * (_THRESHOLD_SUBS_TILE_SCALE if per_block > 1 else 1),
+        BLOCK_N=max(_THRESHOLD_BLOCK_N, k_pad),
+        K_PAD=k_pad,
+        CAP=_THRESHOLD_CAP_PER_K * k_pad,
+        SINK=config.sink_blocks,
+        LOCAL=config.local_blocks,
+        CAUSAL=causal,
+        IEEE=ieee,
+        SUBS=per_block,
+        SAMPLE=sample,
+    )
+    options = dict(
+        num_warps=_THRESHOLD_NUM_WARPS,
+        num_stages=_THRESHOLD_NUM_STAGES,
+        maxnreg=(_THRESHOLD_MAX_REGISTERS or None) if per_block == 1 else None,
+    )
+    # A full first pass's lists are cut and repaired, a sampled one's keep the best.
+    launches = ((False, False), (True, True)) if sample == 1 else ((True, False),)
+    return constants, options, launches
+
+
 def threshold_topk(
     rq: torch.Tensor, summaries: torch.Tensor, pos_offset: int, config, causal: bool
 ) -> torch.Tensor:
@@ -1081,15 +1095,12 @@ def threshold_topk(
     tiles whose lists were cut; with a sampled one, one launch whose lists keep the best):
     ``[B, Hkv, T, top_k]`` int32 block ids sorted by score, -1 padded."""
     batch, seq_len_q, heads, dim = rq.shape
-    k_pad = max(16, triton.next_power_of_2(config.top_k))
     num_blocks, num_summaries, per_block = _summary_layout(summaries, config)
     count = torch.empty(batch, heads, seq_len_q, device=rq.device, dtype=torch.int32)
     out = torch.empty(batch, heads, seq_len_q, config.top_k, device=rq.device, dtype=torch.int32)
-    block_m = _THRESHOLD_BLOCK_M * (_THRESHOLD_SUBS_TILE_SCALE if per_block > 1 else 1)
-    sample = _THRESHOLD_SAMPLE[per_block > 1]
-    grid = (triton.cdiv(seq_len_q, block_m), batch * heads)
-    # (keep the best, repair): a full first pass's lists are cut and repaired, a sampled one's keep the best.
-    launches = ((False, False), (True, True)) if sample == 1 else ((True, False),)
+    ieee = rq.dtype == torch.float32
+    constants, options, launches = _threshold_launch(dim, config, per_block, causal, ieee)
+    grid = (triton.cdiv(seq_len_q, constants["BLOCK_M"]), batch * heads)
     for keep_best, repair in launches:
         _threshold_topk_kernel[grid](
             rq,
@@ -1109,22 +1120,10 @@ def threshold_topk(
             num_summaries,
             config.block_size,
             config.top_k,
-            D=dim,
-            BLOCK_D=max(16, triton.next_power_of_2(dim)),
-            BLOCK_M=block_m,
-            BLOCK_N=max(_THRESHOLD_BLOCK_N, k_pad),
-            K_PAD=k_pad,
-            CAP=_THRESHOLD_CAP_PER_K * k_pad,
-            SINK=config.sink_blocks,
-            LOCAL=config.local_blocks,
-            CAUSAL=causal,
-            IEEE=rq.dtype == torch.float32,
-            SUBS=per_block,
-            SAMPLE=sample,
             KEEP_BEST=keep_best,
             REPAIR=repair,
-            num_warps=_THRESHOLD_NUM_WARPS,
-            num_stages=_THRESHOLD_NUM_STAGES,
+            **constants,
+            **options,
         )
     return out
 
