@@ -1,6 +1,6 @@
-"""Registers, spills, shared memory and the main loop's instruction mix of the routed attention kernels
-and the threshold router, compiled for Hopper (sm_90) on any machine: no GPU needed (Triton's bundled
-ptxas and cuobjdump).
+"""Registers, spills, shared memory and the longest loop's instruction mix of the routed attention
+kernels and the threshold router, compiled for Hopper (sm_90) on any machine: no GPU needed (Triton's
+bundled ptxas and cuobjdump).
 
 At launch the JIT specialises integer arguments that are multiples of 16 and 16-byte aligned pointers;
 the probe gives the kernel the same hints (every stride of the ``layer-8b`` shape is a multiple of 16),
