@@ -6,10 +6,12 @@ the total GPU time of one call and the kernels that take it (summed over launche
 change can be aimed at the largest item; ``--gaps N`` adds the GPU's idle time between the call's
 kernels and its N largest gaps (host syncs, launch-bound glue). ``--set MODULE.NAME=VALUE`` changes a
 module constant of ``subquad.ops.ssa`` before the run (A/B of launch knobs and code paths in one
-process).
+process). ``--phase select`` or ``--phase attention`` profiles one of the two phases the benchmark times
+apart (forward only): the routing alone, or the attention given that selection (checks included).
 
 GPU:  PYTHONPATH=src python scripts/profile_attention.py --length 128k --backward
       PYTHONPATH=src python scripts/profile_attention.py --length 1m
+      PYTHONPATH=src python scripts/profile_attention.py --length 1m --phase attention --gaps 5
       PYTHONPATH=src python scripts/profile_attention.py --length 128k --backward \
           --set triton_routed._FIXED_ROWS=128
 """
@@ -44,7 +46,15 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25, help="kernels listed")
     parser.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE")
     parser.add_argument("--gaps", type=int, default=0, help="list this many of the largest idle gaps")
+    parser.add_argument(
+        "--phase",
+        choices=("call", "select", "attention"),
+        default="call",
+        help="one call that routes itself (default), or one of the phases the benchmark times apart",
+    )
     args = parser.parse_args()
+    if args.backward and args.phase != "call":
+        parser.error(f"--phase {args.phase}: the phases are timed forward only; drop --backward")
     _apply(args.set)
     n = parse_length(args.length)
     q = torch.randn(1, n, 32, 128, device="cuda", dtype=torch.bfloat16, requires_grad=args.backward)
@@ -53,8 +63,15 @@ def main() -> None:
     grad_out = torch.randn_like(q)
     config = subquad.SSAConfig()
 
+    selection = subquad.select_blocks(q, k, config) if args.phase == "attention" else None
+
     def call():
-        if args.backward:  # gradients returned, not accumulated into .grad (as benchmarks/attention.py)
+        if args.phase == "select":
+            subquad.select_blocks(q, k, config)
+        elif args.phase == "attention":  # as benchmarks/attention.py times its attention phase
+            with torch.no_grad():
+                subquad.ssa_attention(q, k, v, config=config, selection=selection)
+        elif args.backward:  # gradients returned, not accumulated into .grad (as benchmarks/attention.py)
             torch.autograd.grad(subquad.ssa_attention(q, k, v, config=config), (q, k, v), grad_out)
         else:
             with torch.no_grad():
@@ -67,7 +84,7 @@ def main() -> None:
     kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
     kernels.sort(key=lambda e: -e.device_time_total)
     total = sum(e.device_time_total for e in kernels) / 1e3
-    mode = "forward+backward" if args.backward else "forward"
+    mode = "forward+backward" if args.backward else "forward" if args.phase == "call" else args.phase
     print(f"{mode} N={n}: {ms:.1f} ms per call (median of 5); profiled call: {total:.1f} ms of kernels")
     for e in kernels[: args.top]:
         print(f"  {e.device_time_total / 1e3:8.2f} ms {e.count:6d} x  {e.key[:100]}")
