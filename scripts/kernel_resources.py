@@ -11,6 +11,7 @@ loop (the threshold router has one per pass and range of chunks, and its extract
     python scripts/kernel_resources.py --kernel forward
     python scripts/kernel_resources.py --kernel backward --maxnreg 128 --stages 2
     python scripts/kernel_resources.py --kernel threshold --loops
+    python scripts/kernel_resources.py --kernel threshold --dim 256   # the beam's level-2 nodes
 """
 
 import argparse
@@ -38,13 +39,13 @@ FP32_POINTERS = {"LSE_PART", "LSE", "DELTA", "DK_ACC", "DV_ACC"}
 INT_POINTERS = {"seg_block", "seg_start", "seg_end", "pair_entry", "COUNT", "OUT"}
 
 
-def _kernel(name: str):
+def _kernel(name: str, dim: int):
     """The kernel, its compile-time constants and its launch options (num_warps, num_stages, maxnreg)."""
     if name == "threshold":  # the first launch of a full first pass, bf16 inputs, one summary a block
-        constants, options, _ = triton_select._threshold_launch(DIM, SSAConfig(), 1, True, False)
+        constants, options, _ = triton_select._threshold_launch(dim, SSAConfig(), 1, True, False)
         constants.update(KEEP_BEST=False, REPAIR=False)
         return triton_select._threshold_topk_kernel, constants, options
-    q = torch.empty(1, 1, GROUP * HEADS_KV, DIM, device="meta")  # the launch reads shapes only
+    q = torch.empty(1, 1, GROUP * HEADS_KV, dim, device="meta")  # the launch reads shapes only
     if name == "forward":
         rows, warps = triton_routed._ROUTED_ROWS, triton_routed._ROUTED_NUM_WARPS
         stages, cap = triton_routed._ROUTED_NUM_STAGES, triton_routed._ROUTED_MAX_REGISTERS
@@ -58,8 +59,8 @@ def _kernel(name: str):
     return fn, constants, dict(num_warps=warps, num_stages=stages, maxnreg=cap or None)
 
 
-def compile_kernel(name: str, stages: int | None, maxnreg: int | None):
-    fn, constants, options = _kernel(name)
+def compile_kernel(name: str, stages: int | None, maxnreg: int | None, dim: int = DIM):
+    fn, constants, options = _kernel(name, dim)
     signature, attrs = {}, {}
     for i, arg in enumerate(fn.arg_names):
         if arg in constants:
@@ -121,10 +122,11 @@ def main() -> None:
     parser.add_argument(
         "--maxnreg", type=int, default=None, help="register cap a thread, 0 for none (default: the launch's)"
     )
+    parser.add_argument("--dim", type=int, default=DIM, help="head dim (default: layer-8b's)")
     parser.add_argument("--top", type=int, default=12, help="opcodes listed")
     parser.add_argument("--loops", action="store_true", help="list every loop, not only the longest")
     args = parser.parse_args()
-    compiled = compile_kernel(args.kernel, args.stages, args.maxnreg)
+    compiled = compile_kernel(args.kernel, args.stages, args.maxnreg, args.dim)
     usage = _cuobjdump(compiled.asm["cubin"], "--dump-resource-usage")
     regs = re.search(r"REG:(\d+)", usage).group(1)
     stack = re.search(r"STACK:(\d+)", usage).group(1)

@@ -285,6 +285,19 @@ def test_threshold_topk_is_exact(top_k, causal, repeated, seq_len_q):
         assert torch.equal(got, triton_select.route_flat_triton(rq, summaries, seq_len_k, config, causal))
 
 
+@pytest.mark.parametrize(
+    "dim,per_block,capped", [(64, 1, True), (128, 1, True), (256, 1, False), (128, 4, False)]
+)
+def test_threshold_register_cap_only_where_three_programs_fit(dim, per_block, capped):
+    """The register cap applies to one summary a block and rows up to 128 wide (64 KB of shared memory a
+    program, three an SM); the beam's 256-wide level-2 rows take 128 KB, one program an SM, and spilled
+    under it."""
+    from subquad.ops.ssa import triton_select
+
+    _, options, _ = triton_select._threshold_launch(dim, subquad.SSAConfig(), per_block, True, False)
+    assert options["maxnreg"] == (triton_select._THRESHOLD_MAX_REGISTERS if capped else None)
+
+
 @pytest.mark.parametrize("sample", [2, 3])
 @pytest.mark.parametrize("subs", [1, 4])
 def test_sampled_threshold_is_exact_when_the_best_blocks_are_not_sampled(monkeypatch, sample, subs):

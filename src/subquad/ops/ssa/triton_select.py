@@ -1045,10 +1045,13 @@ _THRESHOLD_CAP_PER_K = 2
 _THRESHOLD_NUM_WARPS = 4
 _THRESHOLD_NUM_STAGES = 3
 _THRESHOLD_MAX_TOP_K = 16
-# Register cap (Triton's ``maxnreg``; 0: none) for one summary a block: the layer-8b kernel needs 168
-# without spills, so three programs share an SM instead of two (64 KB of shared memory each; NOTES item
-# 92). Sub-block summaries' larger tiles already spill uncapped, and are left alone.
+# Register cap (Triton's ``maxnreg``; 0: none) for one summary a block and head dims up to
+# ``_THRESHOLD_CAP_MAX_DIM``: the layer-8b kernel needs 168 without spills, so three programs share an SM
+# instead of two (64 KB of shared memory each; NOTES item 92). Wider rows (the beam's level-2 nodes score
+# 256-wide ``[q+, q-]``) take 128 KB, one program an SM whatever the registers, and spilled at the cap
+# (item 94). Sub-block summaries' larger tiles already spill uncapped, and are left alone.
 _THRESHOLD_MAX_REGISTERS = 168
+_THRESHOLD_CAP_MAX_DIM = 128
 # Pass 1 scores every SAMPLE-th middle chunk (kernel docstring), by summaries per block: (one, several).
 _THRESHOLD_SAMPLE = (1, 4)
 # Its two passes read the summaries twice. Programs run one KV head at a time (tiles vary fastest), so
@@ -1081,10 +1084,11 @@ def _threshold_launch(dim: int, config, per_block: int, causal: bool, ieee: bool
         SUBS=per_block,
         SAMPLE=sample,
     )
+    capped = per_block == 1 and dim <= _THRESHOLD_CAP_MAX_DIM
     options = dict(
         num_warps=_THRESHOLD_NUM_WARPS,
         num_stages=_THRESHOLD_NUM_STAGES,
-        maxnreg=(_THRESHOLD_MAX_REGISTERS or None) if per_block == 1 else None,
+        maxnreg=(_THRESHOLD_MAX_REGISTERS or None) if capped else None,
     )
     # A full first pass's lists are cut and repaired, a sampled one's keep the best.
     launches = ((False, False), (True, True)) if sample == 1 else ((True, False),)
