@@ -33,17 +33,29 @@ from subquad.ops.ssa.triton_attention import _launch_shape, tokens_per_tile
 # The layer-8b shape: Hq 32, Hkv 8, D 128, block 64, top_k 16.
 GROUP, HEADS_KV, DIM, BLOCK, SLOTS = 4, 8, 128, 64, 16
 # Integer arguments that are multiples of 16 at that shape (the others: HKV, group, scales).
-MULTIPLES_OF_16 = {"T", "S", "num_blocks", "num_summaries", "block_size", "top_k", "chunk_start", "chunk_len"}
+MULTIPLES_OF_16 = {
+    "T",
+    "S",
+    "num_blocks",
+    "num_summaries",
+    "block_size",
+    "top_k",
+    "chunk_start",
+    "chunk_len",
+    "tile_start",
+    "list_rows",
+}
 FLOAT_ARGS = {"scale_log2", "scale"}
 FP32_POINTERS = {"LSE_PART", "LSE", "DELTA", "DK_ACC", "DV_ACC"}
 INT_POINTERS = {"seg_block", "seg_start", "seg_end", "pair_entry", "COUNT", "OUT"}
+INT64_POINTERS = {"LISTS"}
 
 
 def _kernel(name: str, dim: int):
     """The kernel, its compile-time constants and its launch options (num_warps, num_stages, maxnreg)."""
     if name == "threshold":  # the first launch of a full first pass, bf16 inputs, one summary a block
         constants, options, _ = triton_select._threshold_launch(dim, SSAConfig(), 1, True, False)
-        constants.update(KEEP_BEST=False, REPAIR=False)
+        constants.update(KEEP_BEST=False, REPAIR=False, IN_PLACE=True)
         return triton_select._threshold_topk_kernel, constants, options
     q = torch.empty(1, 1, GROUP * HEADS_KV, dim, device="meta")  # the launch reads shapes only
     if name == "forward":
@@ -67,8 +79,9 @@ def compile_kernel(name: str, stages: int | None, maxnreg: int | None, dim: int 
             signature[arg] = "constexpr"
         elif arg in FLOAT_ARGS:
             signature[arg] = "fp32"
-        elif arg in INT_POINTERS or arg in FP32_POINTERS or arg[0].isupper() and arg not in ("T", "S", "HKV"):
-            signature[arg] = "*i32" if arg in INT_POINTERS else "*fp32" if arg in FP32_POINTERS else "*bf16"
+        elif arg[0].isupper() and arg not in ("T", "S", "HKV") or arg in INT_POINTERS:
+            pointers = ((INT_POINTERS, "*i32"), (INT64_POINTERS, "*i64"), (FP32_POINTERS, "*fp32"))
+            signature[arg] = next((kind for names, kind in pointers if arg in names), "*bf16")
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[arg] = "i32"

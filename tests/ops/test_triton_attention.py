@@ -285,6 +285,27 @@ def test_threshold_topk_is_exact(top_k, causal, repeated, seq_len_q):
         assert torch.equal(got, triton_select.route_flat_triton(rq, summaries, seq_len_k, config, causal))
 
 
+@pytest.mark.parametrize("tiles_per_launch", [1, 2])
+def test_threshold_topk_in_groups_of_tiles(monkeypatch, tiles_per_launch):
+    """The lists of a full pass 1 take ``_THRESHOLD_LIST_BYTES``, so longer inputs launch a group of tiles
+    at a time: groups of one tile, and of two with a shorter last one, pick the reference's blocks."""
+    from subquad.ops.ssa import select, triton_select
+
+    torch.manual_seed(13)
+    config = subquad.SSAConfig(block_size=16, top_k=5)
+    constants, _, _ = triton_select._threshold_launch(16, config, 1, True, True)
+    tile_bytes = 2 * constants["BLOCK_M"] * constants["CAP"] * 8  # two KV heads
+    monkeypatch.setattr(triton_select, "_THRESHOLD_LIST_BYTES", tiles_per_launch * tile_bytes)
+    num_blocks = 100
+    seq_len_k = num_blocks * 16 - 5
+    seq_len_q = 5 * constants["BLOCK_M"] - 3  # five tiles, the last partial
+    rq = torch.randn(1, seq_len_q, 2, 16, device=DEVICE)
+    summaries = torch.randn(1, num_blocks, 2, 16, device=DEVICE)
+    want = select._route_flat(rq, summaries, seq_len_k, config, True)
+    got = triton_select.threshold_topk(rq, summaries, seq_len_k - seq_len_q, config, True)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize(
     "dim,per_block,capped", [(64, 1, True), (128, 1, True), (256, 1, False), (128, 4, False)]
 )

@@ -590,6 +590,27 @@ def prefetch_l2(ptrs, mask, PREFETCH: tl.constexpr):
         )
 
 
+@triton.jit
+def store_as_held(ptrs, value, mask, IN_PLACE: tl.constexpr):
+    """``tl.store`` of int64 ``value`` where ``mask``. ``IN_PLACE`` (:func:`inline_ptx`): a ``st.global``
+    from the threads that hold each element, in the tensor's layout. Triton gives a store the layout
+    that coalesces its addresses, so a vector reduced from a matrix-product tile (one value a row, held
+    by the lanes of a quad) moved there through shared memory: its pointers, values and mask, six
+    barriers a store in the threshold router (benchmarks/NOTES.md item 95), for scattered addresses that
+    gain nothing from it. Lanes holding the same element store the same value."""
+    if IN_PLACE:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.global.b64 [$1], $2; mov.u32 $0, 0; }",
+            "=r,l,l,r",
+            [ptrs, value, mask.to(tl.int32)],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+    else:
+        tl.store(ptrs, value, mask=mask)
+
+
 # --- decode-step matmuls: one token per row, the weights read once ---------------------------------------
 # At a decode step each projection is a matrix-vector product: cuBLAS takes 4-6 us for `small`'s
 # (1.2-8.6 MB of weights, 0.3-2 TB/s), plus a kernel each for the RMSNorm before it, SwiGLU's product

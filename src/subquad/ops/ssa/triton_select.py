@@ -792,43 +792,75 @@ def _rescore_topk_sorted(rq, summaries, groups, pos_offset, config, group, causa
 
 
 @triton.jit
-def _append_passing(s, tau, start, cols, slots, vals, ids, count, CAP: tl.constexpr, KEEP_BEST: tl.constexpr):
-    """Move a chunk's blocks scoring above ``tau`` into the per-token lists ``vals``/``ids``, one per token
-    per step, best first; ``count`` counts the blocks that passed. (``tau`` is below the k-th best score,
-    so ``>`` keeps every block ``>=`` would that can be in the top-k. One compare a score against a
-    per-token floor and the count as a float sum: a chunk's instructions outside the steps went 417 ->
-    274 against a mask summed as integers, which compiled to bit-packing; NOTES item 92. A token's
-    passing blocks are its highest scores in the chunk, so the steps take them from the scores as they
-    are, without masking the others to -inf first: 240 -> 176 instructions, item 93.)
+def _record_best(
+    list_ptrs, key, start, count, CAP: tl.constexpr, BLOCK_N: tl.constexpr, IN_PLACE: tl.constexpr
+):
+    """One extraction step of :func:`_record_passing`: each token's best key, stored if it passed."""
+    best = tl.max(key, axis=1)
+    found = best >= BLOCK_N
+    entry = (best.to(tl.int64) << 32) | (start + (best & (BLOCK_N - 1))).to(tl.int64)
+    fused.store_as_held(list_ptrs + count, entry, found & (count < CAP), IN_PLACE)
+    return best, count + found.to(tl.int32)
 
-    ``KEEP_BEST=False``: in arrival order, into slot ``count``; a list stops at ``CAP`` (``count >
-    CAP``: cut, many near-equal scores). ``KEEP_BEST=True``: into the list's lowest slot (-inf while
-    there is room), and only if the block scores higher, so the list holds the best ``CAP`` that
-    passed and is never cut; exact ties with a full list (repeated text) take no steps. Its row minima
-    cost ~14% on random inputs (layer-8b at 1M: 167 vs 146 ms; NOTES item 73), so after a full pass 1
-    it only repairs the tiles whose lists were cut; after a sampled one (many more blocks pass) it is
-    the only mode. The steps are counted first: one tile-wide reduction per chunk, not a
-    tile-wide test after every step (that cost more than the steps themselves)."""
-    if KEEP_BEST:
-        floor = tl.maximum(tau, tl.min(vals, axis=1))
-    else:  # tokens whose list is already cut take no more (bounds the steps when many scores tie)
-        floor = tl.where(count <= CAP, tau, float("inf"))
+
+@triton.jit
+def _record_passing(
+    s, tau, start, cols, list_ptrs, count, CAP: tl.constexpr, BLOCK_N: tl.constexpr, IN_PLACE: tl.constexpr
+):
+    """Store a chunk's blocks scoring above ``tau`` in the per-token lists at ``list_ptrs`` (``CAP``
+    entries a token, in arrival order, as ``key << 32 | block``), one per token per step, best first;
+    ``count`` counts the blocks that passed. A list stops at ``CAP`` (``count > CAP``: cut, many
+    near-equal scores; the repair launch redoes its tile with :func:`_keep_best_passing`). ``tau`` is
+    below the k-th best score, so ``>`` keeps every block ``>=`` would that can be in the top-k.
+
+    A score's key is ``d = s - tau`` as int32 with its column in the low ``log2(BLOCK_N)`` mantissa
+    bits: positive ``d`` (the blocks that pass) order as integers as the floats do (up to the truncated
+    bits: with 64 columns, blocks whose ``d`` differ by under 2^-17 of it order by column), the others
+    are below ``BLOCK_N``, and no two columns of a row share a key. So a step is an integer max with no
+    index, and with no ties the lanes holding a row cannot disagree on it (an index reduction needs a
+    tie-break for that, 3-5 instructions a score; NOTES item 93), then the removal of that one key, and
+    a store a token where the lists in registers took a ``[BLOCK_M, CAP]`` update a step (item 95). The
+    steps are counted first: one tile-wide reduction per chunk, not a tile-wide test after every step
+    (that cost more than the steps themselves)."""
+    floor = tl.where(count <= CAP, tau, float("inf"))  # a cut list takes no more (bounds the steps on ties)
+    steps = tl.max(tl.sum(tl.where(s > floor[:, None], 1.0, 0.0), axis=1)).to(tl.int32)
+    # The keys are made in the first step (at 12M most chunks take none), the removal at the top of the
+    # later ones (none after the last).
+    key = tl.zeros_like(s).to(tl.int32)
+    best = tl.zeros_like(count)
+    for step in range(steps):
+        if step == 0:
+            key = ((s - floor[:, None]).to(tl.int32, bitcast=True) & -BLOCK_N) | cols[None, :]
+        else:
+            key = tl.where(key == best[:, None], -1, key)
+        best, count = _record_best(list_ptrs, key, start, count, CAP, BLOCK_N, IN_PLACE)
+    return count
+
+
+@triton.jit
+def _keep_best_passing(s, tau, start, cols, slots, vals, ids):
+    """Move a chunk's blocks scoring above ``tau`` into the per-token lists ``vals``/``ids`` in registers,
+    each into its list's lowest slot (-inf while there is room) and only if it scores higher, so a list
+    holds the best ``CAP`` that passed and is never cut; exact ties with a full list (repeated text)
+    take no steps. Its row minima cost ~14% against :func:`_record_passing`'s arrival order on random
+    inputs (layer-8b at 1M: 167 vs 146 ms; NOTES item 73), so after a full pass 1 it only repairs the
+    tiles whose lists were cut; after a sampled one (many more blocks pass) it is the only mode.
+
+    A token's passing blocks are its highest scores in the chunk, so the steps take them from the scores
+    as they are (item 93); one compare a score against a per-token floor, the count as a float sum (an
+    integer sum of the mask compiled to bit-packing, item 92)."""
+    floor = tl.maximum(tau, tl.min(vals, axis=1))
     for _ in range(tl.max(tl.sum(tl.where(s > floor[:, None], 1.0, 0.0), axis=1)).to(tl.int32)):
         # Keep the index tie-break: without it the lanes holding one row can disagree on which of two
         # equal scores is the maximum, and record one block but remove another (item 93).
         best, col = tl.max(s, axis=1, return_indices=True)
-        found = best > floor
-        if KEEP_BEST:
-            low, slot = tl.min(vals, axis=1, return_indices=True)
-            found = found & (best > low)
-        else:
-            slot = count
+        low, slot = tl.min(vals, axis=1, return_indices=True)
+        found = (best > floor) & (best > low)
         put = found[:, None] & (slots[None, :] == slot[:, None])
         vals = tl.where(put, best[:, None], vals)
         ids = tl.where(put, start + col[:, None], ids)
-        count += found.to(tl.int32)
         s = tl.where(cols[None, :] == col[:, None], float("-inf"), s)
-    return vals, ids, count
+    return vals, ids
 
 
 @triton.jit
@@ -837,6 +869,7 @@ def _threshold_topk_kernel(
     SUMM,
     COUNT,
     OUT,
+    LISTS,
     stride_rb,
     stride_rt,
     stride_rh,
@@ -850,6 +883,8 @@ def _threshold_topk_kernel(
     num_summaries,
     block_size,
     top_k,
+    tile_start,
+    list_rows,
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -864,6 +899,7 @@ def _threshold_topk_kernel(
     SAMPLE: tl.constexpr,
     KEEP_BEST: tl.constexpr,
     REPAIR: tl.constexpr,
+    IN_PLACE: tl.constexpr,
 ):
     """Exact top-k of a tile of tokens in two passes over their candidate blocks.
 
@@ -871,13 +907,14 @@ def _threshold_topk_kernel(
     blocks ``c, c + BLOCK_N, c + 2 BLOCK_N, ...`` form one group, so the k-th largest of these
     maxima, ``tau``, is a score that k different blocks reach: the k-th best block scores at least
     ``tau``. (Candidates are contiguous ranges, so a token with k candidates has k non-empty
-    columns; with fewer, tau is -inf and every candidate passes.) Pass 2 recomputes the same scores
-    and moves the blocks scoring above ``tau`` (about k per token on random inputs, a few per chunk) into
-    a per-token list of ``CAP`` in registers, one per token per step (:func:`_append_passing`); the
-    top-k of the list is the answer. ``COUNT`` gets how many blocks passed: above ``CAP`` a list was
-    cut (many near-equal scores). ``REPAIR=True`` (a second launch) redoes only the tiles with a cut
-    list, keeping the best ``CAP`` of each list (``KEEP_BEST``), so the answer is exact without the host
-    looking.
+    columns; with fewer, every candidate passes.) Pass 2 recomputes the same scores and stores the
+    blocks scoring above ``tau`` (about k per token on random inputs, a few per chunk) in a per-token
+    list of ``CAP`` in ``LISTS``, one per token per step (:func:`_record_passing`); the top-k of the
+    list is the answer. ``COUNT`` gets how many blocks passed: above ``CAP`` a list was cut (many
+    near-equal scores). ``REPAIR=True`` (a second launch) redoes only the tiles with a cut list,
+    keeping the best ``CAP`` of each list in registers (``KEEP_BEST``, :func:`_keep_best_passing`), so
+    the answer is exact without the host looking. A launch runs the tiles from ``tile_start``; its
+    lists hold ``list_rows`` tokens a KV head.
 
     ``SAMPLE > 1``: pass 1 scores only every ``SAMPLE``-th chunk of the unmasked middle (the masked
     chunks at both ends always). Its maxima are still scores of distinct candidate blocks, so tau stays
@@ -887,7 +924,7 @@ def _threshold_topk_kernel(
     Causal: the chunks that hold only candidates of every token of the tile (after the sink chunk,
     before the first token's local window; most of them) are scored without masks.
     """
-    tile = tl.program_id(0)
+    tile = tile_start + tl.program_id(0)
     bh = tl.program_id(1)
     if REPAIR:
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -972,13 +1009,24 @@ def _threshold_topk_kernel(
     # Slack against the two passes rounding one score differently (they run the same dot, so they
     # should not): it only lets a few more blocks into the lists.
     tau = tau - (tl.abs(tau) + 1.0) * 1e-5
-    # A token with fewer than k candidates (tau = -inf) takes every finite score, and no -inf.
-    tau = tl.maximum(tau, -3.4028234663852886e38)
+    # A token with fewer than k candidates (tau = -inf) takes every one, and no -inf. Its candidates
+    # are fewer than a chunk's columns and contiguous, so each is the only one of its column: the
+    # lowest finite column maximum is its lowest score (+inf, none passes, if it has none). A floor
+    # near the scores keeps _record_passing's keys ``s - floor`` as precise as the scores.
+    lowest = tl.min(tl.where(colmax > float("-inf"), colmax, float("inf")), axis=1)
+    lowest = lowest - (tl.abs(tl.minimum(lowest, 3.4e38)) + 1.0) * 1e-5  # +inf stays +inf, not NaN
+    tau = tl.where(tau > float("-inf"), tau, lowest)
 
     slots = tl.arange(0, CAP)
-    vals = tl.full([BLOCK_M, CAP], float("-inf"), tl.float32)
-    ids = tl.full([BLOCK_M, CAP], -1, tl.int32)
     count = tl.zeros([BLOCK_M], tl.int32)
+    if KEEP_BEST:
+        vals = tl.full([BLOCK_M, CAP], float("-inf"), tl.float32)
+        ids = tl.full([BLOCK_M, CAP], -1, tl.int32)
+    else:  # this launch's tiles' lists, in memory
+        list_ptrs = (
+            LISTS
+            + ((bh * list_rows + (tile - tile_start) * BLOCK_M).to(tl.int64) + tl.arange(0, BLOCK_M)) * CAP
+        )
     for start in range(0, head_end, BLOCK_N):
         s = _candidate_scores(
             rq,
@@ -997,12 +1045,18 @@ def _threshold_topk_kernel(
             IEEE,
             SUBS,
         )
-        vals, ids, count = _append_passing(s, tau, start, cols, slots, vals, ids, count, CAP, KEEP_BEST)
+        if KEEP_BEST:
+            vals, ids = _keep_best_passing(s, tau, start, cols, slots, vals, ids)
+        else:
+            count = _record_passing(s, tau, start, cols, list_ptrs, count, CAP, BLOCK_N, IN_PLACE)
     summ_ptrs = summ_base + (head_end + cols).to(tl.int64)[None, :] * SUBS * stride_sn + offs_d[:, None]
     for start in range(head_end, mid_end, BLOCK_N):
         s = _interior_scores(rq, summ_ptrs, stride_sn, offs_d, D, IEEE, SUBS)
         summ_ptrs += BLOCK_N * SUBS * stride_sn.to(tl.int64)
-        vals, ids, count = _append_passing(s, tau, start, cols, slots, vals, ids, count, CAP, KEEP_BEST)
+        if KEEP_BEST:
+            vals, ids = _keep_best_passing(s, tau, start, cols, slots, vals, ids)
+        else:
+            count = _record_passing(s, tau, start, cols, list_ptrs, count, CAP, BLOCK_N, IN_PLACE)
     for start in range(mid_end, stop, BLOCK_N):
         s = _candidate_scores(
             rq,
@@ -1021,11 +1075,17 @@ def _threshold_topk_kernel(
             IEEE,
             SUBS,
         )
-        vals, ids, count = _append_passing(s, tau, start, cols, slots, vals, ids, count, CAP, KEEP_BEST)
-    if not KEEP_BEST:
+        if KEEP_BEST:
+            vals, ids = _keep_best_passing(s, tau, start, cols, slots, vals, ids)
+        else:
+            count = _record_passing(s, tau, start, cols, list_ptrs, count, CAP, BLOCK_N, IN_PLACE)
+    if KEEP_BEST:
+        keys = _pack_keys(vals, ids, ids >= 0)
+    else:
         tl.store(COUNT + bh.to(tl.int64) * T + rows, count, mask=row_ok)
-
-    top = tl.topk(_pack_keys(vals, ids, ids >= 0), K_PAD)
+        tl.debug_barrier()  # the lists' entries were stored by other threads of the program
+        keys = tl.load(list_ptrs[:, None] + slots[None, :], mask=slots[None, :] < count[:, None], other=-1)
+    top = tl.topk(keys, K_PAD)
     picked = tl.where(top >= 0, (top & 0xFFFFFFFF).to(tl.int32), -1)
     out_cols = tl.arange(0, K_PAD)
     out_ptrs = OUT + (bh.to(tl.int64) * T + rows.to(tl.int64)[:, None]) * top_k + out_cols[None, :]
@@ -1062,6 +1122,9 @@ _THRESHOLD_SAMPLE = (1, 4)
 # stays faster at any length (nano `max4`, last 32K tokens: 2M 9.0 vs 22.8 ms, 12M 54.6 vs 114.9 ms;
 # benchmarks/NOTES.md item 70).
 _THRESHOLD_MAX_HEAD_BYTES = 32 << 20
+# Memory for the lists of a full pass 1's launch (``8 * CAP`` bytes a token and KV head: 2 KB a token at
+# layer-8b, 2 GiB for 1M tokens at once); larger inputs launch in groups of tiles.
+_THRESHOLD_LIST_BYTES = 512 << 20
 
 
 def _threshold_launch(dim: int, config, per_block: int, causal: bool, ieee: bool) -> tuple[dict, dict, tuple]:
@@ -1100,38 +1163,53 @@ def threshold_topk(
 ) -> torch.Tensor:
     """Exact flat top-k (``_threshold_topk_kernel``: with a full pass 1, a second launch repairs the
     tiles whose lists were cut; with a sampled one, one launch whose lists keep the best):
-    ``[B, Hkv, T, top_k]`` int32 block ids sorted by score, -1 padded."""
+    ``[B, Hkv, T, top_k]`` int32 block ids sorted by score, -1 padded. A full pass 1's lists live in
+    memory, ``8 * CAP`` bytes a token and head, so the tiles launch in groups whose lists take at most
+    ``_THRESHOLD_LIST_BYTES``."""
     batch, seq_len_q, heads, dim = rq.shape
     num_blocks, num_summaries, per_block = _summary_layout(summaries, config)
     count = torch.empty(batch, heads, seq_len_q, device=rq.device, dtype=torch.int32)
     out = torch.empty(batch, heads, seq_len_q, config.top_k, device=rq.device, dtype=torch.int32)
     ieee = rq.dtype == torch.float32
     constants, options, launches = _threshold_launch(dim, config, per_block, causal, ieee)
-    grid = (triton.cdiv(seq_len_q, constants["BLOCK_M"]), batch * heads)
-    for keep_best, repair in launches:
-        _threshold_topk_kernel[grid](
-            rq,
-            summaries,
-            count,
-            out,
-            rq.stride(0),
-            rq.stride(1),
-            rq.stride(2),
-            summaries.stride(0),
-            summaries.stride(1),
-            summaries.stride(2),
-            seq_len_q,
-            pos_offset,
-            heads,
-            num_blocks,
-            num_summaries,
-            config.block_size,
-            config.top_k,
-            KEEP_BEST=keep_best,
-            REPAIR=repair,
-            **constants,
-            **options,
-        )
+    block_m, cap = constants["BLOCK_M"], constants["CAP"]
+    num_tiles = triton.cdiv(seq_len_q, block_m)
+    tile_bytes = batch * heads * block_m * cap * 8
+    tiles_per_launch = min(num_tiles, max(1, _THRESHOLD_LIST_BYTES // tile_bytes))
+    in_memory = any(not keep_best for keep_best, _ in launches)
+    lists = torch.empty(
+        tiles_per_launch * tile_bytes // 8 if in_memory else 1, device=rq.device, dtype=torch.int64
+    )
+    for tile_start in range(0, num_tiles, tiles_per_launch):
+        grid = (min(tiles_per_launch, num_tiles - tile_start), batch * heads)
+        for keep_best, repair in launches:
+            _threshold_topk_kernel[grid](
+                rq,
+                summaries,
+                count,
+                out,
+                lists,
+                rq.stride(0),
+                rq.stride(1),
+                rq.stride(2),
+                summaries.stride(0),
+                summaries.stride(1),
+                summaries.stride(2),
+                seq_len_q,
+                pos_offset,
+                heads,
+                num_blocks,
+                num_summaries,
+                config.block_size,
+                config.top_k,
+                tile_start,
+                tiles_per_launch * block_m,
+                KEEP_BEST=keep_best,
+                REPAIR=repair,
+                IN_PLACE=fused.inline_ptx(rq.device),
+                **constants,
+                **options,
+            )
     return out
 
 
