@@ -864,6 +864,30 @@ def _keep_best_passing(s, tau, start, cols, slots, vals, ids):
 
 
 @triton.jit
+def _take_passing(
+    s,
+    tau,
+    start,
+    cols,
+    slots,
+    vals,
+    ids,
+    list_ptrs,
+    count,
+    CAP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    KEEP_BEST: tl.constexpr,
+    IN_PLACE: tl.constexpr,
+):
+    """A chunk's passing blocks into the lists: :func:`_keep_best_passing` or :func:`_record_passing`."""
+    if KEEP_BEST:
+        vals, ids = _keep_best_passing(s, tau, start, cols, slots, vals, ids)
+    else:
+        count = _record_passing(s, tau, start, cols, list_ptrs, count, CAP, BLOCK_N, IN_PLACE)
+    return vals, ids, count
+
+
+@triton.jit
 def _threshold_topk_kernel(
     RQ,
     SUMM,
@@ -1019,14 +1043,13 @@ def _threshold_topk_kernel(
 
     slots = tl.arange(0, CAP)
     count = tl.zeros([BLOCK_M], tl.int32)
-    if KEEP_BEST:
-        vals = tl.full([BLOCK_M, CAP], float("-inf"), tl.float32)
-        ids = tl.full([BLOCK_M, CAP], -1, tl.int32)
-    else:  # this launch's tiles' lists, in memory
-        list_ptrs = (
-            LISTS
-            + ((bh * list_rows + (tile - tile_start) * BLOCK_M).to(tl.int64) + tl.arange(0, BLOCK_M)) * CAP
-        )
+    # The lists: kept best in registers, or this launch's tiles' lists in memory (the unused ones cost
+    # nothing: the compiler drops them).
+    vals = tl.full([BLOCK_M, CAP], float("-inf"), tl.float32)
+    ids = tl.full([BLOCK_M, CAP], -1, tl.int32)
+    list_ptrs = (
+        LISTS + ((bh * list_rows + (tile - tile_start) * BLOCK_M).to(tl.int64) + tl.arange(0, BLOCK_M)) * CAP
+    )
     for start in range(0, head_end, BLOCK_N):
         s = _candidate_scores(
             rq,
@@ -1045,18 +1068,16 @@ def _threshold_topk_kernel(
             IEEE,
             SUBS,
         )
-        if KEEP_BEST:
-            vals, ids = _keep_best_passing(s, tau, start, cols, slots, vals, ids)
-        else:
-            count = _record_passing(s, tau, start, cols, list_ptrs, count, CAP, BLOCK_N, IN_PLACE)
+        vals, ids, count = _take_passing(
+            s, tau, start, cols, slots, vals, ids, list_ptrs, count, CAP, BLOCK_N, KEEP_BEST, IN_PLACE
+        )
     summ_ptrs = summ_base + (head_end + cols).to(tl.int64)[None, :] * SUBS * stride_sn + offs_d[:, None]
     for start in range(head_end, mid_end, BLOCK_N):
         s = _interior_scores(rq, summ_ptrs, stride_sn, offs_d, D, IEEE, SUBS)
         summ_ptrs += BLOCK_N * SUBS * stride_sn.to(tl.int64)
-        if KEEP_BEST:
-            vals, ids = _keep_best_passing(s, tau, start, cols, slots, vals, ids)
-        else:
-            count = _record_passing(s, tau, start, cols, list_ptrs, count, CAP, BLOCK_N, IN_PLACE)
+        vals, ids, count = _take_passing(
+            s, tau, start, cols, slots, vals, ids, list_ptrs, count, CAP, BLOCK_N, KEEP_BEST, IN_PLACE
+        )
     for start in range(mid_end, stop, BLOCK_N):
         s = _candidate_scores(
             rq,
@@ -1075,10 +1096,9 @@ def _threshold_topk_kernel(
             IEEE,
             SUBS,
         )
-        if KEEP_BEST:
-            vals, ids = _keep_best_passing(s, tau, start, cols, slots, vals, ids)
-        else:
-            count = _record_passing(s, tau, start, cols, list_ptrs, count, CAP, BLOCK_N, IN_PLACE)
+        vals, ids, count = _take_passing(
+            s, tau, start, cols, slots, vals, ids, list_ptrs, count, CAP, BLOCK_N, KEEP_BEST, IN_PLACE
+        )
     if KEEP_BEST:
         keys = _pack_keys(vals, ids, ids >= 0)
     else:
