@@ -306,3 +306,11 @@ def test_routed_backward_fixed_split_edges(num_fixed, poison_empty):
     )
     for name, g, w in zip("qkv", got, want):
         assert (g.float() - w.float()).abs().max().item() < 2e-3 * max(1.0, w.abs().max().item()), name
+
+
+def test_query_rows_past_int32_are_refused():
+    # The routed kernels index q's (batch, token, head) rows in int32; shapes only, nothing allocated.
+    q = torch.empty(1, 2**26, 32, 128, device="meta")
+    with pytest.raises(ValueError, match=r"q: 1 x 67108864 x 32 rows .*2\*\*31"):
+        triton_routed._check_query_rows(q)
+    triton_routed._check_query_rows(torch.empty(1, 2**26 - 1, 32, 128, device="meta"))

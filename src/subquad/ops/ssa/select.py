@@ -137,10 +137,11 @@ def block_scores(scores: torch.Tensor, config: SSAConfig, num_blocks: int) -> to
     return scores.view(*scores.shape[:-1], num_blocks, per_block).amax(-1)
 
 
-def routing_queries(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """Sum of each KV head's query heads: ``[B, T, Hq, D]`` -> ``[B, T, Hkv, D]`` float32."""
+def routing_queries(q: torch.Tensor, num_kv_heads: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Sum of each KV head's query heads: ``[B, T, Hq, D]`` -> ``[B, T, Hkv, D]`` in ``dtype`` (summed in
+    float32 either way: the reduction accumulates in float32 for half-precision outputs)."""
     batch, seq_len, heads, dim = q.shape
-    return q.view(batch, seq_len, num_kv_heads, heads // num_kv_heads, dim).sum(3, dtype=torch.float32)
+    return q.view(batch, seq_len, num_kv_heads, heads // num_kv_heads, dim).sum(3, dtype=dtype)
 
 
 def query_blocks(seq_len_q: int, seq_len_k: int, block_size: int, device: torch.device) -> torch.Tensor:
@@ -192,7 +193,10 @@ def select_blocks(
     layout = (config.sink_blocks, config.local_blocks, causal)
     if config.top_k == 0:
         return SSASelection(fixed.contiguous(), block_size, fixed.shape[-1], layout)
-    routed = route(routing_queries(q, num_kv_heads), summaries, seq_len_k, config, causal)
+    # The Triton routers score in bf16: summed straight into it, not through a float32 copy (at 1M tokens
+    # that copy is 4 GB written and read again).
+    rq_dtype = torch.bfloat16 if _routes_on_triton(q) else torch.float32
+    routed = route(routing_queries(q, num_kv_heads, rq_dtype), summaries, seq_len_k, config, causal)
     return SSASelection(torch.cat([fixed, routed], dim=-1).contiguous(), block_size, fixed.shape[-1], layout)
 
 
@@ -207,7 +211,7 @@ def route(
         beam_check_causal(causal)
         if beam_routes_flat(-(-seq_len_k // config.block_size), config):
             index = "flat"
-    if rq.is_cuda and _triton_available():
+    if _routes_on_triton(rq):
         from subquad.ops.ssa import triton_select
 
         router = {
@@ -249,6 +253,11 @@ def _triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _routes_on_triton(x: torch.Tensor) -> bool:
+    """Whether :func:`route` runs the Triton routers for routing queries on ``x``'s device."""
+    return x.is_cuda and _triton_available()
 
 
 def is_candidate(

@@ -68,6 +68,7 @@ from subquad.ops.ssa.triton_attention import (
     _LOG2E,
     _exp2,
     _launch_shape,
+    _log2,
     _segment_block,
     attention_delta,
     query_major_bwd,
@@ -125,9 +126,6 @@ def _routed_partial_kernel(
     seg_start,
     seg_end,
     pair_entry,
-    stride_qb,
-    stride_qt,
-    stride_qh,
     stride_kb,
     stride_ks,
     stride_kh,
@@ -153,6 +151,10 @@ def _routed_partial_kernel(
     CAUSAL: tl.constexpr,
     FAST_EXP2: tl.constexpr,
 ):
+    """One segment of a key block's routed pairs (module docstring, step B). Q is contiguous
+    ``[B, T, Hq, D]`` with fewer than 2**31 rows (``sparse_attention_fwd_routed``), so a q row's index
+    is int32 and its offset one multiply by the constant D: each row's address took ~9 instructions
+    with 64-bit strides, 8 rows a thread a step."""
     b, h, start, end, key_pos, key_ok = _segment_block(
         seg_block, seg_start, seg_end, num_blocks, HKV, S, BLOCK_N
     )
@@ -195,19 +197,14 @@ def _routed_partial_kernel(
         row_ok = in_tile & (pair < end)
         entry = entry_next
         entry_next = tl.load(pair_entry + pair + TOKENS, mask=in_tile & (pair + TOKENS < end), other=0)
-        token_c = entry // NUM_SLOTS
-        slot = entry % NUM_SLOTS
-        token = chunk_start + token_c
-        q_ptrs = (
-            Q
-            + b.to(tl.int64) * stride_qb
-            + token.to(tl.int64)[:, None] * stride_qt
-            + q_head[:, None] * stride_qh
-            + offs_d[None, :]
-        )
+        # Entries are >= 0: unsigned, // is a shift without a sign fix-up.
+        token = chunk_start + entry.to(tl.uint32) // NUM_SLOTS
+        q_row = (b * T + token) * heads_q + q_head
         # Rows past the segment's end read the row of entry 0 (their entries' default): scores of their
         # own, never stored, so their loads need no mask.
-        q = tl.load(q_ptrs, mask=offs_d[None, :] < D, other=0.0)
+        q = tl.load(
+            Q + q_row.to(tl.int64)[:, None] * D + offs_d[None, :], mask=offs_d[None, :] < D, other=0.0
+        )
         s = tl.dot(q, k)  # [BLOCK_M, BLOCK_N], unscaled: the scale goes into the exponent's FMA
         if masked:
             visible = key_ok[None, :]
@@ -219,11 +216,15 @@ def _routed_partial_kernel(
         p = _exp2(s * scale_log2 - m_safe[:, None], FAST_EXP2)
         l_sum = tl.sum(p, 1)
         l_safe = tl.where(l_sum == 0.0, 1.0, l_sum)
-        # One reciprocal a row: `/` is div.full.f32, with a range test and rescale on every element.
-        out = tl.dot(p.to(v.dtype), v) * (1.0 / l_safe)[:, None]  # [BLOCK_M, BLOCK_DV]
-        lse = tl.where(l_sum == 0.0, float("-inf"), m_safe + tl.math.log2(l_safe))
+        # The block is the row's whole softmax here: p is normalised before the product ([BLOCK_M,
+        # BLOCK_N] multiplies, half of [BLOCK_M, BLOCK_DV]). One reciprocal a row: `/` is div.full.f32,
+        # with a range test and rescale on every element.
+        p = p * (1.0 / l_safe)[:, None]
+        out = tl.dot(p.to(v.dtype), v)  # [BLOCK_M, BLOCK_DV]
+        lse = tl.where(l_sum == 0.0, float("-inf"), m_safe + _log2(l_safe, FAST_EXP2))
         # Partial buffers: [B, Tc, Hq, NUM_SLOTS] (+ [Dv]). The row index fits int32 (a chunk's buffer
         # holds at most _PARTIAL_BYTES / 32 rows); only the element offset needs 64 bits.
+        token_c, slot = entry.to(tl.uint32) // NUM_SLOTS, entry.to(tl.uint32) % NUM_SLOTS
         part = ((b * chunk_len + token_c) * heads_q + q_head) * NUM_SLOTS + slot
         tl.store(
             O_PART + part.to(tl.int64)[:, None] * DV + offs_dv[None, :],
@@ -313,18 +314,12 @@ def _routed_bwd_kernel(
     seg_start,
     seg_end,
     pair_entry,
-    stride_qb,
-    stride_qt,
-    stride_qh,
     stride_kb,
     stride_ks,
     stride_kh,
     stride_vb,
     stride_vs,
     stride_vh,
-    stride_dob,
-    stride_dot,
-    stride_doh,
     T,
     S,
     HKV,
@@ -392,22 +387,19 @@ def _routed_bwd_kernel(
         row_ok = in_tile & (pair < end)
         entry = entry_next
         entry_next = tl.load(pair_entry + pair + TOKENS, mask=in_tile & (pair + TOKENS < end), other=0)
-        token_c = entry // NUM_SLOTS
-        token = chunk_start + token_c
-        row_off = (
-            b.to(tl.int64) * stride_qb + token.to(tl.int64)[:, None] * stride_qt + q_head[:, None] * stride_qh
+        token_c, slot = entry.to(tl.uint32) // NUM_SLOTS, entry.to(tl.uint32) % NUM_SLOTS
+        # Q, DO, LSE and DELTA are contiguous [B, T, Hq(, D)]: one int32 row index, as in the forward.
+        stat = (b * T + chunk_start + token_c) * heads_q + q_head
+        q = tl.load(
+            Q + stat.to(tl.int64)[:, None] * D + offs_d[None, :],
+            mask=row_ok[:, None] & (offs_d[None, :] < D),
+            other=0.0,
         )
-        q = tl.load(Q + row_off + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
         do = tl.load(
-            DO
-            + b.to(tl.int64) * stride_dob
-            + token.to(tl.int64)[:, None] * stride_dot
-            + q_head[:, None] * stride_doh
-            + offs_dv[None, :],
+            DO + stat.to(tl.int64)[:, None] * DV + offs_dv[None, :],
             mask=row_ok[:, None] & (offs_dv[None, :] < DV),
             other=0.0,
         )
-        stat = (b.to(tl.int64) * T + token) * heads_q + q_head
         lse = tl.load(LSE + stat, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)
         # Rows past the segment's end have LSE +inf: p = 0.
@@ -415,7 +407,7 @@ def _routed_bwd_kernel(
         if masked:
             visible = key_ok[None, :]
             if CAUSAL:
-                visible = visible & (key_pos[None, :] <= (token + (S - T))[:, None])
+                visible = visible & (key_pos[None, :] <= (chunk_start + token_c + (S - T))[:, None])
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
@@ -423,7 +415,7 @@ def _routed_bwd_kernel(
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
         dq = tl.dot(ds.to(k.dtype), k) * scale  # [BLOCK_M, BLOCK_D]
         # The row index in int32, as in the forward.
-        part = ((b * chunk_len + token_c) * heads_q + q_head) * NUM_SLOTS + entry % NUM_SLOTS
+        part = ((b * chunk_len + token_c) * heads_q + q_head) * NUM_SLOTS + slot
         tl.store(
             DQ_PART + part.to(tl.int64)[:, None] * D + offs_d[None, :],
             dq.to(DQ_PART.dtype.element_ty),
@@ -574,6 +566,13 @@ def fixed_part(
     return part
 
 
+def _check_query_rows(q: torch.Tensor) -> None:
+    """The routed kernels index q's rows ``(batch, token, q head)`` in int32."""
+    batch, seq_len_q, heads_q = q.shape[:3]
+    if batch * seq_len_q * heads_q >= 2**31:
+        raise ValueError(f"q: {batch} x {seq_len_q} x {heads_q} rows [B, T, Hq], expected fewer than 2**31")
+
+
 def _check_partial_rows(chunk_tokens: int, rows_per_token: int) -> None:
     """The kernels index a chunk's partial rows in int32 (the default chunks hold at most 2**28)."""
     if chunk_tokens * rows_per_token >= 2**31:
@@ -616,6 +615,7 @@ def sparse_attention_fwd_routed(
         raise ValueError(f"num_fixed_slots={num_fixed_slots}: expected 0..{num_slots} (slots in block_idx)")
     if segment_tokens < 1:
         raise ValueError(f"segment_tokens={segment_tokens}: expected >= 1")
+    _check_query_rows(q)
     num_routed = num_slots - num_fixed_slots
     per_token = batch * heads_q * max(1, num_routed) * dim_v * q.element_size()
     if chunk_tokens is None:
@@ -662,9 +662,6 @@ def sparse_attention_fwd_routed(
                 seg_start,
                 seg_end,
                 pair_entry,
-                q.stride(0),
-                q.stride(1),
-                q.stride(2),
                 k.stride(0),
                 k.stride(1),
                 k.stride(2),
@@ -738,7 +735,8 @@ def sparse_attention_bwd_routed(
         raise ValueError(f"num_fixed_slots={num_fixed_slots}: expected 0..{num_slots} (slots in block_idx)")
     if segment_tokens < 1:
         raise ValueError(f"segment_tokens={segment_tokens}: expected >= 1")
-    do = do.contiguous()
+    _check_query_rows(q)
+    q, do = q.contiguous(), do.contiguous()
     delta = attention_delta(do, out)
     dk = torch.zeros(*k.shape, device=k.device, dtype=torch.float32)
     dv = torch.zeros(*v.shape, device=v.device, dtype=torch.float32)
@@ -806,18 +804,12 @@ def sparse_attention_bwd_routed(
                 seg_start,
                 seg_end,
                 pair_entry,
-                q.stride(0),
-                q.stride(1),
-                q.stride(2),
                 k.stride(0),
                 k.stride(1),
                 k.stride(2),
                 v.stride(0),
                 v.stride(1),
                 v.stride(2),
-                do.stride(0),
-                do.stride(1),
-                do.stride(2),
                 seq_len_q,
                 seq_len_k,
                 heads_kv,
