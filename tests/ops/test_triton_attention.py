@@ -307,6 +307,31 @@ def test_threshold_topk_in_groups_of_tiles(monkeypatch, tiles_per_launch):
 
 
 @pytest.mark.parametrize(
+    "dtype,out_dtype,group,transposed",
+    [
+        (torch.bfloat16, torch.bfloat16, 4, False),
+        (torch.float16, torch.bfloat16, 2, True),
+        (torch.float32, torch.float32, 8, False),
+        (torch.bfloat16, torch.bfloat16, 1, False),
+    ],
+    ids=["bf16-g4", "fp16-g2-transposed", "fp32-g8", "bf16-g1"],
+)
+def test_sum_query_heads_matches_routing_queries(dtype, out_dtype, group, transposed):
+    """The Triton head sum is ``select.routing_queries``, bit for bit: rows past a program's 32 (a batch of
+    two, odd lengths, head dim 24), q whose head dim is not its last stride, each input dtype. Values in
+    eighths keep every sum exact, so the order of the additions cannot differ."""
+    from subquad.ops.ssa import select, triton_select
+
+    torch.manual_seed(23)
+    heads_kv, dim = 3, 24
+    q = (torch.randint(-64, 65, (2, 11, dim, heads_kv * group), device=DEVICE) / 8).to(dtype)
+    q = q.transpose(2, 3) if transposed else q.transpose(2, 3).contiguous()  # [B, T, Hq, D]
+    got = triton_select.sum_query_heads(q, heads_kv, out_dtype)
+    assert got.dtype == out_dtype
+    assert torch.equal(got, select.routing_queries(q, heads_kv, out_dtype))
+
+
+@pytest.mark.parametrize(
     "dim,per_block,capped", [(64, 1, True), (128, 1, True), (256, 1, False), (128, 4, False)]
 )
 def test_threshold_register_cap_only_where_three_programs_fit(dim, per_block, capped):

@@ -193,10 +193,15 @@ def select_blocks(
     layout = (config.sink_blocks, config.local_blocks, causal)
     if config.top_k == 0:
         return SSASelection(fixed.contiguous(), block_size, fixed.shape[-1], layout)
-    # The Triton routers score in bf16: summed straight into it, not through a float32 copy (at 1M tokens
-    # that copy is 4 GB written and read again).
-    rq_dtype = torch.bfloat16 if _routes_on_triton(q) else torch.float32
-    routed = route(routing_queries(q, num_kv_heads, rq_dtype), summaries, seq_len_k, config, causal)
+    if _routes_on_triton(q):
+        from subquad.ops.ssa import triton_select
+
+        # The Triton routers score in bf16: summed straight into it (a float32 copy would be 4 GB written
+        # and read again at 1M tokens), in one pass over q.
+        rq = triton_select.sum_query_heads(q, num_kv_heads, torch.bfloat16)
+    else:
+        rq = routing_queries(q, num_kv_heads)
+    routed = route(rq, summaries, seq_len_k, config, causal)
     return SSASelection(torch.cat([fixed, routed], dim=-1).contiguous(), block_size, fixed.shape[-1], layout)
 
 
