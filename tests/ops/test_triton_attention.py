@@ -317,9 +317,10 @@ def test_threshold_topk_in_groups_of_tiles(monkeypatch, tiles_per_launch):
     ids=["bf16-g4", "fp16-g2-transposed", "fp32-g8", "bf16-g1"],
 )
 def test_sum_query_heads_matches_routing_queries(dtype, out_dtype, group, transposed):
-    """The Triton head sum is ``select.routing_queries``, bit for bit: rows past a program's 32 (a batch of
-    two, odd lengths, head dim 24), q whose head dim is not its last stride, each input dtype. Values in
-    eighths keep every sum exact, so the order of the additions cannot differ."""
+    """The Triton head sum is ``select.routing_queries`` (float32) rounded to its dtype, bit for bit: rows
+    past a program's 32 (a batch of two, odd lengths, head dim 24), q whose head dim is not its last stride,
+    each input dtype. Values in eighths keep every sum exact, so the order of the additions cannot
+    differ."""
     from subquad.ops.ssa import select, triton_select
 
     torch.manual_seed(23)
@@ -328,7 +329,7 @@ def test_sum_query_heads_matches_routing_queries(dtype, out_dtype, group, transp
     q = q.transpose(2, 3) if transposed else q.transpose(2, 3).contiguous()  # [B, T, Hq, D]
     got = triton_select.sum_query_heads(q, heads_kv, out_dtype)
     assert got.dtype == out_dtype
-    assert torch.equal(got, select.routing_queries(q, heads_kv, out_dtype))
+    assert torch.equal(got, select.routing_queries(q, heads_kv).to(out_dtype))
 
 
 @pytest.mark.parametrize(

@@ -137,11 +137,10 @@ def block_scores(scores: torch.Tensor, config: SSAConfig, num_blocks: int) -> to
     return scores.view(*scores.shape[:-1], num_blocks, per_block).amax(-1)
 
 
-def routing_queries(q: torch.Tensor, num_kv_heads: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Sum of each KV head's query heads: ``[B, T, Hq, D]`` -> ``[B, T, Hkv, D]`` in ``dtype`` (summed in
-    float32 either way: the reduction accumulates in float32 for half-precision outputs)."""
+def routing_queries(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Sum of each KV head's query heads: ``[B, T, Hq, D]`` -> ``[B, T, Hkv, D]`` float32."""
     batch, seq_len, heads, dim = q.shape
-    return q.view(batch, seq_len, num_kv_heads, heads // num_kv_heads, dim).sum(3, dtype=dtype)
+    return q.view(batch, seq_len, num_kv_heads, heads // num_kv_heads, dim).sum(3, dtype=torch.float32)
 
 
 def query_blocks(seq_len_q: int, seq_len_k: int, block_size: int, device: torch.device) -> torch.Tensor:
