@@ -22,8 +22,8 @@ from subquad.ops.ssa import triton_select
 from subquad.ops.ssa.config import SSAConfig
 from subquad.ops.ssa.select import _route_flat, routing_queries, routing_summaries, select_blocks
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by --tune (with --sub-block the kernel's tiles are
-# triton_select._THRESHOLD_SUBS_TILE_SCALE times BLOCK_M tokens).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by --tune (with --sub-block the warps are
+# triton_select._THRESHOLD_SUBS_NUM_WARPS, else _THRESHOLD_NUM_WARPS).
 TUNE = list(itertools.product((64, 128, 256), (32, 64, 128), (4, 8), (2, 3)))
 # Attention shapes (Hq, Hkv, D): a Llama-3-8B-like layer, benchmarks' `long` and the flavors'.
 SHAPES = {"layer-8b": (32, 8, 128), "long": (8, 2, 128), "small": (12, 2, 64), "nano": (5, 1, 64)}
@@ -82,7 +82,8 @@ def main() -> None:
     same = (old.sort(-1).values == new.sort(-1).values).all(-1).float().mean().item()
     print(f"threshold vs group top-k: rows with the same picks {same:.6f}")
     if args.tune:
-        knobs = ("_THRESHOLD_BLOCK_M", "_THRESHOLD_BLOCK_N", "_THRESHOLD_NUM_WARPS", "_THRESHOLD_NUM_STAGES")
+        warps = "_THRESHOLD_SUBS_NUM_WARPS" if args.sub_block else "_THRESHOLD_NUM_WARPS"
+        knobs = ("_THRESHOLD_BLOCK_M", "_THRESHOLD_BLOCK_N", warps, "_THRESHOLD_NUM_STAGES")
         default = [getattr(triton_select, name) for name in knobs]
         results = []
         for values in TUNE:

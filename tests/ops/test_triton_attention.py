@@ -335,14 +335,18 @@ def test_sum_query_heads_matches_routing_queries(dtype, out_dtype, group, transp
 @pytest.mark.parametrize(
     "dim,per_block,capped", [(64, 1, True), (128, 1, True), (256, 1, False), (128, 4, False)]
 )
-def test_threshold_register_cap_only_where_three_programs_fit(dim, per_block, capped):
-    """The register cap applies to one summary a block and rows up to 128 wide (64 KB of shared memory a
-    program, three an SM); the beam's 256-wide level-2 rows take 128 KB, one program an SM, and spilled
-    under it."""
+def test_threshold_launch_caps_registers_only_where_two_programs_fit(dim, per_block, capped):
+    """One summary a block takes 8 warps, and the register cap where rows are up to 128 wide (80 KB of
+    shared memory a program, two an SM); the beam's 256-wide level-2 rows take 160 KB, one program an SM,
+    and spilled under a cap. Sub-block summaries take 4 warps, uncapped."""
     from subquad.ops.ssa import triton_select
 
     _, options, _ = triton_select._threshold_launch(dim, subquad.SSAConfig(), per_block, True, False)
     assert options["maxnreg"] == (triton_select._THRESHOLD_MAX_REGISTERS if capped else None)
+    want_warps = (
+        triton_select._THRESHOLD_NUM_WARPS if per_block == 1 else triton_select._THRESHOLD_SUBS_NUM_WARPS
+    )
+    assert options["num_warps"] == want_warps
 
 
 @pytest.mark.parametrize("sample", [2, 3])

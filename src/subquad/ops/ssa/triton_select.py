@@ -1113,24 +1113,26 @@ def _threshold_topk_kernel(
 
 
 # Threshold top-k launch: tokens per program, blocks per chunk, list slots per token (x K_PAD),
-# warps, pipeline stages (swept on an H200, benchmarks/NOTES.md items 19 and 36); blocks scored by
-# several sub-block summaries take tiles of ``_THRESHOLD_SUBS_TILE_SCALE`` times the tokens (each
-# chunk loads that many summary tiles, shared by more rows: nano `max4` at 1M 4.6 vs 6.8 ms). The
-# largest budget it takes: at top_k=64 (lists of 128 per token) it was slower than top groups +
-# rescore (64K tokens: 118 vs 93 ms), at 16 twice as fast (1M: 187 vs 405 ms; item 19).
-_THRESHOLD_BLOCK_M = 64
-_THRESHOLD_SUBS_TILE_SCALE = 2
+# pipeline stages (swept on an H200, benchmarks/NOTES.md items 19, 36 and 104). The largest budget it
+# takes: at top_k=64 (lists of 128 per token) it was slower than top groups + rescore (64K tokens: 118 vs
+# 93 ms), at 16 twice as fast (1M: 187 vs 405 ms; item 19).
+_THRESHOLD_BLOCK_M = 128
 _THRESHOLD_BLOCK_N = 64
 _THRESHOLD_CAP_PER_K = 2
-_THRESHOLD_NUM_WARPS = 4
 _THRESHOLD_NUM_STAGES = 3
 _THRESHOLD_MAX_TOP_K = 16
+# Warps a program. One summary a block: 8, two warpgroups of 64 rows sharing each summary tile; with the
+# register cap below an SM runs 16 warps instead of 12 of 64-token programs of 4 warps (layer-8b at 1M
+# 104.1 -> 92.1 ms; 256 tokens over 16 warps, one program an SM, 100-105 ms; item 104). Several sub-block summaries a block: 4 (each chunk loads
+# that many summary tiles; nano `max4` at 1M 4.6 ms against 6.8 with 64 tokens a program).
+_THRESHOLD_NUM_WARPS = 8
+_THRESHOLD_SUBS_NUM_WARPS = 4
 # Register cap (Triton's ``maxnreg``; 0: none) for one summary a block and head dims up to
-# ``_THRESHOLD_CAP_MAX_DIM``: the layer-8b kernel needs 168 without spills, so three programs share an SM
-# instead of two (64 KB of shared memory each; NOTES item 92). Wider rows (the beam's level-2 nodes score
-# 256-wide ``[q+, q-]``) take 128 KB, one program an SM whatever the registers, and spilled at the cap
-# (item 94). Sub-block summaries' larger tiles already spill uncapped, and are left alone.
-_THRESHOLD_MAX_REGISTERS = 168
+# ``_THRESHOLD_CAP_MAX_DIM``: at 128 the layer-8b kernel does not spill and two programs (16 warps) share
+# an SM; capped at 168 it takes 138, one program an SM: 124.9 ms at 1M against 92.1 (item 104). Wider rows
+# (the beam's level-2 nodes score 256-wide ``[q+, q-]``) need twice the shared memory and spilled at a
+# cap (item 94). Sub-block summaries' larger tiles already spill uncapped, and are left alone.
+_THRESHOLD_MAX_REGISTERS = 128
 _THRESHOLD_CAP_MAX_DIM = 128
 # Pass 1 scores every SAMPLE-th middle chunk (kernel docstring), by summaries per block: (one, several).
 _THRESHOLD_SAMPLE = (1, 4)
@@ -1156,7 +1158,7 @@ def _threshold_launch(dim: int, config, per_block: int, causal: bool, ieee: bool
     constants = dict(
         D=dim,
         BLOCK_D=max(16, triton.next_power_of_2(dim)),
-        BLOCK_M=_THRESHOLD_BLOCK_M * (_THRESHOLD_SUBS_TILE_SCALE if per_block > 1 else 1),
+        BLOCK_M=_THRESHOLD_BLOCK_M,
         BLOCK_N=max(_THRESHOLD_BLOCK_N, k_pad),
         K_PAD=k_pad,
         CAP=_THRESHOLD_CAP_PER_K * k_pad,
@@ -1169,7 +1171,7 @@ def _threshold_launch(dim: int, config, per_block: int, causal: bool, ieee: bool
     )
     capped = per_block == 1 and dim <= _THRESHOLD_CAP_MAX_DIM
     options = dict(
-        num_warps=_THRESHOLD_NUM_WARPS,
+        num_warps=_THRESHOLD_NUM_WARPS if per_block == 1 else _THRESHOLD_SUBS_NUM_WARPS,
         num_stages=_THRESHOLD_NUM_STAGES,
         maxnreg=(_THRESHOLD_MAX_REGISTERS or None) if capped else None,
     )
