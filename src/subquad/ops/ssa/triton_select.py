@@ -1123,8 +1123,9 @@ _THRESHOLD_NUM_STAGES = 3
 _THRESHOLD_MAX_TOP_K = 16
 # Warps a program. One summary a block: 8, two warpgroups of 64 rows sharing each summary tile; with the
 # register cap below an SM runs 16 warps instead of 12 of 64-token programs of 4 warps (layer-8b at 1M
-# 104.1 -> 92.1 ms; 256 tokens over 16 warps, one program an SM, 100-105 ms; item 104). Several sub-block summaries a block: 4 (each chunk loads
-# that many summary tiles; nano `max4` at 1M 4.6 ms against 6.8 with 64 tokens a program).
+# 104.1 -> 92.1 ms; 256 tokens over 16 warps, one program an SM, 100-105 ms; item 104). Several sub-block
+# summaries a block: 4 (each chunk loads that many summary tiles; nano `max4` at 1M: 4.6 against 6.8 ms
+# with 64 tokens a program, item 36; routing every token, 57.1 against 68.5 ms with 8 warps, item 104).
 _THRESHOLD_NUM_WARPS = 8
 _THRESHOLD_SUBS_NUM_WARPS = 4
 # Register cap (Triton's ``maxnreg``; 0: none) for one summary a block and head dims up to
